@@ -1,0 +1,66 @@
+"""`dyntree` command line. Each subcommand lives beside the stage it drives and registers itself here."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import DynTreeError
+
+# Modules that contribute subcommands through `add_command(subparsers)`.
+COMMAND_MODULES = ("dyntree.commands",)
+
+
+def add_model_args(parser: argparse.ArgumentParser, tree: bool = True) -> None:
+    """Options shared by every command that decodes: model, heads, tree."""
+    parser.add_argument("--model", default="default",
+                        help="'default' (SmolLM2-135M-Instruct, embedded) or a local Hugging Face model directory")
+    parser.add_argument("--heads", default="auto",
+                        help="'auto' (bundled heads of the default model), a heads directory (dyntree or Medusa "
+                             "v0.1 format), 'random' (untrained, shows losslessness only) or 'none'")
+    if tree:
+        parser.add_argument("--tree", default="static",
+                            help="'static' (Medusa's 63-node tree), 'dynamic', 'ar' (no tree), or a JSON file "
+                                 "of paths")
+        parser.add_argument("--tree-size", type=int, default=None, help="nodes per dynamic tree (root included)")
+        parser.add_argument("--topk", type=int, default=None, help="guesses taken from each head")
+    parser.add_argument("--device", default=None, help="cpu (default) or cuda")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+
+
+def tree_options(args) -> dict:
+    options = {}
+    if getattr(args, "tree_size", None) is not None:
+        options["tree_size"] = args.tree_size
+    return options
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dyntree", description="Lossless multi-head (Medusa) decoding with "
+                                                                 "static and dynamic tree attention")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_commands(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        return int(args.func(args) or 0)
+    except DynTreeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

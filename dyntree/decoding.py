@@ -1,0 +1,247 @@
+"""The decoding loop: prefill, then propose -> tree forward -> verify -> commit, until done.
+
+One loop serves every method. Without heads the proposer returns the root alone and the loop is plain
+greedy autoregressive decoding on the same kernels: the honest baseline for every speedup we report.
+
+Bookkeeping per step, for a sequence whose cache holds L committed tokens and whose next token (the root)
+is already chosen: the tree (root + candidates) is written at slots L..L+n-1 with positions L + depth; the
+accepted path's keys/values are moved to L..L+a-1; its a-1 candidate tokens plus the backbone's bonus
+token after them are emitted (a tokens per forward pass), and the bonus token is the next root.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from .errors import DynTreeError
+from .heads import MedusaHeads
+from .model import Transformer
+from .proposal import Proposer, RootOnlyProposer
+from .verify import verify_greedy
+
+PHASES = ("proposal", "forward", "verification", "cache")
+
+
+@dataclass
+class GenerationStats:
+    """Raw counts and timings of one run (all sequences of the batch together)."""
+
+    method: str
+    batch_size: int
+    prompt_tokens: list[int]
+    tree_nodes: int
+    new_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    phase_seconds: dict[str, float] = field(default_factory=lambda: {p: 0.0 for p in PHASES})
+    # One entry per (decode step, active sequence): tokens that pass added to that sequence.
+    accepted_lengths: list[int] = field(default_factory=list)
+    decode_passes: int = 0
+    stop_reasons: list[str] = field(default_factory=list)
+    heads_note: str = ""
+
+    @property
+    def wall_seconds(self) -> float:
+        return self.prefill_seconds + self.decode_seconds
+
+    @property
+    def mean_accepted_per_pass(self) -> float:
+        return sum(self.accepted_lengths) / len(self.accepted_lengths) if self.accepted_lengths else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    def phase_ms_per_pass(self) -> dict[str, float]:
+        passes = max(self.decode_passes, 1)
+        return {p: 1000 * s / passes for p, s in self.phase_seconds.items()}
+
+    def as_dict(self) -> dict:
+        return {
+            "method": self.method, "batch_size": self.batch_size, "prompt_tokens": self.prompt_tokens,
+            "tree_nodes": self.tree_nodes, "new_tokens": self.new_tokens,
+            "prefill_seconds": self.prefill_seconds, "decode_seconds": self.decode_seconds,
+            "wall_seconds": self.wall_seconds, "tokens_per_second": self.tokens_per_second,
+            "decode_passes": self.decode_passes, "mean_accepted_per_pass": self.mean_accepted_per_pass,
+            "accepted_lengths": self.accepted_lengths, "phase_seconds": dict(self.phase_seconds),
+            "stop_reasons": self.stop_reasons, "heads_note": self.heads_note,
+        }
+
+
+@dataclass
+class StepEvent:
+    """What one forward pass added: `new_tokens[b]` for each sequence (empty once it has finished)."""
+
+    step: int
+    new_tokens: list[list[int]]
+    finished: list[bool]
+
+
+class _Clock:
+    def __init__(self, device: torch.device, stats: GenerationStats):
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.stats = stats
+        self.last = time.perf_counter()
+
+    def lap(self, phase: str | None) -> None:
+        self.sync()
+        now = time.perf_counter()
+        if phase is not None:
+            self.stats.phase_seconds[phase] += now - self.last
+        self.last = now
+
+
+class DecodeRun:
+    """An in-progress generation: iterate it for `StepEvent`s; afterwards read `tokens` and `stats`."""
+
+    def __init__(self, decoder: "Decoder", prompts: list[list[int]], max_new_tokens: int, stop_at_eos: bool):
+        self.decoder = decoder
+        self.prompts = prompts
+        self.max_new_tokens = max_new_tokens
+        self.stop_at_eos = stop_at_eos
+        self.tokens: list[list[int]] = [[] for _ in prompts]
+        proposer = decoder.proposer
+        self.stats = GenerationStats(method=proposer.name, batch_size=len(prompts),
+                                     prompt_tokens=[len(p) for p in prompts], tree_nodes=0)
+        self._iter = self._run()
+
+    def __iter__(self) -> Iterator[StepEvent]:
+        return self._iter
+
+    def __next__(self) -> StepEvent:
+        return next(self._iter)
+
+    def consume(self) -> "DecodeRun":
+        for _ in self._iter:
+            pass
+        return self
+
+    # -- the loop --------------------------------------------------------------------------------------
+    def _emit(self, b: int, candidates: list[int], finished: list[bool]) -> list[int]:
+        """Append tokens to sequence b, honouring EOS and max_new_tokens; return what was appended."""
+        out = []
+        eos = self.decoder.eos_token_ids
+        for t in candidates:
+            if len(self.tokens[b]) >= self.max_new_tokens:
+                break
+            self.tokens[b].append(t)
+            out.append(t)
+            if self.stop_at_eos and t in eos:
+                finished[b] = True
+                self.stats.stop_reasons[b] = "eos"
+                break
+        if len(self.tokens[b]) >= self.max_new_tokens and not finished[b]:
+            finished[b] = True
+            self.stats.stop_reasons[b] = "length"
+        return out
+
+    @torch.inference_mode()
+    def _run(self) -> Iterator[StepEvent]:
+        dec = self.decoder
+        backbone, heads, proposer = dec.backbone, dec.heads, dec.proposer
+        device = backbone.device
+        batch = len(self.prompts)
+        stats = self.stats
+        stats.stop_reasons = ["" for _ in range(batch)]
+        lengths = [len(p) for p in self.prompts]
+        tree_budget = dec.max_tree_nodes
+        cache = backbone.new_cache(batch, max(lengths) + self.max_new_tokens + tree_budget + 1)
+
+        start = time.perf_counter()
+        ids = torch.zeros(batch, max(lengths), dtype=torch.long)
+        for b, p in enumerate(self.prompts):
+            ids[b, : len(p)] = torch.tensor(p)
+        hidden = backbone.forward(ids.to(device), cache)
+        cache.lengths.copy_(torch.tensor(lengths, device=device))
+        last_hidden = hidden[torch.arange(batch, device=device), torch.tensor(lengths, device=device) - 1]
+        root = backbone.logits(last_hidden).argmax(-1)
+        finished = [False] * batch
+        first = [self._emit(b, [int(root[b])], finished) for b in range(batch)]
+        stats.new_tokens += sum(len(t) for t in first)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        stats.prefill_seconds = time.perf_counter() - start
+        yield StepEvent(0, first, list(finished))
+
+        clock = _Clock(device, stats)
+        decode_start = time.perf_counter()
+        step = 0
+        while not all(finished):
+            step += 1
+            active = torch.tensor([not f for f in finished], device=device)
+            clock.lap(None)
+            head_ids = head_probs = None
+            if proposer.uses_heads:
+                head_ids, head_probs = heads.topk(last_hidden, backbone.lm_head, proposer.topk)
+            proposal = proposer.propose(root, head_ids, head_probs)
+            stats.tree_nodes = max(stats.tree_nodes, proposal.tokens.shape[1])
+            clock.lap("proposal")
+            if int(cache.lengths.max()) + proposal.tokens.shape[1] > cache.max_len:
+                for b in range(batch):
+                    if not finished[b]:
+                        finished[b] = True
+                        stats.stop_reasons[b] = "context"
+                break
+            tree_hidden = backbone.forward(proposal.tokens, cache, block_mask=proposal.buffers.tree_mask,
+                                           depths=proposal.buffers.depths)
+            clock.lap("forward")
+            result = verify_greedy(backbone.logits, tree_hidden, proposal, active)
+            clock.lap("verification")
+            new_tokens: list[list[int]] = [[] for _ in range(batch)]
+            for b in range(batch):
+                if finished[b]:
+                    continue
+                nodes = result.accepted_nodes[b]
+                cache.commit(b, cache.lengths[b] + nodes)
+                candidates = proposal.tokens[b, nodes[1:]].tolist() + [int(result.next_tokens[b])]
+                new_tokens[b] = self._emit(b, candidates, finished)
+                stats.accepted_lengths.append(len(new_tokens[b]))
+            stats.new_tokens += sum(len(t) for t in new_tokens)
+            stats.decode_passes += 1
+            last_hidden = tree_hidden[torch.arange(batch, device=device), result.last_nodes]
+            root = result.next_tokens
+            clock.lap("cache")
+            yield StepEvent(step, new_tokens, list(finished))
+        stats.decode_seconds = time.perf_counter() - decode_start
+
+
+class Decoder:
+    """Binds a backbone, optional heads and a proposer; `run` starts a generation."""
+
+    def __init__(self, backbone: Transformer, heads: MedusaHeads | None = None, proposer: Proposer | None = None,
+                 eos_token_ids: tuple[int, ...] | None = None):
+        self.backbone = backbone
+        self.proposer = proposer or RootOnlyProposer()
+        if self.proposer.uses_heads:
+            if heads is None:
+                raise DynTreeError(f"the {self.proposer.name} tree needs heads")
+            depth = getattr(getattr(self.proposer, "tree", None), "depth", None)
+            if depth is not None and depth > heads.num_heads:
+                raise DynTreeError(f"tree depth {depth} exceeds the number of heads ({heads.num_heads})")
+        self.heads = heads
+        self.eos_token_ids = set(eos_token_ids if eos_token_ids is not None else backbone.config.eos_token_ids)
+
+    @property
+    def max_tree_nodes(self) -> int:
+        tree = getattr(self.proposer, "tree", None)
+        return getattr(self.proposer, "max_nodes", None) or (tree.num_nodes if tree is not None else 1)
+
+    def check_prompts(self, prompts: list[list[int]], max_new_tokens: int) -> None:
+        limit = self.backbone.config.max_position_embeddings
+        if not prompts:
+            raise DynTreeError("no prompt given")
+        for p in prompts:
+            if len(p) == 0:
+                raise DynTreeError("empty prompt")
+            if len(p) >= limit:
+                raise DynTreeError(f"prompt is {len(p)} tokens, the model's context is {limit}")
+        if max_new_tokens < 1:
+            raise DynTreeError("max_new_tokens must be at least 1")
+
+    def run(self, prompts: list[list[int]], max_new_tokens: int = 128, stop_at_eos: bool = True) -> DecodeRun:
+        self.check_prompts(prompts, max_new_tokens)
+        return DecodeRun(self, prompts, max_new_tokens, stop_at_eos)

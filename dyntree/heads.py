@@ -1,0 +1,271 @@
+"""Medusa heads: K small residual MLPs on the backbone's last (normed) hidden state.
+
+Head k (0-based) guesses the token k+2 positions after the hidden state's own position (the backbone's
+lm_head guesses k=+1). Each head is L blocks `x + SiLU(W x + b)` and a vocabulary projection, which is either
+its own matrix or the backbone's lm_head ("shared"), optionally restricted to a subset of the vocabulary
+(`vocab_ids`): on a CPU the projection dominates the heads' cost, and a 8k-token subset is ~7x cheaper than
+49k while the heads are rarely right about rare tokens anyway. Losslessness never depends on the heads.
+
+Two on-disk formats:
+- ours: `heads.safetensors` + `heads.json` (shape and the backbone fingerprint it was trained for);
+- Medusa v0.1: `config.json` (`medusa_num_heads`, ...) + `medusa_lm_head.pt` with keys
+  `{h}.{l}.linear.weight|bias` and `{h}.{L}.weight`. Its configs often state a wrong head count, so the
+  count is read from the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import DynTreeError
+from .kernels import Dense
+
+FORMAT_VERSION = 1
+HEADS_FILE = "heads.safetensors"
+HEADS_CONFIG = "heads.json"
+MEDUSA_FILE = "medusa_lm_head.pt"
+
+
+@dataclass
+class HeadsConfig:
+    num_heads: int
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    shared_projection: bool = True
+    model_type: str | None = None  # backbone fingerprint; None = unknown (Medusa files)
+    vocab_subset: int | None = None  # size of `vocab_ids` when the projection covers only part of the vocabulary
+
+    def check_fits(self, backbone_config) -> None:
+        fp = backbone_config.fingerprint()
+        if self.hidden_size != fp["hidden_size"] or self.vocab_size != fp["vocab_size"]:
+            raise DynTreeError(
+                f"heads do not fit this model: heads expect hidden size {self.hidden_size} and vocabulary "
+                f"{self.vocab_size}, the model has {fp['hidden_size']} and {fp['vocab_size']}"
+            )
+        if self.model_type is not None and self.model_type != fp["model_type"]:
+            raise DynTreeError(
+                f"heads do not fit this model: trained for a {self.model_type!r} backbone, this is {fp['model_type']!r}"
+            )
+
+
+class MedusaHeads(nn.Module):
+    """All K heads as stacked tensors, so a step runs them with a few batched matmuls."""
+
+    def __init__(self, config: HeadsConfig, vocab_ids: torch.Tensor | None = None):
+        super().__init__()
+        k, layers, h = config.num_heads, config.num_layers, config.hidden_size
+        self.config = config
+        # Medusa initialises the blocks at zero so that an untrained head equals the lm_head.
+        self.block_weight = nn.Parameter(torch.zeros(k, layers, h, h))  # [K, L, out, in]
+        self.block_bias = nn.Parameter(torch.zeros(k, layers, h))
+        if vocab_ids is not None:
+            vocab_ids = vocab_ids.to(torch.long)
+            config.vocab_subset = int(vocab_ids.numel())
+        self.register_buffer("vocab_ids", vocab_ids, persistent=False)
+        width = config.vocab_subset or config.vocab_size
+        self.projection = None if config.shared_projection else nn.Parameter(torch.zeros(k, width, h))
+        self._shared_cache: tuple[int, torch.Tensor] | None = None
+
+    @property
+    def num_heads(self) -> int:
+        return self.config.num_heads
+
+    # -- construction ----------------------------------------------------------------------------------
+    @classmethod
+    def random(cls, backbone_config, num_heads: int = 4, num_layers: int = 1, seed: int = 0, scale: float = 0.05):
+        """Untrained heads with random blocks: useful to test losslessness, useless for speed."""
+        cfg = HeadsConfig(num_heads, num_layers, backbone_config.hidden_size, backbone_config.vocab_size,
+                          shared_projection=True, model_type=backbone_config.model_type)
+        heads = cls(cfg)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            heads.block_weight.copy_(torch.randn(heads.block_weight.shape, generator=gen) * scale)
+            heads.block_bias.copy_(torch.randn(heads.block_bias.shape, generator=gen) * scale)
+        return heads
+
+    def init_projection_from(self, lm_head_weight: torch.Tensor) -> None:
+        """Start an own projection from the backbone's lm_head rows (Medusa's initialisation)."""
+        if self.projection is None:
+            return
+        rows = lm_head_weight if self.vocab_ids is None else lm_head_weight[self.vocab_ids]
+        with torch.no_grad():
+            self.projection.copy_(rows[None].expand_as(self.projection))
+
+    # -- forward ---------------------------------------------------------------------------------------
+    def head_states(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`[N, H]` normed backbone states -> `[N, K, H]` per-head states after the residual blocks."""
+        x = hidden[None].expand(self.num_heads, *hidden.shape)  # [K, N, H]
+        for layer in range(self.config.num_layers):
+            w = self.block_weight[:, layer]  # [K, H, H]
+            x = x + F.silu(torch.baddbmm(self.block_bias[:, layer, None, :], x, w.transpose(1, 2)))
+        return x.transpose(0, 1)
+
+    def logits(self, hidden: torch.Tensor, lm_head_weight_t: torch.Tensor) -> torch.Tensor:
+        """Per-head logits `[N, K, V']` over the projection's vocabulary (all of it, or `vocab_ids`).
+
+        `lm_head_weight_t` is the backbone's lm_head as `[H, V]` (used when the projection is shared).
+        """
+        states = self.head_states(hidden)  # [N, K, H]
+        n, k, h = states.shape
+        if self.projection is None:
+            return (states.reshape(n * k, h) @ self._shared_weight_t(lm_head_weight_t)).view(n, k, -1)
+        return torch.bmm(states.transpose(0, 1), self.projection.transpose(1, 2)).transpose(0, 1)
+
+    def _shared_weight_t(self, lm_head_weight_t: torch.Tensor) -> torch.Tensor:
+        if self.vocab_ids is None:
+            return lm_head_weight_t
+        key = id(lm_head_weight_t)
+        if self._shared_cache is None or self._shared_cache[0] != key:
+            self._shared_cache = (key, lm_head_weight_t[:, self.vocab_ids].contiguous())
+        return self._shared_cache[1]
+
+    @torch.inference_mode()
+    def topk(self, hidden: torch.Tensor, lm_head: Dense, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k guesses of every head: token ids and probabilities, each `[N, K, k]`."""
+        logits = self.logits(hidden, lm_head.weight_t)
+        probs, idx = torch.softmax(logits.float(), dim=-1).topk(k, dim=-1)
+        if self.vocab_ids is not None:
+            idx = self.vocab_ids[idx]
+        return idx, probs
+
+    # -- persistence -----------------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> Path:
+        from safetensors.torch import save_file
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {"block_weight": self.block_weight.detach().contiguous(),
+                   "block_bias": self.block_bias.detach().contiguous()}
+        if self.projection is not None:
+            tensors["projection"] = self.projection.detach().to(torch.float16).contiguous()
+        if self.vocab_ids is not None:
+            tensors["vocab_ids"] = self.vocab_ids.to(torch.int32).contiguous()
+        tmp = out / (HEADS_FILE + ".tmp")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, out / HEADS_FILE)
+        meta = {"format": "dyntree-heads", "version": FORMAT_VERSION, **asdict(self.config)}
+        (out / HEADS_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+        return out
+
+
+def load_heads(path: str | os.PathLike, backbone_config=None) -> MedusaHeads:
+    """Load heads saved by `MedusaHeads.save` or in Medusa v0.1 format; check they fit the backbone."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DynTreeError(f"no heads at {path}")
+    if path.is_file():
+        path = path.parent
+    if (path / HEADS_CONFIG).is_file():
+        heads = _load_ours(path)
+    elif (path / MEDUSA_FILE).is_file():
+        heads = _load_medusa(path, backbone_config)
+    else:
+        raise DynTreeError(f"{path} holds no heads ({HEADS_CONFIG} or {MEDUSA_FILE})")
+    if backbone_config is not None:
+        heads.config.check_fits(backbone_config)
+    return heads.eval()
+
+
+def _load_ours(path: Path) -> MedusaHeads:
+    from safetensors.torch import load_file
+
+    try:
+        meta = json.loads((path / HEADS_CONFIG).read_text())
+        if meta.get("format") != "dyntree-heads":
+            raise ValueError("not a dyntree heads config")
+        fields = {k: meta[k] for k in HeadsConfig.__dataclass_fields__ if k in meta}
+        config = HeadsConfig(**fields)
+        tensors = load_file(str(path / HEADS_FILE))
+    except Exception as exc:
+        raise DynTreeError(f"corrupt heads checkpoint in {path}: {exc}".splitlines()[0]) from exc
+    vocab_ids = tensors.get("vocab_ids")
+    heads = MedusaHeads(config, None if vocab_ids is None else vocab_ids.long())
+    expected = {"block_weight": tuple(heads.block_weight.shape), "block_bias": tuple(heads.block_bias.shape)}
+    if heads.projection is not None:
+        expected["projection"] = tuple(heads.projection.shape)
+    for name, shape in expected.items():
+        if name not in tensors or tuple(tensors[name].shape) != shape:
+            got = tuple(tensors[name].shape) if name in tensors else "missing"
+            raise DynTreeError(f"corrupt heads checkpoint in {path}: {name} is {got}, expected {shape}")
+        getattr(heads, name).data.copy_(tensors[name].float())
+    return heads
+
+
+_MEDUSA_KEY = re.compile(r"^(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)$")
+
+
+def _load_medusa(path: Path, backbone_config) -> MedusaHeads:
+    try:
+        state = torch.load(path / MEDUSA_FILE, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise DynTreeError(f"corrupt Medusa checkpoint {path / MEDUSA_FILE}: {exc}".splitlines()[0]) from exc
+    if not isinstance(state, dict) or not state:
+        raise DynTreeError(f"corrupt Medusa checkpoint {path / MEDUSA_FILE}: not a state dict")
+    blocks: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    projections: dict[int, torch.Tensor] = {}
+    for key, tensor in state.items():
+        m = _MEDUSA_KEY.match(key)
+        if not m:
+            raise DynTreeError(f"unexpected key {key!r} in {path / MEDUSA_FILE}")
+        h, idx, kind = int(m[1]), int(m[2]), m[3]
+        if kind == "weight":
+            projections[h] = (idx, tensor)
+        else:
+            blocks.setdefault((h, idx), {})[kind.split(".")[1]] = tensor
+    num_heads = max(h for h, _ in blocks) + 1 if blocks else max(projections) + 1  # the config may lie
+    num_layers = max(i for _, i in blocks) + 1 if blocks else 0
+    if set(projections) != set(range(num_heads)):
+        raise DynTreeError(f"Medusa checkpoint {path / MEDUSA_FILE} lacks a projection for some heads")
+    hidden = next(iter(projections.values()))[1].shape[1]
+    vocab = next(iter(projections.values()))[1].shape[0]
+    config = HeadsConfig(num_heads, num_layers, hidden, vocab, shared_projection=False)
+    cfg_file = path / "config.json"
+    if cfg_file.is_file():
+        try:
+            json.loads(cfg_file.read_text())
+        except ValueError as exc:
+            raise DynTreeError(f"corrupt Medusa config {cfg_file}: {exc}") from exc
+    if backbone_config is not None:
+        config.check_fits(backbone_config)
+    heads = MedusaHeads(config)
+    with torch.no_grad():
+        for h in range(num_heads):
+            idx, weight = projections[h]
+            if idx != num_layers or tuple(weight.shape) != (vocab, hidden):
+                raise DynTreeError(f"Medusa checkpoint: head {h} projection is {tuple(weight.shape)} at index {idx}")
+            heads.projection[h].copy_(weight.float())
+            for layer in range(num_layers):
+                block = blocks.get((h, layer))
+                if block is None or set(block) != {"weight", "bias"}:
+                    raise DynTreeError(f"Medusa checkpoint: head {h} block {layer} is incomplete")
+                heads.block_weight[h, layer].copy_(block["weight"].float())
+                heads.block_bias[h, layer].copy_(block["bias"].float())
+    return heads
+
+
+def save_medusa(heads: MedusaHeads, directory: str | os.PathLike, base_model: str = "") -> Path:
+    """Write heads in Medusa v0.1 format (needs an own, full-vocabulary projection)."""
+    if heads.projection is None or heads.vocab_ids is not None:
+        raise DynTreeError("Medusa v0.1 format needs heads with an own full-vocabulary projection")
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for h in range(heads.num_heads):
+        for layer in range(heads.config.num_layers):
+            state[f"{h}.{layer}.linear.weight"] = heads.block_weight[h, layer].detach().clone()
+            state[f"{h}.{layer}.linear.bias"] = heads.block_bias[h, layer].detach().clone()
+        state[f"{h}.{heads.config.num_layers}.weight"] = heads.projection[h].detach().clone()
+    torch.save(state, out / MEDUSA_FILE)
+    (out / "config.json").write_text(json.dumps({
+        "medusa_num_heads": heads.num_heads, "medusa_num_layers": heads.config.num_layers,
+        "base_model_name_or_path": base_model}, indent=2) + "\n")
+    return out
