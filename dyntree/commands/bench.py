@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import shlex
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -115,12 +116,22 @@ def run(args) -> int:
                              warmup=args.warmup, repeats=args.repeats, chat=not args.no_chat)
     turns = sum(min(args.turns, len(p.turns)) for p in prompts)
     total = (turns * args.repeats + args.warmup) * len(methods)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True) as bar:
-        task = bar.add_task("benchmark", total=total)
+    if err.is_terminal:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=err, transient=True) as bar:
+            task = bar.add_task("benchmark", total=total)
+
+            def progress(message: str) -> None:
+                bar.update(task, description=message[:60], advance=1)
+
+            bench = run_benchmark(methods, prompts, context, settings, progress)
+    else:  # a log file: one plain line per run, so a long job can be followed
+        done = 0
 
         def progress(message: str) -> None:
-            bar.update(task, description=message[:60], advance=1)
+            nonlocal done
+            done += 1
+            print(f"[{done}/{total}] {message}", file=sys.stderr, flush=True)
 
         bench = run_benchmark(methods, prompts, context, settings, progress)
     command = _command_line(args, ",".join(s.text for s in specs), out)
