@@ -252,6 +252,9 @@ def test_prompt_file_formats(tmp_path):
     assert [p.turns for p in prompts] == [("a",), ("b",), ("c\n\nd",)]
     assert [p.prompt_id for p in prompts] == ["1", "3", "4"]
     assert len(load_prompts(path, limit=2)) == 2
+    path.write_text('{"id": 7, "prompt": "a"}\n{"id": 7, "prompt": "b"}\n')
+    with pytest.raises(DynTreeError, match="used twice"):
+        load_prompts(path)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -284,6 +287,15 @@ def test_tree_methods_need_heads(tiny_model_dir, prompts_file, tmp_path, capsys)
                  "--prompts", str(prompts_file), "--out", str(out)])
     assert code == 2
     assert "needs Medusa heads" in capsys.readouterr().err and not out.exists()
+
+
+def test_default_methods_skip_trees_without_heads(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["bench", "--model", str(tiny_model_dir), "--heads", "none", "--limit", "1",
+                 "--max-new-tokens", "4", "--warmup", "0", "--no-plots", "--out", str(out)])
+    assert code == 0
+    assert "skipping static" in capsys.readouterr().err
+    assert list(json.loads((out / "results.json").read_text())["methods"]) == ["hf", "hf-lookup", "ar"]
 
 
 def test_dynamic_runs_or_fails_clearly(tiny_model_dir, prompts_file, tmp_path, capsys):

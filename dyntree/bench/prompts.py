@@ -75,7 +75,10 @@ def load_prompts(source: str | os.PathLike = BUILTIN, limit: int | None = None) 
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DynTreeError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from exc
-        prompts.append(_row_to_prompt(row, line_no, str(path)))
+        prompt = _row_to_prompt(row, line_no, str(path))
+        if any(p.prompt_id == prompt.prompt_id for p in prompts):
+            raise DynTreeError(f"{path}:{line_no}: prompt id {prompt.prompt_id!r} is used twice")
+        prompts.append(prompt)
         if limit is not None and len(prompts) >= limit:
             break
     if not prompts:

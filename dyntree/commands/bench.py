@@ -11,6 +11,7 @@ from pathlib import Path
 from ..cli import add_model_args
 
 DEFAULT_METHODS = ("hf", "hf-lookup", "ar", "static", "dynamic")
+TREE_METHODS = ("static", "dynamic")
 
 
 def default_methods() -> str:
@@ -111,6 +112,13 @@ def run(args) -> int:
     heads = None if args.heads == "none" else args.heads
     context = BenchContext(model=args.model, heads=heads, device=args.device)
     with err.status("loading model and methods"):
+        if args.methods is None and context.dyntree().heads is None:
+            # Default list without heads to run the trees on: time what can run, and say so.
+            skipped = [s.text for s in specs if s.name in TREE_METHODS]
+            specs = [s for s in specs if s.name not in TREE_METHODS]
+            if skipped:
+                err.print(f"[yellow]no heads loaded ({context.dyntree().heads_note}): skipping "
+                          f"{', '.join(skipped)}; pass --heads DIR or --heads random[/yellow]")
         methods = build_methods(specs, context)
     settings = BenchSettings(max_new_tokens=args.max_new_tokens, turns=args.turns, seed=args.seed,
                              warmup=args.warmup, repeats=args.repeats, chat=not args.no_chat)
