@@ -73,11 +73,16 @@ def table_rows(results: dict) -> tuple[list[dict[str, str]], list[dict[str, str]
     return speed, cost
 
 
+def _threads(env: dict) -> str:
+    n = env["torch_threads"]
+    return f"{n} thread" + ("" if n == 1 else "s")
+
+
 def table_titles(results: dict) -> tuple[str, str]:
     settings = results["settings"]
     env = results["environment"]
     return (f"Speed: {results['prompts']['count']} prompts x {settings['turns']} turn(s), "
-            f"{settings['max_new_tokens']} new tokens, {env['device']}, {env['torch_threads']} threads",
+            f"{settings['max_new_tokens']} new tokens, {env['device']}, {_threads(env)}",
             "Where the time goes: ms per decoding pass (prefill: ms per prompt), and memory")
 
 
@@ -187,7 +192,7 @@ def _subtitle(results: dict) -> str:
     env = results["environment"]
     model = Path(results["model"]).name if results["model"] != "default" else "default model"
     return (f"{model} - {results['prompts']['count']} prompts, {results['settings']['max_new_tokens']} "
-            f"new tokens - {env['device']}, {env['torch_threads']} threads")
+            f"new tokens - {env['device']}, {_threads(env)}")
 
 
 def _plot_throughput(results: dict, plt):
@@ -218,7 +223,8 @@ def _plot_throughput(results: dict, plt):
     ax.set_title("Decoding speed per method\n" + _subtitle(results), fontsize=10)
     ax.legend(handles=[ax.patches[0], ax.collections[-1]],
               labels=["all prompts: total tokens / total time", "one prompt (box: quartiles)"],
-              loc="upper left", fontsize=8)
+              loc="upper center", bbox_to_anchor=(0.5, -0.12 if len(names) <= 5 else -0.2), ncol=2,
+              fontsize=8, frameon=False)
     ax.grid(axis="y", alpha=0.3)
     return fig
 
@@ -228,7 +234,7 @@ def _plot_accepted(results: dict, plt):
     if not hists:
         return None
     lengths = list(range(1, max(int(k) for h in hists.values() for k in h) + 1))
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * len(lengths) * len(hists) + 2), 4.2))
+    fig, ax = plt.subplots(figsize=(min(11.0, max(5.0, 0.45 * len(lengths) * len(hists) + 2)), 4.2))
     width = 0.8 / len(hists)
     for j, (name, hist) in enumerate(hists.items()):
         total = sum(hist.values())
@@ -240,7 +246,7 @@ def _plot_accepted(results: dict, plt):
     ax.set_xlabel("tokens accepted in one forward pass")
     ax.set_ylabel("share of passes")
     ax.set_title("Accepted tokens per pass\n" + _subtitle(results), fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     return fig
 
@@ -264,7 +270,7 @@ def _plot_categories(results: dict, plt):
     ax.set_xticks(range(len(cats)), cats, rotation=20 if len(cats) > 5 else 0)
     ax.set_ylabel(f"speedup over {base} (tokens/s ratio)")
     ax.set_title(f"Speedup over {base} by category\n" + _subtitle(results), fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     return fig
 

@@ -42,7 +42,9 @@ def add_command(subparsers) -> None:
     p.add_argument("--turns", type=int, default=1, choices=(1, 2),
                    help="1: first turns only; 2: also the second turn, continuing ar's first answer")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="torch seed, set before every run (the same for every method on a prompt; matters to "
+                        "sampling methods only)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up rounds before timing (default 1)")
     p.add_argument("--repeats", type=int, default=1,
                    help="time every prompt this many times; the median time is used (default 1)")
