@@ -232,7 +232,7 @@ def measure_quality(dt, prompts: list[str], max_new_tokens: int = 64, temperatur
     typical = SamplingConfig(**other, mode="typical", **typical_kw)
     rows: list[ModeResult] = []
     plan = [("plain greedy", plain, None), ("tree greedy", tree, None),
-            ("plain sampling (reference)", plain, ref_s), ("plain sampling (other seed: floor)", plain, lossless),
+            ("plain sampling (reference)", plain, ref_s), ("plain sampling (floor)", plain, lossless),
             ("tree lossless", tree, lossless), ("tree typical", tree, typical)]
     for label, proposer, sampling in plan:
         say(f"decoding: {label}")

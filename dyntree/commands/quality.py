@@ -51,7 +51,10 @@ def run(args) -> int:
     report = measure_quality(dt, prompts, args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed,
                              args.kl_samples, args.typical_eps, args.typical_alpha,
                              progress=lambda m: err.print(f"[dim]{m}[/dim]"))
-    Console().print(quality_table(report))
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=140)  # a file or pipe: keep the table on one line per row
+    console.print(quality_table(report))
     ratio = report["lossless_over_greedy_accepted"]
     if ratio is not None:
         print(f"lossless accepted/pass as a share of greedy's: {ratio:.1%} (target >= 85%)")
