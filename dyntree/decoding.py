@@ -109,7 +109,8 @@ class DecodeRun:
         self.decoder = decoder
         self.sampling = sampling
         # One generator per run (None when greedy): a seed reproduces the run; global RNG is never used.
-        self.generator = None if sampling is None or sampling.is_greedy else sampling.generator(decoder.backbone.device)
+        greedy = sampling is None or sampling.is_greedy
+        self.generator = None if greedy else sampling.generator(decoder.backbone.device)
         self.prompts = prompts
         self.max_new_tokens = max_new_tokens
         self.stop_at_eos = stop_at_eos

@@ -42,7 +42,7 @@ class SamplingConfig:
     alpha: float = DEFAULT_TYPICAL_ALPHA
 
     def __post_init__(self):
-        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0 or self.temperature == float("inf"):
+        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature < float("inf"):
             raise DynTreeError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not (0 < self.top_p <= 1):
             raise DynTreeError(f"top-p must be in (0, 1], got {self.top_p!r}")
@@ -117,7 +117,8 @@ def sample_from(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def choose_tokens(logits: torch.Tensor, config: SamplingConfig | None, generator: torch.Generator | None) -> torch.Tensor:
+def choose_tokens(logits: torch.Tensor, config: SamplingConfig | None,
+                  generator: torch.Generator | None) -> torch.Tensor:
     """The next token for each row of `[m, V]` logits: argmax when greedy, else a sample."""
     if config is None or config.is_greedy:
         return logits.argmax(-1)
