@@ -14,6 +14,7 @@ from .errors import DynTreeError
 from .heads import MedusaHeads, load_heads
 from .loading import DEFAULT_MODEL, LoadedModel, load_model
 from .proposal import Proposer, RootOnlyProposer, StaticTreeProposer
+from .sampling import SamplingConfig
 from .trees import StaticTree, load_tree_spec
 
 DEFAULT_TREE = "mc_sim_7b_63"
@@ -93,8 +94,8 @@ class DynTree:
         """The same model and heads with another tree policy (no reload)."""
         return DynTree(self.model, self.heads, self.heads_note, tree, topk or self.topk, **tree_options)
 
-    def decoder(self, proposer: Proposer | None = None) -> Decoder:
-        return Decoder(self.model.backbone, self.heads, proposer or self.proposer)
+    def decoder(self, proposer: Proposer | None = None, sampling: SamplingConfig | None = None) -> Decoder:
+        return Decoder(self.model.backbone, self.heads, proposer or self.proposer, sampling=sampling)
 
     # -- prompts ---------------------------------------------------------------------------------------
     def encode(self, prompt: str | Sequence[int] | list[dict], chat: bool | None = None) -> list[int]:
@@ -122,18 +123,21 @@ class DynTree:
 
     # -- generation ------------------------------------------------------------------------------------
     def generate(self, prompt, max_new_tokens: int = 128, chat: bool | None = None, stop_at_eos: bool = True,
-                 proposer: Proposer | None = None) -> GenerationResult:
+                 proposer: Proposer | None = None, sampling: SamplingConfig | None = None) -> GenerationResult:
+        """Decode one prompt. `sampling`: None/temperature 0 = greedy (exactly plain greedy's output); else
+        lossless tree speculative sampling (the model's own distribution) or typical acceptance."""
         ids = self.encode(prompt, chat)
-        run = self.decoder(proposer).run([ids], max_new_tokens, stop_at_eos).consume()
+        run = self.decoder(proposer, sampling).run([ids], max_new_tokens, stop_at_eos).consume()
         run.stats.heads_note = self.heads_note
         tokens = run.tokens[0]
         return GenerationResult(tokens, self.tokenizer.decode(tokens, skip_special_tokens=True), run.stats)
 
     def stream(self, prompt, max_new_tokens: int = 128, chat: bool | None = None, stop_at_eos: bool = True,
-               proposer: Proposer | None = None, stats_out: list | None = None) -> Iterator[TextChunk]:
+               proposer: Proposer | None = None, stats_out: list | None = None,
+               sampling: SamplingConfig | None = None) -> Iterator[TextChunk]:
         """Yield text as each forward pass accepts tokens; `stats_out` receives the run's stats at the end."""
         ids = self.encode(prompt, chat)
-        run = self.decoder(proposer).run([ids], max_new_tokens, stop_at_eos)
+        run = self.decoder(proposer, sampling).run([ids], max_new_tokens, stop_at_eos)
         tokens: list[int] = []
         shown = ""
         for event in run:

@@ -29,6 +29,30 @@ def add_model_args(parser: argparse.ArgumentParser, tree: bool = True) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
 
 
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    """--temperature/--top-p/--top-k/--seed/--acceptance: how tokens are chosen (default greedy)."""
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0 (default) = greedy, token-exact with plain decoding; > 0 samples")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling (same seed, same output)")
+    parser.add_argument("--acceptance", choices=("lossless", "typical"), default="lossless",
+                        help="how sampled tree candidates are verified: 'lossless' (the model's own "
+                             "distribution) or 'typical' (Medusa's typical acceptance: faster, biased)")
+    parser.add_argument("--typical-eps", type=float, default=None, help="typical acceptance: eps (default 0.09)")
+    parser.add_argument("--typical-alpha", type=float, default=None, help="typical acceptance: alpha (default 0.3)")
+
+
+def sampling_config(args):
+    """The SamplingConfig the sampling flags describe (validated: bad values raise DynTreeError)."""
+    from .sampling import DEFAULT_TYPICAL_ALPHA, DEFAULT_TYPICAL_EPS, SamplingConfig
+
+    eps = DEFAULT_TYPICAL_EPS if args.typical_eps is None else args.typical_eps
+    alpha = DEFAULT_TYPICAL_ALPHA if args.typical_alpha is None else args.typical_alpha
+    return SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                          mode=args.acceptance, eps=eps, alpha=alpha)
+
+
 def tree_options(args) -> dict:
     options = {}
     if getattr(args, "tree_size", None) is not None:

@@ -7,6 +7,10 @@ Bookkeeping per step, for a sequence whose cache holds L committed tokens and wh
 is already chosen: the tree (root + candidates) is written at slots L..L+n-1 with positions L + depth; the
 accepted path's keys/values are moved to L..L+a-1; its a-1 candidate tokens plus the backbone's bonus
 token after them are emitted (a tokens per forward pass), and the bonus token is the next root.
+
+Sampling (`SamplingConfig` with temperature > 0) changes only how tokens are chosen: the root after the
+prefill is sampled, and verification is lossless tree speculative sampling or typical acceptance. The run's
+own seeded generator supplies all randomness.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from .errors import DynTreeError
 from .heads import MedusaHeads
 from .model import Transformer
 from .proposal import Proposer, RootOnlyProposer
-from .verify import verify_greedy
+from .sampling import SamplingConfig, choose_tokens
+from .verify import verify_tree
 
 PHASES = ("proposal", "forward", "verification", "cache")
 
@@ -43,6 +48,7 @@ class GenerationStats:
     decode_passes: int = 0
     stop_reasons: list[str] = field(default_factory=list)
     heads_note: str = ""
+    acceptance: str = "greedy"  # SamplingConfig.label: greedy, lossless(T=..), typical(T=..)
 
     @property
     def wall_seconds(self) -> float:
@@ -68,7 +74,7 @@ class GenerationStats:
             "wall_seconds": self.wall_seconds, "tokens_per_second": self.tokens_per_second,
             "decode_passes": self.decode_passes, "mean_accepted_per_pass": self.mean_accepted_per_pass,
             "accepted_lengths": self.accepted_lengths, "phase_seconds": dict(self.phase_seconds),
-            "stop_reasons": self.stop_reasons, "heads_note": self.heads_note,
+            "stop_reasons": self.stop_reasons, "heads_note": self.heads_note, "acceptance": self.acceptance,
         }
 
 
@@ -98,15 +104,21 @@ class _Clock:
 class DecodeRun:
     """An in-progress generation: iterate it for `StepEvent`s; afterwards read `tokens` and `stats`."""
 
-    def __init__(self, decoder: "Decoder", prompts: list[list[int]], max_new_tokens: int, stop_at_eos: bool):
+    def __init__(self, decoder: "Decoder", prompts: list[list[int]], max_new_tokens: int, stop_at_eos: bool,
+                 sampling: SamplingConfig | None = None):
         self.decoder = decoder
+        self.sampling = sampling
+        # One generator per run (None when greedy): a seed reproduces the run; global RNG is never used.
+        greedy = sampling is None or sampling.is_greedy
+        self.generator = None if greedy else sampling.generator(decoder.backbone.device)
         self.prompts = prompts
         self.max_new_tokens = max_new_tokens
         self.stop_at_eos = stop_at_eos
         self.tokens: list[list[int]] = [[] for _ in prompts]
         proposer = decoder.proposer
         self.stats = GenerationStats(method=proposer.name, batch_size=len(prompts),
-                                     prompt_tokens=[len(p) for p in prompts], tree_nodes=0)
+                                     prompt_tokens=[len(p) for p in prompts], tree_nodes=0,
+                                     acceptance=sampling.label if sampling is not None else "greedy")
         self._iter = self._run()
 
     def __iter__(self) -> Iterator[StepEvent]:
@@ -158,7 +170,7 @@ class DecodeRun:
         hidden = backbone.forward(ids.to(device), cache)
         cache.lengths.copy_(torch.tensor(lengths, device=device))
         last_hidden = hidden[torch.arange(batch, device=device), torch.tensor(lengths, device=device) - 1]
-        root = backbone.logits(last_hidden).argmax(-1)
+        root = choose_tokens(backbone.logits(last_hidden), self.sampling, self.generator)
         finished = [False] * batch
         first = [self._emit(b, [int(root[b])], finished) for b in range(batch)]
         stats.new_tokens += sum(len(t) for t in first)
@@ -189,7 +201,7 @@ class DecodeRun:
             tree_hidden = backbone.forward(proposal.tokens, cache, block_mask=proposal.buffers.tree_mask,
                                            depths=proposal.buffers.depths)
             clock.lap("forward")
-            result = verify_greedy(backbone.logits, tree_hidden, proposal, active)
+            result = verify_tree(backbone.logits, tree_hidden, proposal, active, self.sampling, self.generator)
             clock.lap("verification")
             new_tokens: list[list[int]] = [[] for _ in range(batch)]
             for b in range(batch):
@@ -213,8 +225,9 @@ class Decoder:
     """Binds a backbone, optional heads and a proposer; `run` starts a generation."""
 
     def __init__(self, backbone: Transformer, heads: MedusaHeads | None = None, proposer: Proposer | None = None,
-                 eos_token_ids: tuple[int, ...] | None = None):
+                 eos_token_ids: tuple[int, ...] | None = None, sampling: SamplingConfig | None = None):
         self.backbone = backbone
+        self.sampling = sampling  # None = greedy; `run` may override it per call
         self.proposer = proposer or RootOnlyProposer()
         if self.proposer.uses_heads:
             if heads is None:
@@ -242,6 +255,7 @@ class Decoder:
         if max_new_tokens < 1:
             raise DynTreeError("max_new_tokens must be at least 1")
 
-    def run(self, prompts: list[list[int]], max_new_tokens: int = 128, stop_at_eos: bool = True) -> DecodeRun:
+    def run(self, prompts: list[list[int]], max_new_tokens: int = 128, stop_at_eos: bool = True,
+            sampling: SamplingConfig | None = None) -> DecodeRun:
         self.check_prompts(prompts, max_new_tokens)
-        return DecodeRun(self, prompts, max_new_tokens, stop_at_eos)
+        return DecodeRun(self, prompts, max_new_tokens, stop_at_eos, sampling or self.sampling)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-SUBCOMMANDS = ("generate", "bench")
+SUBCOMMANDS = ("generate", "bench", "quality")
 
 
 def add_commands(subparsers) -> None:

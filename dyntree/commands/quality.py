@@ -1,0 +1,67 @@
+"""`dyntree quality`: accepted tokens per pass, speed, BLEU and KL for greedy, lossless and typical decoding."""
+
+from __future__ import annotations
+
+from ..cli import add_model_args
+
+
+def add_command(subparsers) -> None:
+    p = subparsers.add_parser("quality", help="compare greedy, lossless and typical sampling: speed, BLEU, KL")
+    p.add_argument("--prompts", type=int, default=8, help="how many MT-Bench first turns to decode")
+    p.add_argument("--questions", default=None, help="MT-Bench questions JSONL (default ../shared/data/...)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the sampled rows")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kl-samples", type=int, default=1000, help="draws per context for the KL estimate")
+    p.add_argument("--typical-eps", type=float, default=None, help="typical acceptance eps (default 0.09)")
+    p.add_argument("--typical-alpha", type=float, default=None, help="typical acceptance alpha (default 0.3)")
+    p.add_argument("--out", default=None, help="write the report as JSON here")
+    add_model_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import json
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from ..api import DynTree
+    from ..cli import tree_options
+    from ..errors import DynTreeError
+    from ..quality import load_mt_bench_prompts, measure_quality, quality_table
+    from ..sampling import SamplingConfig
+
+    if args.prompts < 1 or args.max_new_tokens < 1 or args.kl_samples < 1:
+        raise DynTreeError("--prompts, --max-new-tokens and --kl-samples must be at least 1")
+    if args.temperature <= 0:
+        raise DynTreeError("--temperature must be > 0 (the greedy rows are always included)")
+    typical_kw = {k: v for k, v in (("eps", args.typical_eps), ("alpha", args.typical_alpha)) if v is not None}
+    SamplingConfig(args.temperature, args.top_p, args.top_k, args.seed, "typical", **typical_kw)  # validate early
+    out = Path(args.out) if args.out else None
+    if out is not None and not out.parent.is_dir():
+        raise DynTreeError(f"cannot write {out}: no such directory")
+    prompts = load_mt_bench_prompts(args.prompts, args.questions)
+    err = Console(stderr=True)
+    kwargs = {"topk": args.topk} if args.topk else {}
+    dt = DynTree.from_pretrained(args.model, heads=args.heads, tree=args.tree, device=args.device,
+                                 **kwargs, **tree_options(args))
+    report = measure_quality(dt, prompts, args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed,
+                             args.kl_samples, args.typical_eps, args.typical_alpha,
+                             progress=lambda m: err.print(f"[dim]{m}[/dim]"))
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=140)  # a file or pipe: keep the table on one line per row
+    console.print(quality_table(report))
+    ratio = report["lossless_over_greedy_accepted"]
+    if ratio is not None:
+        print(f"lossless accepted/pass as a share of greedy's: {ratio:.1%} (target >= 85%)")
+    if dt.heads_note:
+        err.print(f"[dim]heads: {dt.heads_note}[/dim]")
+    if out is not None:
+        tmp = out.with_suffix(out.suffix + ".tmp")
+        tmp.write_text(json.dumps(report, indent=2))
+        tmp.replace(out)
+    return 0
