@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -25,8 +24,7 @@ NO_HEADS = "none"
 
 def bundled_heads_dir() -> Path | None:
     """Trained heads shipped for the default model, if this build has them."""
-    path = resources.files("dyntree").joinpath("assets", "heads", "smollm2-135m-instruct")
-    path = Path(str(path))
+    path = Path(__file__).resolve().parent / "assets" / "heads" / "smollm2-135m-instruct"
     return path if (path / "heads.json").is_file() else None
 
 

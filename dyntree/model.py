@@ -67,6 +67,7 @@ class ModelConfig:
             tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
             # Qwen2 always has q/k/v biases; Llama/Mistral only when `attention_bias` says so.
             attention_bias=model_type == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
+            # (the forward takes whichever biases the checkpoint holds; this flag is informational)
             eos_token_ids=eos_ids,
             inv_freq=inv_freq,
             rope_attention_scaling=scaling,
@@ -177,20 +178,29 @@ class Transformer:
                 f"embedding shape {tuple(self.embed_tokens.shape)} does not match the config "
                 f"({config.vocab_size}, {config.hidden_size})"
             )
+        def maybe(name: str) -> torch.Tensor | None:
+            return take(name) if name in sd else None
+
+        def dense(*names: str) -> Dense:
+            # Biases are taken whenever the checkpoint has them (Qwen2 q/k/v; Llama `attention_bias`/`mlp_bias`).
+            weight = torch.cat([take(n + ".weight") for n in names])
+            biases = [maybe(n + ".bias") for n in names]
+            if all(b is None for b in biases):
+                return Dense(weight)
+            if any(b is None for b in biases):
+                raise DynTreeError(f"checkpoint has biases for only some of {', '.join(names)}")
+            return Dense(weight, torch.cat(biases))
+
         self.layers: list[_Layer] = []
         for i in range(config.num_layers):
             p = f"layers.{i}."
             layer = _Layer()
             layer.attn_norm = take(p + "input_layernorm.weight")
-            q, k, v = (take(p + f"self_attn.{n}_proj.weight") for n in "qkv")
-            bias = None
-            if config.attention_bias:
-                bias = torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
-            layer.qkv = Dense(torch.cat([q, k, v]), bias)  # one matmul instead of three
-            layer.o = Dense(take(p + "self_attn.o_proj.weight"))
+            layer.qkv = dense(*(p + f"self_attn.{n}_proj" for n in "qkv"))  # one matmul instead of three
+            layer.o = dense(p + "self_attn.o_proj")
             layer.mlp_norm = take(p + "post_attention_layernorm.weight")
-            layer.gate_up = Dense(torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]))
-            layer.down = Dense(take(p + "mlp.down_proj.weight"))
+            layer.gate_up = dense(p + "mlp.gate_proj", p + "mlp.up_proj")
+            layer.down = dense(p + "mlp.down_proj")
             self.layers.append(layer)
         self.norm = take("norm.weight")
         if config.tie_word_embeddings or "lm_head.weight" not in state_dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-SUBCOMMANDS = ("generate", "distill", "train")
+SUBCOMMANDS = ("generate", "bench", "distill", "train")
 
 
 def add_commands(subparsers) -> None:

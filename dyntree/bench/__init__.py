@@ -1,0 +1,62 @@
+"""`dyntree bench`: every speed claim of the project comes from here.
+
+methods.py  the registry of decoding methods (ours, transformers' greedy and prompt-lookup generate)
+prompts.py  JSONL prompt files and the built-in prompt set
+runner.py   warm-up, round-robin timing, memory, environment
+summary.py  raw records -> per-method figures (pure)
+report.py   terminal table, results.json, results.md, PNG plots
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from .methods import METHODS, BenchContext, BenchMethod, MethodSpec, build_methods, parse_method_list, \
+    register_method
+from .prompts import BUILTIN, BenchPrompt, load_prompts
+from .report import SCHEMA_VERSION, write_outputs
+from .runner import BenchRun, BenchSettings, RunRecord, run_benchmark
+from .summary import summarize
+
+__all__ = [
+    "METHODS", "BenchContext", "BenchMethod", "BenchPrompt", "BenchRun", "BenchSettings", "MethodSpec",
+    "RunRecord", "build_methods", "collect_results", "load_prompts", "parse_method_list", "register_method",
+    "run_benchmark", "summarize", "write_outputs", "BUILTIN",
+]
+
+
+def collect_results(bench: BenchRun, context: BenchContext, command: str, prompt_source: str) -> dict:
+    """Everything about a run in one JSON-ready dict: settings, environment, summaries and raw records."""
+    names = [m.name for m in bench.methods]
+    tokenizer = context.tokenizer
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=False)
+
+    methods = summarize(bench.records, names, {m.name: m.greedy for m in bench.methods}, decode)
+    for method in bench.methods:
+        methods[method.name] = {"family": method.family, "greedy": method.greedy,
+                                "settings": method.settings(), **methods[method.name]}
+    runs = []
+    for record in bench.records:
+        row = record.as_dict()
+        row["text"] = tokenizer.decode(record.token_ids, skip_special_tokens=True)
+        runs.append(row)
+    prompts = [{"prompt_id": p.prompt_id, "category": p.category, "turns": list(p.turns),
+                "input_tokens": {str(turn): len(bench.inputs[(pid, turn)]["token_ids"])
+                                 for (pid, turn) in bench.inputs if pid == p.prompt_id}}
+               for p in bench.prompts]
+    engine = context.dyntree()
+    return {
+        "schema": SCHEMA_VERSION,
+        "command": command,
+        "model": context.model,
+        "model_dir": str(engine.model.model_dir),
+        "heads": engine.heads_note,
+        "settings": asdict(bench.settings),
+        "memory_kind": bench.memory_kind,
+        "environment": bench.environment,
+        "prompts": {"source": prompt_source, "count": len(bench.prompts), "items": prompts},
+        "methods": methods,
+        "runs": runs,
+    }

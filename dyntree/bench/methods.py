@@ -1,0 +1,307 @@
+"""Decoding methods the benchmark can time, by name.
+
+A method is a small object with a `name` and `run(prompt_ids, max_new_tokens) -> (token_ids, stats)`, where
+`stats` is a `GenerationStats` (or anything with the same fields). The registry maps names to factories,
+so a later method (ProPD, sampling modes) is one `@register_method(...)` away and the runner never changes.
+
+A method spec on the command line is `name` or `name:key=value:key=value`, e.g. `dynamic:n=8` or
+`hf-lookup:n=5`; the spec string is also the method's name in every report, so variants sit side by side.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+
+from ..decoding import GenerationStats
+from ..errors import DynTreeError
+
+
+class BenchMethod(Protocol):
+    name: str
+    family: str  # "dyntree" or "transformers": which engine runs it
+    greedy: bool  # greedy methods are checked token for token against `ar`
+
+    def run(self, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], GenerationStats]:
+        ...
+
+    def settings(self) -> dict:
+        ...
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A parsed `name:key=value` spec."""
+
+    text: str
+    name: str
+    options: dict
+
+
+@dataclass
+class MethodEntry:
+    factory: Callable  # (context, spec) -> BenchMethod
+    description: str
+    options: dict[str, type] | None = None  # accepted option names and types; None = any (passed through)
+    requires_module: str | None = None  # a module that must exist for the method to be available
+
+
+METHODS: dict[str, MethodEntry] = {}
+
+
+def register_method(name: str, description: str, options: dict[str, type] | None = None,
+                    requires_module: str | None = None):
+    """Decorator: make `factory(context, spec)` available as method `name`."""
+
+    def wrap(factory):
+        METHODS[name] = MethodEntry(factory, description, options, requires_module)
+        return factory
+
+    return wrap
+
+
+def _convert(value: str):
+    low = value.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def parse_method_spec(text: str) -> MethodSpec:
+    """`dynamic:n=8:topk=10` -> MethodSpec(name="dynamic", options={"n": 8, "topk": 10})."""
+    text = text.strip()
+    name, *parts = text.split(":")
+    if not name:
+        raise DynTreeError(f"empty method name in {text!r}")
+    if name not in METHODS:
+        raise DynTreeError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
+    entry = METHODS[name]
+    options = {}
+    for part in parts:
+        key, sep, value = part.partition("=")
+        if not sep or not key or not value:
+            raise DynTreeError(f"bad option {part!r} in method {text!r}: expected key=value")
+        if entry.options is not None and key not in entry.options:
+            allowed = ", ".join(entry.options) or "none"
+            raise DynTreeError(f"method {name!r} has no option {key!r} (options: {allowed})")
+        converted = _convert(value)
+        wanted = entry.options.get(key) if entry.options else None
+        if wanted is not None and not isinstance(converted, wanted):
+            raise DynTreeError(f"option {key!r} of method {name!r} must be {wanted.__name__}, got {value!r}")
+        options[key] = converted
+    return MethodSpec(text, name, options)
+
+
+def parse_method_list(text: str) -> list[MethodSpec]:
+    """Parse `--methods` and check every method exists and is available before anything is loaded."""
+    specs = [parse_method_spec(t) for t in text.split(",") if t.strip()]
+    if not specs:
+        raise DynTreeError("no method given (--methods)")
+    seen = set()
+    for spec in specs:
+        if spec.text in seen:
+            raise DynTreeError(f"method {spec.text!r} is listed twice")
+        seen.add(spec.text)
+        module = METHODS[spec.name].requires_module
+        if module and importlib.util.find_spec(module) is None:
+            raise DynTreeError(f"method {spec.name!r} is not available in this build: {module} is missing")
+    return specs
+
+
+# -- what the methods share: one loaded model, loaded lazily --------------------------------------------------
+@dataclass
+class BenchContext:
+    """The model (and heads) every method runs on, loaded once and shared."""
+
+    model: str = "default"
+    heads: str | None = "auto"
+    device: str | None = None
+    dtype: torch.dtype = torch.float32
+    _dyntree: object = field(default=None, repr=False)
+    _hf_model: object = field(default=None, repr=False)
+
+    def dyntree(self):
+        """Our engine on the model, with the heads (if any) and no tree."""
+        if self._dyntree is None:
+            from ..api import DynTree
+
+            self._dyntree = DynTree.from_pretrained(self.model, heads=self.heads, tree="ar", device=self.device,
+                                                    dtype=self.dtype)
+        return self._dyntree
+
+    @property
+    def tokenizer(self):
+        return self.dyntree().tokenizer
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return tuple(self.dyntree().model.config.eos_token_ids)
+
+    @property
+    def torch_device(self) -> torch.device:
+        return self.dyntree().model.backbone.device
+
+    def hf_model(self):
+        """The same weights through transformers (what users run today)."""
+        if self._hf_model is None:
+            from transformers import AutoModelForCausalLM
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # keep the terminal for our own progress and table
+            model_dir = self.dyntree().model.model_dir
+            try:
+                model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype)
+            except Exception as exc:  # noqa: BLE001 - report the loader's reason in one line
+                raise DynTreeError(f"transformers cannot load {model_dir}: {exc}".splitlines()[0]) from exc
+            self._hf_model = model.to(self.torch_device).eval()
+        return self._hf_model
+
+
+# -- our engine ----------------------------------------------------------------------------------------------
+class DynTreeMethod:
+    """Our decoding loop with one tree policy (`ar` = no tree)."""
+
+    family = "dyntree"
+    greedy = True
+
+    def __init__(self, name: str, engine, tree_settings: dict):
+        self.name = name
+        self.engine = engine
+        self._decoder = engine.decoder()
+        self._settings = tree_settings
+
+    def run(self, prompt_ids, max_new_tokens):
+        decode = self._decoder.run([list(prompt_ids)], max_new_tokens, stop_at_eos=True).consume()
+        decode.stats.heads_note = self.engine.heads_note
+        return decode.tokens[0], decode.stats
+
+    def settings(self) -> dict:
+        return {"engine": "dyntree", "proposer": self.engine.proposer.name, **self._settings,
+                "heads": self.engine.heads_note}
+
+
+def _tree_method(context: BenchContext, spec: MethodSpec, tree: str) -> DynTreeMethod:
+    base = context.dyntree()
+    options = dict(spec.options)
+    if tree != "ar" and base.heads is None:
+        raise DynTreeError(f"method {spec.text!r} needs Medusa heads, and none are loaded ({base.heads_note}); "
+                           "pass --heads DIR (or --heads random to check exactness only)")
+    tree = options.pop("tree", tree)
+    topk = options.pop("topk", None)
+    if "n" in options:  # short form of the tree size
+        options["tree_size"] = options.pop("n")
+    try:
+        engine = base.with_tree(tree, topk, **options)
+    except TypeError as exc:  # a proposer refusing an option
+        raise DynTreeError(f"method {spec.text!r}: {exc}") from exc
+    settings = {"tree": tree, "topk": engine.topk if tree != "ar" else None, **options}
+    return DynTreeMethod(spec.text, engine, settings)
+
+
+@register_method("ar", "our engine, plain greedy decoding (no heads, no tree): the baseline", options={})
+def _ar(context, spec):
+    return _tree_method(context, spec, "ar")
+
+
+@register_method("static", "our engine with Medusa's static tree (options: tree=NAME|FILE, topk=K)",
+                 options={"tree": str, "topk": int})
+def _static(context, spec):
+    return _tree_method(context, spec, "static")
+
+
+@register_method("dynamic", "our engine with the dynamic tree (options: n=NODES, topk=K, any tree option)",
+                 options=None, requires_module="dyntree.trees.dynamic")
+def _dynamic(context, spec):
+    return _tree_method(context, spec, "dynamic")
+
+
+# -- transformers ---------------------------------------------------------------------------------------------
+class HFGenerateMethod:
+    """transformers `generate`, greedy; optionally prompt-lookup decoding (a draft-free speculative method).
+
+    It exposes no per-pass numbers, so the model's forward calls are counted with a hook: passes after the
+    first (prefill) one are decoding passes, comparable to ours.
+    """
+
+    family = "transformers"
+    greedy = True
+
+    def __init__(self, name: str, context: BenchContext, lookup_tokens: int | None = None,
+                 max_ngram: int | None = None):
+        self.name = name
+        self.model = context.hf_model()
+        self.device = context.torch_device
+        self.eos = list(context.eos_token_ids)
+        self.lookup_tokens = lookup_tokens
+        self.max_ngram = max_ngram
+        self._forward_calls = 0
+        self.model.register_forward_pre_hook(self._count)
+
+    def _count(self, module, args):
+        self._forward_calls += 1
+
+    def _generation_config(self, max_new_tokens: int):
+        from transformers import GenerationConfig
+
+        extra = {}
+        if self.lookup_tokens:
+            extra["prompt_lookup_num_tokens"] = self.lookup_tokens
+            if self.max_ngram:
+                extra["max_matching_ngram_size"] = self.max_ngram
+        return GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, min_new_tokens=0,
+                                eos_token_id=self.eos or None, pad_token_id=self.eos[0] if self.eos else 0,
+                                **extra)
+
+    @torch.inference_mode()
+    def run(self, prompt_ids, max_new_tokens):
+        input_ids = torch.tensor([list(prompt_ids)], device=self.device)
+        self._forward_calls = 0
+        start = time.perf_counter()
+        output = self.model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                                     generation_config=self._generation_config(max_new_tokens))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        tokens = output[0, input_ids.shape[1]:].tolist()
+        stop = "length"
+        for i, t in enumerate(tokens):  # nothing should follow EOS; cut defensively so counts compare
+            if t in self.eos:
+                tokens, stop = tokens[: i + 1], "eos"
+                break
+        stats = GenerationStats(method=self.name, batch_size=1, prompt_tokens=[len(prompt_ids)], tree_nodes=0,
+                                new_tokens=len(tokens), decode_seconds=seconds,
+                                decode_passes=max(self._forward_calls - 1, 0), stop_reasons=[stop])
+        stats.phase_seconds = {}  # transformers does not split its time; the reports show "n/a"
+        return tokens, stats
+
+    def settings(self) -> dict:
+        out = {"engine": "transformers", "generate": "greedy"}
+        if self.lookup_tokens:
+            out.update(prompt_lookup_num_tokens=self.lookup_tokens, max_matching_ngram_size=self.max_ngram)
+        return out
+
+
+@register_method("hf", "transformers generate, greedy: what users run today", options={})
+def _hf(context, spec):
+    return HFGenerateMethod(spec.text, context)
+
+
+@register_method("hf-lookup", "transformers prompt-lookup decoding, greedy (options: n=DRAFT_TOKENS, ngram=N)",
+                 options={"n": int, "ngram": int})
+def _hf_lookup(context, spec):
+    return HFGenerateMethod(spec.text, context, lookup_tokens=spec.options.get("n", 10),
+                            max_ngram=spec.options.get("ngram", 2))
+
+
+def build_methods(specs: list[MethodSpec], context: BenchContext) -> list[BenchMethod]:
+    return [METHODS[spec.name].factory(context, spec) for spec in specs]

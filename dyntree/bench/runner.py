@@ -1,0 +1,275 @@
+"""Run every method on every prompt, interleaved, and keep every raw number.
+
+Noise control on a shared machine: a warm-up pass per method first; then, for each prompt, all methods run
+back to back in an order rotated from prompt to prompt (round robin), so a slow spell of the machine hits
+every method alike instead of whichever happened to run then. Timings are taken here, around each call,
+identically for every method, so speedups never depend on how a method times itself.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import DynTreeError
+from .methods import BenchContext, BenchMethod
+from .prompts import BenchPrompt, conversation, raw_text
+
+REFERENCE_METHOD = "ar"
+
+
+# -- memory -------------------------------------------------------------------------------------------------
+class MemoryProbe:
+    """Peak memory of one run.
+
+    CUDA: `max_memory_allocated` after resetting it. CPU: the process's peak RSS; Linux lets us reset the
+    peak (`/proc/self/clear_refs` <- 5) so each run gets its own peak; elsewhere we fall back to
+    `ru_maxrss`, which only ever grows (the JSON says which one was used).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            self.kind = "cuda_max_allocated"
+        elif self._can_reset_rss():
+            self.kind = "process_peak_rss"
+        else:
+            self.kind = "process_peak_rss_since_start"
+        self.baseline = 0
+
+    @staticmethod
+    def _status_kib(key: str) -> int | None:
+        try:
+            match = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+        except OSError:
+            return None
+        return int(match.group(1)) if match else None
+
+    @classmethod
+    def _can_reset_rss(cls) -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            return False
+        return cls._status_kib("VmHWM") is not None
+
+    def start(self) -> None:
+        if self.kind == "cuda_max_allocated":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline = torch.cuda.memory_allocated(self.device)
+        elif self.kind == "process_peak_rss":
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.baseline = (self._status_kib("VmRSS") or 0) * 1024
+        else:
+            self.baseline = 0
+
+    def stop(self) -> tuple[int, int | None]:
+        """(peak bytes, bytes above the level at start) for the run just finished."""
+        if self.kind == "cuda_max_allocated":
+            peak = torch.cuda.max_memory_allocated(self.device)
+        elif self.kind == "process_peak_rss":
+            peak = (self._status_kib("VmHWM") or 0) * 1024
+        else:
+            scale = 1 if sys.platform == "darwin" else 1024
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, None
+        return peak, max(peak - self.baseline, 0)
+
+
+# -- environment ----------------------------------------------------------------------------------------------
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def environment(device: torch.device) -> dict:
+    """What a reader needs to judge a number: hardware, threads, versions, load on the machine."""
+    import transformers
+
+    try:
+        from importlib.metadata import version
+
+        dyntree_version = version("dyntree")
+    except Exception:  # noqa: BLE001 - not installed: running from a checkout
+        dyntree_version = None
+    env = {
+        "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": _cpu_name(),
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "dyntree": dyntree_version,
+        "git_commit": _git_commit(),
+        "device": str(device),
+        "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+# -- the run -------------------------------------------------------------------------------------------------
+@dataclass
+class BenchSettings:
+    max_new_tokens: int = 256
+    turns: int = 1
+    seed: int = 0
+    warmup: int = 1
+    repeats: int = 1
+    chat: bool = True
+
+
+@dataclass
+class RunRecord:
+    """One timed generation of one method on one prompt turn."""
+
+    method: str
+    prompt_id: str
+    category: str | None
+    turn: int  # 1-based
+    repeat: int
+    order: int  # position of this method in the prompt's round
+    prompt_tokens: int
+    token_ids: list[int]
+    new_tokens: int
+    wall_seconds: float  # timed by the harness around `run`
+    decode_passes: int | None
+    accepted_lengths: list[int] | None
+    phase_seconds: dict | None
+    prefill_seconds: float | None
+    tree_nodes: int | None
+    stop_reason: str | None
+    peak_memory_bytes: int | None
+    run_memory_bytes: int | None
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class BenchRun:
+    methods: list[BenchMethod]
+    prompts: list[BenchPrompt]
+    settings: BenchSettings
+    records: list[RunRecord] = field(default_factory=list)
+    inputs: dict = field(default_factory=dict)  # (prompt_id, turn) -> {"token_ids", "text"}
+    memory_kind: str = ""
+    environment: dict = field(default_factory=dict)
+
+
+def _stats_record(method: BenchMethod, prompt: BenchPrompt, turn: int, repeat: int, order: int,
+                  prompt_ids: list[int], tokens: list[int], stats, seconds: float,
+                  memory: tuple[int, int | None]) -> RunRecord:
+    has_passes = method.family == "dyntree" or bool(getattr(stats, "accepted_lengths", None))
+    phases = getattr(stats, "phase_seconds", None) or None
+    return RunRecord(
+        method=method.name, prompt_id=prompt.prompt_id, category=prompt.category, turn=turn + 1, repeat=repeat,
+        order=order, prompt_tokens=len(prompt_ids), token_ids=list(tokens), new_tokens=len(tokens),
+        wall_seconds=seconds, decode_passes=getattr(stats, "decode_passes", None),
+        accepted_lengths=list(stats.accepted_lengths) if has_passes else None,
+        phase_seconds=dict(phases) if phases else None,
+        prefill_seconds=stats.prefill_seconds if method.family == "dyntree" else None,
+        tree_nodes=getattr(stats, "tree_nodes", None) or None,
+        stop_reason=(getattr(stats, "stop_reasons", None) or [None])[0],
+        peak_memory_bytes=memory[0], run_memory_bytes=memory[1])
+
+
+def _encode(context: BenchContext, prompt: BenchPrompt, turn: int, answers: list[str], chat: bool) -> list[int]:
+    engine = context.dyntree()
+    if chat and getattr(engine.tokenizer, "chat_template", None):
+        return engine.encode(conversation(prompt, turn, answers), chat=True)
+    return engine.encode(raw_text(prompt, turn, answers), chat=False)
+
+
+def run_benchmark(methods: list[BenchMethod], prompts: list[BenchPrompt], context: BenchContext,
+                  settings: BenchSettings, progress: Callable[[str], None] | None = None) -> BenchRun:
+    """Warm up, then run every (prompt, turn) with every method in rotated order; return the raw records."""
+    if settings.max_new_tokens < 1:
+        raise DynTreeError("--max-new-tokens must be at least 1")
+    if settings.turns not in (1, 2):
+        raise DynTreeError("--turns must be 1 or 2")
+    if settings.repeats < 1:
+        raise DynTreeError("--repeats must be at least 1")
+    device = context.torch_device
+    probe = MemoryProbe(device)
+    bench = BenchRun(methods, prompts, settings, memory_kind=probe.kind, environment=environment(device))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    tokenizer = context.tokenizer
+    names = [m.name for m in methods]
+    reference = names.index(REFERENCE_METHOD) if REFERENCE_METHOD in names else 0
+
+    def timed(method, prompt_ids, max_new):
+        probe.start()
+        sync()
+        start = time.perf_counter()
+        tokens, stats = method.run(prompt_ids, max_new)
+        sync()
+        seconds = time.perf_counter() - start
+        return tokens, stats, seconds, probe.stop()
+
+    first_ids = _encode(context, prompts[0], 0, [], settings.chat)
+    for _ in range(settings.warmup):
+        for method in methods:
+            if progress:
+                progress(f"warm-up {method.name}")
+            torch.manual_seed(settings.seed)
+            timed(method, first_ids, min(settings.max_new_tokens, 32))
+
+    round_index = 0
+    for prompt in prompts:
+        answers: list[str] = []
+        for turn in range(min(settings.turns, len(prompt.turns))):
+            prompt_ids = _encode(context, prompt, turn, answers, settings.chat)
+            bench.inputs[(prompt.prompt_id, turn + 1)] = {"token_ids": prompt_ids}
+            outputs: dict[str, list[int]] = {}
+            for repeat in range(settings.repeats):
+                shift = round_index % len(methods)
+                order = methods[shift:] + methods[:shift]
+                round_index += 1
+                for position, method in enumerate(order):
+                    if progress:
+                        progress(f"prompt {prompt.prompt_id} turn {turn + 1}: {method.name}")
+                    torch.manual_seed(settings.seed + round_index)
+                    tokens, stats, seconds, memory = timed(method, prompt_ids, settings.max_new_tokens)
+                    outputs.setdefault(method.name, tokens)
+                    bench.records.append(_stats_record(method, prompt, turn, repeat, position, prompt_ids, tokens,
+                                                       stats, seconds, memory))
+            # The next turn continues the reference method's answer, so every method sees the same input.
+            answers.append(tokenizer.decode(outputs[names[reference]], skip_special_tokens=True))
+    bench.environment["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    return bench

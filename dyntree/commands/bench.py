@@ -1,0 +1,155 @@
+"""`dyntree bench`: time several decoding methods on the same model and prompts, in one interleaved run."""
+
+from __future__ import annotations
+
+import importlib.util
+import shlex
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ..cli import add_model_args
+
+DEFAULT_METHODS = ("hf", "hf-lookup", "ar", "static", "dynamic")
+TREE_METHODS = ("static", "dynamic")
+
+
+def default_methods() -> str:
+    """Every standard method this build has (dynamic only once its module exists)."""
+    from ..bench import METHODS
+
+    available = []
+    for name in DEFAULT_METHODS:
+        module = METHODS[name].requires_module
+        if module is None or importlib.util.find_spec(module) is not None:
+            available.append(name)
+    return ",".join(available)
+
+
+def add_command(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="benchmark decoding methods (speed, accepted length, exactness)",
+                              description="Runs every method on the same model and prompts, interleaved per "
+                                          "prompt, and writes results.json, results.md and plots to --out.")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated methods, each NAME or NAME:key=value[:key=value] (e.g. dynamic:n=8, "
+                        f"hf-lookup:n=5); default: {','.join(DEFAULT_METHODS)} (those available). "
+                        "--list-methods shows them all")
+    p.add_argument("--list-methods", action="store_true", help="list the available methods and exit")
+    p.add_argument("--prompts", default="builtin",
+                   help="JSONL file (MT-Bench 'turns', or 'prompt'/'question'/'instruction' rows) or 'builtin' "
+                        "(12 short prompts shipped with dyntree)")
+    p.add_argument("--limit", type=int, default=None, help="use the first N prompts")
+    p.add_argument("--turns", type=int, default=1, choices=(1, 2),
+                   help="1: first turns only; 2: also the second turn, continuing ar's first answer")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0,
+                   help="torch seed, set before every run (the same for every method on a prompt; matters to "
+                        "sampling methods only)")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up rounds before timing (default 1)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="time every prompt this many times; the median time is used (default 1)")
+    p.add_argument("--no-chat", action="store_true", help="feed prompts as raw text, without the chat template")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--out", default=None, help="output folder (default: bench-out/<UTC time>)")
+    add_model_args(p, tree=False)
+    p.set_defaults(func=run)
+
+
+def _command_line(args, methods: str, out: Path) -> str:
+    """The run written out with every effective option, so it can be repeated exactly."""
+    parts = ["dyntree", "bench", "--methods", methods, "--prompts", args.prompts]
+    if args.limit is not None:
+        parts += ["--limit", str(args.limit)]
+    parts += ["--turns", str(args.turns), "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed),
+              "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--model", args.model,
+              "--heads", str(args.heads)]
+    if args.no_chat:
+        parts.append("--no-chat")
+    if args.device:
+        parts += ["--device", args.device]
+    if args.threads:
+        parts += ["--threads", str(args.threads)]
+    parts += ["--out", str(out)]
+    return shlex.join(parts)
+
+
+def list_methods(console) -> None:
+    from ..bench import METHODS
+
+    for name, entry in METHODS.items():
+        missing = entry.requires_module and importlib.util.find_spec(entry.requires_module) is None
+        state = f" [red](unavailable: {entry.requires_module} missing)[/red]" if missing else ""
+        console.print(f"[bold]{name}[/bold]: {entry.description}{state}")
+
+
+def run(args) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..bench import (BenchContext, BenchSettings, build_methods, collect_results, load_prompts,
+                         parse_method_list, run_benchmark, write_outputs)
+    from ..bench.report import notes, rich_tables
+    from ..errors import DynTreeError
+
+    console = Console()
+    err = Console(stderr=True)
+    if args.list_methods:
+        list_methods(console)
+        return 0
+    # Check everything a user can get wrong before loading a model or writing a file.
+    methods_text = args.methods or default_methods()
+    specs = parse_method_list(methods_text)
+    prompts = load_prompts(args.prompts, args.limit)
+    if args.max_new_tokens < 1:
+        raise DynTreeError("--max-new-tokens must be at least 1")
+    if args.warmup < 0:
+        raise DynTreeError("--warmup must be 0 or more")
+    if args.repeats < 1:
+        raise DynTreeError("--repeats must be at least 1")
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out) if args.out else Path("bench-out") / stamp
+    if out.exists() and not out.is_dir():
+        raise DynTreeError(f"--out {out} exists and is not a folder")
+
+    heads = None if args.heads == "none" else args.heads
+    context = BenchContext(model=args.model, heads=heads, device=args.device)
+    with err.status("loading model and methods"):
+        if args.methods is None and context.dyntree().heads is None:
+            # Default list without heads to run the trees on: time what can run, and say so.
+            skipped = [s.text for s in specs if s.name in TREE_METHODS]
+            specs = [s for s in specs if s.name not in TREE_METHODS]
+            if skipped:
+                err.print(f"[yellow]no heads loaded ({context.dyntree().heads_note}): skipping "
+                          f"{', '.join(skipped)}; pass --heads DIR or --heads random[/yellow]")
+        methods = build_methods(specs, context)
+    settings = BenchSettings(max_new_tokens=args.max_new_tokens, turns=args.turns, seed=args.seed,
+                             warmup=args.warmup, repeats=args.repeats, chat=not args.no_chat)
+    turns = sum(min(args.turns, len(p.turns)) for p in prompts)
+    total = (turns * args.repeats + args.warmup) * len(methods)
+    if err.is_terminal:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=err, transient=True) as bar:
+            task = bar.add_task("benchmark", total=total)
+
+            def progress(message: str) -> None:
+                bar.update(task, description=message[:60], advance=1)
+
+            bench = run_benchmark(methods, prompts, context, settings, progress)
+    else:  # a log file: one plain line per run, so a long job can be followed
+        done = 0
+
+        def progress(message: str) -> None:
+            nonlocal done
+            done += 1
+            print(f"[{done}/{total}] {message}", file=sys.stderr, flush=True)
+
+        bench = run_benchmark(methods, prompts, context, settings, progress)
+    command = _command_line(args, ",".join(s.text for s in specs), out)
+    results = collect_results(bench, context, command, args.prompts)
+    written = write_outputs(results, out, plots=not args.no_plots)
+    for table in rich_tables(results):
+        console.print(table)
+    for line in notes(results):
+        console.print(f"[dim]{line}[/dim]")
+    console.print(f"wrote {', '.join(written)} to {out}/")
+    return 0
