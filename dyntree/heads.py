@@ -138,13 +138,14 @@ class MedusaHeads(nn.Module):
         return idx, probs
 
     # -- persistence -----------------------------------------------------------------------------------
-    def save(self, directory: str | os.PathLike) -> Path:
+    def save(self, directory: str | os.PathLike, block_dtype: torch.dtype = torch.float32) -> Path:
+        """`block_dtype=torch.float16` halves the file (loading always converts back to float32)."""
         from safetensors.torch import save_file
 
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        tensors = {"block_weight": self.block_weight.detach().contiguous(),
-                   "block_bias": self.block_bias.detach().contiguous()}
+        tensors = {"block_weight": self.block_weight.detach().to(block_dtype).contiguous(),
+                   "block_bias": self.block_bias.detach().to(block_dtype).contiguous()}
         if self.projection is not None:
             tensors["projection"] = self.projection.detach().to(torch.float16).contiguous()
         if self.vocab_ids is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-SUBCOMMANDS = ("generate", "bench", "quality")
+SUBCOMMANDS = ("generate", "bench", "quality", "distill", "train")
 
 
 def add_commands(subparsers) -> None:

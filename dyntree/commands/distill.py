@@ -1,0 +1,97 @@
+"""`dyntree distill`: the base model answers prompts; its own tokens (and hidden states) become head training data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def add_command(subparsers) -> None:
+    p = subparsers.add_parser("distill", help="build a self-distillation dataset for training heads")
+    p.add_argument("--out", required=True, help="dataset directory (created, or resumed when it exists)")
+    p.add_argument("--prompts", nargs="*", default=[],
+                   help="JSONL prompt files (`turns`, `question`, `instruction`+`instances`, `prompt` or `text`)")
+    p.add_argument("--self-prompts", type=int, default=0,
+                   help="also let the model write this many user prompts itself (Magpie-style; no data needed)")
+    p.add_argument("--max-prompts-per-file", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="response length limit")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="stop once the dataset holds this many response tokens in total")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences generated together")
+    p.add_argument("--shard-size", type=int, default=64, help="sequences per shard file")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-hidden", action="store_true",
+                   help="store token ids only (training then recomputes the backbone's hidden states)")
+    p.add_argument("--worker", default="0/1",
+                   help="I/N: this process takes every N-th prompt starting at I (run N processes on one --out)")
+    p.add_argument("--model", default="default", help="'default' or a local Hugging Face model directory")
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.set_defaults(func=run)
+
+
+def _parse_worker(text: str) -> tuple[int, int]:
+    from ..errors import DynTreeError
+
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise DynTreeError(f"--worker must look like I/N, got {text!r}") from None
+    if count < 1 or not 0 <= index < count:
+        raise DynTreeError(f"--worker {text}: need 0 <= I < N")
+    return index, count
+
+
+def run(args) -> int:
+    from ..errors import DynTreeError
+    from ..loading import load_model
+    from ..training.distill import Sampling, distill, load_prompts, self_prompts
+    from ..training.prompts import Prompt, interleave, read_prompt_file
+
+    import signal
+
+    # `kill` (SIGTERM) stops like Ctrl-C: the finished sequences in memory are written before exiting.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    worker, workers = _parse_worker(args.worker)
+    if not args.prompts and args.self_prompts <= 0:
+        raise DynTreeError("nothing to distill: give --prompts files and/or --self-prompts N")
+    for name, value in (("--max-new-tokens", args.max_new_tokens), ("--batch-size", args.batch_size),
+                        ("--shard-size", args.shard_size)):
+        if value < 1:
+            raise DynTreeError(f"{name} must be at least 1")
+    file_prompts = load_prompts(args.prompts, args.max_prompts_per_file) if args.prompts else []
+    file_prompts = file_prompts[worker::workers]
+    out = Path(args.out).expanduser()
+    loaded = load_model(args.model, device=args.device)
+    own: list[Prompt] = []
+    if args.self_prompts > 0:
+        # Kept beside the data so that a resumed run answers the same self-written prompts.
+        saved = out / f"self_prompts-w{worker}.jsonl"
+        if saved.is_file() and saved.read_text().strip():
+            own = read_prompt_file(saved)
+        missing = args.self_prompts - len(own)
+        if missing > 0:
+            from tqdm.auto import tqdm
+
+            out.mkdir(parents=True, exist_ok=True)
+            with tqdm(total=missing, desc="self-prompts", unit="prompt") as bar, saved.open("a") as log:
+                def keep(prompt: Prompt) -> None:  # appended one by one: a killed run keeps what it wrote
+                    log.write(json.dumps({"prompt": prompt.text}) + "\n")
+                    log.flush()
+                    bar.update(1)
+
+                own += self_prompts(loaded, missing, batch_size=args.batch_size,
+                                    seed=args.seed * 1000 + worker + len(own), on_prompt=keep,
+                                    avoid={p.text for p in own})
+        own = [Prompt(p.text, "self") for p in own]
+    prompts = interleave([file_prompts, own])
+    sampling = Sampling(args.temperature, args.top_p, args.seed)
+    stats = distill(loaded, out, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                    shard_size=args.shard_size, sampling=sampling, store_hidden=not args.no_hidden,
+                    max_response_tokens_total=args.max_tokens,
+                    shard_prefix="" if workers == 1 else f"w{worker}-")
+    rate = stats["response_tokens"] / stats["seconds"] if stats["seconds"] else 0.0
+    print(json.dumps({**stats, "tokens_per_second": round(rate, 1)}))
+    return 0

@@ -1,0 +1,76 @@
+"""`dyntree train`: fit Medusa heads on a `dyntree distill` dataset (backbone frozen; runs under accelerate)."""
+
+from __future__ import annotations
+
+import json
+
+
+def add_command(subparsers) -> None:
+    from ..training.train import TrainConfig
+
+    d = TrainConfig()
+    p = subparsers.add_parser("train", help="train Medusa heads on a self-distilled dataset",
+                              description="Multi-process: accelerate launch --num_processes N -m dyntree.cli train ...")
+    p.add_argument("--data", required=True, help="dataset directory written by `dyntree distill`")
+    p.add_argument("--out", required=True, help="output directory: heads.json + heads.safetensors, checkpoints/, report")
+    p.add_argument("--num-heads", type=int, default=d.num_heads, help="K heads (>= the trees' depth)")
+    p.add_argument("--num-layers", type=int, default=d.num_layers, help="residual blocks per head")
+    p.add_argument("--own-projection", action="store_true",
+                   help="each head gets its own vocabulary projection (default: share the backbone's lm_head)")
+    p.add_argument("--vocab-subset", type=int, default=d.vocab_subset,
+                   help="project onto the N most frequent response tokens only (0 = whole vocabulary)")
+    p.add_argument("--epochs", type=float, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="tokens per optimiser step (all processes)")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
+    p.add_argument("--decay", type=float, default=d.decay, help="loss weight of head k is decay**k")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction, help="held-out share of the sequences")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="optimiser steps (0 = never)")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="optimiser steps (0 = once per epoch)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--no-stored-hidden", action="store_true",
+                   help="recompute the backbone's hidden states from the token ids instead of reading them")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="checkpoint and stop after this many optimiser steps (run again to continue)")
+    p.add_argument("--fp16-blocks", action="store_true", help="store the heads' blocks in fp16 (half the size)")
+    p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out and start over")
+    p.add_argument("--model", default="default", help="'default' or a local Hugging Face model directory")
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (per process)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..errors import DynTreeError
+    from ..loading import load_model
+    from ..training.train import TrainConfig, train
+
+    if not 0 <= args.val_fraction < 1:
+        raise DynTreeError("--val-fraction must be in [0, 1)")
+    if args.vocab_subset < 0:
+        raise DynTreeError("--vocab-subset must be >= 0")
+    config = TrainConfig(
+        num_heads=args.num_heads, num_layers=args.num_layers, shared_projection=not args.own_projection,
+        vocab_subset=args.vocab_subset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, decay=args.decay,
+        val_fraction=args.val_fraction, seed=args.seed, checkpoint_every=args.checkpoint_every,
+        eval_every=args.eval_every, use_stored_hidden=not args.no_stored_hidden)
+    import torch
+    from accelerate import Accelerator
+
+    # One process per device under `accelerate launch`; CPU unless a GPU is asked for or auto-detected.
+    accelerator = Accelerator(cpu=args.device == "cpu" or (args.device is None and not torch.cuda.is_available()))
+    loaded = load_model(args.model, device=accelerator.device)
+    report = train(loaded, args.data, args.out, config, resume=not args.no_resume, stop_after=args.stop_after,
+                   block_dtype=torch.float16 if args.fp16_blocks else torch.float32, accelerator=accelerator)
+    from accelerate.state import PartialState
+
+    if "stopped_at" in report:
+        if PartialState().is_main_process:
+            print(f"stopped at step {report['stopped_at']} of {report['total_steps']}; run the same command to resume")
+        return 0
+    if PartialState().is_main_process:
+        print(json.dumps({k: report[k] for k in ("data", "vocab_subset_coverage", "steps", "processes",
+                                                 "wall_seconds", "validation")}, indent=2))
+    return 0

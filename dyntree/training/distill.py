@@ -1,0 +1,279 @@
+"""Batched generation with our own engine, and the self-distillation run built on it.
+
+`generate_batched` keeps `batch_size` sequences in flight on one `KVCache` with per-sequence lengths: every
+step is one `Transformer.forward` over a [B, 1] batch, and a row whose sequence finished is refilled with the
+next prompt at once (continuous batching), so the batch stays full until the prompts run out; then finished
+rows are dropped from the cache. Each step already yields the backbone's final normed hidden state for every
+sequence, which is exactly what head training needs, so it is kept (fp16) instead of recomputed later.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from ..errors import DynTreeError
+from ..model import KVCache, Transformer
+from .dataset import DistillDataset, Sequence, model_fingerprint
+from .prompts import Prompt, clean_self_prompt, interleave, read_prompt_file, user_turn_prefix
+
+
+@dataclass
+class Completion:
+    tag: object
+    prompt_ids: list[int]
+    response_ids: list[int]
+    hidden: torch.Tensor | None  # [len(response_ids), H] fp16: state that predicted each response token
+    finished_by_eos: bool
+
+
+@dataclass
+class Sampling:
+    """Greedy when temperature == 0 (the default: heads then learn the model's own greedy continuations)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def pick(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        if self.temperature <= 0:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            sorted_p, order = probs.sort(-1, descending=True)
+            keep = sorted_p.cumsum(-1) - sorted_p < self.top_p
+            sorted_p = sorted_p * keep
+            choice = torch.multinomial(sorted_p, 1, generator=generator)
+            return order.gather(-1, choice)[:, 0]
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+class _Row:
+    __slots__ = ("tag", "prompt", "response", "hidden")
+
+    def __init__(self, tag, prompt: list[int]):
+        self.tag, self.prompt, self.response, self.hidden = tag, prompt, [], []
+
+
+def _cache_row(cache: KVCache, b: int) -> KVCache:
+    """A batch-1 view of row b (writes go through to the full cache)."""
+    view = KVCache.__new__(KVCache)
+    view.keys, view.values = cache.keys[:, b : b + 1], cache.values[:, b : b + 1]
+    view.lengths = torch.zeros(1, dtype=torch.long, device=cache.lengths.device)
+    return view
+
+
+@torch.inference_mode()
+def generate_batched(backbone: Transformer, prompts: Iterable[tuple[object, list[int]]], max_new_tokens: int,
+                     batch_size: int = 16, sampling: Sampling | None = None, keep_hidden: bool = True,
+                     eos_token_ids: Iterable[int] | None = None) -> Iterator[Completion]:
+    """Yield a `Completion` for each `(tag, prompt_ids)` as soon as it finishes (not in input order)."""
+    sampling = sampling or Sampling()
+    eos = set(eos_token_ids if eos_token_ids is not None else backbone.config.eos_token_ids)
+    generator = torch.Generator().manual_seed(sampling.seed) if sampling.temperature > 0 else None
+    device = backbone.device
+    pending = iter(prompts)
+    limit = backbone.config.max_position_embeddings
+    rows: list[_Row | None] = []
+    cache: KVCache | None = None
+    max_prompt = 0
+
+    def next_prompt() -> tuple[object, list[int]] | None:
+        for tag, ids in pending:
+            if ids and len(ids) + max_new_tokens <= limit:
+                return tag, list(ids)
+        return None
+
+    # The cache is sized for the longest prompt seen so far; grow it (rarely) when a longer one arrives.
+    def ensure_capacity(prompt_len: int) -> None:
+        nonlocal cache, max_prompt
+        need = prompt_len + max_new_tokens + 1
+        if cache is not None and need <= cache.max_len:
+            return
+        max_prompt = max(max_prompt, prompt_len)
+        new = backbone.new_cache(batch_size, max(need, 256 + max_new_tokens))
+        if cache is not None:
+            new.keys[:, : cache.batch_size, :, : cache.max_len] = cache.keys
+            new.values[:, : cache.batch_size, :, : cache.max_len] = cache.values
+            new.lengths[: cache.batch_size] = cache.lengths
+        cache = new
+
+    last_tokens = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    def emit(b: int, token: int, state: torch.Tensor) -> Completion | None:
+        row = rows[b]
+        row.response.append(token)
+        if keep_hidden:
+            row.hidden.append(state.to(torch.float16))
+        last_tokens[b] = token
+        if token in eos or len(row.response) >= max_new_tokens:
+            hidden = torch.stack(row.hidden).cpu() if keep_hidden else None
+            rows[b] = None
+            return Completion(row.tag, row.prompt, row.response, hidden, token in eos)
+        return None
+
+    def fill(b: int) -> list[Completion]:
+        """Prefill prompts into row b until one is still running there (or the prompts are exhausted)."""
+        done = []
+        while rows[b] is None:
+            item = next_prompt()
+            if item is None:
+                return done
+            tag, ids = item
+            ensure_capacity(len(ids))
+            rows[b] = _Row(tag, ids)
+            view = _cache_row(cache, b)
+            hidden = backbone.forward(torch.tensor([ids], device=device), view)
+            cache.lengths[b] = len(ids)
+            last = hidden[0, -1]
+            token = int(sampling.pick(backbone.logits(last[None]), generator)[0])
+            finished = emit(b, token, last)
+            if finished is not None:
+                done.append(finished)
+        return done
+
+    ensure_capacity(1)
+    rows = [None] * batch_size
+    for b in range(batch_size):
+        yield from fill(b)
+    while True:
+        active = [b for b, r in enumerate(rows) if r is not None]
+        if not active:
+            return
+        if len(active) < cache.batch_size:  # prompts exhausted: drop finished rows from the batch
+            index = torch.tensor(active, device=device)
+            cache.keys, cache.values = cache.keys.index_select(1, index), cache.values.index_select(1, index)
+            cache.lengths = cache.lengths.index_select(0, index)
+            rows = [rows[b] for b in active]
+            last_tokens = last_tokens.index_select(0, index)
+            batch_size = len(rows)
+        hidden = backbone.forward(last_tokens[:, None].clone(), cache)[:, 0]  # [B, H]
+        cache.lengths += 1
+        tokens = sampling.pick(backbone.logits(hidden), generator).tolist()
+        for b in range(len(rows)):
+            finished = emit(b, tokens[b], hidden[b])
+            if finished is not None:
+                yield finished
+                yield from fill(b)
+
+
+# -- the distillation run ------------------------------------------------------------------------------
+def chat_ids(tokenizer, text: str) -> list[int]:
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=True)
+        return list(ids if isinstance(ids, list) else ids["input_ids"])
+    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
+def self_prompts(loaded, count: int, batch_size: int = 16, max_tokens: int = 96, temperature: float = 1.0,
+                 top_p: float = 0.95, seed: int = 0, on_prompt: Callable[[Prompt], None] | None = None,
+                 max_attempts_factor: int = 4, avoid: set[str] | None = None) -> list[Prompt]:
+    """Magpie-style: sample user queries from the chat template's user-turn prefix; keep clean, unique ones."""
+    tok = loaded.tokenizer
+    prefix = user_turn_prefix(tok)
+    end_ids = set(loaded.config.eos_token_ids)
+    end_id = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else None
+    if end_id is not None:
+        end_ids.add(end_id)
+    out: list[Prompt] = []
+    seen: set[str] = {t.lower() for t in avoid or ()}
+    attempts = max(count * max_attempts_factor, count + batch_size)
+
+    def requests():
+        for i in range(attempts):
+            if len(out) >= count:
+                return
+            yield i, prefix
+
+    sampling = Sampling(temperature, top_p, seed)
+    for c in generate_batched(loaded.backbone, requests(), max_tokens, batch_size, sampling, keep_hidden=False,
+                              eos_token_ids=end_ids):
+        if len(out) >= count:
+            break
+        if not c.finished_by_eos:
+            continue
+        text = clean_self_prompt(tok.decode(c.response_ids[:-1], skip_special_tokens=True))
+        if text is None or text.lower() in seen:
+            continue
+        seen.add(text.lower())
+        out.append(Prompt(text, "self"))
+        if on_prompt:
+            on_prompt(out[-1])
+        if len(out) >= count:  # stop at once rather than finishing the queries still in flight
+            break
+    return out
+
+
+def load_prompts(files: list[str], limit_per_file: int | None = None) -> list[Prompt]:
+    groups = [read_prompt_file(f)[:limit_per_file] if limit_per_file else read_prompt_file(f) for f in files]
+    return interleave(groups)
+
+
+def distill(loaded, out_dir, prompts: list[Prompt], max_new_tokens: int = 256, batch_size: int = 16,
+            shard_size: int = 64, sampling: Sampling | None = None, store_hidden: bool = True,
+            max_prompt_tokens: int = 512, max_response_tokens_total: int | None = None,
+            progress: bool = True, shard_prefix: str = "") -> dict:
+    """Generate the base model's own answers to `prompts` into a resumable sharded dataset at `out_dir`."""
+    from tqdm.auto import tqdm
+
+    sampling = sampling or Sampling()
+    settings = {"store_hidden": store_hidden, "max_new_tokens": max_new_tokens,
+                "sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.seed}}
+    ds = DistillDataset.create_or_resume(out_dir, model_fingerprint(loaded), settings)
+    done = ds.done_keys()
+    have = ds.stats()["response_tokens"] if done else 0
+    todo = [p for p in prompts if p.key not in done]
+    tok = loaded.tokenizer
+    encoded = []
+    for p in todo:
+        ids = chat_ids(tok, p.text)
+        if len(ids) <= max_prompt_tokens:
+            encoded.append((p, ids))
+    budget = None if max_response_tokens_total is None else max_response_tokens_total - have
+    stats = {"skipped_done": len(prompts) - len(todo), "skipped_long": len(todo) - len(encoded), "sequences": 0,
+             "response_tokens": 0, "shards": 0, "seconds": 0.0}
+    if not encoded or (budget is not None and budget <= 0):
+        return stats
+    generated = 0
+
+    def feed():
+        for p, ids in encoded:
+            if budget is not None and generated >= budget:
+                return
+            yield p, ids
+
+    bar = tqdm(total=budget if budget is not None else len(encoded), unit="tok" if budget is not None else "prompt",
+               disable=not progress, dynamic_ncols=True, desc="distill")
+    buffer: list[Sequence] = []
+    start = time.perf_counter()
+    try:
+        for c in generate_batched(loaded.backbone, feed(), max_new_tokens, batch_size, sampling,
+                                  keep_hidden=store_hidden):
+            p: Prompt = c.tag
+            buffer.append(Sequence(p.key, p.source, c.prompt_ids, c.response_ids, c.hidden))
+            generated += len(c.response_ids)
+            stats["sequences"] += 1
+            stats["response_tokens"] += len(c.response_ids)
+            elapsed = time.perf_counter() - start
+            bar.update(len(c.response_ids) if budget is not None else 1)
+            bar.set_postfix(tok_s=f"{generated / max(elapsed, 1e-9):.0f}", total_tok=have + generated)
+            if len(buffer) >= shard_size:
+                ds.write_shard(buffer, shard_prefix)
+                stats["shards"] += 1
+                buffer = []
+    except KeyboardInterrupt:
+        if buffer:  # the finished sequences are complete: keep them
+            ds.write_shard(buffer, shard_prefix)
+        raise
+    else:
+        if buffer:
+            ds.write_shard(buffer, shard_prefix)
+            stats["shards"] += 1
+    finally:
+        bar.close()
+    stats["seconds"] = time.perf_counter() - start
+    return stats

@@ -1,0 +1,150 @@
+"""Prompts for self-distillation: JSONL files in the common instruction formats, and self-written prompts.
+
+Supported rows (one JSON object per line): MT-Bench style `turns` (the first turn is used), `question`
+(GSM8K), `instruction` with optional `instances[].input` (self-instruct; one prompt per non-empty input),
+and plain `prompt` / `text`. MT-Bench itself is our benchmark and is refused.
+
+Self-prompts follow Magpie: an instruct model given only its chat template's user-turn prefix writes a
+plausible user query, so heads can be trained without any external data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import DynTreeError
+
+PROMPT_FIELDS = ("turns", "question", "instruction", "prompt", "text")
+_MT_BENCH_KEYS = {"question_id", "category", "turns"}
+_SENTINEL = "\x00DYNTREE_USER_TURN\x00"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A user message and where it came from; `key` identifies it across resumed runs."""
+
+    text: str
+    source: str
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha1(self.text.encode("utf-8")).hexdigest()[:16]
+
+
+def _prompts_from_row(row: dict) -> list[str]:
+    if "turns" in row:
+        turns = row["turns"]
+        if not isinstance(turns, list) or not turns or not isinstance(turns[0], str):
+            raise ValueError("`turns` must be a non-empty list of strings")
+        return [turns[0]]
+    if "question" in row:
+        return [row["question"]]
+    if "instruction" in row:
+        instruction = row["instruction"]
+        if not isinstance(instruction, str):
+            raise ValueError("`instruction` must be a string")
+        inputs = [inst.get("input", "") for inst in row.get("instances") or [] if isinstance(inst, dict)]
+        inputs = [i for i in inputs if isinstance(i, str) and i.strip()]
+        return [f"{instruction}\n\n{i}" for i in inputs] if inputs else [instruction]
+    for name in ("prompt", "text"):
+        if name in row:
+            return [row[name]]
+    raise ValueError(f"no prompt field (expected one of: {', '.join(PROMPT_FIELDS)})")
+
+
+def looks_like_benchmark(path: Path, rows: list[dict]) -> bool:
+    """MT-Bench is what we measure on: training on it would inflate every reported number."""
+    name = path.name.lower().replace("-", "_")
+    if "mt_bench" in name:
+        return True
+    return bool(rows) and all(_MT_BENCH_KEYS <= set(r) for r in rows)
+
+
+def read_prompt_file(path: str | Path) -> list[Prompt]:
+    """All prompts of one JSONL file, in file order; a clear error for anything malformed or empty."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DynTreeError(f"no prompt file at {path}")
+    rows: list[tuple[int, dict]] = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DynTreeError(f"{path} is not UTF-8 text: {exc}") from exc
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DynTreeError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+        if not isinstance(row, dict):
+            raise DynTreeError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        rows.append((number, row))
+    if looks_like_benchmark(path, [r for _, r in rows]):
+        raise DynTreeError(f"{path} looks like MT-Bench, the benchmark: refusing to train on it")
+    prompts: list[Prompt] = []
+    for number, row in rows:
+        try:
+            texts = _prompts_from_row(row)
+        except ValueError as exc:
+            raise DynTreeError(f"{path}:{number}: {exc}") from exc
+        for text in texts:
+            if not isinstance(text, str):
+                raise DynTreeError(f"{path}:{number}: prompt is {type(text).__name__}, expected a string")
+            if text.strip():
+                prompts.append(Prompt(text.strip(), path.stem))
+    if not prompts:
+        raise DynTreeError(f"{path} holds no prompts")
+    return prompts
+
+
+def interleave(groups: list[list[Prompt]]) -> list[Prompt]:
+    """Round-robin over sources (deduplicated), so a run stopped early still has a mix of all of them."""
+    out: list[Prompt] = []
+    seen: set[str] = set()
+    longest = max((len(g) for g in groups), default=0)
+    for i in range(longest):
+        for group in groups:
+            if i < len(group) and group[i].key not in seen:
+                seen.add(group[i].key)
+                out.append(group[i])
+    return out
+
+
+# -- Magpie-style self prompts -------------------------------------------------------------------------
+def user_turn_prefix(tokenizer) -> list[int]:
+    """Token ids of the chat template up to where a user's message would start."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DynTreeError("self-written prompts need an instruct model with a chat template")
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], tokenize=False,
+                                             add_generation_prompt=False)
+    if _SENTINEL not in rendered:
+        raise DynTreeError("cannot find the user turn in this model's chat template")
+    prefix = rendered[: rendered.index(_SENTINEL)]
+    ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise DynTreeError("this model's chat template has an empty user-turn prefix")
+    return list(ids)
+
+
+_WORD = re.compile(r"\w+")
+
+
+def clean_self_prompt(text: str, min_words: int = 3, max_chars: int = 1500) -> str | None:
+    """The query, or None when it is empty, too short/long, repetitive or leaks template markup."""
+    text = text.strip()
+    if not text or len(text) > max_chars or "<|" in text or "|>" in text:
+        return None
+    words = _WORD.findall(text.lower())
+    if len(words) < min_words:
+        return None
+    if len(words) >= 12 and len(set(words)) / len(words) < 0.4:  # loops like "the the the ..."
+        return None
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if len(lines) >= 4 and len(set(lines)) / len(lines) < 0.5:
+        return None
+    return text

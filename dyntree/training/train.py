@@ -1,0 +1,339 @@
+"""Medusa-1 head training on a self-distilled dataset: backbone frozen, only the heads learn.
+
+Row j of a sequence is the backbone's normed last hidden state at position `prompt_len - 1 + j` (from which the
+lm_head predicted response token j); head k (0-based) is trained to predict response token j + k + 1, i.e.
+the token k + 2 positions after the state's own. Loss: sum_k lambda^k * CE_k over response tokens only.
+
+Runs under Hugging Face `accelerate`: the same code is one process, or N processes with
+`accelerate launch --num_processes N` (gradients all-reduced by DDP; each process takes its slice of every
+global batch). Batches come from a seeded permutation per epoch, so a resumed run continues exactly where the
+checkpoint left off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import DynTreeError
+from ..heads import HeadsConfig, MedusaHeads
+from .dataset import DistillDataset, model_fingerprint
+
+IGNORE = -1
+STATE_FILE = "train_state.json"
+REPORT_FILE = "training_report.json"
+
+
+@dataclass
+class TrainConfig:
+    num_heads: int = 4
+    num_layers: int = 1
+    shared_projection: bool = True
+    vocab_subset: int = 8192  # 0 = the whole vocabulary
+    epochs: float = 2.0
+    batch_size: int = 256  # rows (tokens) per optimiser step, summed over processes
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    decay: float = 0.8  # lambda_k = decay ** k
+    grad_clip: float = 1.0
+    val_fraction: float = 0.05
+    seed: int = 0
+    checkpoint_every: int = 500  # optimiser steps
+    eval_every: int = 0  # optimiser steps; 0 = at the end of each epoch only
+    use_stored_hidden: bool = True
+
+
+# -- data ----------------------------------------------------------------------------------------------
+@dataclass
+class Examples:
+    hidden: torch.Tensor  # [N, H] fp16
+    targets: torch.Tensor  # [N, K] int64 (IGNORE beyond the response)
+
+
+def is_validation(key: str, fraction: float) -> bool:
+    """A fixed, content-based split: the same sequence is always on the same side."""
+    return int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
+
+
+def head_targets(response: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """`[R, K]`: row j, head k -> response[j + k + 1], or IGNORE past the end."""
+    r = response.numel()
+    idx = torch.arange(r)[:, None] + torch.arange(num_heads)[None, :] + 1
+    out = torch.full((r, num_heads), IGNORE, dtype=torch.long)
+    valid = idx < r
+    out[valid] = response.long()[idx[valid]]
+    return out
+
+
+@torch.inference_mode()
+def recompute_hidden(backbone, tokens: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """The states a distillation run would have stored, from the token ids (for datasets without them)."""
+    cache = backbone.new_cache(1, tokens.numel() + 1)
+    hidden = backbone.forward(tokens.long()[None].to(backbone.device), cache)[0]
+    return hidden[prompt_len - 1 : tokens.numel() - 1].to(torch.float16).cpu()
+
+
+def load_examples(ds: DistillDataset, num_heads: int, val_fraction: float, backbone=None,
+                  progress: bool = False) -> tuple[Examples, Examples, dict]:
+    """Training and validation rows from every shard; states from the shards, or recomputed by `backbone`."""
+    from tqdm.auto import tqdm
+
+    parts = {False: ([], []), True: ([], [])}
+    counts = {"sequences": 0, "response_tokens": 0, "val_sequences": 0}
+    for path in tqdm(ds.shard_paths(), desc="loading shards", disable=not progress):
+        shard = ds.read_shard(path, with_hidden=backbone is None)
+        if backbone is None and shard.hidden is None:
+            raise DynTreeError(f"{path} holds no hidden states: train with --no-stored-hidden to recompute them")
+        for i, key in enumerate(shard.keys):
+            start, end = int(shard.offsets[i]), int(shard.offsets[i + 1])
+            plen = int(shard.prompt_lens[i])
+            tokens = shard.tokens[start:end]
+            response = tokens[plen:]
+            if response.numel() < 2:
+                continue
+            if backbone is None:
+                hidden = shard.hidden[int(shard.hidden_offsets[i]) : int(shard.hidden_offsets[i + 1])]
+            else:
+                hidden = recompute_hidden(backbone, tokens, plen)
+            targets = head_targets(response, num_heads)
+            keep = (targets != IGNORE).any(1)
+            val = is_validation(key, val_fraction)
+            parts[val][0].append(hidden[keep])
+            parts[val][1].append(targets[keep])
+            counts["sequences"] += 1
+            counts["response_tokens"] += response.numel()
+            counts["val_sequences"] += int(val)
+    if not parts[False][0]:
+        raise DynTreeError(f"dataset {ds.directory} holds no usable sequences")
+
+    def stack(val: bool) -> Examples:
+        hs, ts = parts[val]
+        if not hs:
+            return Examples(torch.zeros(0, 1, dtype=torch.float16), torch.zeros(0, num_heads, dtype=torch.long))
+        return Examples(torch.cat(hs), torch.cat(ts))
+
+    train, val = stack(False), stack(True)
+    counts.update(train_rows=int(train.targets.shape[0]), val_rows=int(val.targets.shape[0]))
+    return train, val, counts
+
+
+def frequent_tokens(targets: torch.Tensor, vocab_size: int, count: int) -> torch.Tensor:
+    """The `count` most frequent target ids (sorted), the vocabulary a subset projection covers."""
+    flat = targets[:, 0]
+    hist = torch.bincount(flat[flat != IGNORE], minlength=vocab_size)
+    return hist.topk(min(count, vocab_size)).indices.sort().values
+
+
+# -- the model being trained ---------------------------------------------------------------------------
+class HeadsObjective(nn.Module):
+    """Heads + the frozen projection: `forward(hidden, targets)` -> weighted loss and per-head hit counts."""
+
+    def __init__(self, heads: MedusaHeads, lm_head_weight_t: torch.Tensor, decay: float):
+        super().__init__()
+        self.heads = heads
+        self.lm_head_weight_t = lm_head_weight_t  # frozen and not a buffer: DDP must not broadcast it
+        self.lambdas = [decay**k for k in range(heads.num_heads)]
+        vocab = heads.config.vocab_size
+        remap = torch.full((vocab,), IGNORE, dtype=torch.long)  # full id -> column of the subset projection
+        if heads.vocab_ids is None:
+            remap = torch.arange(vocab)
+        else:
+            remap[heads.vocab_ids] = torch.arange(heads.vocab_ids.numel())
+        self.remap = remap
+
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor):
+        logits = self.heads.logits(hidden.float(), self.lm_head_weight_t)  # [N, K, V']
+        valid = targets != IGNORE
+        cols = torch.where(valid, self.remap[targets.clamp(min=0)], torch.full_like(targets, IGNORE))
+        loss = logits.new_zeros(())
+        for k, lam in enumerate(self.lambdas):
+            if (cols[:, k] != IGNORE).any():  # targets outside the subset projection are left out of the loss
+                loss = loss + lam * F.cross_entropy(logits[:, k], cols[:, k], ignore_index=IGNORE)
+        with torch.no_grad():
+            top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices  # [N, K, 5]
+            hit = top5 == cols[..., None]
+            stats = torch.stack([valid.sum(0), hit[..., 0].sum(0), hit.any(-1).sum(0)]).float()  # [3, K]
+        return loss, stats
+
+
+# -- the loop ------------------------------------------------------------------------------------------
+def _latest_checkpoint(out_dir: Path) -> Path | None:
+    ckpts = sorted((out_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    ckpts = [c for c in ckpts if (c / STATE_FILE).is_file()]
+    return ckpts[-1] if ckpts else None
+
+
+def evaluate(accelerator, objective: HeadsObjective, val: Examples, batch_size: int = 1024) -> dict | None:
+    """Per-head top-1/top-5 accuracy against the base model's own next tokens on the held-out split."""
+    if val.targets.shape[0] == 0:
+        return None
+    module = accelerator.unwrap_model(objective)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    totals = torch.zeros(3, module.heads.num_heads)
+    module.eval()
+    with torch.no_grad():
+        for start in range(rank * batch_size, val.targets.shape[0], world * batch_size):
+            sl = slice(start, start + batch_size)
+            totals += module(val.hidden[sl], val.targets[sl])[1]
+    module.train()
+    totals = accelerator.reduce(totals.to(accelerator.device), "sum").cpu()
+    n = totals[0].clamp(min=1)
+    return {"top1": (totals[1] / n).tolist(), "top5": (totals[2] / n).tolist(), "rows": int(totals[0, 0])}
+
+
+def train(loaded, dataset_dir, out_dir, config: TrainConfig, resume: bool = True, progress: bool = True,
+          accelerator=None, stop_after: int | None = None, block_dtype: torch.dtype = torch.float32) -> dict:
+    """Train heads for `loaded`'s backbone on the dataset; write heads + a report to `out_dir`.
+
+    `stop_after`: checkpoint and return after this many optimiser steps in total (to spread a long training
+    over several sessions; the next call resumes). `block_dtype`: how the saved heads store their blocks.
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    accelerator = accelerator or Accelerator(cpu=loaded.backbone.device.type == "cpu")
+    started = time.perf_counter()
+    out_dir = Path(out_dir).expanduser()
+    ds = DistillDataset.open(dataset_dir)
+    fingerprint = model_fingerprint(loaded)
+    ds.check_fingerprint(fingerprint, need_hidden=config.use_stored_hidden)
+    if config.num_heads < 1 or config.num_layers < 0 or config.batch_size < 1 or config.epochs <= 0:
+        raise DynTreeError("num_heads >= 1, num_layers >= 0, batch_size >= 1 and epochs > 0 are required")
+    if config.num_layers == 0 and config.shared_projection:
+        raise DynTreeError("heads with a shared projection need at least one residual block to learn anything")
+    world = accelerator.num_processes
+    per_process = max(1, config.batch_size // world)
+
+    checkpoint = _latest_checkpoint(out_dir) if resume else None
+    state = None
+    if checkpoint is not None:
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+        if state.get("fingerprint", {}).get("weights_hash") != fingerprint["weights_hash"]:
+            raise DynTreeError(f"checkpoint {checkpoint} was trained for another model ({state['fingerprint'].get('model')!r})")
+        if state.get("config") != asdict(config):
+            changed = sorted(k for k, v in asdict(config).items() if state.get("config", {}).get(k) != v)
+            raise DynTreeError(f"checkpoint {checkpoint} used other settings ({', '.join(changed)}); "
+                               "pass the same options, or --no-resume to start over")
+
+    backbone = None if config.use_stored_hidden else loaded.backbone
+    train_rows, val_rows, counts = load_examples(ds, config.num_heads, config.val_fraction, backbone,
+                                                 progress and accelerator.is_main_process)
+    cfg = loaded.config
+    vocab_ids = None
+    coverage = 1.0
+    if config.vocab_subset and config.vocab_subset < cfg.vocab_size:
+        vocab_ids = frequent_tokens(train_rows.targets, cfg.vocab_size, config.vocab_subset)
+        covered = torch.zeros(cfg.vocab_size, dtype=torch.bool)
+        covered[vocab_ids] = True
+        t = train_rows.targets[:, 0]
+        coverage = float(covered[t[t != IGNORE]].float().mean())
+    heads_config = HeadsConfig(config.num_heads, config.num_layers, cfg.hidden_size, cfg.vocab_size,
+                               shared_projection=config.shared_projection, model_type=cfg.model_type)
+    torch.manual_seed(config.seed)
+    heads = MedusaHeads(heads_config, vocab_ids)
+    lm_weight = loaded.backbone.lm_head.weight_t.detach().float().cpu()  # [H, V]
+    heads.init_projection_from(lm_weight.t())
+    objective = HeadsObjective(heads, lm_weight.to(accelerator.device), config.decay)
+    objective.remap = objective.remap.to(accelerator.device)
+
+    n_train = train_rows.targets.shape[0]
+    steps_per_epoch = n_train // (per_process * world)
+    if steps_per_epoch < 1:
+        raise DynTreeError(f"only {n_train} training rows: fewer than one batch of {per_process * world}")
+    total_steps = max(1, math.ceil(config.epochs * steps_per_epoch))
+    optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=config.lr,
+                                  weight_decay=config.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    step = 0
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        step = int(state["step"])
+        if accelerator.is_main_process:
+            print(f"resumed from {checkpoint} at step {step}/{total_steps}")
+
+    def save_checkpoint() -> None:
+        path = out_dir / "checkpoints" / f"step-{step}"
+        accelerator.save_state(str(path))
+        if accelerator.is_main_process:
+            meta = {"step": step, "fingerprint": fingerprint, "config": asdict(config)}
+            (path / STATE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+            # Keep only the newest two checkpoints.
+            for old in sorted((out_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-2]:
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+
+    rank = accelerator.process_index
+    history = []
+    bar = tqdm(total=total_steps, initial=step, desc="train heads", disable=not (progress and accelerator.is_main_process),
+               dynamic_ncols=True)
+    window = torch.zeros(3, config.num_heads)
+    rows_seen = 0
+    t0 = time.perf_counter()
+    objective.train()
+    while step < total_steps:
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        order = torch.randperm(n_train, generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
+        for s in range(in_epoch, steps_per_epoch):
+            if step >= total_steps:
+                break
+            base = s * per_process * world + rank * per_process
+            idx = order[base : base + per_process]
+            hidden = train_rows.hidden[idx].to(accelerator.device)
+            targets = train_rows.targets[idx].to(accelerator.device)
+            loss, stats = objective(hidden, targets)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            if config.grad_clip:
+                accelerator.clip_grad_norm_(objective.parameters(), config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            window += stats.cpu()
+            rows_seen += idx.numel() * world
+            bar.update(1)
+            if step % 20 == 0 or step == total_steps:
+                acc = (window[1] / window[0].clamp(min=1)).tolist()
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}",
+                                h1=f"{acc[0]:.2f}", h2=f"{acc[1] if len(acc) > 1 else 0:.2f}",
+                                rows_s=f"{rows_seen / (time.perf_counter() - t0):.0f}")
+                window.zero_()
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
+                save_checkpoint()
+            if stop_after is not None and step >= stop_after and step < total_steps:
+                save_checkpoint()
+                bar.close()
+                return {"stopped_at": step, "total_steps": total_steps}
+            end_of_epoch = s == steps_per_epoch - 1
+            if (config.eval_every and step % config.eval_every == 0) or end_of_epoch:
+                result = evaluate(accelerator, objective, val_rows)
+                if result is not None:
+                    history.append({"step": step, **result})
+                    if accelerator.is_main_process:
+                        bar.write(f"step {step}: val top-1 " + " ".join(f"{a:.3f}" for a in result["top1"])
+                                  + " | top-5 " + " ".join(f"{a:.3f}" for a in result["top5"]))
+    bar.close()
+    final = evaluate(accelerator, objective, val_rows)
+    report = {
+        "dataset": str(ds.directory), "model": loaded.name, "config": asdict(config), "data": counts,
+        "vocab_subset_coverage": coverage, "steps": step, "processes": world,
+        "wall_seconds": time.perf_counter() - started, "validation": final, "history": history,
+    }
+    if accelerator.is_main_process:
+        heads_out = accelerator.unwrap_model(objective).heads
+        heads_out.save(out_dir, block_dtype)
+        (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    return report

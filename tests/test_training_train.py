@@ -1,0 +1,164 @@
+"""Head training: label alignment, the loss against a brute-force reference, end to end, resume, 2 processes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dyntree.cli import main as cli_main
+from dyntree.errors import DynTreeError
+from dyntree.heads import HeadsConfig, MedusaHeads, load_heads
+from dyntree.loading import load_model
+from dyntree.training.train import IGNORE, HeadsObjective, TrainConfig, head_targets, load_examples, train
+from dyntree.training.dataset import DistillDataset
+
+from training_support import write_model_dir, write_prompt_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny model and a small distilled dataset made through the CLI (with stored hidden states)."""
+    root = tmp_path_factory.mktemp("train")
+    model_dir = write_model_dir(root / "model")
+    prompts = write_prompt_file(root / "prompts.jsonl", 24)
+    rc = cli_main(["distill", "--model", str(model_dir), "--out", str(root / "data"), "--prompts", str(prompts),
+                   "--max-new-tokens", "16", "--batch-size", "8", "--shard-size", "8"])
+    assert rc == 0
+    return root, model_dir, load_model(model_dir)
+
+
+def test_head_targets_brute_force():
+    response = torch.tensor([11, 12, 13, 14, 15])
+    got = head_targets(response, 3)
+    for j in range(5):
+        for k in range(3):
+            # head k at response row j (position prompt_len - 1 + j) predicts position prompt_len - 1 + j + k + 2
+            want = response[j + k + 1].item() if j + k + 1 < 5 else IGNORE
+            assert got[j, k].item() == want
+
+
+@pytest.mark.parametrize("subset", [None, 20])
+def test_loss_matches_brute_force(subset):
+    torch.manual_seed(0)
+    vocab, hidden, k = 40, 16, 3
+    cfg = HeadsConfig(k, 1, hidden, vocab, shared_projection=True)
+    vocab_ids = None if subset is None else torch.arange(0, 2 * subset, 2)
+    heads = MedusaHeads(cfg, vocab_ids)
+    with torch.no_grad():
+        heads.block_weight.normal_(0, 0.3)
+        heads.block_bias.normal_(0, 0.3)
+    lm = torch.randn(hidden, vocab)
+    states = torch.randn(6, hidden)
+    targets = torch.randint(0, vocab, (6, k))
+    targets[4:, 1:] = IGNORE
+    loss, stats = HeadsObjective(heads, lm, decay=0.8)(states, targets)
+
+    expected = 0.0
+    for head in range(k):
+        terms = []
+        for row in range(6):
+            t = int(targets[row, head])
+            if t == IGNORE or (vocab_ids is not None and t not in vocab_ids.tolist()):
+                continue
+            x = states[row]
+            x = x + F.silu(heads.block_weight[head, 0] @ x + heads.block_bias[head, 0])
+            logits = x @ lm if vocab_ids is None else x @ lm[:, vocab_ids]
+            col = t if vocab_ids is None else vocab_ids.tolist().index(t)
+            terms.append(-torch.log_softmax(logits, -1)[col])
+        if terms:
+            expected = expected + 0.8**head * torch.stack(terms).mean()
+    assert torch.allclose(loss, expected, atol=1e-5)
+    assert stats[0].tolist() == [6, 4, 4]
+
+
+def test_train_end_to_end_and_reload(setup, tmp_path):
+    root, model_dir, loaded = setup
+    config = TrainConfig(num_heads=3, num_layers=1, vocab_subset=40, epochs=4, batch_size=32, lr=3e-3,
+                         val_fraction=0.2, checkpoint_every=0)
+    report = train(loaded, root / "data", tmp_path / "heads", config, progress=False)
+    assert report["data"]["sequences"] == 24 and report["data"]["val_rows"] > 0
+    assert 0 < report["vocab_subset_coverage"] <= 1
+    heads = load_heads(tmp_path / "heads", loaded.config)
+    assert heads.num_heads == 3 and heads.config.vocab_subset == 40
+    # Learning happened: validation top-1 of head 1 beats the untrained heads (zero blocks = the lm_head).
+    untrained = MedusaHeads(HeadsConfig(3, 1, 32, loaded.config.vocab_size, model_type="llama"), heads.vocab_ids)
+    _, val, _ = load_examples(DistillDataset.open(root / "data"), 3, 0.2)
+    lm = loaded.backbone.lm_head.weight_t
+    before = HeadsObjective(untrained, lm, 0.8)(val.hidden, val.targets)[1]
+    after = HeadsObjective(heads, lm, 0.8)(val.hidden, val.targets)[1]
+    assert after[1, 0] > before[1, 0]
+    assert report["validation"]["top1"][0] == pytest.approx(float(after[1, 0] / after[0, 0]), abs=1e-6)
+
+
+def test_resume_continues_exactly(setup, tmp_path):
+    root, _, loaded = setup
+    config = TrainConfig(num_heads=2, vocab_subset=0, epochs=3, batch_size=16, val_fraction=0.2,
+                         checkpoint_every=0)
+    train(loaded, root / "data", tmp_path / "full", config, progress=False)
+    partial = train(loaded, root / "data", tmp_path / "split", config, progress=False, stop_after=7)
+    assert partial["stopped_at"] == 7
+    report = train(loaded, root / "data", tmp_path / "split", config, progress=False)
+    assert report["steps"] == partial["total_steps"]
+    a, b = load_heads(tmp_path / "full"), load_heads(tmp_path / "split")
+    assert torch.allclose(a.block_weight, b.block_weight, atol=1e-6)
+    # Other settings or another model's checkpoint: a clear error instead of a silent mix.
+    train(loaded, root / "data", tmp_path / "other", config, progress=False, stop_after=2)
+    with pytest.raises(DynTreeError, match="other settings"):
+        train(loaded, root / "data", tmp_path / "other", TrainConfig(num_heads=3, vocab_subset=0, epochs=3,
+              batch_size=16, val_fraction=0.2, checkpoint_every=0), progress=False)
+    state_file = next((tmp_path / "other" / "checkpoints").glob("step-*")) / "train_state.json"
+    state = json.loads(state_file.read_text())
+    state["fingerprint"]["weights_hash"] = "0000"
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(DynTreeError, match="another model"):
+        train(loaded, root / "data", tmp_path / "other", config, progress=False)
+
+
+def test_recomputed_hidden_matches_stored(setup, tmp_path):
+    root, model_dir, loaded = setup
+    ds = DistillDataset.open(root / "data")
+    stored, _, _ = load_examples(ds, 2, 0.0)
+    recomputed, _, _ = load_examples(ds, 2, 0.0, backbone=loaded.backbone)
+    assert torch.equal(stored.targets, recomputed.targets)
+    assert torch.allclose(stored.hidden.float(), recomputed.hidden.float(), atol=2e-2)
+
+
+def test_cli_errors(setup, tmp_path, capsys):
+    root, model_dir, _ = setup
+    assert cli_main(["train", "--model", str(model_dir), "--data", str(tmp_path), "--out", str(tmp_path / "h")]) == 2
+    assert "not a distilled dataset" in capsys.readouterr().err
+    other = write_model_dir(tmp_path / "other", word_prefix="v")
+    assert cli_main(["train", "--model", str(other), "--data", str(root / "data"), "--out", str(tmp_path / "h")]) == 2
+    assert "another tokenizer" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "w9 w10"}\n{oops\n')
+    assert cli_main(["distill", "--model", str(model_dir), "--out", str(tmp_path / "d"), "--prompts", str(bad)]) == 2
+    assert "bad.jsonl:2: not valid JSON" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+def test_two_process_accelerate_run(setup, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2`: the same command, data-parallel over 2 processes.
+
+    On a machine without GPUs accelerate's `--multi_gpu` launcher (torchrun) gives CPU processes talking over
+    gloo; its `--cpu` flag would instead start a single process unless an MPI hostfile is configured.
+    """
+    root, model_dir, _ = setup
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "dyntree.cli", "train", "--model", str(model_dir), "--data", str(root / "data"),
+           "--out", str(tmp_path / "heads"), "--num-heads", "2", "--epochs", "2", "--batch-size", "16",
+           "--val-fraction", "0.2", "--checkpoint-every", "3", "--threads", "1"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "heads" / "training_report.json").read_text())
+    assert report["processes"] == 2 and report["validation"]["rows"] > 0
+    assert load_heads(tmp_path / "heads").num_heads == 2
