@@ -33,35 +33,40 @@ class TreeBuffers:
 
 
 def buffers_from_parents(parents: torch.Tensor, max_depth: int) -> TreeBuffers:
-    """Build all buffers from `parents` `[B, n]` (parent before child, root at 0, depth <= max_depth)."""
+    """Build all buffers from `parents` `[B, n]` (parent before child, root at 0, depth <= max_depth).
+
+    A fixed number of dense ops per depth level (no boolean indexing, one host read for the leaf count):
+    on a CPU each tensor op costs microseconds, and dynamic trees rebuild these buffers every step.
+    """
     batch, n = parents.shape
     device = parents.device
-    nodes = torch.arange(n, device=device)
+    nodes = torch.arange(n, device=device).expand(batch, n)
+    # chain[:, :, t] = the t-th ancestor of each node (t = 0: itself), -1 past the root.
+    chain = torch.full((batch, n, max_depth + 1), -1, dtype=torch.long, device=device)
+    chain[:, :, 0] = nodes
     tree_mask = torch.zeros(batch, n, n, dtype=torch.bool, device=device)
-    tree_mask[:, nodes, nodes] = True
-    depths = torch.zeros(batch, n, dtype=torch.long, device=device)
-    ancestor = parents.clone()
-    rows = torch.arange(batch, device=device)[:, None].expand(batch, n)
-    for _ in range(max_depth):
+    tree_mask.scatter_(2, nodes[:, :, None], True)
+    ancestor = parents
+    for t in range(1, max_depth + 1):
         has = ancestor >= 0
-        if not bool(has.any()):
-            break
-        depths += has.long()
-        safe = ancestor.clamp(min=0)
-        tree_mask[rows[has], nodes.expand(batch, n)[has], safe[has]] = True
-        ancestor = torch.where(has, torch.gather(parents, 1, safe), ancestor)
+        chain[:, :, t] = ancestor
+        # Mark the ancestor; nodes without one re-mark themselves (already True).
+        tree_mask.scatter_(2, torch.where(has, ancestor, nodes)[:, :, None], True)
+        ancestor = torch.where(has, torch.gather(parents, 1, ancestor.clamp(min=0)), ancestor)
+    depths = (chain[:, :, 1:] >= 0).sum(-1)
     # Leaves: nodes that are nobody's parent.
     is_parent = torch.zeros(batch, n + 1, dtype=torch.bool, device=device)
     is_parent.scatter_(1, (parents + 1).clamp(min=0), True)  # parent -1 lands in column 0, ignored
     is_leaf = ~is_parent[:, 1:]
     num_leaves = is_leaf.sum(1)
     width = int(num_leaves.max())
-    # Rank of each leaf within its tree, so leaf paths are listed in node order.
-    leaf_rank = torch.cumsum(is_leaf.long(), 1) - 1
-    retrieve = torch.full((batch, width, max_depth + 1), -1, dtype=torch.long, device=device)
-    b_idx, leaf_idx = is_leaf.nonzero(as_tuple=True)
-    # For each (tree, leaf), its ancestors-or-self j are placed at column depth[j].
-    on_path = tree_mask[b_idx, leaf_idx]  # [L, n]
-    l_idx, j_idx = on_path.nonzero(as_tuple=True)
-    retrieve[b_idx[l_idx], leaf_rank[b_idx, leaf_idx][l_idx], depths[b_idx[l_idx], j_idx]] = j_idx
+    # Leaves first, in node order (stable sort), then each leaf's chain reversed so column c holds depth c.
+    leaves = torch.sort((~is_leaf).to(torch.uint8), dim=1, stable=True).indices[:, :width]
+    leaf_chain = torch.gather(chain, 1, leaves[:, :, None].expand(batch, width, max_depth + 1))
+    leaf_depth = torch.gather(depths, 1, leaves)[:, :, None]
+    column = torch.arange(max_depth + 1, device=device)
+    back = (leaf_depth - column).clamp(min=0)
+    retrieve = torch.where(column <= leaf_depth, torch.gather(leaf_chain, 2, back), -1)
+    real = torch.arange(width, device=device)[None, :] < num_leaves[:, None]
+    retrieve = torch.where(real[:, :, None], retrieve, -1)
     return TreeBuffers(parents=parents, depths=depths, tree_mask=tree_mask, retrieve_paths=retrieve)
