@@ -292,3 +292,29 @@ def test_build_proposer_options():
     assert build_proposer("static", heads).topk == 10
     with pytest.raises(DynTreeError):
         build_proposer("static", heads, tree_size=9)
+
+
+def test_observe_counts_like_update():
+    from dyntree.verify import Verification
+
+    gen = torch.Generator().manual_seed(5)
+    probs = torch.softmax(torch.randn(2, 3, 30, generator=gen) * 3, -1)
+    top_probs, top_ids = probs.topk(5, dim=-1)
+    proposer = DynamicTreeProposer(3, 5, tree_size=14, learn=True)
+    proposal = proposer.propose(torch.tensor([1, 2]), top_ids, top_probs)
+    # Accept root -> first child -> its first child in row 0; only the root in row 1 (inactive row ignored).
+    parents = proposal.buffers.parents[0].tolist()
+    child = parents.index(0)
+    grandchild = parents.index(child) if child in parents else None
+    path = [0, child] + ([grandchild] if grandchild is not None else [])
+    verification = Verification([torch.tensor(path), torch.tensor([0])], torch.tensor([0, 0]), torch.tensor([0, 0]))
+    proposer.observe(proposal, verification, active=torch.tensor([True, False]))
+    expected = AcceptanceStats(3, 5)
+    accepted = torch.zeros(14, dtype=torch.bool)
+    accepted[path] = True
+    expected.update(proposal.buffers.depths[0], proposal.ranks[0], proposal.node_probs[0], proposal.buffers.parents[0],
+                    accepted)
+    for name in ("proposed_rank", "accepted_rank", "proposed_bin", "accepted_bin"):
+        assert torch.equal(getattr(proposer.stats, name), getattr(expected, name)), name
+    assert proposer.stats.accepted_rank.sum() == len(path) - 1
+    assert proposer.stats.proposed_rank[0].sum() == sum(1 for p in parents if p == 0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-SUBCOMMANDS = ("generate",)
+SUBCOMMANDS = ("generate", "viz")
 
 
 def add_commands(subparsers) -> None:

@@ -35,38 +35,32 @@ class TreeBuffers:
 def buffers_from_parents(parents: torch.Tensor, max_depth: int) -> TreeBuffers:
     """Build all buffers from `parents` `[B, n]` (parent before child, root at 0, depth <= max_depth).
 
-    A fixed number of dense ops per depth level (no boolean indexing, one host read for the leaf count):
-    on a CPU each tensor op costs microseconds, and dynamic trees rebuild these buffers every step.
+    A fixed, small number of dense ops (one gather per depth level, no boolean indexing, one host read for
+    the leaf count): on a CPU each tensor op costs microseconds, and dynamic trees rebuild these every step.
     """
     batch, n = parents.shape
     device = parents.device
-    nodes = torch.arange(n, device=device).expand(batch, n)
-    # chain[:, :, t] = the t-th ancestor of each node (t = 0: itself), -1 past the root.
-    chain = torch.full((batch, n, max_depth + 1), -1, dtype=torch.long, device=device)
-    chain[:, :, 0] = nodes
-    tree_mask = torch.zeros(batch, n, n, dtype=torch.bool, device=device)
-    tree_mask.scatter_(2, nodes[:, :, None], True)
-    ancestor = parents
-    for t in range(1, max_depth + 1):
-        has = ancestor >= 0
-        chain[:, :, t] = ancestor
-        # Mark the ancestor; nodes without one re-mark themselves (already True).
-        tree_mask.scatter_(2, torch.where(has, ancestor, nodes)[:, :, None], True)
-        ancestor = torch.where(has, torch.gather(parents, 1, ancestor.clamp(min=0)), ancestor)
-    depths = (chain[:, :, 1:] >= 0).sum(-1)
+    null = n  # an extra node, its own parent, standing for "past the root"
+    linked = torch.cat([torch.where(parents < 0, null, parents),
+                        torch.full((batch, 1), null, dtype=parents.dtype, device=device)], dim=1)
+    # chain[b, i, t] = the t-th ancestor of node i (t = 0: itself), `null` past the root.
+    links = [torch.arange(n + 1, device=device).expand(batch, n + 1)]
+    for _ in range(max_depth):
+        links.append(torch.gather(linked, 1, links[-1]))
+    chain = torch.stack(links, dim=2)[:, :n]
+    tree_mask = torch.zeros(batch, n, n + 1, dtype=torch.bool, device=device).scatter_(2, chain, True)[:, :, :n]
+    depths = (chain[:, :, 1:] != null).sum(-1)
     # Leaves: nodes that are nobody's parent.
-    is_parent = torch.zeros(batch, n + 1, dtype=torch.bool, device=device)
-    is_parent.scatter_(1, (parents + 1).clamp(min=0), True)  # parent -1 lands in column 0, ignored
-    is_leaf = ~is_parent[:, 1:]
+    is_parent = torch.zeros(batch, n + 1, dtype=torch.bool, device=device).scatter_(1, linked[:, :n], True)
+    is_leaf = ~is_parent[:, :n]
     num_leaves = is_leaf.sum(1)
     width = int(num_leaves.max())
-    # Leaves first, in node order (stable sort), then each leaf's chain reversed so column c holds depth c.
+    # Leaves first, in node order (stable sort); each leaf's chain reversed so that column c holds depth c.
     leaves = torch.sort((~is_leaf).to(torch.uint8), dim=1, stable=True).indices[:, :width]
     leaf_chain = torch.gather(chain, 1, leaves[:, :, None].expand(batch, width, max_depth + 1))
     leaf_depth = torch.gather(depths, 1, leaves)[:, :, None]
     column = torch.arange(max_depth + 1, device=device)
-    back = (leaf_depth - column).clamp(min=0)
-    retrieve = torch.where(column <= leaf_depth, torch.gather(leaf_chain, 2, back), -1)
-    real = torch.arange(width, device=device)[None, :] < num_leaves[:, None]
-    retrieve = torch.where(real[:, :, None], retrieve, -1)
+    on_path = (column <= leaf_depth) & (torch.arange(width, device=device) < num_leaves[:, None])[:, :, None]
+    retrieve = torch.gather(leaf_chain, 2, (leaf_depth - column).clamp(min=0))
+    retrieve = torch.where(on_path, retrieve, -1)
     return TreeBuffers(parents=parents, depths=depths, tree_mask=tree_mask, retrieve_paths=retrieve)

@@ -183,18 +183,26 @@ class AcceptanceStats:
     def update(self, depths: torch.Tensor, ranks: torch.Tensor, probs: torch.Tensor, parents: torch.Tensor,
                accepted: torch.Tensor) -> None:
         """Count one tree (1-D tensors over its n nodes; `accepted` is a bool mask of the accepted path)."""
-        parent_ok = (parents >= 0) & accepted[parents.clamp(min=0)]
-        heads = depths[parent_ok] - 1
-        keep = heads < self.num_heads
-        heads, ok_ranks = heads[keep], ranks[parent_ok][keep]
-        ok_probs, ok_acc = probs[parent_ok][keep], accepted[parent_ok][keep].double()
-        in_range = ok_ranks < self.topk
-        self.proposed_rank.index_put_((heads[in_range], ok_ranks[in_range]), torch.ones_like(ok_acc[in_range]),
-                                      accumulate=True)
-        self.accepted_rank.index_put_((heads[in_range], ok_ranks[in_range]), ok_acc[in_range], accumulate=True)
-        b = self.bin_of(ok_probs)
-        self.proposed_bin.index_put_((heads, b), torch.ones_like(ok_acc), accumulate=True)
-        self.accepted_bin.index_put_((heads, b), ok_acc, accumulate=True)
+        parent_list, acc = parents.tolist(), accepted.tolist()
+        seen = [i for i in range(1, len(parent_list)) if acc[parent_list[i]]]
+        d, r, p = depths.tolist(), ranks.tolist(), probs.tolist()
+        self.record([d[i] - 1 for i in seen], [r[i] for i in seen], [p[i] for i in seen], [acc[i] for i in seen])
+
+    def record(self, heads: list[int], ranks: list[int], probs: list[float], accepted: list[bool]) -> None:
+        """Count nodes whose parent was accepted: their head (depth - 1), rank, probability and outcome."""
+        keep = [i for i, h in enumerate(heads) if h < self.num_heads]
+        if not keep:
+            return
+        head_t = torch.tensor([heads[i] for i in keep])
+        rank_t = torch.tensor([ranks[i] for i in keep])
+        bin_t = torch.tensor([min(max(int(probs[i] * self.bins), 0), self.bins - 1) for i in keep])
+        ones = torch.ones(len(keep), dtype=torch.float64)
+        hits = torch.tensor([float(accepted[i]) for i in keep], dtype=torch.float64)
+        in_range = rank_t < self.topk
+        self.proposed_rank.index_put_((head_t[in_range], rank_t[in_range]), ones[in_range], accumulate=True)
+        self.accepted_rank.index_put_((head_t[in_range], rank_t[in_range]), hits[in_range], accumulate=True)
+        self.proposed_bin.index_put_((head_t, bin_t), ones, accumulate=True)
+        self.accepted_bin.index_put_((head_t, bin_t), hits, accumulate=True)
 
     def rates(self, which: str = "rank") -> torch.Tensor:
         acc = self.accepted_rank if which == "rank" else self.accepted_bin
@@ -210,6 +218,7 @@ class AcceptanceStats:
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(self.to_dict()) + "\n")
         os.replace(tmp, path)
@@ -290,6 +299,7 @@ class DynamicTreeProposer:
             calibration = calibration.resized(num_heads, topk)
         self.stats = calibration
         self.learn = (score != "prob") if learn is None else bool(learn)
+        self._last = None  # the latest proposal and its node lists, for `observe`
         self.name = f"dynamic:n{tree_size}:k{topk}" + ("" if score == "prob" else f":{score}")
 
     def propose(self, root: torch.Tensor, head_ids: torch.Tensor, head_probs: torch.Tensor):
@@ -301,33 +311,59 @@ class DynamicTreeProposer:
         factors = self.stats.factors(probs, self.score)
         chosen, chosen_scores = select_nodes(factors, self.tree_size)
         batch, m = root.shape[0], ids.shape[2]
-        parents, flat, scores, ranks = [], [], [], []
-        for nodes, node_scores in zip(chosen, chosen_scores):
+        prob_rows = probs.tolist() if self.learn else None
+        parents, flat, scores, ranks, node_probs = [], [], [], [], []
+        for row, (nodes, node_scores) in enumerate(zip(chosen, chosen_scores)):
             nodes, node_scores, _ = canonical_order(nodes, node_scores)
             parents.append([-1] + [p for p, _, _ in nodes])
             flat.append([(d - 1) * m + r for _, d, r in nodes])
             ranks.append([-1] + [r for _, _, r in nodes])
             scores.append([1.0] + node_scores)
+            if prob_rows is not None:
+                node_probs.append([1.0] + [prob_rows[row][d - 1][r] for _, d, r in nodes])
         device = root.device
         parents_t = torch.tensor(parents, dtype=torch.long, device=device)
         flat_t = torch.tensor(flat, dtype=torch.long, device=device)
         tokens = torch.cat([root[:, None], torch.gather(ids.reshape(batch, -1), 1, flat_t)], dim=1)
-        node_probs = torch.cat([torch.ones(batch, 1, dtype=probs.dtype, device=device),
-                                torch.gather(probs.reshape(batch, -1), 1, flat_t)], dim=1)
         buffers = buffers_from_parents(parents_t, depth)
-        return Proposal(tokens=tokens, buffers=buffers, scores=torch.tensor(scores, dtype=torch.float64),
-                        ranks=torch.tensor(ranks, dtype=torch.long, device=device), node_probs=node_probs)
+        proposal = Proposal(tokens=tokens, buffers=buffers, scores=torch.tensor(scores, dtype=torch.float64),
+                            ranks=torch.tensor(ranks, dtype=torch.long, device=device),
+                            node_probs=torch.tensor(node_probs, dtype=torch.float64) if node_probs else None)
+        # What `observe` needs, kept as Python lists (no tensor work per node later).
+        self._last = (proposal, parents, ranks, node_probs) if self.learn else None
+        return proposal
 
     def observe(self, proposal, verification, active: torch.Tensor | None = None) -> None:
         """Feed one step's verification back into the acceptance table (when learning)."""
-        if not self.learn or proposal.ranks is None:
+        last = self._last
+        if not self.learn or last is None or last[0] is not proposal:
             return
-        buffers = proposal.buffers
-        n = proposal.tokens.shape[1]
+        _, parents, ranks, node_probs = last
+        active_rows = None if active is None else active.tolist()
+        heads, seen_ranks, seen_probs, hits = [], [], [], []
         for b, nodes in enumerate(verification.accepted_nodes):
-            if active is not None and not bool(active[b]):
+            if active_rows is not None and not active_rows[b]:
                 continue
-            accepted = torch.zeros(n, dtype=torch.bool, device=nodes.device)
-            accepted[nodes] = True
-            self.stats.update(buffers.depths[b], proposal.ranks[b], proposal.node_probs[b], buffers.parents[b],
-                              accepted)
+            accepted = set(nodes.tolist())
+            row_parents, depth = parents[b], [0] * len(parents[b])
+            for i in range(1, len(row_parents)):
+                depth[i] = depth[row_parents[i]] + 1
+                if row_parents[i] in accepted:
+                    heads.append(depth[i] - 1)
+                    seen_ranks.append(ranks[b][i])
+                    seen_probs.append(node_probs[b][i])
+                    hits.append(i in accepted)
+        self.stats.record(heads, seen_ranks, seen_probs, hits)
+
+
+def static_paths_from_stats(stats: AcceptanceStats, tree_size: int) -> list[list[int]]:
+    """The best *fixed* tree for measured acceptance rates: what a calibrated static tree looks like.
+
+    Same exact selection as the dynamic trees, on per-(depth, rank) rates instead of a step's marginals
+    (Medusa builds its static trees the same way from rates measured on calibration data).
+    """
+    rates = torch.where(stats.proposed_rank > 0, stats.accepted_rank / stats.proposed_rank.clamp_min(1),
+                        torch.zeros_like(stats.accepted_rank)).clamp(0.0, 1.0)
+    nodes, _ = best_first_nodes(rates.tolist(), tree_size - 1)
+    _, _, paths = canonical_order(nodes, [0.0] * len(nodes))
+    return [list(p) for p in paths]
