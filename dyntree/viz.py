@@ -58,10 +58,21 @@ class RecordingProposer:
             self._pending = None
 
 
-def token_label(text: str, limit: int = 14) -> str:
-    """Readable token text: visible spaces and newlines, trimmed."""
+def token_label(text: str, limit: int = 14, drawable=None) -> str:
+    """Readable token text: visible spaces and newlines, characters the font lacks as code points, trimmed."""
     shown = text.replace("\n", "\\n").replace("\t", "\\t").replace(" ", "\u2423")
+    if drawable is not None:
+        shown = "".join(c if drawable(c) else f"U+{ord(c):04X}" for c in shown)
     return shown if len(shown) <= limit else shown[: limit - 1] + "\u2026"
+
+
+def _font_check():
+    """A predicate: can matplotlib's default font draw this character? (emoji in tokens are common)"""
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    font = FT2Font(font_manager.findfont(font_manager.FontProperties()))
+    return lambda c: font.get_char_index(ord(c)) != 0
 
 
 def record_trees(dt, prompt, steps: list[int] | None, max_new_tokens: int = 64,
@@ -117,6 +128,7 @@ def render_tree(snapshot: TreeSnapshot, path: str | os.PathLike, title: str | No
     import matplotlib.pyplot as plt
 
     depth, slot = _layout(snapshot.parents)
+    drawable = _font_check()
     accepted = set(snapshot.accepted)
     leaves = max(slot) + 1 if slot else 1
     max_depth = max(depth) + 1  # +1 column for the next token
@@ -130,7 +142,7 @@ def render_tree(snapshot: TreeSnapshot, path: str | os.PathLike, title: str | No
         ax.plot([x[p], x[i]], [y[p], y[i]], color="#2e7d32" if on_path else "#b0b7c3",
                 linewidth=2.6 if on_path else 0.9, zorder=1)
     for i, text in enumerate(snapshot.texts):
-        label = token_label(text)
+        label = token_label(text, drawable=drawable)
         if snapshot.scores is not None and i > 0:
             label += f"  {snapshot.scores[i]:.2f}"
         if i == 0:
@@ -145,7 +157,8 @@ def render_tree(snapshot: TreeSnapshot, path: str | os.PathLike, title: str | No
     last = snapshot.accepted[-1]
     nx, ny = max(x) + 2.3, y[last]  # a column of its own, clear of deeper candidates
     ax.plot([x[last], nx], [y[last], ny], color="#2e7d32", linewidth=1.5, linestyle="--", zorder=1)
-    ax.text(nx, ny, "next: " + token_label(snapshot.next_token_text), ha="center", va="center", fontsize=8.5, zorder=3,
+    ax.text(nx, ny, "next: " + token_label(snapshot.next_token_text, drawable=drawable), ha="center",
+            va="center", fontsize=8.5, zorder=3,
             bbox=dict(boxstyle="round,pad=0.28", facecolor="white", edgecolor="#2e7d32", linestyle="--"))
     ax.set_xlim(-1.3, max(max(x), nx) + 1.3)
     ax.set_ylim(-(leaves - 1) - 0.8, 0.8)
