@@ -9,8 +9,9 @@ Method names:
   static                   Medusa's 63-node tree (mc_sim_7b_63), top-10
   static:N                 the first N-1 paths of mc_sim_7b_63 (Medusa's own order; every prefix is a tree)
   cstatic:N                a static tree of N nodes built from acceptance rates measured on calibration prompts
-  dynamic:N[:K[:SCORE]]    dynamic tree of N nodes from the top-K of each head; SCORE prob|rank|binned
-                           (rank/binned start from the calibration statistics and keep learning online)
+  dynamic:N[:K[:SCORE[:raw]]]  dynamic tree of N nodes from the top-K of each head; SCORE prob|rank|binned
+                           (rank/binned start from the calibration statistics and keep learning online);
+                           raw: head probabilities without renormalising over the top-K
 
 Example:
   PYTHONPATH=$PWD python benchmarks/dynamic_trees.py --heads /work/interim-heads --prompts 10 \
@@ -31,7 +32,8 @@ from dyntree.api import DEFAULT_TREE, DynTree, build_proposer
 from dyntree.errors import DynTreeError
 from dyntree.proposal import RootOnlyProposer, StaticTreeProposer
 from dyntree.trees import StaticTree, load_tree_spec
-from dyntree.trees.dynamic import AcceptanceStats, DynamicTreeProposer, static_paths_from_stats
+from dyntree.trees.dynamic import (AcceptanceStats, DynamicTreeProposer, collect_acceptance_stats,
+                                   static_paths_from_stats)
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -81,13 +83,6 @@ def calibration_prompts(count: int) -> list[str]:
     return out
 
 
-def collect_stats(dt: DynTree, prompts: list[str], max_new_tokens: int, tree_size: int, topk: int) -> AcceptanceStats:
-    proposer = DynamicTreeProposer(dt.heads.num_heads, topk, tree_size=tree_size, learn=True)
-    for p in prompts:
-        dt.decoder(proposer).run([dt.encode(p)], max_new_tokens).consume()
-    return proposer.stats
-
-
 def make_proposer(name: str, dt: DynTree, stats: AcceptanceStats | None, default_topk: int):
     parts = name.split(":")
     kind = parts[0]
@@ -108,9 +103,11 @@ def make_proposer(name: str, dt: DynTree, stats: AcceptanceStats | None, default
         size = int(parts[1])
         topk = int(parts[2]) if len(parts) > 2 else default_topk
         score = parts[3] if len(parts) > 3 else "prob"
+        renormalize = not (len(parts) > 4 and parts[4] == "raw")  # "raw": no renormalisation over the top-k
         # Each calibrated proposer learns online from its own copy of the calibration statistics.
         calibration = None if score == "prob" else stats.resized(dt.heads.num_heads, topk)
-        return DynamicTreeProposer(dt.heads.num_heads, topk, tree_size=size, score=score, calibration=calibration)
+        return DynamicTreeProposer(dt.heads.num_heads, topk, tree_size=size, score=score, calibration=calibration,
+                                   renormalize=renormalize)
     raise DynTreeError(f"unknown method {name!r}")
 
 
@@ -140,7 +137,7 @@ def main(argv=None) -> int:
             stats = AcceptanceStats.load(calib)
         else:
             t0 = time.perf_counter()
-            stats = collect_stats(dt, calibration_prompts(args.calib_prompts), args.max_new_tokens, 32, 10)
+            stats = collect_acceptance_stats(dt, calibration_prompts(args.calib_prompts), args.max_new_tokens)
             stats.save(calib)
             print(f"collected acceptance statistics in {time.perf_counter() - t0:.0f}s -> {calib}", file=sys.stderr)
     proposers = {m: TimedProposer(make_proposer(m, dt, stats, args.topk)) for m in methods}

@@ -318,3 +318,40 @@ def test_observe_counts_like_update():
         assert torch.equal(getattr(proposer.stats, name), getattr(expected, name)), name
     assert proposer.stats.accepted_rank.sum() == len(path) - 1
     assert proposer.stats.proposed_rank[0].sum() == sum(1 for p in parents if p == 0)
+
+
+def test_collect_acceptance_stats_and_calibrated_static_tree(tiny):
+    from dyntree.trees.dynamic import collect_acceptance_stats, static_paths_from_stats
+
+    backbone, heads = tiny
+
+    class TinyDynTree:  # the two things collection needs from a DynTree
+        def __init__(self):
+            self.heads = heads
+
+        def encode(self, prompt):
+            return list(prompt)
+
+        def decoder(self, proposer):
+            return Decoder(backbone, heads, proposer, eos_token_ids=())
+
+    stats = collect_acceptance_stats(TinyDynTree(), [[3, 4] * 10, [1, 2, 3]], max_new_tokens=20, tree_size=16,
+                                     topk=4)
+    assert stats.proposed_rank.sum() > 0
+    assert (stats.accepted_rank <= stats.proposed_rank).all()
+    paths = static_paths_from_stats(stats, 9)
+    tree = StaticTree.build(paths, 4, heads.num_heads)
+    assert tree.num_nodes == 9
+
+
+def test_read_prompts(tmp_path):
+    from dyntree.commands.calibrate import read_prompts
+
+    (tmp_path / "p.jsonl").write_text('{"turns": ["a", "b"]}\n\n{"question": "c"}\n{"instruction": "d"}\n')
+    assert read_prompts(str(tmp_path / "p.jsonl"), 10) == ["a", "c", "d"]
+    assert read_prompts(str(tmp_path / "p.jsonl"), 2) == ["a", "c"]
+    (tmp_path / "bad.jsonl").write_text('{"other": 1}\n')
+    with pytest.raises(DynTreeError):
+        read_prompts(str(tmp_path / "bad.jsonl"), 10)
+    with pytest.raises(DynTreeError):
+        read_prompts(str(tmp_path / "missing.txt"), 10)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-SUBCOMMANDS = ("generate", "viz")
+SUBCOMMANDS = ("generate", "viz", "calibrate")
 
 
 def add_commands(subparsers) -> None:

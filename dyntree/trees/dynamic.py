@@ -367,3 +367,17 @@ def static_paths_from_stats(stats: AcceptanceStats, tree_size: int) -> list[list
     nodes, _ = best_first_nodes(rates.tolist(), tree_size - 1)
     _, _, paths = canonical_order(nodes, [0.0] * len(nodes))
     return [list(p) for p in paths]
+
+
+def collect_acceptance_stats(dt, prompts, max_new_tokens: int = 64, tree_size: int = 32, topk: int = 10,
+                             stats: AcceptanceStats | None = None, progress=None) -> AcceptanceStats:
+    """Decode `prompts` (text or ids) with a learning dynamic tree on `dt` (a `DynTree`) and return its table.
+
+    Use prompts that are not the benchmark's. A wide tree sees more (depth, rank) cells per step.
+    """
+    proposer = DynamicTreeProposer(dt.heads.num_heads, topk, tree_size=tree_size, calibration=stats, learn=True)
+    for i, prompt in enumerate(prompts):
+        dt.decoder(proposer).run([dt.encode(prompt)], max_new_tokens).consume()
+        if progress is not None:
+            progress(i + 1, len(prompts))
+    return proposer.stats
