@@ -44,16 +44,24 @@ class TextChunk:
     text: str
 
 
-def build_proposer(tree, heads: MedusaHeads | None, topk: int = DEFAULT_TOPK, **options) -> Proposer:
-    """`tree`: "ar" (no tree), "static" (Medusa's 63-node tree), a built-in name, a JSON file or a path list."""
+def build_proposer(tree, heads: MedusaHeads | None, topk: int | None = None, **options) -> Proposer:
+    """`tree`: "ar" (no tree), "static" (Medusa's 63-node tree), "dynamic" (built every step; `options`:
+    tree_size, temperature, score, calibration, learn), a built-in name, a JSON file or a path list.
+
+    `topk` (guesses per head) defaults to 10 for static trees and to the measured best for dynamic ones.
+    """
     if tree in (None, "ar") or heads is None:
         return RootOnlyProposer()
     if tree == "static":
         tree = DEFAULT_TREE
     if tree == "dynamic":
-        from .trees.dynamic import DynamicTreeProposer  # noqa: PLC0415 - optional stage
+        from .trees.dynamic import DEFAULT_TOPK as DYNAMIC_TOPK  # noqa: PLC0415 - optional stage
+        from .trees.dynamic import DynamicTreeProposer  # noqa: PLC0415
 
-        return DynamicTreeProposer(num_heads=heads.num_heads, topk=topk, **options)
+        return DynamicTreeProposer(num_heads=heads.num_heads, topk=topk or DYNAMIC_TOPK, **options)
+    if options:
+        raise DynTreeError(f"{', '.join(sorted(options))} only apply to the dynamic tree (--tree dynamic)")
+    topk = topk or DEFAULT_TOPK
     name, paths = load_tree_spec(tree)
     return StaticTreeProposer(StaticTree.build(paths, topk, heads.num_heads, name))
 
@@ -62,7 +70,7 @@ class DynTree:
     """A backbone with (optional) Medusa heads and a tree policy."""
 
     def __init__(self, model: LoadedModel, heads: MedusaHeads | None, heads_note: str = "", tree=DEFAULT_TREE,
-                 topk: int = DEFAULT_TOPK, **tree_options):
+                 topk: int | None = None, **tree_options):
         self.model = model
         self.heads = heads
         self.heads_note = heads_note
@@ -73,7 +81,7 @@ class DynTree:
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike = DEFAULT_MODEL, heads: str | os.PathLike | None = "auto",
-                        tree=DEFAULT_TREE, topk: int = DEFAULT_TOPK, device=None, dtype=torch.float32,
+                        tree=DEFAULT_TREE, topk: int | None = None, device=None, dtype=torch.float32,
                         **tree_options) -> "DynTree":
         """Load a backbone and heads.
 
@@ -92,7 +100,9 @@ class DynTree:
 
     def with_tree(self, tree, topk: int | None = None, **tree_options) -> "DynTree":
         """The same model and heads with another tree policy (no reload)."""
-        return DynTree(self.model, self.heads, self.heads_note, tree, topk or self.topk, **tree_options)
+        if topk is None and tree == self.tree:
+            topk = self.topk
+        return DynTree(self.model, self.heads, self.heads_note, tree, topk, **tree_options)
 
     def decoder(self, proposer: Proposer | None = None, sampling: SamplingConfig | None = None) -> Decoder:
         return Decoder(self.model.backbone, self.heads, proposer or self.proposer, sampling=sampling)

@@ -23,8 +23,16 @@ def add_model_args(parser: argparse.ArgumentParser, tree: bool = True) -> None:
         parser.add_argument("--tree", default="static",
                             help="'static' (Medusa's 63-node tree), 'dynamic', 'ar' (no tree), or a JSON file "
                                  "of paths")
-        parser.add_argument("--tree-size", type=int, default=None, help="nodes per dynamic tree (root included)")
-        parser.add_argument("--topk", type=int, default=None, help="guesses taken from each head")
+        parser.add_argument("--tree-size", type=int, default=None,
+                            help="nodes per dynamic tree, root included (default: the measured best on CPU)")
+        parser.add_argument("--topk", type=int, default=None,
+                            help="guesses taken from each head (default 10 static, measured best dynamic)")
+        parser.add_argument("--tree-score", default=None, choices=("prob", "rank", "binned"),
+                            help="dynamic tree node scores: head probabilities (default), or acceptance rates "
+                                 "measured online per head and rank / per head and probability bin")
+        parser.add_argument("--tree-calibration", default=None, metavar="FILE",
+                            help="acceptance statistics (JSON, from `dyntree calibrate`) to start the "
+                                 "dynamic tree's scores from")
     parser.add_argument("--device", default=None, help="cpu (default) or cuda")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
 
@@ -57,6 +65,10 @@ def tree_options(args) -> dict:
     options = {}
     if getattr(args, "tree_size", None) is not None:
         options["tree_size"] = args.tree_size
+    if getattr(args, "tree_score", None) is not None:
+        options["score"] = args.tree_score
+    if getattr(args, "tree_calibration", None) is not None:
+        options["calibration"] = args.tree_calibration
     return options
 
 

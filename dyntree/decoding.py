@@ -179,6 +179,7 @@ class DecodeRun:
         stats.prefill_seconds = time.perf_counter() - start
         yield StepEvent(0, first, list(finished))
 
+        observe = getattr(proposer, "observe", None)
         clock = _Clock(device, stats)
         decode_start = time.perf_counter()
         step = 0
@@ -203,6 +204,9 @@ class DecodeRun:
             clock.lap("forward")
             result = verify_tree(backbone.logits, tree_hidden, proposal, active, self.sampling, self.generator)
             clock.lap("verification")
+            if observe is not None:
+                observe(proposal, result, active)
+                clock.lap("proposal")  # learning from the outcome is part of building trees
             new_tokens: list[list[int]] = [[] for _ in range(batch)]
             for b in range(batch):
                 if finished[b]:

@@ -20,6 +20,8 @@ class Proposal:
     tokens: torch.Tensor  # [B, n], node 0 = root
     buffers: TreeBuffers
     scores: torch.Tensor | None = None  # [B, n] optional per-node scores (visualisation, calibration)
+    ranks: torch.Tensor | None = None  # [B, n] optional: each node's rank among its head's guesses (-1 root)
+    node_probs: torch.Tensor | None = None  # [B, n] optional: each node's own head probability (1 root)
 
 
 class Proposer(Protocol):
@@ -31,6 +33,9 @@ class Proposer(Protocol):
 
     def propose(self, root: torch.Tensor, head_ids: torch.Tensor | None, head_probs: torch.Tensor | None) -> Proposal:
         ...
+
+    # Optional: `observe(proposal, verification, active)` is called after each verification when present,
+    # so a proposer can learn from what was accepted (e.g. dynamic trees' acceptance statistics).
 
 
 class RootOnlyProposer:

@@ -30,7 +30,7 @@ def run(args) -> int:
     if args.max_new_tokens < 1:
         raise DynTreeError("--max-new-tokens must be at least 1")
     sampling = sampling_config(args)
-    err = Console(stderr=True)
+    err = Console(stderr=True, width=None if sys.stderr.isatty() else 132)
     kwargs = {"topk": args.topk} if args.topk else {}
     dt = DynTree.from_pretrained(args.model, heads=args.heads, tree=args.tree, device=args.device,
                                  **kwargs, **tree_options(args))

@@ -33,35 +33,34 @@ class TreeBuffers:
 
 
 def buffers_from_parents(parents: torch.Tensor, max_depth: int) -> TreeBuffers:
-    """Build all buffers from `parents` `[B, n]` (parent before child, root at 0, depth <= max_depth)."""
+    """Build all buffers from `parents` `[B, n]` (parent before child, root at 0, depth <= max_depth).
+
+    A fixed, small number of dense ops (one gather per depth level, no boolean indexing, one host read for
+    the leaf count): on a CPU each tensor op costs microseconds, and dynamic trees rebuild these every step.
+    """
     batch, n = parents.shape
     device = parents.device
-    nodes = torch.arange(n, device=device)
-    tree_mask = torch.zeros(batch, n, n, dtype=torch.bool, device=device)
-    tree_mask[:, nodes, nodes] = True
-    depths = torch.zeros(batch, n, dtype=torch.long, device=device)
-    ancestor = parents.clone()
-    rows = torch.arange(batch, device=device)[:, None].expand(batch, n)
+    null = n  # an extra node, its own parent, standing for "past the root"
+    linked = torch.cat([torch.where(parents < 0, null, parents),
+                        torch.full((batch, 1), null, dtype=parents.dtype, device=device)], dim=1)
+    # chain[b, i, t] = the t-th ancestor of node i (t = 0: itself), `null` past the root.
+    links = [torch.arange(n + 1, device=device).expand(batch, n + 1)]
     for _ in range(max_depth):
-        has = ancestor >= 0
-        if not bool(has.any()):
-            break
-        depths += has.long()
-        safe = ancestor.clamp(min=0)
-        tree_mask[rows[has], nodes.expand(batch, n)[has], safe[has]] = True
-        ancestor = torch.where(has, torch.gather(parents, 1, safe), ancestor)
+        links.append(torch.gather(linked, 1, links[-1]))
+    chain = torch.stack(links, dim=2)[:, :n]
+    tree_mask = torch.zeros(batch, n, n + 1, dtype=torch.bool, device=device).scatter_(2, chain, True)[:, :, :n]
+    depths = (chain[:, :, 1:] != null).sum(-1)
     # Leaves: nodes that are nobody's parent.
-    is_parent = torch.zeros(batch, n + 1, dtype=torch.bool, device=device)
-    is_parent.scatter_(1, (parents + 1).clamp(min=0), True)  # parent -1 lands in column 0, ignored
-    is_leaf = ~is_parent[:, 1:]
+    is_parent = torch.zeros(batch, n + 1, dtype=torch.bool, device=device).scatter_(1, linked[:, :n], True)
+    is_leaf = ~is_parent[:, :n]
     num_leaves = is_leaf.sum(1)
     width = int(num_leaves.max())
-    # Rank of each leaf within its tree, so leaf paths are listed in node order.
-    leaf_rank = torch.cumsum(is_leaf.long(), 1) - 1
-    retrieve = torch.full((batch, width, max_depth + 1), -1, dtype=torch.long, device=device)
-    b_idx, leaf_idx = is_leaf.nonzero(as_tuple=True)
-    # For each (tree, leaf), its ancestors-or-self j are placed at column depth[j].
-    on_path = tree_mask[b_idx, leaf_idx]  # [L, n]
-    l_idx, j_idx = on_path.nonzero(as_tuple=True)
-    retrieve[b_idx[l_idx], leaf_rank[b_idx, leaf_idx][l_idx], depths[b_idx[l_idx], j_idx]] = j_idx
+    # Leaves first, in node order (stable sort); each leaf's chain reversed so that column c holds depth c.
+    leaves = torch.sort((~is_leaf).to(torch.uint8), dim=1, stable=True).indices[:, :width]
+    leaf_chain = torch.gather(chain, 1, leaves[:, :, None].expand(batch, width, max_depth + 1))
+    leaf_depth = torch.gather(depths, 1, leaves)[:, :, None]
+    column = torch.arange(max_depth + 1, device=device)
+    on_path = (column <= leaf_depth) & (torch.arange(width, device=device) < num_leaves[:, None])[:, :, None]
+    retrieve = torch.gather(leaf_chain, 2, (leaf_depth - column).clamp(min=0))
+    retrieve = torch.where(on_path, retrieve, -1)
     return TreeBuffers(parents=parents, depths=depths, tree_mask=tree_mask, retrieve_paths=retrieve)

@@ -1,0 +1,198 @@
+"""Static vs dynamic trees on MT-Bench first turns: accepted tokens per pass, tokens/s, tree-building share.
+
+Not a test: a measurement that writes its numbers (JSON + a markdown table). Methods are interleaved per
+prompt so that slow phases of a shared CPU hit every method alike. Every method's output is compared with
+plain greedy decoding (`ar`), which must be identical.
+
+Method names:
+  ar                       plain greedy decoding (no heads)
+  static                   Medusa's 63-node tree (mc_sim_7b_63), top-10
+  static:N                 the first N-1 paths of mc_sim_7b_63 (Medusa's own order; every prefix is a tree)
+  cstatic:N                a static tree of N nodes built from acceptance rates measured on calibration prompts
+  dynamic:N[:K[:SCORE[:raw]]]  dynamic tree of N nodes from the top-K of each head; SCORE prob|rank|binned
+                           (rank/binned start from the calibration statistics and keep learning online);
+                           raw: head probabilities without renormalising over the top-K
+
+Example:
+  PYTHONPATH=$PWD python benchmarks/dynamic_trees.py --heads /work/interim-heads --prompts 10 \
+      --max-new-tokens 96 --methods ar,static,static:16,dynamic:16 --out docs/dynamic-trees.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dyntree.api import DEFAULT_TREE, DynTree, build_proposer
+from dyntree.errors import DynTreeError
+from dyntree.proposal import RootOnlyProposer, StaticTreeProposer
+from dyntree.trees import StaticTree, load_tree_spec
+from dyntree.trees.dynamic import (AcceptanceStats, DynamicTreeProposer, collect_acceptance_stats,
+                                   static_paths_from_stats)
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+class TimedProposer:
+    """Wraps a proposer and accumulates the seconds spent building trees (propose + observe)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.seconds = 0.0
+        self.calls = 0
+        for attr in ("name", "uses_heads", "topk", "max_nodes", "tree"):
+            if hasattr(inner, attr):
+                setattr(self, attr, getattr(inner, attr))
+        if hasattr(inner, "observe"):
+            self.observe = self._observe
+
+    def propose(self, root, head_ids, head_probs):
+        start = time.perf_counter()
+        out = self.inner.propose(root, head_ids, head_probs)
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        return out
+
+    def _observe(self, proposal, verification, active=None):
+        start = time.perf_counter()
+        self.inner.observe(proposal, verification, active)
+        self.seconds += time.perf_counter() - start
+
+
+def mt_bench_prompts(count: int) -> list[str]:
+    rows = [json.loads(line) for line in (DATA / "mt_bench_questions.jsonl").read_text().splitlines() if line.strip()]
+    return [r["turns"][0] for r in rows[:count]]
+
+
+def calibration_prompts(count: int) -> list[str]:
+    """Non-benchmark prompts (self-instruct seed tasks) for collecting acceptance statistics."""
+    rows = [json.loads(line) for line in (DATA / "self_instruct_seed_tasks.jsonl").read_text().splitlines()
+            if line.strip()]
+    out = []
+    for r in rows:
+        text = r["instruction"]
+        extra = (r.get("instances") or [{}])[0].get("input", "")
+        out.append(text + ("\n\n" + extra if extra else ""))
+        if len(out) == count:
+            break
+    return out
+
+
+def make_proposer(name: str, dt: DynTree, stats: AcceptanceStats | None, default_topk: int):
+    parts = name.split(":")
+    kind = parts[0]
+    if kind == "ar":
+        return RootOnlyProposer()
+    if kind == "static" and len(parts) == 1:
+        return build_proposer("static", dt.heads)
+    if kind == "static":
+        size = int(parts[1])
+        _, paths = load_tree_spec(DEFAULT_TREE)
+        return StaticTreeProposer(StaticTree.build(paths[: size - 1], 10, dt.heads.num_heads, f"mc{size}"))
+    if kind == "cstatic":
+        size = int(parts[1])
+        topk = int(parts[2]) if len(parts) > 2 else default_topk
+        paths = static_paths_from_stats(stats.resized(dt.heads.num_heads, topk), size)
+        return StaticTreeProposer(StaticTree.build(paths, topk, dt.heads.num_heads, f"cal{size}"))
+    if kind == "dynamic":
+        size = int(parts[1])
+        topk = int(parts[2]) if len(parts) > 2 else default_topk
+        score = parts[3] if len(parts) > 3 else "prob"
+        renormalize = not (len(parts) > 4 and parts[4] == "raw")  # "raw": no renormalisation over the top-k
+        # Each calibrated proposer learns online from its own copy of the calibration statistics.
+        calibration = None if score == "prob" else stats.resized(dt.heads.num_heads, topk)
+        return DynamicTreeProposer(dt.heads.num_heads, topk, tree_size=size, score=score, calibration=calibration,
+                                   renormalize=renormalize)
+    raise DynTreeError(f"unknown method {name!r}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--heads", required=True)
+    ap.add_argument("--prompts", type=int, default=10, help="MT-Bench first turns (from the start of the file)")
+    ap.add_argument("--skip", type=int, default=0, help="skip this many MT-Bench questions first")
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--methods", default="ar,static,static:16,dynamic:16")
+    ap.add_argument("--topk", type=int, default=8, help="default top-k for dynamic/cstatic methods")
+    ap.add_argument("--calib-prompts", type=int, default=8, help="self-instruct prompts for acceptance statistics")
+    ap.add_argument("--calib-file", default=None, help="reuse/save acceptance statistics here")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", required=True, help="JSON results file")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    dt = DynTree.from_pretrained(args.model, heads=args.heads, tree="ar")
+    methods = args.methods.split(",")
+    stats = None
+    if any(m.startswith("cstatic") or (m.startswith("dynamic") and len(m.split(":")) > 3) for m in methods):
+        calib = Path(args.calib_file) if args.calib_file else Path(args.out).with_suffix(".calibration.json")
+        if calib.is_file():
+            stats = AcceptanceStats.load(calib)
+        else:
+            t0 = time.perf_counter()
+            stats = collect_acceptance_stats(dt, calibration_prompts(args.calib_prompts), args.max_new_tokens)
+            stats.save(calib)
+            print(f"collected acceptance statistics in {time.perf_counter() - t0:.0f}s -> {calib}", file=sys.stderr)
+    proposers = {m: TimedProposer(make_proposer(m, dt, stats, args.topk)) for m in methods}
+    prompts = mt_bench_prompts(args.skip + args.prompts)[args.skip:]
+    totals = {m: {"new_tokens": 0, "wall": 0.0, "decode": 0.0, "passes": 0, "accepted": [], "tree_seconds": 0.0,
+                  "phase": {}, "mismatches": 0, "nodes": 0} for m in methods}
+    for i, prompt in enumerate(prompts):
+        ids = dt.encode(prompt)
+        reference = None
+        for m in methods:
+            timed = proposers[m]
+            before = timed.seconds
+            run = dt.decoder(timed).run([ids], args.max_new_tokens).consume()
+            s = run.stats
+            t = totals[m]
+            t["new_tokens"] += s.new_tokens
+            t["wall"] += s.wall_seconds
+            t["decode"] += s.decode_seconds
+            t["passes"] += s.decode_passes
+            t["accepted"] += s.accepted_lengths
+            t["tree_seconds"] += timed.seconds - before
+            t["nodes"] = max(t["nodes"], s.tree_nodes)
+            for k, v in s.phase_seconds.items():
+                t["phase"][k] = t["phase"].get(k, 0.0) + v
+            if reference is None:
+                reference = run.tokens[0]
+            elif run.tokens[0] != reference:
+                t["mismatches"] += 1
+        print(f"prompt {i + 1}/{len(prompts)} done", file=sys.stderr)
+    rows = []
+    for m in methods:
+        t = totals[m]
+        passes = max(t["passes"], 1)
+        rows.append({
+            "method": m, "proposer": proposers[m].name, "nodes": t["nodes"],
+            "accepted_per_pass": sum(t["accepted"]) / max(len(t["accepted"]), 1),
+            "tokens_per_second": t["new_tokens"] / t["wall"], "decode_tokens_per_second": t["new_tokens"] / t["decode"],
+            "ms_per_pass": 1000 * t["decode"] / passes,
+            "tree_ms_per_pass": 1000 * t["tree_seconds"] / passes,
+            "tree_share_of_step": t["tree_seconds"] / t["decode"] if t["decode"] else 0.0,
+            "phase_ms_per_pass": {k: 1000 * v / passes for k, v in t["phase"].items()},
+            "new_tokens": t["new_tokens"], "passes": t["passes"], "mismatches_vs_first": t["mismatches"],
+        })
+    result = {"command": " ".join(sys.argv), "heads": args.heads, "prompts": len(prompts), "skip": args.skip,
+              "max_new_tokens": args.max_new_tokens, "threads": torch.get_num_threads(), "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print("| method | nodes | acc/pass | tok/s | ms/pass | tree ms/pass | tree share | mismatches |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {r['nodes']} | {r['accepted_per_pass']:.3f} | {r['tokens_per_second']:.2f} | "
+              f"{r['ms_per_pass']:.1f} | {r['tree_ms_per_pass']:.2f} | {100 * r['tree_share_of_step']:.1f}% | "
+              f"{r['mismatches_vs_first']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

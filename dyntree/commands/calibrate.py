@@ -1,0 +1,74 @@
+"""`dyntree calibrate`: measure how often each head's guesses are accepted, for calibrated dynamic trees."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..cli import add_model_args
+
+PROMPT_KEYS = ("prompt", "instruction", "question", "text")
+
+
+def read_prompts(path: str, limit: int) -> list[str]:
+    """Prompts from a .jsonl file (`turns[0]`, `prompt`, `instruction`, `question` or `text`) or a text file."""
+    from ..errors import DynTreeError
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise DynTreeError(f"no prompt file {file}")
+    prompts = []
+    for n, line in enumerate(file.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        if file.suffix == ".jsonl":
+            try:
+                row = json.loads(line)
+            except ValueError:
+                raise DynTreeError(f"{file}:{n} is not valid JSON") from None
+            text = (row.get("turns") or [None])[0] if isinstance(row, dict) else None
+            text = text or next((row[k] for k in PROMPT_KEYS if isinstance(row, dict) and row.get(k)), None)
+            if not isinstance(text, str):
+                raise DynTreeError(f"{file}:{n} has none of turns/{'/'.join(PROMPT_KEYS)}")
+            prompts.append(text)
+        else:
+            prompts.append(line)
+        if len(prompts) == limit:
+            break
+    if not prompts:
+        raise DynTreeError(f"{file} holds no prompts")
+    return prompts
+
+
+def add_command(subparsers) -> None:
+    p = subparsers.add_parser("calibrate", help="measure per-head acceptance rates for --tree-score rank|binned")
+    p.add_argument("--prompts", required=True, help=".jsonl or text file of prompts (not your benchmark's)")
+    p.add_argument("--count", type=int, default=16, help="how many prompts to decode (default 16)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--out", required=True, help="JSON file for the acceptance statistics")
+    add_model_args(p)
+    p.set_defaults(func=run, tree="dynamic")
+
+
+def run(args) -> int:
+    from rich.console import Console
+
+    from ..api import DynTree
+    from ..errors import DynTreeError
+    from ..trees.dynamic import collect_acceptance_stats
+
+    if args.count < 1 or args.max_new_tokens < 1:
+        raise DynTreeError("--count and --max-new-tokens must be at least 1")
+    prompts = read_prompts(args.prompts, args.count)
+    dt = DynTree.from_pretrained(args.model, heads=args.heads, tree="ar", device=args.device)
+    if dt.heads is None:
+        raise DynTreeError("calibration needs heads (pass --heads)")
+    console = Console(stderr=True)
+    stats = collect_acceptance_stats(dt, prompts, args.max_new_tokens, args.tree_size or 32, args.topk or 10,
+                                     progress=lambda i, n: console.print(f"prompt {i}/{n}"))
+    path = stats.save(args.out)
+    rates = stats.rates("rank")
+    console.print(f"wrote {path}; acceptance given the parent was accepted, by head (rows) and rank:")
+    for head, row in enumerate(rates.tolist()):
+        console.print(f"  head {head}: " + " ".join("  -  " if r != r else f"{r:.2f}" for r in row))
+    return 0
