@@ -1,7 +1,7 @@
 """Dense layers laid out for small-batch decoding on CPUs.
 
 Decoding multiplies a handful of rows (1 token, or a tree of 4-64 tokens) by large weight matrices, and
-on these CPUs the best kernel depends on the row count (measured in docs/perf-notes.md):
+on these CPUs the best kernel depends on the row count (measure with scripts/bench_kernels.py):
 - 1 row: MKL's gemv through a contiguous ``[in, out]`` weight (`x @ W_t`);
 - 2+ rows: oneDNN with a weight prepacked for its blocked layout, up to 2x faster than MKL's sgemm for
   2-16 rows (lm_head 49152x576 at 4 rows: 6.8 ms vs 12 ms).

@@ -3,12 +3,12 @@ small built-in set, so that `dyntree bench` runs with no files at all."""
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DynTreeError
+from ..jsonl import read_jsonl_objects
 
 BUILTIN = "builtin"
 BUILTIN_FILE = "bench_prompts.jsonl"
@@ -61,20 +61,8 @@ def load_prompts(source: str | os.PathLike = BUILTIN, limit: int | None = None) 
     if limit is not None and limit < 1:
         raise DynTreeError("--limit must be at least 1")
     path = builtin_prompts_path() if str(source) == BUILTIN else Path(source).expanduser()
-    if not path.is_file():
-        raise DynTreeError(f"prompt file {str(source)!r} not found")
     prompts: list[BenchPrompt] = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DynTreeError(f"cannot read {path}: {exc}") from exc
-    for line_no, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DynTreeError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from exc
+    for line_no, row in read_jsonl_objects(path):
         prompt = _row_to_prompt(row, line_no, str(path))
         if any(p.prompt_id == prompt.prompt_id for p in prompts):
             raise DynTreeError(f"{path}:{line_no}: prompt id {prompt.prompt_id!r} is used twice")

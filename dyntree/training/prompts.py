@@ -11,12 +11,12 @@ plausible user query, so heads can be trained without any external data.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DynTreeError
+from ..jsonl import read_jsonl_objects
 
 PROMPT_FIELDS = ("turns", "question", "instruction", "prompt", "text")
 _MT_BENCH_KEYS = {"question_id", "category", "turns"}
@@ -67,23 +67,7 @@ def looks_like_benchmark(path: Path, rows: list[dict]) -> bool:
 def read_prompt_file(path: str | Path) -> list[Prompt]:
     """All prompts of one JSONL file, in file order; a clear error for anything malformed or empty."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise DynTreeError(f"no prompt file at {path}")
-    rows: list[tuple[int, dict]] = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise DynTreeError(f"{path} is not UTF-8 text: {exc}") from exc
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DynTreeError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
-        if not isinstance(row, dict):
-            raise DynTreeError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-        rows.append((number, row))
+    rows = read_jsonl_objects(path)
     if looks_like_benchmark(path, [r for _, r in rows]):
         raise DynTreeError(f"{path} looks like MT-Bench, the benchmark: refusing to train on it")
     prompts: list[Prompt] = []
