@@ -21,7 +21,6 @@ quality` (or `python -m dyntree.quality`) is its command line.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -153,19 +152,9 @@ def estimate_first_token_kl(contexts: list[TreeContext], sampling: SamplingConfi
 # -- the whole comparison --------------------------------------------------------------------------------
 def load_mt_bench_prompts(count: int, path: str | Path | None = None) -> list[str]:
     """The first user turn of the first `count` MT-Bench questions (the benchmark; never for training)."""
-    path = Path(path) if path else MT_BENCH
-    if not path.is_file():
-        raise DynTreeError(f"MT-Bench questions not found at {path}")
-    prompts = []
-    with path.open() as fh:
-        for line in fh:
-            if line.strip():
-                prompts.append(json.loads(line)["turns"][0])
-            if len(prompts) >= count:
-                break
-    if not prompts:
-        raise DynTreeError(f"no questions in {path}")
-    return prompts
+    from .bench.prompts import load_prompts  # the one reader of prompt files, with its line-numbered errors
+
+    return [p.turns[0] for p in load_prompts(path or MT_BENCH, limit=count)]
 
 
 @dataclass
