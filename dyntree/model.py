@@ -254,6 +254,7 @@ class Transformer:
         sin = self.rope_sin[positions][:, None]
         contiguous = batch == 1 and n > 0 and int(slots[0, -1] - slots[0, 0]) == n - 1
         first_slot = int(slots[0, 0]) if contiguous else 0
+        rows = torch.arange(batch, device=slots.device)[:, None]
         end = cfg.num_layers if end is None else end
         for li in range(start, end):
             layer = self.layers[li]
@@ -267,10 +268,9 @@ class Transformer:
             if contiguous:
                 layer_keys[:, :, first_slot : first_slot + n] = k
                 layer_values[:, :, first_slot : first_slot + n] = v
-            else:
-                for b in range(batch):
-                    layer_keys[b].index_copy_(1, slots[b], k[b])
-                    layer_values[b].index_copy_(1, slots[b], v[b])
+            else:  # one scatter for the whole batch: [B, n] slots, one row index per sequence
+                layer_keys[rows, :, slots] = k.transpose(1, 2)
+                layer_values[rows, :, slots] = v.transpose(1, 2)
             attn = F.scaled_dot_product_attention(
                 q, layer_keys[:, :, :total], layer_values[:, :, :total], attn_mask=mask, enable_gqa=nkv != nh
             )
