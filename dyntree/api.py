@@ -66,6 +66,39 @@ def build_proposer(tree, heads: MedusaHeads | None, topk: int | None = None, **o
     return StaticTreeProposer(StaticTree.build(paths, topk, heads.num_heads, name))
 
 
+AUTO_MAX_TREE_SIZE = 32
+
+
+def auto_size_options(backbone, heads: MedusaHeads | None, topk: int | None, options: dict) -> dict:
+    """Turn `tree_size="auto"` / `"auto:N"` into a maximum size plus a latency model for this machine.
+
+    Without a `latency` option the step latency is measured here (a few seconds); the score defaults to
+    calibrated acceptance rates ("binned", learned online), since expected tokens are read from the scores.
+    """
+    size = options.get("tree_size")
+    if not (isinstance(size, str) and (size == "auto" or size.startswith("auto:"))):
+        if isinstance(size, str):
+            raise DynTreeError(f"tree size must be an integer, 'auto' or 'auto:N', got {size!r}")
+        if options.get("latency") is not None:
+            raise DynTreeError("a latency model only applies to --tree-size auto")
+        return options
+    try:
+        limit = AUTO_MAX_TREE_SIZE if size == "auto" else int(size.split(":", 1)[1])
+    except ValueError:
+        raise DynTreeError(f"tree size must be an integer, 'auto' or 'auto:N', got {size!r}") from None
+    if limit < 2:
+        raise DynTreeError(f"{size}: the largest tree must have at least 2 nodes")
+    from .trees.dynamic import DEFAULT_TOPK as DYNAMIC_TOPK  # noqa: PLC0415 - optional stage
+    from .trees.latency import DEFAULT_SIZES, measure_latency  # noqa: PLC0415
+
+    out = dict(options, tree_size=limit)
+    out.setdefault("score", "binned")
+    if out.get("latency") is None and heads is not None:
+        sizes = [s for s in DEFAULT_SIZES if s < limit] + [limit]
+        out["latency"] = measure_latency(backbone, heads, sizes, topk=topk or DYNAMIC_TOPK)
+    return out
+
+
 class DynTree:
     """A backbone with (optional) Medusa heads and a tree policy."""
 
@@ -77,6 +110,8 @@ class DynTree:
         self.tree = tree if heads is not None else "ar"
         self.topk = topk
         self.tree_options = tree_options
+        if self.tree == "dynamic":
+            tree_options = auto_size_options(model.backbone, heads, topk, tree_options)
         self.proposer = build_proposer(self.tree, heads, topk, **tree_options)
 
     @classmethod

@@ -23,8 +23,13 @@ def add_model_args(parser: argparse.ArgumentParser, tree: bool = True) -> None:
         parser.add_argument("--tree", default="static",
                             help="'static' (Medusa's 63-node tree), 'dynamic', 'ar' (no tree), or a JSON file "
                                  "of paths")
-        parser.add_argument("--tree-size", type=int, default=None,
-                            help="nodes per dynamic tree, root included (default: the measured best on CPU)")
+        parser.add_argument("--tree-size", type=_tree_size, default=None,
+                            help="nodes per dynamic tree, root included (default: the measured best on CPU), "
+                                 "or 'auto' / 'auto:N': choose the size every step from the expected accepted "
+                                 "tokens and this machine's measured step latency, up to N nodes")
+        parser.add_argument("--latency", default=None, metavar="FILE",
+                            help="step latency by tree size (JSON from `dyntree calibrate --latency-out`) for "
+                                 "--tree-size auto; measured at start-up (a few seconds) when omitted")
         parser.add_argument("--topk", type=int, default=None,
                             help="guesses taken from each head (default 10 static, measured best dynamic)")
         parser.add_argument("--tree-score", default=None, choices=("prob", "rank", "binned"),
@@ -35,6 +40,16 @@ def add_model_args(parser: argparse.ArgumentParser, tree: bool = True) -> None:
                                  "dynamic tree's scores from")
     parser.add_argument("--device", default=None, help="cpu (default) or cuda")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+
+
+def _tree_size(text: str):
+    """`--tree-size`: an integer, 'auto' or 'auto:N'."""
+    if text == "auto" or text.startswith("auto:"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, 'auto' or 'auto:N', got {text!r}") from None
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -69,6 +84,8 @@ def tree_options(args) -> dict:
         options["score"] = args.tree_score
     if getattr(args, "tree_calibration", None) is not None:
         options["calibration"] = args.tree_calibration
+    if getattr(args, "latency", None) is not None:
+        options["latency"] = args.latency
     return options
 
 

@@ -46,6 +46,7 @@ class GenerationStats:
     # One entry per (decode step, active sequence): tokens that pass added to that sequence.
     accepted_lengths: list[int] = field(default_factory=list)
     decode_passes: int = 0
+    tree_sizes: list[int] = field(default_factory=list)  # nodes verified by each pass (varies with auto size)
     stop_reasons: list[str] = field(default_factory=list)
     heads_note: str = ""
     acceptance: str = "greedy"  # SamplingConfig.label: greedy, lossless(T=..), typical(T=..)
@@ -57,6 +58,10 @@ class GenerationStats:
     @property
     def mean_accepted_per_pass(self) -> float:
         return sum(self.accepted_lengths) / len(self.accepted_lengths) if self.accepted_lengths else 0.0
+
+    @property
+    def mean_tree_size(self) -> float:
+        return sum(self.tree_sizes) / len(self.tree_sizes) if self.tree_sizes else 0.0
 
     @property
     def tokens_per_second(self) -> float:
@@ -73,7 +78,8 @@ class GenerationStats:
             "prefill_seconds": self.prefill_seconds, "decode_seconds": self.decode_seconds,
             "wall_seconds": self.wall_seconds, "tokens_per_second": self.tokens_per_second,
             "decode_passes": self.decode_passes, "mean_accepted_per_pass": self.mean_accepted_per_pass,
-            "accepted_lengths": self.accepted_lengths, "phase_seconds": dict(self.phase_seconds),
+            "accepted_lengths": self.accepted_lengths, "mean_tree_size": self.mean_tree_size,
+            "phase_seconds": dict(self.phase_seconds),
             "stop_reasons": self.stop_reasons, "heads_note": self.heads_note, "acceptance": self.acceptance,
         }
 
@@ -192,6 +198,7 @@ class DecodeRun:
                 head_ids, head_probs = heads.topk(last_hidden, backbone.lm_head, proposer.topk)
             proposal = proposer.propose(root, head_ids, head_probs)
             stats.tree_nodes = max(stats.tree_nodes, proposal.tokens.shape[1])
+            stats.tree_sizes.append(proposal.tokens.shape[1])
             clock.lap("proposal")
             if int(cache.lengths.max()) + proposal.tokens.shape[1] > cache.max_len:
                 for b in range(batch):

@@ -200,6 +200,10 @@ def _tree_method(context: BenchContext, spec: MethodSpec, tree: str) -> DynTreeM
     topk = options.pop("topk", None)
     if "n" in options:  # short form of the tree size
         options["tree_size"] = options.pop("n")
+    if "max" in options:  # `n=auto:max=N`: the largest tree the per-step size choice may pick
+        if options.get("tree_size") != "auto":
+            raise DynTreeError(f"method {spec.text!r}: max= only goes with n=auto")
+        options["tree_size"] = f"auto:{options.pop('max')}"
     try:
         engine = base.with_tree(tree, topk, **options)
     except TypeError as exc:  # a proposer refusing an option
@@ -219,7 +223,7 @@ def _static(context, spec):
     return _tree_method(context, spec, "static")
 
 
-@register_method("dynamic", "our engine with the dynamic tree (options: n=NODES, topk=K, any tree option)",
+@register_method("dynamic", "our engine with the dynamic tree (options: n=NODES or n=auto[:max=N], topk=K, any tree option)",
                  options=None, requires_module="dyntree.trees.dynamic")
 def _dynamic(context, spec):
     return _tree_method(context, spec, "dynamic")

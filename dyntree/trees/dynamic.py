@@ -31,6 +31,7 @@ import torch
 
 from ..errors import DynTreeError
 from .buffers import buffers_from_parents
+from .latency import LatencyModel, choose_tree_size
 
 DEFAULT_TREE_SIZE = 16
 DEFAULT_TOPK = 8
@@ -263,13 +264,17 @@ class DynamicTreeProposer:
                  acceptance per head and probability bin: calibrated probabilities).
     calibration: an `AcceptanceStats` or a file saved by one; default: an empty table.
     learn:       update the table online from every step's verification.
+    latency:     a `LatencyModel` (or a file saved by one): then `tree_size` is the largest tree, and each
+                 step takes the size with the most expected tokens per second (`choose_tree_size`; ProPD's
+                 dynamic tree generation). Expected tokens come from the node scores, so a calibrated
+                 `score` ("binned", "rank") suits it best.
     """
 
     uses_heads = True
 
     def __init__(self, num_heads: int, topk: int = DEFAULT_TOPK, tree_size: int = DEFAULT_TREE_SIZE,
                  temperature: float = 1.0, score: str = "prob", calibration=None, learn: bool | None = None,
-                 renormalize: bool = True):
+                 renormalize: bool = True, latency=None):
         if not isinstance(tree_size, int) or tree_size < 2:
             raise DynTreeError(f"tree size must be an integer of at least 2 (root + 1 candidate), got {tree_size!r}")
         if not isinstance(topk, int) or topk < 1:
@@ -299,8 +304,12 @@ class DynamicTreeProposer:
             calibration = calibration.resized(num_heads, topk)
         self.stats = calibration
         self.learn = (score != "prob") if learn is None else bool(learn)
+        if isinstance(latency, (str, os.PathLike)):
+            latency = LatencyModel.load(latency)
+        self.latency = latency
         self._last = None  # the latest proposal and its node lists, for `observe`
-        self.name = f"dynamic:n{tree_size}:k{topk}" + ("" if score == "prob" else f":{score}")
+        size = f"auto{tree_size}" if latency is not None else f"n{tree_size}"
+        self.name = f"dynamic:{size}:k{topk}" + ("" if score == "prob" else f":{score}")
 
     def propose(self, root: torch.Tensor, head_ids: torch.Tensor, head_probs: torch.Tensor):
         from ..proposal import Proposal  # noqa: PLC0415 - proposal imports trees
@@ -310,6 +319,10 @@ class DynamicTreeProposer:
         probs = marginals(head_probs[:, :depth, : self.topk], self.temperature, self.renormalize)
         factors = self.stats.factors(probs, self.score)
         chosen, chosen_scores = select_nodes(factors, self.tree_size)
+        if self.latency is not None:  # selection order: every prefix is a tree, so cutting keeps it closed
+            keep = choose_tree_size(chosen_scores, self.latency, self.tree_size) - 1
+            chosen = [nodes[:keep] for nodes in chosen]
+            chosen_scores = [row[:keep] for row in chosen_scores]
         batch, m = root.shape[0], ids.shape[2]
         prob_rows = probs.tolist() if self.learn else None
         parents, flat, scores, ranks, node_probs = [], [], [], [], []

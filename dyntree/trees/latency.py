@@ -1,0 +1,131 @@
+"""What a decoding step costs by tree size, so that the tree size can be chosen step by step (ProPD).
+
+A bigger tree can only pay off if the extra tokens it is expected to accept outweigh what the bigger
+forward pass costs. That trade-off depends on the hardware: on a GPU a 64-token pass costs about as much as
+a 1-token pass, on a 2-core CPU it costs 2-4x as much. `LatencyModel` holds measured step times by number
+of verified tokens (batch x tree size) and `choose_tree_size` picks, for the current step's scored
+candidates, the size with the most expected tokens per second.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import DynTreeError
+
+DEFAULT_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+
+
+@dataclass
+class LatencyModel:
+    """Seconds of one decoding step (heads, tree forward, verification) by verified rows, interpolated."""
+
+    rows: list[int]
+    seconds: list[float]
+    note: dict = field(default_factory=dict)  # where and how it was measured
+
+    def __post_init__(self):
+        if not self.rows or len(self.rows) != len(self.seconds):
+            raise DynTreeError("a latency model needs matching, non-empty `rows` and `seconds`")
+        if any(b <= a for a, b in zip(self.rows, self.rows[1:])) or self.rows[0] < 1:
+            raise DynTreeError("latency rows must be positive and strictly increasing")
+        if any(not s > 0 for s in self.seconds):
+            raise DynTreeError("latency seconds must be positive")
+
+    def cost(self, rows: int) -> float:
+        """Step seconds for `rows` verified tokens: linear between measured points, linear past the last."""
+        xs, ys = self.rows, self.seconds
+        if rows <= xs[0] or len(xs) == 1:
+            return ys[0] if rows <= xs[0] else ys[-1] * rows / xs[-1]
+        i = bisect.bisect_left(xs, rows)
+        if i == len(xs):  # extrapolate with the last segment's slope
+            i -= 1
+        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+        return y0 + (y1 - y0) * (rows - x0) / (x1 - x0)
+
+    def to_dict(self) -> dict:
+        return {"format": "dyntree-latency", "rows": self.rows, "seconds": self.seconds, "note": self.note}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "LatencyModel":
+        path = Path(path).expanduser()
+        try:
+            data = json.loads(path.read_text())
+            if data.get("format") != "dyntree-latency":
+                raise ValueError("not a dyntree latency file")
+            return cls([int(r) for r in data["rows"]], [float(s) for s in data["seconds"]], data.get("note", {}))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise DynTreeError(f"cannot read latency model {path}: {exc}".splitlines()[0]) from exc
+
+
+def choose_tree_size(scores: list[list[float]], latency: LatencyModel, max_size: int) -> int:
+    """Tree size (root included, same for every row) with the most expected new tokens per second.
+
+    `scores[b]` are row b's candidate nodes in selection order (best first; every prefix is a tree), each an
+    estimate of the probability that the node's whole path is accepted. A step then adds
+    `1 + sum(scores of its nodes)` tokens in expectation (the root, plus every accepted node), and costs
+    `latency.cost(batch * size)`.
+    """
+    batch = len(scores)
+    expected = float(batch)
+    best_size, best_rate = 1, expected / latency.cost(batch)
+    for size in range(2, max_size + 1):
+        expected += sum(row[size - 2] for row in scores if len(row) > size - 2)
+        rate = expected / latency.cost(batch * size)
+        if rate > best_rate:
+            best_size, best_rate = size, rate
+    return best_size
+
+
+@torch.inference_mode()
+def measure_latency(backbone, heads=None, sizes=DEFAULT_SIZES, context: int = 128, repeats: int = 3,
+                    topk: int = 8) -> LatencyModel:
+    """Time one decoding step at each tree size: heads (if given), a tree forward, lm_head on two rows.
+
+    A chain-shaped tree is used: the cost of a pass depends on its token count, not on the tree's shape.
+    Takes a few seconds on a CPU; the median of `repeats` runs is kept.
+    """
+    device = backbone.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sizes = sorted({int(s) for s in sizes if int(s) >= 1})
+    if not sizes:
+        raise DynTreeError("no tree sizes to measure")
+    cache = backbone.new_cache(1, context + max(sizes) + 1)
+    vocab = backbone.config.vocab_size
+    prefix = torch.randint(0, vocab, (1, context), device=device, generator=torch.Generator().manual_seed(0)) \
+        if device.type == "cpu" else torch.randint(0, vocab, (1, context)).to(device)
+    last = backbone.forward(prefix, cache)[:, -1]
+    cache.lengths.fill_(context)
+    seconds = []
+    for n in sizes:
+        tokens = prefix[:, :n]
+        block = torch.ones(n, n, dtype=torch.bool, device=device).tril()[None]
+        depths = torch.arange(n, device=device)[None]
+        times = []
+        for i in range(repeats + 1):
+            sync()
+            start = time.perf_counter()
+            if heads is not None:
+                heads.topk(last, backbone.lm_head, topk)
+            hidden = backbone.forward(tokens, cache, block_mask=block, depths=depths)
+            backbone.logits(hidden[0, : min(n, 2)]).argmax(-1)
+            sync()
+            if i > 0:  # the first run warms caches and allocators
+                times.append(time.perf_counter() - start)
+        seconds.append(sorted(times)[len(times) // 2])
+    note = {"device": str(device), "threads": torch.get_num_threads(), "context": context, "repeats": repeats,
+            "heads": heads is not None}
+    return LatencyModel(sizes, seconds, note)

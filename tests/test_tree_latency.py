@@ -1,0 +1,119 @@
+"""Per-step tree size from a latency model (ProPD-style): the choice rule, the model, lossless decoding."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from dyntree.api import DynTree, auto_size_options
+from dyntree.decoding import Decoder
+from dyntree.errors import DynTreeError
+from dyntree.proposal import RootOnlyProposer
+from dyntree.trees.dynamic import DynamicTreeProposer
+from dyntree.trees.latency import LatencyModel, choose_tree_size, measure_latency
+
+from test_dynamic_tree import tiny  # noqa: F401 - fixture
+
+
+def brute_force_size(scores, latency, max_size):
+    """Every size scored from scratch; ties go to the smaller tree (as the rule does)."""
+    batch = len(scores)
+    best = None
+    for size in range(1, max_size + 1):
+        expected = batch + sum(sum(row[: size - 1]) for row in scores)
+        rate = expected / latency.cost(batch * size)
+        if best is None or rate > best[1]:
+            best = (size, rate)
+    return best[0]
+
+
+def test_cost_interpolates_and_extrapolates():
+    model = LatencyModel([1, 4, 8], [0.040, 0.052, 0.060])
+    assert model.cost(1) == pytest.approx(0.040)
+    assert model.cost(2) == pytest.approx(0.044)
+    assert model.cost(6) == pytest.approx(0.056)
+    assert model.cost(12) == pytest.approx(0.068)  # last slope: 2 ms per row
+    assert model.cost(0) == pytest.approx(0.040)
+
+
+def test_choice_matches_brute_force_on_random_scores():
+    rng = random.Random(0)
+    for _ in range(300):
+        sizes = sorted(rng.sample(range(1, 40), rng.randint(1, 6)))
+        seconds = sorted(rng.uniform(0.01, 0.2) for _ in sizes)
+        if len(set(seconds)) < len(seconds):
+            continue
+        latency = LatencyModel(sizes, seconds)
+        batch, max_size = rng.randint(1, 3), rng.randint(1, 24)
+        scores = [sorted((rng.random() ** rng.choice([1, 3]) for _ in range(max_size - 1)), reverse=True)
+                  for _ in range(batch)]
+        assert choose_tree_size(scores, latency, max_size) == brute_force_size(scores, latency, max_size)
+
+
+def test_flat_latency_takes_the_whole_tree_and_steep_latency_none():
+    scores = [[0.5, 0.4, 0.3, 0.1, 0.05]]
+    assert choose_tree_size(scores, LatencyModel([1, 64], [0.01, 0.01000001]), 6) == 6
+    assert choose_tree_size(scores, LatencyModel([1, 2], [0.01, 0.02]), 6) == 1  # doubling cost for +0.5
+
+
+def test_latency_file_round_trip_and_errors(tmp_path):
+    model = LatencyModel([1, 2, 8], [0.05, 0.06, 0.09], {"device": "cpu"})
+    back = LatencyModel.load(model.save(tmp_path / "lat.json"))
+    assert back.rows == model.rows and back.seconds == model.seconds and back.note == model.note
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(DynTreeError):
+        LatencyModel.load(tmp_path / "bad.json")
+    with pytest.raises(DynTreeError):
+        LatencyModel([2, 1], [0.1, 0.2])
+    with pytest.raises(DynTreeError):
+        LatencyModel([1, 2], [0.1, 0.0])
+
+
+def test_measure_latency_on_tiny_model(tiny):  # noqa: F811
+    backbone, heads = tiny
+    model = measure_latency(backbone, heads, sizes=(1, 3, 6), context=16, repeats=1)
+    assert model.rows == [1, 3, 6] and all(s > 0 for s in model.seconds)
+
+
+@pytest.mark.parametrize("seconds", [(0.01, 0.0101, 0.0102, 0.0103), (0.01, 0.02, 0.04, 0.08),
+                                     (0.01, 0.011, 0.03, 0.05)])
+def test_auto_size_decoding_is_lossless_and_sizes_vary_with_latency(tiny, seconds):  # noqa: F811
+    backbone, heads = tiny
+    prompts = [[3, 4] * 10, [1, 5, 9, 3]]
+    expected = Decoder(backbone, heads, RootOnlyProposer()).run(prompts, 40, stop_at_eos=False).consume().tokens
+    latency = LatencyModel([1, 4, 8, 16], list(seconds))
+    proposer = DynamicTreeProposer(4, 6, tree_size=16, score="binned", latency=latency)
+    for batch in (prompts, prompts[:1]):
+        run = Decoder(backbone, heads, proposer).run(batch, 40, stop_at_eos=False).consume()
+        assert run.tokens == expected[: len(batch)]
+        assert len(run.stats.tree_sizes) == run.stats.decode_passes
+        assert all(1 <= n <= 16 for n in run.stats.tree_sizes)
+    if seconds[1] > 1.5 * seconds[0] and seconds[2] >= 2 * seconds[1]:
+        assert max(run.stats.tree_sizes) < 16  # steep costs: never the largest tree
+    if seconds[-1] < 1.05 * seconds[0]:
+        assert run.stats.mean_tree_size > 8  # nearly free rows: big trees
+
+
+def test_auto_size_options(tiny):  # noqa: F811
+    backbone, heads = tiny
+    latency = LatencyModel([1, 2], [0.01, 0.02])
+    out = auto_size_options(backbone, heads, 4, {"tree_size": "auto:12", "latency": latency})
+    assert out["tree_size"] == 12 and out["latency"] is latency and out["score"] == "binned"
+    measured = auto_size_options(backbone, heads, 4, {"tree_size": "auto:5"})["latency"]
+    assert measured.rows[-1] == 5
+    assert auto_size_options(backbone, heads, 4, {"tree_size": 8}) == {"tree_size": 8}
+    for bad in ({"tree_size": "auto:x"}, {"tree_size": "auto:1"}, {"tree_size": "big"},
+                {"tree_size": 8, "latency": latency}):
+        with pytest.raises(DynTreeError):
+            auto_size_options(backbone, heads, 4, bad)
+
+
+def test_cli_rejects_bad_tree_size(capsys):
+    from dyntree.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--prompt", "hi", "--tree", "dynamic", "--tree-size", "big"])
+    assert exc.value.code == 2
+    assert "auto" in capsys.readouterr().err
