@@ -12,6 +12,8 @@ Method names:
   dynamic:N[:K[:SCORE[:raw]]]  dynamic tree of N nodes from the top-K of each head; SCORE prob|rank|binned
                            (rank/binned start from the calibration statistics and keep learning online);
                            raw: head probabilities without renormalising over the top-K
+  dynamic:autoN[:K[:SCORE]]  tree size chosen every step (at most N nodes) from the expected accepted
+                           tokens and this machine's step latency, measured once at start-up
 
 Example:
   PYTHONPATH=$PWD python benchmarks/dynamic_trees.py --heads /work/interim-heads --prompts 10 \
@@ -32,6 +34,7 @@ from dyntree.api import DEFAULT_TREE, DynTree, build_proposer
 from dyntree.errors import DynTreeError
 from dyntree.proposal import RootOnlyProposer, StaticTreeProposer
 from dyntree.trees import StaticTree, load_tree_spec
+from dyntree.trees.latency import measure_latency
 from dyntree.trees.dynamic import (AcceptanceStats, DynamicTreeProposer, collect_acceptance_stats,
                                    static_paths_from_stats)
 
@@ -83,7 +86,7 @@ def calibration_prompts(count: int) -> list[str]:
     return out
 
 
-def make_proposer(name: str, dt: DynTree, stats: AcceptanceStats | None, default_topk: int):
+def make_proposer(name: str, dt: DynTree, stats: AcceptanceStats | None, default_topk: int, latency=None):
     parts = name.split(":")
     kind = parts[0]
     if kind == "ar":
@@ -100,14 +103,15 @@ def make_proposer(name: str, dt: DynTree, stats: AcceptanceStats | None, default
         paths = static_paths_from_stats(stats.resized(dt.heads.num_heads, topk), size)
         return StaticTreeProposer(StaticTree.build(paths, topk, dt.heads.num_heads, f"cal{size}"))
     if kind == "dynamic":
-        size = int(parts[1])
+        auto = parts[1].startswith("auto")
+        size = int(parts[1][4:] or 32) if auto else int(parts[1])
         topk = int(parts[2]) if len(parts) > 2 else default_topk
         score = parts[3] if len(parts) > 3 else "prob"
         renormalize = not (len(parts) > 4 and parts[4] == "raw")  # "raw": no renormalisation over the top-k
         # Each calibrated proposer learns online from its own copy of the calibration statistics.
         calibration = None if score == "prob" else stats.resized(dt.heads.num_heads, topk)
         return DynamicTreeProposer(dt.heads.num_heads, topk, tree_size=size, score=score, calibration=calibration,
-                                   renormalize=renormalize)
+                                   renormalize=renormalize, latency=latency if auto else None)
     raise DynTreeError(f"unknown method {name!r}")
 
 
@@ -140,10 +144,15 @@ def main(argv=None) -> int:
             stats = collect_acceptance_stats(dt, calibration_prompts(args.calib_prompts), args.max_new_tokens)
             stats.save(calib)
             print(f"collected acceptance statistics in {time.perf_counter() - t0:.0f}s -> {calib}", file=sys.stderr)
-    proposers = {m: TimedProposer(make_proposer(m, dt, stats, args.topk)) for m in methods}
+    latency = None
+    if any(m.startswith("dynamic:auto") for m in methods):
+        latency = measure_latency(dt.model.backbone, dt.heads, topk=args.topk)
+        print("step ms by tree size: " + ", ".join(f"{r}: {1000 * x:.1f}" for r, x in
+                                                   zip(latency.rows, latency.seconds)), file=sys.stderr)
+    proposers = {m: TimedProposer(make_proposer(m, dt, stats, args.topk, latency)) for m in methods}
     prompts = mt_bench_prompts(args.skip + args.prompts)[args.skip:]
     totals = {m: {"new_tokens": 0, "wall": 0.0, "decode": 0.0, "passes": 0, "accepted": [], "tree_seconds": 0.0,
-                  "phase": {}, "mismatches": 0, "nodes": 0} for m in methods}
+                  "phase": {}, "mismatches": 0, "nodes": 0, "sizes": []} for m in methods}
     for i, prompt in enumerate(prompts):
         ids = dt.encode(prompt)
         reference = None
@@ -160,6 +169,7 @@ def main(argv=None) -> int:
             t["accepted"] += s.accepted_lengths
             t["tree_seconds"] += timed.seconds - before
             t["nodes"] = max(t["nodes"], s.tree_nodes)
+            t["sizes"] += s.tree_sizes
             for k, v in s.phase_seconds.items():
                 t["phase"][k] = t["phase"].get(k, 0.0) + v
             if reference is None:
@@ -180,15 +190,17 @@ def main(argv=None) -> int:
             "tree_share_of_step": t["tree_seconds"] / t["decode"] if t["decode"] else 0.0,
             "phase_ms_per_pass": {k: 1000 * v / passes for k, v in t["phase"].items()},
             "new_tokens": t["new_tokens"], "passes": t["passes"], "mismatches_vs_first": t["mismatches"],
+            "mean_tree_size": sum(t["sizes"]) / max(len(t["sizes"]), 1),
         })
     result = {"command": " ".join(sys.argv), "heads": args.heads, "prompts": len(prompts), "skip": args.skip,
               "max_new_tokens": args.max_new_tokens, "threads": torch.get_num_threads(), "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print("| method | nodes | acc/pass | tok/s | ms/pass | tree ms/pass | tree share | mismatches |")
+    print("| method | nodes (mean) | acc/pass | tok/s | ms/pass | tree ms/pass | tree share | mismatches |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['nodes']} | {r['accepted_per_pass']:.3f} | {r['tokens_per_second']:.2f} | "
+        print(f"| {r['method']} | {r['nodes']} ({r['mean_tree_size']:.1f}) | {r['accepted_per_pass']:.3f} | "
+              f"{r['tokens_per_second']:.2f} | "
               f"{r['ms_per_pass']:.1f} | {r['tree_ms_per_pass']:.2f} | {100 * r['tree_share_of_step']:.1f}% | "
               f"{r['mismatches_vs_first']} |")
     return 0
