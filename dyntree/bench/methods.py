@@ -155,8 +155,7 @@ def parse_method_spec(text: str) -> MethodSpec:
             wanted = SAMPLING_OPTIONS[key]
         if wanted is float and isinstance(converted, int) and not isinstance(converted, bool):
             converted = float(converted)  # temperature=1 means 1.0
-        if wanted is not None and (not isinstance(converted, wanted) or (wanted is int and isinstance(converted,
-                                                                                                      bool))):
+        if wanted is not None and type(converted) is not wanted:  # exact: true/false is no int
             raise DynTreeError(f"option {key!r} of method {name!r} must be {wanted.__name__}, got {value!r}")
         if key in options:
             raise DynTreeError(f"option {key!r} is given twice in method {text!r}")
