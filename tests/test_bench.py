@@ -318,3 +318,15 @@ def test_list_methods(capsys):
     printed = capsys.readouterr().out
     for name in ("hf", "hf-lookup", "ar", "static", "dynamic"):
         assert name in printed
+
+
+def test_auto_sized_dynamic_tree_runs_in_the_bench(tiny_model_dir, prompts_file):
+    context = BenchContext(model=str(tiny_model_dir), heads="random")
+    methods = build_methods(parse_method_list("ar,dynamic:n=auto:max=6"), context)
+    assert methods[1].engine.proposer.max_nodes == 6 and methods[1].engine.proposer.latency is not None
+    bench = run_benchmark(methods, load_prompts(prompts_file)[:1], context,
+                          BenchSettings(max_new_tokens=10, turns=1, seed=0, warmup=0, repeats=1))
+    results = collect_results(bench, context, "dyntree bench (test)", str(prompts_file))
+    assert results["methods"]["dynamic:n=auto:max=6"]["exact_match_rate"] == 1.0
+    with pytest.raises(DynTreeError):
+        build_methods(parse_method_list("dynamic:n=8:max=6"), context)

@@ -3,7 +3,8 @@
 methods.py  the registry of decoding methods (ours, transformers' greedy and prompt-lookup generate)
 prompts.py  JSONL prompt files and the built-in prompt set
 runner.py   warm-up, round-robin timing, memory, environment
-summary.py  raw records -> per-method figures (pure)
+summary.py  raw records -> per-method figures (pure), BLEU against ar included
+quality.py  first-token KL of the sampling methods (after the timed runs)
 report.py   terminal table, results.json, results.md, PNG plots
 """
 
@@ -14,14 +15,15 @@ from dataclasses import asdict
 from .methods import METHODS, BenchContext, BenchMethod, MethodSpec, build_methods, parse_method_list, \
     register_method
 from .prompts import BUILTIN, BenchPrompt, load_prompts
+from .quality import measure_first_token_kl, measures_kl, not_measured
 from .report import SCHEMA_VERSION, write_outputs
 from .runner import BenchRun, BenchSettings, RunRecord, run_benchmark
 from .summary import summarize
 
 __all__ = [
     "METHODS", "BenchContext", "BenchMethod", "BenchPrompt", "BenchRun", "BenchSettings", "MethodSpec",
-    "RunRecord", "build_methods", "collect_results", "load_prompts", "parse_method_list", "register_method",
-    "run_benchmark", "summarize", "write_outputs", "BUILTIN",
+    "RunRecord", "build_methods", "collect_results", "load_prompts", "measure_first_token_kl", "measures_kl",
+    "parse_method_list", "register_method", "run_benchmark", "summarize", "write_outputs", "BUILTIN",
 ]
 
 
@@ -33,10 +35,14 @@ def collect_results(bench: BenchRun, context: BenchContext, command: str, prompt
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=False)
 
-    methods = summarize(bench.records, names, {m.name: m.greedy for m in bench.methods}, decode)
+    def text(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    methods = summarize(bench.records, names, {m.name: m.greedy for m in bench.methods}, decode, text)
     for method in bench.methods:
         methods[method.name] = {"family": method.family, "greedy": method.greedy,
-                                "settings": method.settings(), **methods[method.name]}
+                                "settings": method.settings(), **methods[method.name],
+                                **(bench.kl.get(method.name) or not_measured(method, bench.settings.kl_samples))}
     runs = []
     for record in bench.records:
         row = record.as_dict()

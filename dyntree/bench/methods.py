@@ -6,20 +6,27 @@ so a later method (ProPD, sampling modes) is one `@register_method(...)` away an
 
 A method spec on the command line is `name` or `name:key=value:key=value`, e.g. `dynamic:n=8` or
 `hf-lookup:n=5`; the spec string is also the method's name in every report, so variants sit side by side.
+
+Our methods (`ar`, `static`, `dynamic`) also take sampling options: `temperature=`, `top_p=`, `top_k=`,
+`seed=`, and for the tree methods `accept=lossless|typical` (with `eps=`, `alpha=` for typical), e.g.
+`dynamic:temperature=0.7:accept=typical`. Without `temperature` (or with 0) a method is greedy and is checked
+token for token against `ar`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol
 
 import torch
 
 from ..decoding import GenerationStats
 from ..errors import DynTreeError
+from ..sampling import DEFAULT_TYPICAL_ALPHA, DEFAULT_TYPICAL_EPS, SamplingConfig
 
 
 class BenchMethod(Protocol):
@@ -49,20 +56,68 @@ class MethodEntry:
     description: str
     options: dict[str, type] | None = None  # accepted option names and types; None = any (passed through)
     requires_module: str | None = None  # a module that must exist for the method to be available
+    sampling: tuple[str, ...] = ()  # sampling option names the method understands (checked when parsed)
 
 
 METHODS: dict[str, MethodEntry] = {}
 
 
 def register_method(name: str, description: str, options: dict[str, type] | None = None,
-                    requires_module: str | None = None):
-    """Decorator: make `factory(context, spec)` available as method `name`."""
+                    requires_module: str | None = None, sampling: tuple[str, ...] = ()):
+    """Decorator: make `factory(context, spec)` available as method `name`.
+
+    `sampling`: which of SAMPLING_OPTIONS the method takes; they are validated (through `SamplingConfig`) as
+    soon as the spec is parsed, before any model is loaded.
+    """
 
     def wrap(factory):
-        METHODS[name] = MethodEntry(factory, description, options, requires_module)
+        allowed = dict(options) if options is not None else None
+        if allowed is not None:
+            allowed.update({key: SAMPLING_OPTIONS[key] for key in sampling})
+        METHODS[name] = MethodEntry(factory, description, allowed, requires_module, tuple(sampling))
         return factory
 
     return wrap
+
+
+# -- sampling options ----------------------------------------------------------------------------------------
+SAMPLING_OPTIONS: dict[str, type] = {"temperature": float, "top_p": float, "top_k": int, "seed": int,
+                                     "accept": str, "eps": float, "alpha": float}
+PLAIN_SAMPLING = ("temperature", "top_p", "top_k", "seed")  # plain decoding has no tree to accept from
+TREE_SAMPLING = tuple(SAMPLING_OPTIONS)
+SAMPLING_ONLY = ("accept", "top_p", "top_k", "eps", "alpha")  # meaningless for greedy decoding
+
+
+def sampling_from_options(method: str, options: dict, default_seed: int = 0) -> SamplingConfig | None:
+    """The `SamplingConfig` a method's options describe, or None for greedy decoding.
+
+    Options that only matter when sampling are refused on a greedy method (so `dynamic:accept=typical`
+    cannot silently run greedy); the seed defaults to the run's `--seed`.
+    """
+    temperature = options.get("temperature", 0.0)
+    if temperature == 0:
+        stray = [key for key in SAMPLING_ONLY if key in options]
+        if stray:
+            raise DynTreeError(f"method {method!r}: {', '.join(stray)} only apply when sampling; add "
+                               "temperature=T with T > 0")
+        return None
+    mode = options.get("accept", "lossless")
+    if mode != "typical" and ("eps" in options or "alpha" in options):
+        raise DynTreeError(f"method {method!r}: eps and alpha only apply to accept=typical")
+    try:
+        return SamplingConfig(temperature=temperature, top_p=options.get("top_p", 1.0),
+                              top_k=options.get("top_k", 0), seed=options.get("seed", default_seed), mode=mode,
+                              eps=options.get("eps", DEFAULT_TYPICAL_EPS),
+                              alpha=options.get("alpha", DEFAULT_TYPICAL_ALPHA))
+    except DynTreeError as exc:
+        raise DynTreeError(f"method {method!r}: {exc}") from None
+
+
+def prompt_seed(seed: int, prompt_ids: list[int]) -> int:
+    """The generator seed of one run: fixed by the method's seed and the prompt, so a rerun (or a repeat, or
+    the warm-up) of a prompt gives the same tokens while different prompts get different random streams."""
+    digest = hashlib.blake2b(repr((seed, [int(t) for t in prompt_ids])).encode(), digest_size=7).digest()
+    return int.from_bytes(digest, "big")
 
 
 def _convert(value: str):
@@ -96,9 +151,17 @@ def parse_method_spec(text: str) -> MethodSpec:
             raise DynTreeError(f"method {name!r} has no option {key!r} (options: {allowed})")
         converted = _convert(value)
         wanted = entry.options.get(key) if entry.options else None
-        if wanted is not None and not isinstance(converted, wanted):
+        if wanted is None and key in entry.sampling:
+            wanted = SAMPLING_OPTIONS[key]
+        if wanted is float and isinstance(converted, int) and not isinstance(converted, bool):
+            converted = float(converted)  # temperature=1 means 1.0
+        if wanted is not None and type(converted) is not wanted:  # exact: true/false is no int
             raise DynTreeError(f"option {key!r} of method {name!r} must be {wanted.__name__}, got {value!r}")
+        if key in options:
+            raise DynTreeError(f"option {key!r} is given twice in method {text!r}")
         options[key] = converted
+    if entry.sampling:
+        sampling_from_options(text, options)  # bad values fail here, before anything is loaded
     return MethodSpec(text, name, options)
 
 
@@ -127,6 +190,7 @@ class BenchContext:
     heads: str | None = "auto"
     device: str | None = None
     dtype: torch.dtype = torch.float32
+    seed: int = 0  # sampling seed of methods that give none (`--seed`)
     _dyntree: object = field(default=None, repr=False)
     _hf_model: object = field(default=None, repr=False)
 
@@ -169,30 +233,75 @@ class BenchContext:
 
 # -- our engine ----------------------------------------------------------------------------------------------
 class DynTreeMethod:
-    """Our decoding loop with one tree policy (`ar` = no tree)."""
+    """Our decoding loop with one tree policy (`ar` = no tree), greedy or sampling.
+
+    When sampling, every run gets its own generator seeded by `prompt_seed(sampling.seed, prompt)`, so the
+    tokens depend on the seed and the prompt only (not on the run order, repeats or other methods).
+    """
 
     family = "dyntree"
-    greedy = True
 
-    def __init__(self, name: str, engine, tree_settings: dict):
+    def __init__(self, name: str, engine, tree_settings: dict, sampling: SamplingConfig | None = None):
         self.name = name
         self.engine = engine
+        self.sampling = sampling if sampling is not None and not sampling.is_greedy else None
+        self.greedy = self.sampling is None
         self._decoder = engine.decoder()
         self._settings = tree_settings
 
     def run(self, prompt_ids, max_new_tokens):
-        decode = self._decoder.run([list(prompt_ids)], max_new_tokens, stop_at_eos=True).consume()
+        sampling = None
+        if self.sampling is not None:
+            sampling = replace(self.sampling, seed=prompt_seed(self.sampling.seed or 0, prompt_ids))
+        decode = self._decoder.run([list(prompt_ids)], max_new_tokens, stop_at_eos=True, sampling=sampling).consume()
         decode.stats.heads_note = self.engine.heads_note
         return decode.tokens[0], decode.stats
 
+    def first_token_kl(self, prompts: list[list[int]], num_samples: int):
+        """The first-tree-token KL estimate (dyntree/quality.py) of this method's sampling on `prompts`:
+        each prompt + its greedy next token is a fixed context; the method's verification is replayed
+        `num_samples` times on the tree its proposer builds there."""
+        from ..quality import build_tree_context, estimate_first_token_kl
+
+        backbone = self.engine.model.backbone
+        with torch.inference_mode():
+            contexts = [build_tree_context(backbone, self.engine.heads, self.engine.proposer, list(ids))
+                        for ids in prompts]
+            return estimate_first_token_kl(contexts, self.sampling, num_samples, seed=self.sampling.seed or 0)
+
     def settings(self) -> dict:
+        tree = self.engine.proposer.uses_heads
         return {"engine": "dyntree", "proposer": self.engine.proposer.name, **self._settings,
-                "heads": self.engine.heads_note}
+                "decoding": decoding_label(self.sampling, tree),
+                "sampling": sampling_settings(self.sampling, tree), "heads": self.engine.heads_note}
+
+
+def decoding_label(sampling: SamplingConfig | None, tree: bool) -> str:
+    """greedy, sampling(T=..) for plain decoding, lossless(T=..) / typical(T=..) for trees."""
+    if sampling is None:
+        return "greedy"
+    label = sampling.label
+    return label if tree else "sampling" + label[label.index("("):]
+
+
+def sampling_settings(sampling: SamplingConfig | None, tree: bool = True) -> dict | None:
+    """What results.json records of a method's sampling (None: greedy; accept None: no tree to accept from)."""
+    if sampling is None:
+        return None
+    out = {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
+           "seed": sampling.seed, "accept": sampling.mode if tree else None}
+    if tree and sampling.mode == "typical":
+        out.update(eps=sampling.eps, alpha=sampling.alpha)
+    return out
 
 
 def _tree_method(context: BenchContext, spec: MethodSpec, tree: str) -> DynTreeMethod:
     base = context.dyntree()
     options = dict(spec.options)
+    sampling = sampling_from_options(spec.text, {k: options.pop(k) for k in SAMPLING_OPTIONS if k in options},
+                                     default_seed=context.seed)
+    if "tree_temperature" in options:  # the dynamic tree's own temperature (on the heads' probabilities)
+        options["temperature"] = options.pop("tree_temperature")
     if tree != "ar" and base.heads is None:
         raise DynTreeError(f"method {spec.text!r} needs Medusa heads, and none are loaded ({base.heads_note}); "
                            "pass --heads DIR (or --heads random to check exactness only)")
@@ -209,22 +318,28 @@ def _tree_method(context: BenchContext, spec: MethodSpec, tree: str) -> DynTreeM
     except TypeError as exc:  # a proposer refusing an option
         raise DynTreeError(f"method {spec.text!r}: {exc}") from exc
     settings = {"tree": tree, "topk": engine.topk if tree != "ar" else None, **options}
-    return DynTreeMethod(spec.text, engine, settings)
+    return DynTreeMethod(spec.text, engine, settings, sampling)
 
 
-@register_method("ar", "our engine, plain greedy decoding (no heads, no tree): the baseline", options={})
+SAMPLING_HELP = "temperature=T, top_p=P, top_k=K, seed=S"
+TREE_SAMPLING_HELP = SAMPLING_HELP + ", accept=lossless|typical, eps=, alpha= (typical)"
+
+
+@register_method("ar", f"our engine, plain decoding (no heads, no tree): the baseline; greedy unless "
+                       f"temperature > 0 (options: {SAMPLING_HELP})", options={}, sampling=PLAIN_SAMPLING)
 def _ar(context, spec):
     return _tree_method(context, spec, "ar")
 
 
-@register_method("static", "our engine with Medusa's static tree (options: tree=NAME|FILE, topk=K)",
-                 options={"tree": str, "topk": int})
+@register_method("static", f"our engine with Medusa's static tree (options: tree=NAME|FILE, topk=K, "
+                           f"{TREE_SAMPLING_HELP})", options={"tree": str, "topk": int}, sampling=TREE_SAMPLING)
 def _static(context, spec):
     return _tree_method(context, spec, "static")
 
 
-@register_method("dynamic", "our engine with the dynamic tree (options: n=NODES or n=auto[:max=N], topk=K, any tree option)",
-                 options=None, requires_module="dyntree.trees.dynamic")
+@register_method("dynamic", f"our engine with the dynamic tree (options: n=NODES or n=auto[:max=N], topk=K, "
+                            f"tree_temperature=, any other tree option, {TREE_SAMPLING_HELP})",
+                 options=None, requires_module="dyntree.trees.dynamic", sampling=TREE_SAMPLING)
 def _dynamic(context, spec):
     return _tree_method(context, spec, "dynamic")
 

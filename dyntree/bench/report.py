@@ -17,12 +17,19 @@ COLUMN_NOTES = {
     "acc/pass": "mean tokens added per decoding pass (1.00 = plain decoding); hf methods: counted forward calls",
     "passes": "decoding passes after the prefill (hf methods: counted forward calls)",
     "propose / forward / verify / cache": "ms per decoding pass: proposal (heads + tree), forward (backbone "
-                                          "on the tree), verification (greedy check), cache (commit accepted "
-                                          "keys/values); transformers does not split its time",
+                                          "on the tree), verification (greedy check, or the sampling "
+                                          "acceptance), cache (commit accepted keys/values); transformers does "
+                                          "not split its time",
     "prefill": "mean ms of the prompt's forward pass (our engine only)",
     "peak MiB": "CPU: process peak RSS during the method's runs (models of all methods included), with the "
                 "growth during a run in brackets; CUDA: max allocated",
-    "exact": "prompts whose output equals ar's token for token",
+    "exact": "prompts whose output equals ar's token for token (greedy methods only; n/a when sampling)",
+    "BLEU": "sacrebleu corpus BLEU of the outputs against greedy ar's on the same prompts (100 = same text); "
+            "for a sampling method compare with plain sampling (ar:temperature=T) at the same settings",
+    "KL (floor)": "sampling methods: first-tree-token KL(p_hat || p) in nats between the token the method emits "
+                  "after a fixed context and the model's own sampling distribution, mean over a few contexts; "
+                  "in brackets the floor, the same estimate for as many direct draws from p (a lossless method "
+                  "matches it up to noise); docs/sampling.md defines it. Greedy methods: n/a",
 }
 
 
@@ -33,6 +40,12 @@ def _fmt(value, spec: str = ".2f", none: str = "n/a") -> str:
 def _num(value: float) -> str:
     """Three significant figures, enough to compare at a glance."""
     return f"{value:.0f}" if abs(value) >= 100 else f"{value:.1f}"
+
+
+def _kl(m: dict) -> str:
+    if m.get("kl") is None:
+        return "inf" if (m.get("kl_note") or "").startswith("infinite") else "n/a"
+    return f"{m['kl']:.3f} ({_fmt(m.get('kl_floor'), '.3f')})"
 
 
 def _mib(value) -> str:
@@ -61,6 +74,8 @@ def table_rows(results: dict) -> tuple[list[dict[str, str]], list[dict[str, str]
             "vs ar": _fmt(m.get("speedup_vs_ar"), ".2f") + ("x" if m.get("speedup_vs_ar") is not None else ""),
             "acc/pass": _fmt(m.get("mean_accepted_per_pass")),
             "exact": exact,
+            "BLEU": _fmt(m.get("bleu_vs_ar"), ".1f"),
+            "KL (floor)": _kl(m),
         })
         cost.append({
             "method": name,
@@ -136,7 +151,9 @@ def markdown(results: dict) -> str:
         f"Model: {results['model']}; heads: {results.get('heads') or 'none'}", "",
         f"Prompts: {results['prompts']['source']} ({results['prompts']['count']} prompts, "
         f"{settings['turns']} turn(s)); max new tokens {settings['max_new_tokens']}; seed {settings['seed']}; "
-        f"warm-up {settings['warmup']}; repeats {settings['repeats']}", "",
+        f"warm-up {settings['warmup']}; repeats {settings['repeats']}"
+        + (f"; KL: {settings['kl_samples']} samples on up to {settings['kl_contexts']} contexts"
+           if settings.get("kl_samples") else ""), "",
         f"Environment: {env['cpu']}, {env['logical_cpus']} logical CPUs, {env['torch_threads']} torch threads, "
         f"device {env['device']}{', ' + env['gpu'] if env.get('gpu') else ''}; torch {env['torch']}, "
         f"transformers {env['transformers']}, Python {env['python']}; commit {env.get('git_commit')}; "

@@ -25,6 +25,7 @@ import torch
 from ..errors import DynTreeError
 from .methods import BenchContext, BenchMethod
 from .prompts import BenchPrompt, conversation, raw_text
+from .quality import measure_first_token_kl
 
 REFERENCE_METHOD = "ar"
 
@@ -152,6 +153,8 @@ class BenchSettings:
     warmup: int = 1
     repeats: int = 1
     chat: bool = True
+    kl_samples: int = 400  # draws per context for the first-token KL of sampling methods (0 = off)
+    kl_contexts: int = 4  # fixed contexts for it: the first prompts' first turns
 
 
 @dataclass
@@ -190,6 +193,7 @@ class BenchRun:
     inputs: dict = field(default_factory=dict)  # (prompt_id, turn) -> {"token_ids", "text"}
     memory_kind: str = ""
     environment: dict = field(default_factory=dict)
+    kl: dict = field(default_factory=dict)  # method name -> its kl* fields (bench/quality.py)
 
 
 def _stats_record(method: BenchMethod, prompt: BenchPrompt, turn: int, repeat: int, order: int,
@@ -225,6 +229,10 @@ def run_benchmark(methods: list[BenchMethod], prompts: list[BenchPrompt], contex
         raise DynTreeError("--turns must be 1 or 2")
     if settings.repeats < 1:
         raise DynTreeError("--repeats must be at least 1")
+    if settings.kl_samples < 0:
+        raise DynTreeError("--kl-samples must be 0 (off) or more")
+    if settings.kl_contexts < 1:
+        raise DynTreeError("--kl-contexts must be at least 1")
     device = context.torch_device
     probe = MemoryProbe(device)
     bench = BenchRun(methods, prompts, settings, memory_kind=probe.kind, environment=environment(device))
@@ -272,4 +280,6 @@ def run_benchmark(methods: list[BenchMethod], prompts: list[BenchPrompt], contex
             # The next turn continues the reference method's answer, so every method sees the same input.
             answers.append(tokenizer.decode(outputs[names[reference]], skip_special_tokens=True))
     bench.environment["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    # Quality of the sampling methods' distribution: after the timed runs, so it never disturbs a timing.
+    bench.kl = measure_first_token_kl(methods, bench.inputs, settings.kl_samples, settings.kl_contexts, progress)
     return bench

@@ -107,8 +107,13 @@ def _phase_ms(records: list[RunRecord]) -> dict | None:
 
 
 def summarize(records: list[RunRecord], method_names: list[str], greedy: dict[str, bool] | None = None,
-              decode: Callable[[list[int]], str] | None = None) -> dict[str, dict]:
-    """Per-method figures (the `methods` block of results.json)."""
+              decode: Callable[[list[int]], str] | None = None,
+              text: Callable[[list[int]], str] | None = None) -> dict[str, dict]:
+    """Per-method figures (the `methods` block of results.json).
+
+    `decode` shows the tokens around a mismatch; `text` turns an output into the text BLEU scores (special
+    tokens dropped, as stored in each run's `text`); without it BLEU is not computed.
+    """
     greedy = greedy or {}
     samples = fold_repeats(records)
     by_method_records: dict[str, list[RunRecord]] = defaultdict(list)
@@ -153,6 +158,7 @@ def summarize(records: list[RunRecord], method_names: list[str], greedy: dict[st
         summary["run_memory_bytes"] = max(deltas) if deltas else None
         summary["repeats_agree"] = all(s.repeats_agree for s in mine)
         summary.update(_exactness(mine, reference, greedy.get(name, True), name, decode))
+        summary.update(bleu_vs_reference(mine, reference, text))
         summary["by_category"] = _by_category(mine, samples, method_names)
         out[name] = summary
     return out
@@ -185,6 +191,25 @@ def _exactness(mine: list[Sample], reference: dict, is_greedy: bool, name: str,
         mismatches.append(miss)
     return {"exact_match_rate": matches / compared if compared else None, "exact_matches": matches,
             "exact_compared": compared, "mismatches": mismatches, "exactness_note": f"{name} vs ar, token for token"}
+
+
+def bleu_vs_reference(mine: list[Sample], reference: dict, text: Callable[[list[int]], str] | None) -> dict:
+    """Corpus BLEU (sacrebleu) of a method's outputs against greedy `ar`'s outputs on the same prompt turns.
+
+    100 for a token-exact method; for a sampling method it says how far its answers drift from the greedy
+    ones (compare with plain sampling, `ar:temperature=T`, which drifts by design).
+    """
+    from ..quality import corpus_bleu
+
+    if text is None or not reference:
+        why = "no ar run to compare with" if not reference else "no tokenizer to turn outputs into text"
+        return {"bleu_vs_ar": None, "bleu_compared": 0, "bleu_note": why}
+    pairs = [(text(s.token_ids), text(reference[s.key].token_ids)) for s in mine if s.key in reference]
+    if not pairs:
+        return {"bleu_vs_ar": None, "bleu_compared": 0, "bleu_note": "no prompt in common with ar"}
+    hypotheses, references = zip(*pairs)
+    return {"bleu_vs_ar": corpus_bleu(list(hypotheses), list(references)), "bleu_compared": len(pairs),
+            "bleu_note": "sacrebleu corpus BLEU of the outputs (first repeat) against greedy ar's"}
 
 
 def _by_category(mine: list[Sample], samples: dict[str, list[Sample]], method_names: list[str]) -> dict:

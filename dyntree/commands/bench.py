@@ -32,8 +32,8 @@ def add_command(subparsers) -> None:
                                           "prompt, and writes results.json, results.md and plots to --out.")
     p.add_argument("--methods", default=None,
                    help="comma-separated methods, each NAME or NAME:key=value[:key=value] (e.g. dynamic:n=8, "
-                        f"hf-lookup:n=5); default: {','.join(DEFAULT_METHODS)} (those available). "
-                        "--list-methods shows them all")
+                        "hf-lookup:n=5, ar:temperature=0.7, dynamic:temperature=0.7:accept=typical); default: "
+                        f"{','.join(DEFAULT_METHODS)} (those available). --list-methods shows them all")
     p.add_argument("--list-methods", action="store_true", help="list the available methods and exit")
     p.add_argument("--prompts", default="builtin",
                    help="JSONL file (MT-Bench 'turns', or 'prompt'/'question'/'instruction' rows) or 'builtin' "
@@ -43,8 +43,13 @@ def add_command(subparsers) -> None:
                    help="1: first turns only; 2: also the second turn, continuing ar's first answer")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--seed", type=int, default=0,
-                   help="torch seed, set before every run (the same for every method on a prompt; matters to "
-                        "sampling methods only)")
+                   help="sampling seed of our methods that give no seed= (each prompt's generator is seeded from "
+                        "it and the prompt, so a rerun gives the same tokens); also the torch seed set before "
+                        "every run")
+    p.add_argument("--kl-samples", type=int, default=400,
+                   help="draws per context for the first-token KL of sampling methods (0 = skip it; default 400)")
+    p.add_argument("--kl-contexts", type=int, default=4,
+                   help="fixed contexts for the KL: the first N prompts' first turns (default 4)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up rounds before timing (default 1)")
     p.add_argument("--repeats", type=int, default=1,
                    help="time every prompt this many times; the median time is used (default 1)")
@@ -61,7 +66,8 @@ def _command_line(args, methods: str, out: Path) -> str:
     if args.limit is not None:
         parts += ["--limit", str(args.limit)]
     parts += ["--turns", str(args.turns), "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed),
-              "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--model", args.model,
+              "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--kl-samples", str(args.kl_samples),
+              "--kl-contexts", str(args.kl_contexts), "--model", args.model,
               "--heads", str(args.heads)]
     if args.no_chat:
         parts.append("--no-chat")
@@ -86,7 +92,7 @@ def run(args) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ..bench import (BenchContext, BenchSettings, build_methods, collect_results, load_prompts,
+    from ..bench import (BenchContext, BenchSettings, build_methods, collect_results, load_prompts, measures_kl,
                          parse_method_list, run_benchmark, write_outputs)
     from ..bench.report import notes, rich_tables
     from ..errors import DynTreeError
@@ -106,13 +112,19 @@ def run(args) -> int:
         raise DynTreeError("--warmup must be 0 or more")
     if args.repeats < 1:
         raise DynTreeError("--repeats must be at least 1")
+    if args.kl_samples < 0:
+        raise DynTreeError("--kl-samples must be 0 (off) or more")
+    if args.kl_contexts < 1:
+        raise DynTreeError("--kl-contexts must be at least 1")
+    if args.seed < 0:
+        raise DynTreeError("--seed must be 0 or more")
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else Path("bench-out") / stamp
     if out.exists() and not out.is_dir():
         raise DynTreeError(f"--out {out} exists and is not a folder")
 
     heads = None if args.heads == "none" else args.heads
-    context = BenchContext(model=args.model, heads=heads, device=args.device)
+    context = BenchContext(model=args.model, heads=heads, device=args.device, seed=args.seed)
     with err.status("loading model and methods"):
         if args.methods is None and context.dyntree().heads is None:
             # Default list without heads to run the trees on: time what can run, and say so.
@@ -123,9 +135,12 @@ def run(args) -> int:
                           f"{', '.join(skipped)}; pass --heads DIR or --heads random[/yellow]")
         methods = build_methods(specs, context)
     settings = BenchSettings(max_new_tokens=args.max_new_tokens, turns=args.turns, seed=args.seed,
-                             warmup=args.warmup, repeats=args.repeats, chat=not args.no_chat)
+                             warmup=args.warmup, repeats=args.repeats, chat=not args.no_chat,
+                             kl_samples=args.kl_samples, kl_contexts=args.kl_contexts)
     turns = sum(min(args.turns, len(p.turns)) for p in prompts)
     total = (turns * args.repeats + args.warmup) * len(methods)
+    if args.kl_samples:
+        total += sum(measures_kl(m) for m in methods)
     if err.is_terminal:
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=err, transient=True) as bar:
@@ -147,6 +162,8 @@ def run(args) -> int:
     command = _command_line(args, ",".join(s.text for s in specs), out)
     results = collect_results(bench, context, command, args.prompts)
     written = write_outputs(results, out, plots=not args.no_plots)
+    if not console.is_terminal:
+        console = Console(width=160)  # a file or pipe: one line per row, however long the method names
     for table in rich_tables(results):
         console.print(table)
     for line in notes(results):
