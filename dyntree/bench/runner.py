@@ -156,6 +156,19 @@ class BenchSettings:
     kl_samples: int = 400  # draws per context for the first-token KL of sampling methods (0 = off)
     kl_contexts: int = 4  # fixed contexts for it: the first prompts' first turns
 
+    def validate(self) -> None:
+        """One clear error for a setting a user can get wrong (named as its command-line flag)."""
+        checks = ((self.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
+                  (self.turns in (1, 2), "--turns must be 1 or 2"),
+                  (self.warmup >= 0, "--warmup must be 0 or more"),
+                  (self.repeats >= 1, "--repeats must be at least 1"),
+                  (self.kl_samples >= 0, "--kl-samples must be 0 (off) or more"),
+                  (self.kl_contexts >= 1, "--kl-contexts must be at least 1"),
+                  (self.seed >= 0, "--seed must be 0 or more"))
+        for ok, message in checks:
+            if not ok:
+                raise DynTreeError(message)
+
 
 @dataclass
 class RunRecord:
@@ -223,16 +236,7 @@ def _encode(context: BenchContext, prompt: BenchPrompt, turn: int, answers: list
 def run_benchmark(methods: list[BenchMethod], prompts: list[BenchPrompt], context: BenchContext,
                   settings: BenchSettings, progress: Callable[[str], None] | None = None) -> BenchRun:
     """Warm up, then run every (prompt, turn) with every method in rotated order; return the raw records."""
-    if settings.max_new_tokens < 1:
-        raise DynTreeError("--max-new-tokens must be at least 1")
-    if settings.turns not in (1, 2):
-        raise DynTreeError("--turns must be 1 or 2")
-    if settings.repeats < 1:
-        raise DynTreeError("--repeats must be at least 1")
-    if settings.kl_samples < 0:
-        raise DynTreeError("--kl-samples must be 0 (off) or more")
-    if settings.kl_contexts < 1:
-        raise DynTreeError("--kl-contexts must be at least 1")
+    settings.validate()
     device = context.torch_device
     probe = MemoryProbe(device)
     bench = BenchRun(methods, prompts, settings, memory_kind=probe.kind, environment=environment(device))

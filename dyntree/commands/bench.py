@@ -106,18 +106,10 @@ def run(args) -> int:
     methods_text = args.methods or default_methods()
     specs = parse_method_list(methods_text)
     prompts = load_prompts(args.prompts, args.limit)
-    if args.max_new_tokens < 1:
-        raise DynTreeError("--max-new-tokens must be at least 1")
-    if args.warmup < 0:
-        raise DynTreeError("--warmup must be 0 or more")
-    if args.repeats < 1:
-        raise DynTreeError("--repeats must be at least 1")
-    if args.kl_samples < 0:
-        raise DynTreeError("--kl-samples must be 0 (off) or more")
-    if args.kl_contexts < 1:
-        raise DynTreeError("--kl-contexts must be at least 1")
-    if args.seed < 0:
-        raise DynTreeError("--seed must be 0 or more")
+    settings = BenchSettings(max_new_tokens=args.max_new_tokens, turns=args.turns, seed=args.seed,
+                             warmup=args.warmup, repeats=args.repeats, chat=not args.no_chat,
+                             kl_samples=args.kl_samples, kl_contexts=args.kl_contexts)
+    settings.validate()
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else Path("bench-out") / stamp
     if out.exists() and not out.is_dir():
@@ -134,9 +126,6 @@ def run(args) -> int:
                 err.print(f"[yellow]no heads loaded ({context.dyntree().heads_note}): skipping "
                           f"{', '.join(skipped)}; pass --heads DIR or --heads random[/yellow]")
         methods = build_methods(specs, context)
-    settings = BenchSettings(max_new_tokens=args.max_new_tokens, turns=args.turns, seed=args.seed,
-                             warmup=args.warmup, repeats=args.repeats, chat=not args.no_chat,
-                             kl_samples=args.kl_samples, kl_contexts=args.kl_contexts)
     turns = sum(min(args.turns, len(p.turns)) for p in prompts)
     total = (turns * args.repeats + args.warmup) * len(methods)
     if args.kl_samples:
