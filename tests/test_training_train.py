@@ -1,6 +1,7 @@
 """Head training: label alignment, the loss against a brute-force reference, end to end, resume, 2 processes."""
 
 import json
+from dataclasses import replace
 import os
 import subprocess
 import sys
@@ -119,6 +120,29 @@ def test_resume_continues_exactly(setup, tmp_path):
     state_file.write_text(json.dumps(state))
     with pytest.raises(DynTreeError, match="another model"):
         train(loaded, root / "data", tmp_path / "other", config, progress=False)
+
+
+def test_training_continues_from_init_heads(setup, tmp_path):
+    root, _, loaded = setup
+    config = TrainConfig(num_heads=2, num_layers=1, shared_projection=False, vocab_subset=30, epochs=2,
+                         batch_size=16, lr=3e-3, val_fraction=0.2, checkpoint_every=0)
+    train(loaded, root / "data", tmp_path / "first", config, progress=False)
+    first = load_heads(tmp_path / "first")
+    # A tiny learning rate: the continued heads must stay next to where they started, with the same subset.
+    more = replace(config, init_heads=str(tmp_path / "first"), lr=1e-7, epochs=1)
+    train(loaded, root / "data", tmp_path / "second", more, progress=False)
+    second = load_heads(tmp_path / "second")
+    assert torch.equal(second.vocab_ids, first.vocab_ids)
+    assert torch.allclose(second.projection, first.projection, atol=1e-4)
+    assert not torch.allclose(first.projection, torch.zeros_like(first.projection))
+    # A scratch run with the same tiny learning rate stays near the lm_head init instead.
+    scratch = replace(config, lr=1e-7, epochs=1)
+    train(loaded, root / "data", tmp_path / "scratch", scratch, progress=False)
+    assert not torch.allclose(load_heads(tmp_path / "scratch").block_weight, first.block_weight, atol=1e-4)
+    for bad in (replace(more, num_heads=3), replace(more, vocab_subset=20),
+                replace(more, init_heads=str(tmp_path / "missing"))):
+        with pytest.raises(DynTreeError):
+            train(loaded, root / "data", tmp_path / "bad", bad, progress=False)
 
 
 def test_recomputed_hidden_matches_stored(setup, tmp_path):

@@ -33,6 +33,9 @@ def add_command(subparsers) -> None:
                    help="recompute the backbone's hidden states from the token ids instead of reading them")
     p.add_argument("--stop-after", type=int, default=None,
                    help="checkpoint and stop after this many optimiser steps (run again to continue)")
+    p.add_argument("--init-heads", default=None, metavar="DIR",
+                   help="continue from trained heads (same --num-heads/--num-layers/projection; their "
+                        "vocabulary subset is kept), e.g. after distilling more data")
     p.add_argument("--fp16-blocks", action="store_true", help="store the heads' blocks in fp16 (half the size)")
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out and start over")
     p.add_argument("--model", default="default", help="'default' or a local Hugging Face model directory")
@@ -55,7 +58,7 @@ def run(args) -> int:
         vocab_subset=args.vocab_subset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, decay=args.decay,
         val_fraction=args.val_fraction, seed=args.seed, checkpoint_every=args.checkpoint_every,
-        eval_every=args.eval_every, use_stored_hidden=not args.no_stored_hidden)
+        eval_every=args.eval_every, use_stored_hidden=not args.no_stored_hidden, init_heads=args.init_heads)
     import torch
     from accelerate import Accelerator
 

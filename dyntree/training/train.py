@@ -51,6 +51,7 @@ class TrainConfig:
     checkpoint_every: int = 500  # optimiser steps
     eval_every: int = 0  # optimiser steps; 0 = at the end of each epoch only
     use_stored_hidden: bool = True
+    init_heads: str | None = None  # continue from trained heads (their shape and vocabulary subset)
 
 
 # -- data ----------------------------------------------------------------------------------------------
@@ -191,6 +192,27 @@ def evaluate(accelerator, objective: HeadsObjective, val: Examples, batch_size: 
     return {"top1": (totals[1] / n).tolist(), "top5": (totals[2] / n).tolist(), "rows": int(totals[0, 0])}
 
 
+def _initial_heads(config: TrainConfig, backbone_config) -> MedusaHeads:
+    """Heads to continue training from; their shape must be the one `config` asks for."""
+    from ..heads import load_heads
+
+    heads = load_heads(config.init_heads, backbone_config)
+    want = {"num_heads": config.num_heads, "num_layers": config.num_layers,
+            "shared_projection": config.shared_projection}
+    have = {"num_heads": heads.config.num_heads, "num_layers": heads.config.num_layers,
+            "shared_projection": heads.config.shared_projection}
+    if want != have:
+        diff = ", ".join(f"{k} {have[k]} (asked {want[k]})" for k in want if want[k] != have[k])
+        raise DynTreeError(f"--init-heads {config.init_heads} do not match the training options: {diff}")
+    width = heads.vocab_ids.numel() if heads.vocab_ids is not None else 0
+    if config.vocab_subset and width and config.vocab_subset != width:
+        raise DynTreeError(f"--init-heads {config.init_heads} project onto {width} tokens; pass --vocab-subset "
+                           f"{width}")
+    for param in heads.parameters():
+        param.requires_grad_(True)
+    return heads
+
+
 def train(loaded, dataset_dir, out_dir, config: TrainConfig, resume: bool = True, progress: bool = True,
           accelerator=None, stop_after: int | None = None, block_dtype: torch.dtype = torch.float32) -> dict:
     """Train heads for `loaded`'s backbone on the dataset; write heads + a report to `out_dir`.
@@ -232,8 +254,12 @@ def train(loaded, dataset_dir, out_dir, config: TrainConfig, resume: bool = True
     cfg = loaded.config
     vocab_ids = None
     coverage = 1.0
-    if config.vocab_subset and config.vocab_subset < cfg.vocab_size:
+    start_heads = _initial_heads(config, cfg) if config.init_heads else None
+    if start_heads is not None and start_heads.vocab_ids is not None:
+        vocab_ids = start_heads.vocab_ids
+    elif config.vocab_subset and config.vocab_subset < cfg.vocab_size:
         vocab_ids = frequent_tokens(train_rows.targets, cfg.vocab_size, config.vocab_subset)
+    if vocab_ids is not None:
         covered = torch.zeros(cfg.vocab_size, dtype=torch.bool)
         covered[vocab_ids] = True
         t = train_rows.targets[:, 0]
@@ -241,9 +267,12 @@ def train(loaded, dataset_dir, out_dir, config: TrainConfig, resume: bool = True
     heads_config = HeadsConfig(config.num_heads, config.num_layers, cfg.hidden_size, cfg.vocab_size,
                                shared_projection=config.shared_projection, model_type=cfg.model_type)
     torch.manual_seed(config.seed)
-    heads = MedusaHeads(heads_config, vocab_ids)
     lm_weight = loaded.backbone.lm_head.weight_t.detach().float().cpu()  # [H, V]
-    heads.init_projection_from(lm_weight.t())
+    if start_heads is not None:
+        heads = start_heads.train()
+    else:
+        heads = MedusaHeads(heads_config, vocab_ids)
+        heads.init_projection_from(lm_weight.t())
     objective = HeadsObjective(heads, lm_weight.to(accelerator.device), config.decay)
     objective.remap = objective.remap.to(accelerator.device)
 
