@@ -257,6 +257,18 @@ def test_prompt_file_formats(tmp_path):
         load_prompts(path)
 
 
+def test_per_category_takes_a_balanced_subset(tmp_path):
+    path = tmp_path / "mt.jsonl"
+    rows = [{"question_id": i, "category": cat, "turns": [f"{cat} {i}"]}
+            for i, cat in enumerate(["writing"] * 4 + ["math"] * 3 + ["coding"] * 1)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    picked = load_prompts(path, per_category=2)
+    assert [p.prompt_id for p in picked] == ["0", "1", "4", "5", "7"]
+    assert [p.prompt_id for p in load_prompts(path, limit=3, per_category=2)] == ["0", "1", "4"]
+    with pytest.raises(DynTreeError, match="per-category"):
+        load_prompts(path, per_category=0)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--methods", "hf,warp"], "unknown method 'warp'"),
     (["--methods", "ar,ar"], "listed twice"),

@@ -56,16 +56,30 @@ def _row_to_prompt(row: dict, line_no: int, source: str) -> BenchPrompt:
     return BenchPrompt(str(prompt_id), str(category) if category is not None else None, tuple(turns))
 
 
-def load_prompts(source: str | os.PathLike = BUILTIN, limit: int | None = None) -> list[BenchPrompt]:
-    """Read prompts from a JSONL file (or the built-in set); `limit` keeps the first N."""
+def load_prompts(source: str | os.PathLike = BUILTIN, limit: int | None = None,
+                 per_category: int | None = None) -> list[BenchPrompt]:
+    """Read prompts from a JSONL file (or the built-in set).
+
+    `per_category` keeps the first N prompts of every category: a balanced subset of a file sorted by
+    category, such as MT-Bench's, where `limit` alone would cover one or two categories. `limit` then keeps
+    the first N of what is left.
+    """
     if limit is not None and limit < 1:
         raise DynTreeError("--limit must be at least 1")
+    if per_category is not None and per_category < 1:
+        raise DynTreeError("--per-category must be at least 1")
     path = builtin_prompts_path() if str(source) == BUILTIN else Path(source).expanduser()
     prompts: list[BenchPrompt] = []
+    seen_ids: set[str] = set()
+    taken: dict[str | None, int] = {}
     for line_no, row in read_jsonl_objects(path):
         prompt = _row_to_prompt(row, line_no, str(path))
-        if any(p.prompt_id == prompt.prompt_id for p in prompts):
+        if prompt.prompt_id in seen_ids:
             raise DynTreeError(f"{path}:{line_no}: prompt id {prompt.prompt_id!r} is used twice")
+        seen_ids.add(prompt.prompt_id)
+        if per_category is not None and taken.get(prompt.category, 0) >= per_category:
+            continue
+        taken[prompt.category] = taken.get(prompt.category, 0) + 1
         prompts.append(prompt)
         if limit is not None and len(prompts) >= limit:
             break

@@ -39,6 +39,8 @@ def add_command(subparsers) -> None:
                    help="JSONL file (MT-Bench 'turns', or 'prompt'/'question'/'instruction' rows) or 'builtin' "
                         "(12 short prompts shipped with dyntree)")
     p.add_argument("--limit", type=int, default=None, help="use the first N prompts")
+    p.add_argument("--per-category", type=int, default=None, metavar="N",
+                   help="use the first N prompts of every category (a balanced MT-Bench subset)")
     p.add_argument("--turns", type=int, default=1, choices=(1, 2),
                    help="1: first turns only; 2: also the second turn, continuing ar's first answer")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -63,6 +65,8 @@ def add_command(subparsers) -> None:
 def _command_line(args, methods: str, out: Path) -> str:
     """The run written out with every effective option, so it can be repeated exactly."""
     parts = ["dyntree", "bench", "--methods", methods, "--prompts", args.prompts]
+    if args.per_category is not None:
+        parts += ["--per-category", str(args.per_category)]
     if args.limit is not None:
         parts += ["--limit", str(args.limit)]
     parts += ["--turns", str(args.turns), "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed),
@@ -105,7 +109,7 @@ def run(args) -> int:
     # Check everything a user can get wrong before loading a model or writing a file.
     methods_text = args.methods or default_methods()
     specs = parse_method_list(methods_text)
-    prompts = load_prompts(args.prompts, args.limit)
+    prompts = load_prompts(args.prompts, args.limit, args.per_category)
     settings = BenchSettings(max_new_tokens=args.max_new_tokens, turns=args.turns, seed=args.seed,
                              warmup=args.warmup, repeats=args.repeats, chat=not args.no_chat,
                              kl_samples=args.kl_samples, kl_contexts=args.kl_contexts)
