@@ -1,0 +1,384 @@
+"""`dyntree serve`: the OpenAI-style HTTP API on a tiny random Llama with random heads (FastAPI TestClient)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+
+from dyntree.api import DynTree
+from dyntree.cli import main
+from dyntree.sampling import SamplingConfig
+from dyntree.server import CompletionRequest, completion_spec, create_app, find_stop, held_back
+
+from test_bench import tiny_model_dir  # noqa: F401 - the tiny model with a tokenizer and a chat template
+
+PROMPT = "write a short story about the cat ."
+MESSAGES = [{"role": "system", "content": "answer in one line ."}, {"role": "user", "content": PROMPT}]
+MAX = 24
+
+
+@pytest.fixture(scope="module")
+def dt(tiny_model_dir):  # noqa: F811
+    return DynTree.from_pretrained(str(tiny_model_dir), heads="random", tree="static")
+
+
+@pytest.fixture(scope="module")
+def name(tiny_model_dir):  # noqa: F811
+    return tiny_model_dir.name  # what the server calls a model loaded from a directory
+
+
+@pytest.fixture(scope="module")
+def client(dt):
+    with TestClient(create_app(dt, default_max_tokens=8)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def plain(dt):
+    """Plain autoregressive decoding, the reference every greedy answer must equal token for token."""
+    return dt.with_tree("ar")
+
+
+def sse_events(response) -> list:
+    """The `data:` payloads of a server-sent event stream, JSON-decoded except the final [DONE]."""
+    out = []
+    for block in response.text.split("\n\n"):
+        if not block.strip():
+            continue
+        assert block.startswith("data: "), block
+        payload = block[len("data: "):]
+        out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
+
+
+def chat(client, **body):
+    return client.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": MAX, **body})
+
+
+def complete(client, **body):
+    return client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": MAX, **body})
+
+
+# -- greedy: token-exact with plain decoding, whatever the tree -------------------------------------------------
+@pytest.mark.parametrize("tree", [None, "ar", "static", "dynamic"])
+def test_greedy_chat_equals_plain_decoding(client, plain, name, tree):
+    extra = {} if tree is None else {"tree": tree}
+    r = chat(client, return_token_ids=True, **extra)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    ref = plain.generate(MESSAGES, max_new_tokens=MAX)
+    choice = body["choices"][0]
+    assert choice["token_ids"] == ref.token_ids
+    assert choice["message"] == {"role": "assistant", "content": ref.text}
+    assert body["prompt_token_ids"] == plain.encode(MESSAGES)
+    assert body["object"] == "chat.completion" and body["model"] == name
+    expected_finish = "stop" if ref.stats.stop_reasons[0] == "eos" else "length"
+    assert choice["finish_reason"] == expected_finish
+    stats = body["dyntree"]
+    assert stats["tree"].split(":")[0] == (tree or "static")
+    assert stats["forward_passes"] >= 1 and stats["tokens_per_second"] > 0
+    assert "RANDOM" in stats["heads"]
+
+
+def test_greedy_completion_is_raw_text_and_equals_plain_decoding(client, plain):
+    r = complete(client, return_token_ids=True)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    ref = plain.generate(PROMPT, max_new_tokens=MAX, chat=False)
+    assert body["choices"][0]["token_ids"] == ref.token_ids
+    assert body["choices"][0]["text"] == ref.text
+    assert body["prompt_token_ids"] == plain.encode(PROMPT, chat=False) != plain.encode(PROMPT)
+    assert body["object"] == "text_completion"
+
+
+def test_completion_accepts_token_ids(client, plain):
+    ids = plain.encode(PROMPT, chat=False)
+    by_ids = complete(client, prompt=ids).json()["choices"][0]["text"]
+    assert by_ids == complete(client).json()["choices"][0]["text"]
+
+
+def test_usage_counts_prompt_and_completion_tokens(client, plain):
+    body = chat(client).json()
+    ref = plain.generate(MESSAGES, max_new_tokens=MAX)
+    prompt_tokens = len(plain.encode(MESSAGES))
+    assert body["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": len(ref.token_ids),
+                             "total_tokens": prompt_tokens + len(ref.token_ids)}
+    stats = body["dyntree"]
+    # forward passes: the prefill (first token) plus decoding passes of `mean_accepted_per_pass` tokens each.
+    passes = stats["forward_passes"] - 1
+    assert 1 + passes * stats["mean_accepted_per_pass"] == pytest.approx(len(ref.token_ids), abs=1e-3)
+
+
+def test_default_max_tokens_comes_from_the_app(client):
+    body = client.post("/v1/completions", json={"prompt": PROMPT}).json()
+    assert body["usage"]["completion_tokens"] <= 8
+
+
+def test_max_completion_tokens_takes_precedence(client):
+    body = chat(client, max_completion_tokens=3).json()
+    assert body["usage"]["completion_tokens"] <= 3
+
+
+# -- streaming -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tree", ["static", "dynamic"])
+def test_chat_stream_concatenates_to_the_greedy_text(client, plain, tree):
+    r = chat(client, stream=True, tree=tree, return_token_ids=True, stream_options={"include_usage": True})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    ref = plain.generate(MESSAGES, max_new_tokens=MAX)
+    text_chunks = [c for c in chunks[1:] if c["choices"] and "content" in c["choices"][0]["delta"]]
+    assert "".join(c["choices"][0]["delta"]["content"] for c in text_chunks) == ref.text
+    assert [t for c in text_chunks for t in c["choices"][0]["delta"]["token_ids"]] == ref.token_ids
+    final, usage_chunk = chunks[-2], chunks[-1]
+    assert final["choices"][0]["finish_reason"] in ("stop", "length") and final["choices"][0]["delta"] == {}
+    # One event per forward pass that added text: never more events than passes.
+    assert len(text_chunks) <= final["dyntree"]["forward_passes"]
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] == len(ref.token_ids)
+
+
+def test_completion_stream_concatenates_to_the_greedy_text(client, plain):
+    r = complete(client, stream=True)
+    events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    ref = plain.generate(PROMPT, max_new_tokens=MAX, chat=False)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == ref.text
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length") and "dyntree" in chunks[-1]
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+    assert not any("usage" in c for c in chunks)  # only with stream_options.include_usage
+
+
+def test_stream_errors_before_any_text_are_plain_400s(client):
+    r = chat(client, stream=True, max_tokens=0)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = complete(client, stream=True, prompt="w " * 600)  # too long: found on the worker, still a 400
+    assert r.status_code == 400 and "context" in r.json()["error"]["message"]
+
+
+# -- stop strings ------------------------------------------------------------------------------------------------
+def test_stop_string_cuts_the_text_and_counts_tokens_up_to_it(client, plain):
+    ref = plain.generate(PROMPT, max_new_tokens=MAX, chat=False)
+    words = ref.text.split()
+    assert len(words) >= 4, ref.text
+    stop = " ".join(words[2:4])
+    cut = ref.text.index(stop)
+    body = complete(client, stop=[stop, "never appears"]).json()
+    assert body["choices"][0]["text"] == ref.text[:cut]
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["usage"]["completion_tokens"] < len(ref.token_ids)
+    streamed = sse_events(complete(client, stop=stop, stream=True))
+    assert "".join(c["choices"][0]["text"] for c in streamed[:-1]) == ref.text[:cut]
+    assert streamed[-2]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_text_held_back_for_a_stop_string_is_sent_when_it_never_completes(client, plain):
+    ref = plain.generate(PROMPT, max_new_tokens=MAX, chat=False)
+    stop = ref.text + " never"  # every partial answer could still become the stop string
+    events = sse_events(complete(client, stop=stop, stream=True))
+    assert "".join(c["choices"][0]["text"] for c in events[:-1]) == ref.text
+    assert events[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert events[-2]["choices"][0]["finish_reason"] == ("stop" if ref.stats.stop_reasons[0] == "eos" else "length")
+
+
+def test_stop_helpers():
+    assert find_stop("abc STOP def", ["STOP", "c S"]) == 2
+    assert find_stop("abc", ["x"]) == -1
+    assert held_back("hello wor", ["world"]) == 3
+    assert held_back("hello", ["world"]) == 0
+    assert held_back("ab", ["abc", "b"]) == 2
+
+
+# -- sampling -------------------------------------------------------------------------------------------------------
+def test_seeded_sampling_is_reproducible(client, dt):
+    hot = dict(temperature=1.5, seed=7, max_tokens=MAX, return_token_ids=True)
+    first = complete(client, **hot).json()["choices"][0]
+    assert complete(client, **hot).json()["choices"][0] == first
+    # It is the engine's sampling: the same seed through the library gives the same tokens.
+    cfg = SamplingConfig(temperature=1.5, seed=7)
+    assert dt.generate(PROMPT, MAX, chat=False, sampling=cfg).token_ids == first["token_ids"]
+    others = {tuple(complete(client, **dict(hot, seed=s)).json()["choices"][0]["token_ids"]) for s in range(4)}
+    assert len(others) > 1, "different seeds should give different samples at temperature 1.5"
+    typical = chat(client, temperature=1.5, seed=7, acceptance="typical").json()
+    assert typical["dyntree"]["acceptance"].startswith("typical")
+
+
+def test_stream_and_non_stream_sample_the_same_with_a_seed(client):
+    hot = dict(temperature=1.5, seed=3, top_p=0.9, top_k=20)
+    text = chat(client, **hot).json()["choices"][0]["message"]["content"]
+    events = sse_events(chat(client, stream=True, **hot))
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in events[:-1]) == text
+
+
+# -- per-request trees ------------------------------------------------------------------------------------------------
+def test_tree_engines_are_built_once_per_setting(client):
+    service = client.app.state.service
+    for _ in range(2):
+        assert chat(client, tree="dynamic", tree_size=6, topk=3).status_code == 200
+    engine = service.engines[("dynamic", 6, 3)]
+    assert engine.proposer.tree_size == 6 and engine.proposer.topk == 3
+    assert chat(client, tree="dynamic", tree_size=6, topk=3).json()["dyntree"]["tree"].startswith("dynamic:n6:k3")
+    assert service.engines[("dynamic", 6, 3)] is engine
+
+
+def test_concurrent_requests_are_decoded_one_at_a_time_on_one_thread(dt, plain, monkeypatch):
+    app = create_app(dt)
+    service = app.state.service
+    threads, running, overlap = set(), [0], [0]
+    decode = service.decode
+
+    def watched(*args, **kwargs):
+        threads.add(threading.current_thread().name)
+        running[0] += 1
+        overlap[0] = max(overlap[0], running[0])
+        try:
+            return decode(*args, **kwargs)
+        finally:
+            running[0] -= 1
+
+    monkeypatch.setattr(service, "decode", watched)
+
+    async def fire():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            bodies = [{"prompt": PROMPT, "max_tokens": MAX, "tree": t, "stream": i % 2 == 1}
+                      for i, t in enumerate(["static", "dynamic", "ar", "static", "dynamic", "ar"])]
+            return await asyncio.gather(*(http.post("/v1/completions", json=b) for b in bodies))
+
+    try:
+        responses = asyncio.run(fire())
+    finally:
+        service.close()
+    ref = plain.generate(PROMPT, max_new_tokens=MAX, chat=False).text
+    for i, r in enumerate(responses):
+        assert r.status_code == 200
+        if i % 2:
+            assert "".join(c["choices"][0]["text"] for c in sse_events(r)[:-1]) == ref
+        else:
+            assert r.json()["choices"][0]["text"] == ref
+    assert overlap[0] == 1 and len(threads) == 1 and threads.pop().startswith("dyntree-decode")
+
+
+def test_a_cancelled_stream_stops_decoding_at_the_next_pass(client):
+    """What happens when a streaming client goes away: its event is set and the worker stops."""
+    service = client.app.state.service
+    spec = completion_spec(CompletionRequest(prompt=PROMPT, max_tokens=MAX, tree="ar"))
+    cancel = threading.Event()
+    passes = []
+    outcome = service.decode(spec, cancel, time.perf_counter(), lambda text, ids: (passes.append(ids), cancel.set()))
+    assert len(passes) == 1 and outcome.finish_reason == "cancelled" and len(outcome.token_ids) == 1
+    assert service.decode(spec, cancel, time.perf_counter()) is None  # cancelled while queued: never starts
+
+
+# -- bad input: 400 with one line ----------------------------------------------------------------------------------
+BAD_REQUESTS = [
+    ("/v1/chat/completions", {"messages": []}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "  "}]}, "no content"),
+    ("/v1/chat/completions", {"messages": "hello"}, "messages"),
+    ("/v1/chat/completions", {}, "messages"),
+    ("/v1/completions", {"prompt": ""}, "empty"),
+    ("/v1/completions", {"prompt": []}, "empty"),
+    ("/v1/completions", {"prompt": ["a", "b"]}, "one prompt"),
+    ("/v1/completions", {"prompt": [5, 100000]}, "vocabulary"),
+    ("/v1/completions", {"prompt": PROMPT, "max_tokens": 0}, "max_tokens"),
+    ("/v1/completions", {"prompt": PROMPT, "max_tokens": -3}, "max_tokens"),
+    ("/v1/completions", {"prompt": "w " * 600}, "context"),
+    ("/v1/completions", {"prompt": PROMPT, "max_tokens": 100000}, "context"),
+    ("/v1/completions", {"prompt": PROMPT, "tree": "huge"}, "unknown tree"),
+    ("/v1/completions", {"prompt": PROMPT, "tree": "/etc/passwd"}, "unknown tree"),
+    ("/v1/completions", {"prompt": PROMPT, "tree": "static", "tree_size": 8}, "tree_size"),
+    ("/v1/completions", {"prompt": PROMPT, "tree": "dynamic", "tree_size": 1}, "tree_size"),
+    ("/v1/completions", {"prompt": PROMPT, "tree": "dynamic", "tree_size": "big"}, "tree_size"),
+    ("/v1/completions", {"prompt": PROMPT, "tree": "dynamic", "tree_size": 200, "topk": 2}, "exceeds"),
+    ("/v1/completions", {"prompt": PROMPT, "topk": 0}, "topk"),
+    ("/v1/completions", {"prompt": PROMPT, "temperature": -1}, "temperature"),
+    ("/v1/completions", {"prompt": PROMPT, "temperature": "hot"}, "temperature"),
+    ("/v1/completions", {"prompt": PROMPT, "top_p": 0}, "top-p"),
+    ("/v1/completions", {"prompt": PROMPT, "top_p": 1.5}, "top-p"),
+    ("/v1/completions", {"prompt": PROMPT, "top_k": -5}, "top-k"),
+    ("/v1/completions", {"prompt": PROMPT, "seed": -1}, "seed"),
+    ("/v1/completions", {"prompt": PROMPT, "acceptance": "fast"}, "acceptance"),
+    ("/v1/completions", {"prompt": PROMPT, "stop": ""}, "stop"),
+    ("/v1/completions", {"prompt": PROMPT, "n": 2}, "n must be 1"),
+    ("/v1/completions", {"prompt": PROMPT, "frequency_penalty": 0.5}, "frequency_penalty"),
+    ("/v1/completions", {"prompt": PROMPT, "echo": True}, "echo"),
+]
+
+
+@pytest.mark.parametrize("path,body,words", BAD_REQUESTS, ids=[f"{p.split('/')[-1]}-{i}" for i, (p, _, _) in
+                                                                enumerate(BAD_REQUESTS)])
+def test_bad_input_is_a_400_with_one_line(client, path, body, words):
+    r = client.post(path, json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert "\n" not in error["message"] and words in error["message"], error["message"]
+
+
+def test_broken_json_is_a_400(client):
+    r = client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+
+
+def test_unknown_model_and_path_are_404s_in_the_same_shape(client, name):
+    r = complete(client, model="gpt-4")
+    assert r.status_code == 404 and name in r.json()["error"]["message"]
+    assert complete(client, model=name).status_code == 200
+    r = client.get("/v1/nothing")
+    assert r.status_code == 404 and "message" in r.json()["error"]
+
+
+def test_no_heads_server_only_offers_plain_decoding(tiny_model_dir):  # noqa: F811
+    dt = DynTree.from_pretrained(str(tiny_model_dir), heads=None)
+    with TestClient(create_app(dt, served_model_name="plain")) as c:
+        r = c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "tree": "static"})
+        assert r.status_code == 400 and "no heads" in r.json()["error"]["message"]
+        r = c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "model": "plain"})
+        assert r.status_code == 200 and r.json()["dyntree"]["tree"] == "ar" and r.json()["model"] == "plain"
+
+
+# -- health, models, CLI ---------------------------------------------------------------------------------------
+def test_health_and_models(client, name):
+    assert client.get("/health").json() == {"status": "ok", "model": name}
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list"
+    assert [m["id"] for m in models["data"]] == [name]
+    assert models["data"][0]["max_model_len"] == 512
+
+
+def test_cli_serve_builds_the_app_and_runs_uvicorn(tiny_model_dir, monkeypatch, capsys):  # noqa: F811
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    assert main(["serve", "--model", str(tiny_model_dir), "--heads", "random", "--tree", "dynamic",
+                 "--tree-size", "5", "--port", "8123", "--served-model-name", "tiny", "--threads", "1"]) == 0
+    assert seen["host"] == "127.0.0.1" and seen["port"] == 8123
+    assert "one request decodes at a time" in capsys.readouterr().out
+    with TestClient(seen["app"]) as c:
+        r = c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4})
+        assert r.status_code == 200 and r.json()["dyntree"]["tree"].startswith("dynamic:n5")
+        assert r.json()["model"] == "tiny"
+
+
+def test_cli_serve_without_fastapi_says_what_to_install(tiny_model_dir, monkeypatch, capsys):  # noqa: F811
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # makes `import uvicorn` fail
+    assert main(["serve", "--model", str(tiny_model_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "pip install 'dyntree[server]'" in err
+
+
+def test_cli_serve_rejects_bad_options(tiny_model_dir, capsys):  # noqa: F811
+    assert main(["serve", "--model", str(tiny_model_dir), "--port", "70000"]) == 2
+    assert main(["serve", "--model", str(tiny_model_dir), "--max-tokens", "0"]) == 2
+    assert capsys.readouterr().err.count("error:") == 2
