@@ -382,3 +382,17 @@ def test_cli_serve_rejects_bad_options(tiny_model_dir, capsys):  # noqa: F811
     assert main(["serve", "--model", str(tiny_model_dir), "--port", "70000"]) == 2
     assert main(["serve", "--model", str(tiny_model_dir), "--max-tokens", "0"]) == 2
     assert capsys.readouterr().err.count("error:") == 2
+
+
+@pytest.mark.slow
+def test_default_model_served_greedy_equals_plain_decoding():
+    """The real model with its bundled heads: the served answer is plain greedy decoding's, in fewer passes."""
+    dt = DynTree.from_pretrained("default", tree="static")
+    messages = [{"role": "user", "content": "Name three colours of the rainbow."}]
+    with TestClient(create_app(dt)) as c:
+        body = c.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 24,
+                                                    "return_token_ids": True}).json()
+    ref = dt.with_tree("ar").generate(messages, max_new_tokens=24)
+    assert body["choices"][0]["token_ids"] == ref.token_ids
+    assert body["model"] == "SmolLM2-135M-Instruct"
+    assert body["dyntree"]["forward_passes"] < len(ref.token_ids)  # the heads do guess right sometimes
