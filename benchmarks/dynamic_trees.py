@@ -67,9 +67,10 @@ class TimedProposer:
         self.seconds += time.perf_counter() - start
 
 
-def mt_bench_prompts(count: int) -> list[str]:
+def mt_bench_prompts(count: int, every: int = 1) -> list[str]:
+    """First turns of every `every`-th MT-Bench question (the file is sorted by category, 10 per category)."""
     rows = [json.loads(line) for line in (DATA / "mt_bench_questions.jsonl").read_text().splitlines() if line.strip()]
-    return [r["turns"][0] for r in rows[:count]]
+    return [r["turns"][0] for r in rows[::every][:count]]
 
 
 def calibration_prompts(count: int) -> list[str]:
@@ -121,6 +122,7 @@ def main(argv=None) -> int:
     ap.add_argument("--heads", required=True)
     ap.add_argument("--prompts", type=int, default=10, help="MT-Bench first turns (from the start of the file)")
     ap.add_argument("--skip", type=int, default=0, help="skip this many MT-Bench questions first")
+    ap.add_argument("--every", type=int, default=1, help="take every N-th MT-Bench question (5: 2 per category)")
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--methods", default="ar,static,static:16,dynamic:16")
     ap.add_argument("--topk", type=int, default=8, help="default top-k for dynamic/cstatic methods")
@@ -150,7 +152,7 @@ def main(argv=None) -> int:
         print("step ms by tree size: " + ", ".join(f"{r}: {1000 * x:.1f}" for r, x in
                                                    zip(latency.rows, latency.seconds)), file=sys.stderr)
     proposers = {m: TimedProposer(make_proposer(m, dt, stats, args.topk, latency)) for m in methods}
-    prompts = mt_bench_prompts(args.skip + args.prompts)[args.skip:]
+    prompts = mt_bench_prompts(args.skip + args.prompts, args.every)[args.skip:]
     totals = {m: {"new_tokens": 0, "wall": 0.0, "decode": 0.0, "passes": 0, "accepted": [], "tree_seconds": 0.0,
                   "phase": {}, "mismatches": 0, "nodes": 0, "sizes": []} for m in methods}
     for i, prompt in enumerate(prompts):
@@ -193,6 +195,7 @@ def main(argv=None) -> int:
             "mean_tree_size": sum(t["sizes"]) / max(len(t["sizes"]), 1),
         })
     result = {"command": " ".join(sys.argv), "heads": args.heads, "prompts": len(prompts), "skip": args.skip,
+              "every": args.every,
               "max_new_tokens": args.max_new_tokens, "threads": torch.get_num_threads(), "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
