@@ -139,7 +139,14 @@ def test_training_continues_from_init_heads(setup, tmp_path):
     scratch = replace(config, lr=1e-7, epochs=1)
     train(loaded, root / "data", tmp_path / "scratch", scratch, progress=False)
     assert not torch.allclose(load_heads(tmp_path / "scratch").block_weight, first.block_weight, atol=1e-4)
-    for bad in (replace(more, num_heads=3), replace(more, vocab_subset=20),
+    # Another subset size: the subset is chosen anew and every kept token's row moves with it.
+    train(loaded, root / "data", tmp_path / "third", replace(more, vocab_subset=20), progress=False)
+    third = load_heads(tmp_path / "third")
+    assert third.vocab_ids.numel() == 20
+    for j, token in enumerate(third.vocab_ids.tolist()):
+        i = first.vocab_ids.tolist().index(token)  # the 20 most frequent are among the 30 most frequent
+        assert torch.allclose(third.projection[:, j], first.projection[:, i], atol=1e-4)
+    for bad in (replace(more, num_heads=3), replace(more, num_layers=2),
                 replace(more, init_heads=str(tmp_path / "missing"))):
         with pytest.raises(DynTreeError):
             train(loaded, root / "data", tmp_path / "bad", bad, progress=False)

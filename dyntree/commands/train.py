@@ -34,8 +34,8 @@ def add_command(subparsers) -> None:
     p.add_argument("--stop-after", type=int, default=None,
                    help="checkpoint and stop after this many optimiser steps (run again to continue)")
     p.add_argument("--init-heads", default=None, metavar="DIR",
-                   help="continue from trained heads (same --num-heads/--num-layers/projection; their "
-                        "vocabulary subset is kept), e.g. after distilling more data")
+                   help="continue from trained heads (same --num-heads/--num-layers/projection), e.g. after "
+                        "distilling more data; the vocabulary subset is chosen anew and rows move with tokens")
     p.add_argument("--fp16-blocks", action="store_true", help="store the heads' blocks in fp16 (half the size)")
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out and start over")
     p.add_argument("--model", default="default", help="'default' or a local Hugging Face model directory")

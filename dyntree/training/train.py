@@ -204,13 +204,30 @@ def _initial_heads(config: TrainConfig, backbone_config) -> MedusaHeads:
     if want != have:
         diff = ", ".join(f"{k} {have[k]} (asked {want[k]})" for k in want if want[k] != have[k])
         raise DynTreeError(f"--init-heads {config.init_heads} do not match the training options: {diff}")
-    width = heads.vocab_ids.numel() if heads.vocab_ids is not None else 0
-    if config.vocab_subset and width and config.vocab_subset != width:
-        raise DynTreeError(f"--init-heads {config.init_heads} project onto {width} tokens; pass --vocab-subset "
-                           f"{width}")
-    for param in heads.parameters():
-        param.requires_grad_(True)
     return heads
+
+
+@torch.no_grad()
+def _carry_over(source: MedusaHeads, target: MedusaHeads) -> None:
+    """Start `target` from `source`: the blocks as they are; own projection rows by token id.
+
+    The vocabulary subset is chosen anew from the (grown) data, so a token's row moves with the token;
+    tokens new to the subset keep their lm_head initialisation.
+    """
+    target.block_weight.copy_(source.block_weight)
+    target.block_bias.copy_(source.block_bias)
+    if source.projection is None or target.projection is None:
+        return
+    vocab = int(max(int(source.vocab_ids.max()) if source.vocab_ids is not None else 0,
+                    int(target.vocab_ids.max()) if target.vocab_ids is not None else 0)) + 1
+    vocab = max(vocab, source.config.vocab_size)
+    src_ids = source.vocab_ids if source.vocab_ids is not None else torch.arange(source.projection.shape[1])
+    tgt_ids = target.vocab_ids if target.vocab_ids is not None else torch.arange(target.projection.shape[1])
+    row_of = torch.full((vocab,), -1, dtype=torch.long)
+    row_of[src_ids] = torch.arange(src_ids.numel())
+    src_rows = row_of[tgt_ids]
+    shared = src_rows >= 0
+    target.projection[:, shared] = source.projection[:, src_rows[shared]]
 
 
 def train(loaded, dataset_dir, out_dir, config: TrainConfig, resume: bool = True, progress: bool = True,
@@ -255,9 +272,7 @@ def train(loaded, dataset_dir, out_dir, config: TrainConfig, resume: bool = True
     vocab_ids = None
     coverage = 1.0
     start_heads = _initial_heads(config, cfg) if config.init_heads else None
-    if start_heads is not None and start_heads.vocab_ids is not None:
-        vocab_ids = start_heads.vocab_ids
-    elif config.vocab_subset and config.vocab_subset < cfg.vocab_size:
+    if config.vocab_subset and config.vocab_subset < cfg.vocab_size:
         vocab_ids = frequent_tokens(train_rows.targets, cfg.vocab_size, config.vocab_subset)
     if vocab_ids is not None:
         covered = torch.zeros(cfg.vocab_size, dtype=torch.bool)
@@ -268,11 +283,10 @@ def train(loaded, dataset_dir, out_dir, config: TrainConfig, resume: bool = True
                                shared_projection=config.shared_projection, model_type=cfg.model_type)
     torch.manual_seed(config.seed)
     lm_weight = loaded.backbone.lm_head.weight_t.detach().float().cpu()  # [H, V]
+    heads = MedusaHeads(heads_config, vocab_ids)
+    heads.init_projection_from(lm_weight.t())
     if start_heads is not None:
-        heads = start_heads.train()
-    else:
-        heads = MedusaHeads(heads_config, vocab_ids)
-        heads.init_projection_from(lm_weight.t())
+        _carry_over(start_heads, heads)
     objective = HeadsObjective(heads, lm_weight.to(accelerator.device), config.decay)
     objective.remap = objective.remap.to(accelerator.device)
 
