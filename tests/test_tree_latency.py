@@ -75,6 +75,15 @@ def test_measure_latency_on_tiny_model(tiny):  # noqa: F811
     backbone, heads = tiny
     model = measure_latency(backbone, heads, sizes=(1, 3, 6), context=16, repeats=1)
     assert model.rows == [1, 3, 6] and all(s > 0 for s in model.seconds)
+    assert model.seconds == sorted(model.seconds)
+
+
+def test_monotone_costs_pull_outliers_down():
+    from dyntree.trees.latency import monotone_costs
+
+    assert monotone_costs([0.08, 0.10, 0.12, 0.077, 0.09, 0.37, 0.10]) == [0.077, 0.077, 0.077, 0.077, 0.09,
+                                                                         0.10, 0.10]
+    assert monotone_costs([0.01, 0.02, 0.03]) == [0.01, 0.02, 0.03]
 
 
 @pytest.mark.parametrize("seconds", [(0.01, 0.0101, 0.0102, 0.0103), (0.01, 0.02, 0.04, 0.08),
