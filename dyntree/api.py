@@ -17,7 +17,8 @@ from .proposal import Proposer, RootOnlyProposer, StaticTreeProposer
 from .sampling import SamplingConfig
 from .trees import StaticTree, load_tree_spec
 
-DEFAULT_TREE = "mc_sim_7b_63"
+DEFAULT_TREE = "mc_sim_7b_63"  # what tree="static" means
+DEFAULT_POLICY = "dynamic"  # the tree used when none is named: the fastest on CPU (docs/dynamic-trees.md)
 DEFAULT_TOPK = 10
 RANDOM_HEADS = "random"
 NO_HEADS = "none"
@@ -102,7 +103,7 @@ def auto_size_options(backbone, heads: MedusaHeads | None, topk: int | None, opt
 class DynTree:
     """A backbone with (optional) Medusa heads and a tree policy."""
 
-    def __init__(self, model: LoadedModel, heads: MedusaHeads | None, heads_note: str = "", tree=DEFAULT_TREE,
+    def __init__(self, model: LoadedModel, heads: MedusaHeads | None, heads_note: str = "", tree=DEFAULT_POLICY,
                  topk: int | None = None, **tree_options):
         self.model = model
         self.heads = heads
@@ -116,7 +117,7 @@ class DynTree:
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike = DEFAULT_MODEL, heads: str | os.PathLike | None = "auto",
-                        tree=DEFAULT_TREE, topk: int | None = None, device=None, dtype=torch.float32,
+                        tree=DEFAULT_POLICY, topk: int | None = None, device=None, dtype=torch.float32,
                         **tree_options) -> "DynTree":
         """Load a backbone and heads.
 

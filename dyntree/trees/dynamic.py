@@ -33,8 +33,8 @@ from ..errors import DynTreeError
 from .buffers import buffers_from_parents
 from .latency import LatencyModel, choose_tree_size
 
-DEFAULT_TREE_SIZE = 16
-DEFAULT_TOPK = 8
+DEFAULT_TREE_SIZE = 8  # measured best fixed size on a 2-core CPU (docs/dynamic-trees.md)
+DEFAULT_TOPK = 8  # top-4 and top-10 were no better at 8 nodes (docs/dynamic-trees.md)
 SCORE_MODES = ("prob", "rank", "binned")
 
 # One chosen node: (parent node index, head depth 1..K, rank among that head's top-m).
