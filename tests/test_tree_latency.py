@@ -126,3 +126,12 @@ def test_cli_rejects_bad_tree_size(capsys):
         main(["generate", "--prompt", "hi", "--tree", "dynamic", "--tree-size", "big"])
     assert exc.value.code == 2
     assert "auto" in capsys.readouterr().err
+
+
+def test_generate_shows_mean_size_when_it_varies():
+    from dyntree.commands.generate import _nodes
+    from dyntree.decoding import GenerationStats
+
+    varying = GenerationStats("m", 1, [3], tree_nodes=4, tree_sizes=[1, 4, 2, 3])
+    assert _nodes(varying) == "4 (2.5)"
+    assert _nodes(GenerationStats("m", 1, [3], tree_nodes=8, tree_sizes=[8, 8])) == "8"

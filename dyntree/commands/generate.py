@@ -72,6 +72,14 @@ def stats_table(rows):
     for name, s in rows:
         ms = s.phase_ms_per_pass()
         table.add_row(name, str(s.new_tokens), str(s.decode_passes + 1), f"{s.mean_accepted_per_pass:.2f}",
-                      f"{s.tokens_per_second:.1f}", str(s.tree_nodes), f"{ms['proposal']:.1f}",
+                      f"{s.tokens_per_second:.1f}", _nodes(s), f"{ms['proposal']:.1f}",
                       f"{ms['forward']:.1f}", f"{ms['verification']:.1f}", f"{ms['cache']:.1f}")
     return table
+
+
+def _nodes(stats) -> str:
+    """Tree size: fixed, or for a size chosen every step the largest and (in brackets) the mean."""
+    sizes = stats.tree_sizes
+    if sizes and min(sizes) != max(sizes):
+        return f"{stats.tree_nodes} ({stats.mean_tree_size:.1f})"
+    return str(stats.tree_nodes)
