@@ -569,6 +569,16 @@ def create_app(dt: DynTree, served_model_name: str | None = None,
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    def response_body(ident: str, kind: str, created: int, choice: dict, outcome: Outcome,
+                      with_token_ids: bool) -> dict:
+        """A whole (non-streamed) answer of either endpoint, around its one `choice`."""
+        out = {"id": ident, "object": kind, "created": created, "model": name, "choices": [choice],
+               "usage": usage(outcome), "dyntree": outcome.stats}
+        if with_token_ids:
+            choice["token_ids"] = outcome.token_ids
+            out["prompt_token_ids"] = outcome.prompt_ids
+        return out
+
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest):
         check_model(req.model)
@@ -586,12 +596,7 @@ def create_app(dt: DynTree, served_model_name: str | None = None,
         def body(outcome: Outcome) -> dict:
             choice = {"index": 0, "message": {"role": "assistant", "content": outcome.text}, "logprobs": None,
                       "finish_reason": outcome.finish_reason}
-            out = {"id": ident, "object": "chat.completion", "created": now, "model": name, "choices": [choice],
-                   "usage": usage(outcome), "dyntree": outcome.stats}
-            if req.return_token_ids:
-                choice["token_ids"] = outcome.token_ids
-                out["prompt_token_ids"] = outcome.prompt_ids
-            return out
+            return response_body(ident, "chat.completion", now, choice, outcome, req.return_token_ids)
 
         return await complete(spec, body)
 
@@ -610,12 +615,7 @@ def create_app(dt: DynTree, served_model_name: str | None = None,
 
         def body(outcome: Outcome) -> dict:
             choice = {"index": 0, "text": outcome.text, "logprobs": None, "finish_reason": outcome.finish_reason}
-            out = {"id": ident, "object": "text_completion", "created": now, "model": name, "choices": [choice],
-                   "usage": usage(outcome), "dyntree": outcome.stats}
-            if req.return_token_ids:
-                choice["token_ids"] = outcome.token_ids
-                out["prompt_token_ids"] = outcome.prompt_ids
-            return out
+            return response_body(ident, "text_completion", now, choice, outcome, req.return_token_ids)
 
         return await complete(spec, body)
 

@@ -2,42 +2,34 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..cli import add_model_args
 
-PROMPT_KEYS = ("prompt", "instruction", "question", "text")
-
 
 def read_prompts(path: str, limit: int) -> list[str]:
-    """Prompts from a .jsonl file (`turns[0]`, `prompt`, `instruction`, `question` or `text`) or a text file."""
+    """Up to `limit` prompts from a .jsonl file (read like `dyntree distill` reads them) or a text file (one per
+    line)."""
     from ..errors import DynTreeError
+    from ..jsonl import read_jsonl_objects
+    from ..training.prompts import prompts_from_row
 
     file = Path(path).expanduser()
     if not file.is_file():
         raise DynTreeError(f"no prompt file {file}")
-    prompts = []
-    for n, line in enumerate(file.read_text(errors="replace").splitlines(), start=1):
-        if not line.strip():
-            continue
-        if file.suffix == ".jsonl":
+    prompts: list[str] = []
+    if file.suffix == ".jsonl":
+        for number, row in read_jsonl_objects(file):
             try:
-                row = json.loads(line)
-            except ValueError:
-                raise DynTreeError(f"{file}:{n} is not valid JSON") from None
-            text = (row.get("turns") or [None])[0] if isinstance(row, dict) else None
-            text = text or next((row[k] for k in PROMPT_KEYS if isinstance(row, dict) and row.get(k)), None)
-            if not isinstance(text, str):
-                raise DynTreeError(f"{file}:{n} has none of turns/{'/'.join(PROMPT_KEYS)}")
-            prompts.append(text)
-        else:
-            prompts.append(line)
-        if len(prompts) == limit:
-            break
+                texts = prompts_from_row(row)
+            except ValueError as exc:
+                raise DynTreeError(f"{file}:{number}: {exc}") from None
+            prompts += [t for t in texts if isinstance(t, str) and t.strip()]
+    else:
+        prompts = [line for line in file.read_text(errors="replace").splitlines() if line.strip()]
     if not prompts:
         raise DynTreeError(f"{file} holds no prompts")
-    return prompts
+    return prompts[:limit]
 
 
 def add_command(subparsers) -> None:

@@ -35,7 +35,9 @@ class Prompt:
         return hashlib.sha1(self.text.encode("utf-8")).hexdigest()[:16]
 
 
-def _prompts_from_row(row: dict) -> list[str]:
+def prompts_from_row(row: dict) -> list[str]:
+    """The prompt texts of one JSONL row (MT-Bench `turns`, `question`, `instruction`+`instances`, `prompt`,
+    `text`); ValueError when it has none."""
     if "turns" in row:
         turns = row["turns"]
         if not isinstance(turns, list) or not turns or not isinstance(turns[0], str):
@@ -73,7 +75,7 @@ def read_prompt_file(path: str | Path) -> list[Prompt]:
     prompts: list[Prompt] = []
     for number, row in rows:
         try:
-            texts = _prompts_from_row(row)
+            texts = prompts_from_row(row)
         except ValueError as exc:
             raise DynTreeError(f"{path}:{number}: {exc}") from exc
         for text in texts:

@@ -51,7 +51,7 @@ class TrainConfig:
     checkpoint_every: int = 500  # optimiser steps
     eval_every: int = 0  # optimiser steps; 0 = at the end of each epoch only
     use_stored_hidden: bool = True
-    init_heads: str | None = None  # continue from trained heads (their shape and vocabulary subset)
+    init_heads: str | None = None  # continue from trained heads of the same shape (the subset is re-chosen)
 
 
 # -- data ----------------------------------------------------------------------------------------------
@@ -218,12 +218,9 @@ def _carry_over(source: MedusaHeads, target: MedusaHeads) -> None:
     target.block_bias.copy_(source.block_bias)
     if source.projection is None or target.projection is None:
         return
-    vocab = int(max(int(source.vocab_ids.max()) if source.vocab_ids is not None else 0,
-                    int(target.vocab_ids.max()) if target.vocab_ids is not None else 0)) + 1
-    vocab = max(vocab, source.config.vocab_size)
     src_ids = source.vocab_ids if source.vocab_ids is not None else torch.arange(source.projection.shape[1])
     tgt_ids = target.vocab_ids if target.vocab_ids is not None else torch.arange(target.projection.shape[1])
-    row_of = torch.full((vocab,), -1, dtype=torch.long)
+    row_of = torch.full((source.config.vocab_size,), -1, dtype=torch.long)  # token id -> source row
     row_of[src_ids] = torch.arange(src_ids.numel())
     src_rows = row_of[tgt_ids]
     shared = src_rows >= 0
@@ -274,7 +271,6 @@ def train(loaded, dataset_dir, out_dir, config: TrainConfig, resume: bool = True
     start_heads = _initial_heads(config, cfg) if config.init_heads else None
     if config.vocab_subset and config.vocab_subset < cfg.vocab_size:
         vocab_ids = frequent_tokens(train_rows.targets, cfg.vocab_size, config.vocab_subset)
-    if vocab_ids is not None:
         covered = torch.zeros(cfg.vocab_size, dtype=torch.bool)
         covered[vocab_ids] = True
         t = train_rows.targets[:, 0]
