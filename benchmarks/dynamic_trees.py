@@ -112,7 +112,7 @@ def make_proposer(name: str, dt: DynTree, stats: AcceptanceStats | None, default
         # Each calibrated proposer learns online from its own copy of the calibration statistics.
         calibration = None if score == "prob" else stats.resized(dt.heads.num_heads, topk)
         return DynamicTreeProposer(dt.heads.num_heads, topk, tree_size=size, score=score, calibration=calibration,
-                                   renormalize=renormalize, latency=latency if auto else None)
+                                   renormalize=renormalize, latency=latency if auto else None, lookup=0)
     raise DynTreeError(f"unknown method {name!r}")
 
 

@@ -35,6 +35,10 @@ def add_model_args(parser: argparse.ArgumentParser, tree: bool = True) -> None:
         parser.add_argument("--tree-score", default=None, choices=("prob", "rank", "binned"),
                             help="dynamic tree node scores: head probabilities (default), or acceptance rates "
                                  "measured online per head and rank / per head and probability bin")
+        parser.add_argument("--lookup", type=int, default=None, metavar="N",
+                            help="dynamic trees: up to N tokens copied from the prompt / text so far where its "
+                                 "last tokens occurred before, as one branch of the same node budget "
+                                 "(default: the measured best; 0 = heads only)")
         parser.add_argument("--tree-calibration", default=None, metavar="FILE",
                             help="acceptance statistics (JSON, from `dyntree calibrate`) to start the "
                                  "dynamic tree's scores from")
@@ -86,6 +90,8 @@ def tree_options(args) -> dict:
         options["calibration"] = args.tree_calibration
     if getattr(args, "latency", None) is not None:
         options["latency"] = args.latency
+    if getattr(args, "lookup", None) is not None:
+        options["lookup"] = args.lookup
     return options
 
 

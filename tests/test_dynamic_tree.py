@@ -86,7 +86,8 @@ def test_proposer_survives_probability_one():
     probs[:, :, 0] = 1.0
     probs[1, 2] = torch.tensor([0.2, 0.2, 0.2, 0.2, 0.2])
     ids = torch.arange(40).view(2, 4, 5)
-    proposal = DynamicTreeProposer(num_heads=4, topk=5, tree_size=12).propose(torch.tensor([7, 8]), ids, probs)
+    proposal = DynamicTreeProposer(num_heads=4, topk=5, tree_size=12, temperature=1.0).propose(
+        torch.tensor([7, 8]), ids, probs)
     parents = proposal.buffers.parents
     assert proposal.tokens.shape == (2, 12)
     for row in parents.tolist():
@@ -152,16 +153,17 @@ def test_dynamic_buffers_equal_static_builder_on_same_paths():
     root = torch.tensor([1, 2, 3])
     proposer = DynamicTreeProposer(num_heads=heads, topk=topk, tree_size=20)
     proposal = proposer.propose(root, top_ids, top_probs)
-    factors = marginals(top_probs)
+    factors = marginals(top_probs, proposer.temperature)
     for b in range(3):
         chosen = [p for p, _ in brute_force_nodes(factors[b].tolist(), 19)]
         static = StaticTree.build([list(p) for p in chosen], topk, heads)
         for field in ("parents", "depths", "tree_mask"):
             assert torch.equal(getattr(proposal.buffers, field)[b], getattr(static.buffers, field)[0]), field
         # Paths are padded to the batch's widest tree.
-        leaves = static.buffers.retrieve_paths.shape[1]
-        assert torch.equal(proposal.buffers.retrieve_paths[b, :leaves], static.buffers.retrieve_paths[0])
+        leaves, columns = static.buffers.retrieve_paths.shape[1:]
+        assert torch.equal(proposal.buffers.retrieve_paths[b, :leaves, :columns], static.buffers.retrieve_paths[0])
         assert (proposal.buffers.retrieve_paths[b, leaves:] == -1).all()
+        assert (proposal.buffers.retrieve_paths[b, :, columns:] == -1).all()
         flat = top_ids[b, : static.depth].reshape(-1)
         assert proposal.tokens[b].tolist() == [int(root[b])] + flat[static.gather_index].tolist()
         assert proposal.ranks[b, 1:].tolist() == [p[-1] for p in static.paths]

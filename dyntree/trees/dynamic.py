@@ -32,9 +32,14 @@ import torch
 from ..errors import DynTreeError
 from .buffers import buffers_from_parents
 from .latency import LatencyModel, choose_tree_size
+from .lookup import find_chain, merge_chain, merge_scored
 
 DEFAULT_TREE_SIZE = 8  # measured best fixed size on a 2-core CPU (docs/dynamic-trees.md)
 DEFAULT_TOPK = 8  # top-4 and top-10 were no better at 8 nodes (docs/dynamic-trees.md)
+# Raw head probabilities are over-confident; flattening them (T=2) orders nodes across depths about as well
+# as calibrated scores do, with no calibration data (docs/dynamic-trees.md). Calibrated scores use T=1.
+DEFAULT_TREE_TEMPERATURE = 2.0
+DEFAULT_LOOKUP = 6  # lookup-chain tokens per tree (docs/dynamic-trees.md); 0 = heads only
 SCORE_MODES = ("prob", "rank", "binned")
 
 # One chosen node: (parent node index, head depth 1..K, rank among that head's top-m).
@@ -259,7 +264,8 @@ class DynamicTreeProposer:
 
     tree_size:   nodes per tree, root included.
     topk:        guesses taken from each head (m).
-    temperature: applied to the head probabilities before renormalising over the top-m.
+    temperature: applied to the head probabilities before renormalising over the top-m (default 2 with
+                 raw probabilities, 1 with calibrated scores).
     score:       "prob" (marginals), "rank" (measured acceptance per head and rank) or "binned" (measured
                  acceptance per head and probability bin: calibrated probabilities).
     calibration: an `AcceptanceStats` or a file saved by one; default: an empty table.
@@ -268,19 +274,27 @@ class DynamicTreeProposer:
                  step takes the size with the most expected tokens per second (`choose_tree_size`; ProPD's
                  dynamic tree generation). Expected tokens come from the node scores, so a calibrated
                  `score` ("binned", "rank") suits it best.
+    lookup:      at most this many tokens copied from the context (`trees.lookup`) form one more branch,
+                 inside the same `tree_size` budget; 0 = heads only. Needs `context` in `propose`.
+    lookup_ngram: (longest, shortest) suffix n-gram matched in the context.
+    lookup_merge: "first" (the chain's nodes are placed first, heads fill the rest; the default, measured
+                 better) or "score" (chain nodes scored by their measured per-depth acceptance compete with
+                 the heads' nodes).
     """
 
     uses_heads = True
 
     def __init__(self, num_heads: int, topk: int = DEFAULT_TOPK, tree_size: int = DEFAULT_TREE_SIZE,
-                 temperature: float = 1.0, score: str = "prob", calibration=None, learn: bool | None = None,
-                 renormalize: bool = True, latency=None):
+                 temperature: float | None = None, score: str = "prob", calibration=None, learn: bool | None = None,
+                 renormalize: bool = True, latency=None, lookup: int = DEFAULT_LOOKUP, lookup_ngram: tuple[int, int] = (3, 2), lookup_merge: str = "first"):
         if not isinstance(tree_size, int) or tree_size < 2:
             raise DynTreeError(f"tree size must be an integer of at least 2 (root + 1 candidate), got {tree_size!r}")
         if not isinstance(topk, int) or topk < 1:
             raise DynTreeError(f"topk must be a positive integer, got {topk!r}")
         if num_heads < 1:
             raise DynTreeError("a dynamic tree needs at least one head")
+        if temperature is None:
+            temperature = DEFAULT_TREE_TEMPERATURE if score == "prob" else 1.0
         if not temperature > 0:
             raise DynTreeError(f"tree temperature must be positive, got {temperature!r}")
         if score not in SCORE_MODES:
@@ -307,11 +321,26 @@ class DynamicTreeProposer:
         if isinstance(latency, (str, os.PathLike)):
             latency = LatencyModel.load(latency)
         self.latency = latency
+        if not isinstance(lookup, int) or lookup < 0:
+            raise DynTreeError(f"lookup must be a non-negative integer (tokens copied from the context), got {lookup!r}")
+        if not (1 <= lookup_ngram[1] <= lookup_ngram[0]):
+            raise DynTreeError(f"lookup n-gram range must be max >= min >= 1, got {lookup_ngram!r}")
+        if lookup_merge not in ("first", "score"):
+            raise DynTreeError(f"lookup merge must be 'first' or 'score', got {lookup_merge!r}")
+        self.lookup = lookup
+        self.lookup_merge = lookup_merge
+        self.lookup_ngram = (int(lookup_ngram[0]), int(lookup_ngram[1]))
+        self.uses_context = lookup > 0  # the decoding loop passes each sequence's tokens so far
+        self.lookup_proposed = [0] * lookup
+        self.lookup_accepted = [0] * lookup
+        self._chains: list[list[int]] = []
         self._last = None  # the latest proposal and its node lists, for `observe`
         size = f"auto{tree_size}" if latency is not None else f"n{tree_size}"
-        self.name = f"dynamic:{size}:k{topk}" + ("" if score == "prob" else f":{score}")
+        self.name = f"dynamic:{size}:k{topk}" + ("" if score == "prob" else f":{score}") + (
+            f":lookup{lookup}" if lookup else "")
 
-    def propose(self, root: torch.Tensor, head_ids: torch.Tensor, head_probs: torch.Tensor):
+    def propose(self, root: torch.Tensor, head_ids: torch.Tensor, head_probs: torch.Tensor,
+                context: list[list[int]] | None = None):
         from ..proposal import Proposal  # noqa: PLC0415 - proposal imports trees
 
         depth = min(self.num_heads, head_ids.shape[1])
@@ -324,9 +353,25 @@ class DynamicTreeProposer:
             chosen = [nodes[:keep] for nodes in chosen]
             chosen_scores = [row[:keep] for row in chosen_scores]
         batch, m = root.shape[0], ids.shape[2]
-        prob_rows = probs.tolist() if self.learn else None
-        parents, flat, scores, ranks, node_probs = [], [], [], [], []
+        prob_rows = probs.tolist() if (self.learn or self.lookup) else None
+        use_lookup = self.lookup > 0 and context is not None
+        id_rows = ids.tolist() if use_lookup else None
+        parents, flat, scores, ranks, node_probs, token_rows = [], [], [], [], [], []
+        max_depth = depth
+        self._chains = []
         for row, (nodes, node_scores) in enumerate(zip(chosen, chosen_scores)):
+            if use_lookup:
+                chain, _ = find_chain(context[row], self.lookup, self.lookup_ngram[0], self.lookup_ngram[1])
+                tree = self._merge_lookup(nodes, node_scores, id_rows[row], prob_rows[row], chain)
+                row_parents, row_tokens, row_scores, row_ranks, row_probs, chain_nodes = tree
+                token_rows.append([int(root[row])] + row_tokens)
+                parents.append(row_parents)
+                scores.append(row_scores)
+                ranks.append(row_ranks)
+                node_probs.append(row_probs)
+                self._chains.append(chain_nodes)
+                max_depth = max(max_depth, len(chain))
+                continue
             nodes, node_scores, _ = canonical_order(nodes, node_scores)
             parents.append([-1] + [p for p, _, _ in nodes])
             flat.append([(d - 1) * m + r for _, d, r in nodes])
@@ -336,20 +381,75 @@ class DynamicTreeProposer:
                 node_probs.append([1.0] + [prob_rows[row][d - 1][r] for _, d, r in nodes])
         device = root.device
         parents_t = torch.tensor(parents, dtype=torch.long, device=device)
-        flat_t = torch.tensor(flat, dtype=torch.long, device=device)
-        tokens = torch.cat([root[:, None], torch.gather(ids.reshape(batch, -1), 1, flat_t)], dim=1)
-        buffers = buffers_from_parents(parents_t, depth)
+        if use_lookup:
+            tokens = torch.tensor(token_rows, dtype=torch.long, device=device)
+        else:
+            flat_t = torch.tensor(flat, dtype=torch.long, device=device)
+            tokens = torch.cat([root[:, None], torch.gather(ids.reshape(batch, -1), 1, flat_t)], dim=1)
+        buffers = buffers_from_parents(parents_t, max_depth)
         proposal = Proposal(tokens=tokens, buffers=buffers, scores=torch.tensor(scores, dtype=torch.float64),
                             ranks=torch.tensor(ranks, dtype=torch.long, device=device),
                             node_probs=torch.tensor(node_probs, dtype=torch.float64) if node_probs else None)
         # What `observe` needs, kept as Python lists (no tensor work per node later).
-        self._last = (proposal, parents, ranks, node_probs) if self.learn else None
+        self._last = (proposal, parents, ranks, node_probs) if (self.learn or use_lookup) else None
         return proposal
 
+    def _merge_lookup(self, nodes: list[Node], node_scores: list[float], ids: list[list[int]],
+                      probs: list[list[float]], chain: list[int]):
+        """One row's tree from the heads' nodes (selection order) and a lookup chain (see `trees.lookup`).
+
+        Returns parents, node tokens (root excluded), scores, ranks (-1: lookup only), head probabilities and
+        the node indices of the chain. Children are listed most likely first, since verification projects
+        the first-child chain in one call and other nodes one by one.
+        """
+        paths, meta = [], {}
+        for (parent, d, r), score in zip(nodes, node_scores):
+            path = (paths[parent - 1] if parent > 0 else ()) + (ids[d - 1][r],)
+            paths.append(path)
+            meta[path] = (score, r, probs[d - 1][r])
+        budget = len(nodes)
+        chain_rates = self.lookup_rates()
+        chain_score, chain_scores = 1.0, []
+        for d in range(1, min(len(chain), budget) + 1):
+            chain_score *= chain_rates[d - 1]
+            chain_scores.append(chain_score)
+            path = tuple(chain[:d])
+            if path in meta:  # the heads guessed it too: keep the better of the two estimates
+                score, r, p = meta[path]
+                meta[path] = (max(score, chain_score), r, p)
+            else:
+                meta[path] = (chain_score, -1, 0.0)
+        if self.lookup_merge == "score":
+            merged = merge_scored(paths, node_scores, chain, chain_scores, budget)
+        else:
+            merged = merge_chain(paths, chain, budget)
+        # Breadth-first order; among siblings the higher score first.
+        index: dict[tuple[int, ...], int] = {(): 0}
+        out_paths: list[tuple[int, ...]] = []
+        for d in range(1, max((len(p) for p in merged), default=0) + 1):
+            level = [p for p in merged if len(p) == d]
+            level.sort(key=lambda p: (index[p[:-1]], -meta[p][0], p[-1]))
+            for p in level:
+                out_paths.append(p)
+                index[p] = len(out_paths)
+        chain_set = {tuple(chain[:d]) for d in range(1, len(chain) + 1)}
+        parents = [-1] + [index[p[:-1]] for p in out_paths]
+        tokens = [p[-1] for p in out_paths]
+        scores = [1.0] + [meta[p][0] for p in out_paths]
+        ranks = [-1] + [meta[p][1] for p in out_paths]
+        node_probs = [1.0] + [meta[p][2] for p in out_paths]
+        chain_nodes = [index[p] for p in out_paths if p in chain_set]
+        return parents, tokens, scores, ranks, node_probs, chain_nodes
+
+    def lookup_rates(self) -> list[float]:
+        """Measured rate at which lookup-chain node d was accepted given its parent was (Laplace-smoothed)."""
+        return [(a + 1.0) / (p + 2.0) for a, p in zip(self.lookup_accepted, self.lookup_proposed)]
+
     def observe(self, proposal, verification, active: torch.Tensor | None = None) -> None:
-        """Feed one step's verification back into the acceptance table (when learning)."""
+        """Feed one step's verification back into the acceptance table (when learning) and into the lookup
+        chain's per-depth acceptance counts (when lookup is on)."""
         last = self._last
-        if not self.learn or last is None or last[0] is not proposal:
+        if last is None or last[0] is not proposal:
             return
         _, parents, ranks, node_probs = last
         active_rows = None if active is None else active.tolist()
@@ -358,15 +458,24 @@ class DynamicTreeProposer:
             if active_rows is not None and not active_rows[b]:
                 continue
             accepted = set(nodes.tolist())
+            if self._chains:
+                for d, i in enumerate(self._chains[b]):
+                    if parents[b][i] not in accepted or d >= len(self.lookup_proposed):
+                        break
+                    self.lookup_proposed[d] += 1
+                    self.lookup_accepted[d] += i in accepted
+            if not self.learn:
+                continue
             row_parents, depth = parents[b], [0] * len(parents[b])
             for i in range(1, len(row_parents)):
                 depth[i] = depth[row_parents[i]] + 1
-                if row_parents[i] in accepted:
+                if row_parents[i] in accepted and ranks[b][i] >= 0:  # rank -1: a lookup-only node
                     heads.append(depth[i] - 1)
                     seen_ranks.append(ranks[b][i])
                     seen_probs.append(node_probs[b][i])
                     hits.append(i in accepted)
-        self.stats.record(heads, seen_ranks, seen_probs, hits)
+        if self.learn:
+            self.stats.record(heads, seen_ranks, seen_probs, hits)
 
 
 def static_paths_from_stats(stats: AcceptanceStats, tree_size: int) -> list[list[int]]:
@@ -388,7 +497,8 @@ def collect_acceptance_stats(dt, prompts, max_new_tokens: int = 64, tree_size: i
 
     Use prompts that are not the benchmark's. A wide tree sees more (depth, rank) cells per step.
     """
-    proposer = DynamicTreeProposer(dt.heads.num_heads, topk, tree_size=tree_size, calibration=stats, learn=True)
+    proposer = DynamicTreeProposer(dt.heads.num_heads, topk, tree_size=tree_size, calibration=stats, learn=True,
+                                   lookup=0)  # heads only: every node then teaches the table
     for i, prompt in enumerate(prompts):
         dt.decoder(proposer).run([dt.encode(prompt)], max_new_tokens).consume()
         if progress is not None:

@@ -1,0 +1,68 @@
+"""Record greedy continuations and the heads' top-k at every position, for offline tree replay.
+
+Replaying proposers on recorded data (`dyntree.trees.replay`) measures accepted tokens per pass for any tree
+policy in seconds, with no backbone forward, because greedy verification only compares a tree with the
+model's own continuation. Writes one `.pt` file: per prompt the token ids, the prompt length and the heads'
+top-k ids/probabilities from the hidden state before every response token.
+
+  python benchmarks/record_continuations.py --set mtbench --out /work/replay/mtbench.pt
+  python benchmarks/record_continuations.py --set calib --out /work/replay/calib.pt   # never MT-Bench
+
+`calib` = fresh self-written prompts (a seed the bundled heads' data did not use) + GSM8K questions from
+the end of the train file (the heads' distillation never reached them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from dyntree.api import DynTree
+from dyntree.training.distill import chat_ids, generate_batched, self_prompts
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--set", choices=["mtbench", "calib"], required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--self-prompts", type=int, default=48)
+    ap.add_argument("--gsm8k", type=int, default=48)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--topk", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    dt = DynTree.from_pretrained("default")
+    tok = dt.tokenizer
+    if args.set == "mtbench":
+        rows = [json.loads(l) for l in open(DATA / "mt_bench_questions.jsonl") if l.strip()]
+        texts = [(f"mt{r['question_id']}:{r['category']}", r["turns"][0]) for r in rows]
+    else:
+        texts = [(f"self{i}", p.text) for i, p in
+                 enumerate(self_prompts(dt.model, args.self_prompts, seed=20261123))]
+        gsm = [json.loads(l)["question"] for l in open(DATA / "gsm8k_train_questions.jsonl") if l.strip()]
+        texts += [(f"gsm{len(gsm) - 1 - i}", q) for i, q in enumerate(gsm[::-1][: args.gsm8k])]
+    texts = texts[: args.limit] if args.limit else texts
+    prompts = [(tag, chat_ids(tok, text)) for tag, text in texts]
+    start = time.time()
+    records = {}
+    for c in generate_batched(dt.model.backbone, prompts, args.max_new_tokens, args.batch_size):
+        ids, probs = dt.heads.topk(c.hidden.float(), dt.model.backbone.lm_head, args.topk)
+        records[c.tag] = {"prompt_len": len(c.prompt_ids), "tokens": c.prompt_ids + c.response_ids,
+                          "head_ids": ids.to(torch.int32), "head_probs": probs.to(torch.float32)}
+        print(f"{len(records)}/{len(prompts)} {c.tag} {len(c.response_ids)} tokens, {time.time() - start:.0f}s",
+              flush=True)
+    order = [tag for tag, _ in prompts if tag in records]
+    torch.save({"tags": order, "records": [records[t] for t in order], "topk": args.topk}, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Offline replay: accepted tokens per pass of any proposer on recorded greedy continuations.
+
+Greedy verification only compares the tree with the model's own continuation, so once a continuation and
+the heads' top-k guesses at every position are recorded (`benchmarks/record_continuations.py`), a proposer's
+accepted lengths can be computed exactly without running the backbone: at a step whose root is token j of
+the sequence, the heads read the state that predicted token j; a node at depth d is accepted when it and all
+its ancestors equal tokens j+1..j+d; the pass emits `1 + deepest accepted depth` tokens and the next root
+is the token after them. This is the same walk `verify_greedy` does, on recorded data: sweeps over tree
+sizes, scores and calibrations take seconds instead of hours of CPU decoding.
+
+A record is a dict with `tokens` (prompt + response ids), `prompt_len`, `head_ids` and `head_probs`
+(`[response_len, K, m]`: row k holds the guesses made from the state that predicted response token k).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..verify import Verification
+
+
+@dataclass
+class ReplayResult:
+    accepted_lengths: list[int]  # tokens emitted by each decoding pass (the prefill's token not counted)
+    tree_sizes: list[int]  # nodes verified by each pass
+
+    @property
+    def mean_accepted(self) -> float:
+        return sum(self.accepted_lengths) / max(len(self.accepted_lengths), 1)
+
+
+def accepted_nodes(tokens: list[int], parents: list[int], depths: list[int], truth: list[int]) -> list[int]:
+    """Root-first node indices of the longest accepted path (parents precede children; truth[d-1] is the
+    continuation token at depth d, -1 where unknown)."""
+    ok = [True] + [False] * (len(tokens) - 1)
+    best = 0
+    for i in range(1, len(tokens)):
+        d = depths[i]
+        if ok[parents[i]] and d <= len(truth) and tokens[i] == truth[d - 1]:
+            ok[i] = True
+            if d > depths[best]:
+                best = i
+    path = [best]
+    while path[-1] != 0:
+        path.append(parents[path[-1]])
+    return path[::-1]
+
+
+def replay(proposer, record: dict, max_new_tokens: int | None = None) -> ReplayResult:
+    """Decode one recorded sequence with `proposer` (greedy) and return what each pass accepted.
+
+    Proposers that learn (`observe`) learn exactly as they would while decoding; proposers that read the
+    context (`uses_context`) see the prompt and everything emitted so far.
+    """
+    tokens = list(record["tokens"])
+    start = int(record["prompt_len"])
+    end = len(tokens) if max_new_tokens is None else min(len(tokens), start + max_new_tokens)
+    head_ids, head_probs = record["head_ids"], record["head_probs"]
+    observe = getattr(proposer, "observe", None)
+    uses_context = getattr(proposer, "uses_context", False)
+    lengths, sizes = [], []
+    j = start  # index of the current root (the prefill emitted it)
+    while j < end - 1:
+        root = torch.tensor([tokens[j]])
+        k = j - start
+        kwargs = {"context": [tokens[: j + 1]]} if uses_context else {}
+        proposal = proposer.propose(root, head_ids[k : k + 1].long(), head_probs[k : k + 1], **kwargs)
+        node_tokens = proposal.tokens[0].tolist()
+        parents = proposal.buffers.parents[0].tolist()
+        depths = proposal.buffers.depths[0].tolist()
+        truth = tokens[j + 1 : end]
+        path = accepted_nodes(node_tokens, parents, depths, truth)
+        accepted = min(len(path), end - 1 - j)
+        if observe is not None:
+            nodes = torch.tensor(path)
+            observe(proposal, Verification([nodes], torch.tensor([tokens[min(j + len(path), end - 1)]]),
+                                           torch.tensor([path[-1]])), torch.tensor([True]))
+        lengths.append(accepted)
+        sizes.append(len(node_tokens))
+        j += accepted
+    return ReplayResult(lengths, sizes)
+
+
+def replay_many(make_proposer, records: list[dict], max_new_tokens: int | None = None) -> ReplayResult:
+    """Replay every record with one proposer (so online learning carries over between prompts, as in a
+    server) and pool the passes."""
+    proposer = make_proposer()
+    lengths, sizes = [], []
+    for record in records:
+        result = replay(proposer, record, max_new_tokens)
+        lengths += result.accepted_lengths
+        sizes += result.tree_sizes
+    return ReplayResult(lengths, sizes)
