@@ -6,8 +6,11 @@
       --methods static:8,dynamic:8,dynamic:8:binned,dynamic:8:prob:lookup6
 
 Methods: `static:N` (the first N-1 paths of Medusa's mc_sim_7b_63, top-10), `cstatic:N` (the best fixed
-tree for the calibration set's rates), `dynamic:N[:SCORE][:lookupL][:kK][:ngA-B]` (SCORE prob|rank|binned;
-calibrated scores start from the calibration set and keep learning online). Acceptance only: no timing.
+tree for the calibration set's rates), `dynamic:N[:SCORE][:lookupL][:kK][:ngA-B][:TX][:binsB][:smerge]`
+(SCORE prob|rank|binned, calibrated scores start from the calibration set and keep learning online; lookupL:
+a lookup chain of up to L tokens, default none here; kK: top-K per head, default 8; ngA-B: lookup n-gram
+range; TX: tree temperature, default the proposer's; binsB: calibration bins; smerge: the score merge).
+Acceptance only: no timing.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ def parse(name: str, calib: AcceptanceStats | None):
     if kind == "cstatic":
         paths = static_paths_from_stats(calib[10].resized(NUM_HEADS, 10), size)
         return lambda: StaticTreeProposer(StaticTree.build(paths, 10, NUM_HEADS, f"cal{size}"))
-    score, lookup, topk, ngram, merge, temperature, bins = "prob", 0, 8, (3, 2), "first", 1.0, 10
+    score, lookup, topk, ngram, merge, temperature, bins = "prob", 0, 8, (3, 2), "first", None, 10
     for p in parts[2:]:
         if p in ("prob", "rank", "binned"):
             score = p

@@ -46,8 +46,9 @@ class TextChunk:
 
 
 def build_proposer(tree, heads: MedusaHeads | None, topk: int | None = None, **options) -> Proposer:
-    """`tree`: "ar" (no tree), "static" (Medusa's 63-node tree), "dynamic" (built every step; `options`:
-    tree_size, temperature, score, calibration, learn), a built-in name, a JSON file or a path list.
+    """`tree`: "ar" (no tree), "static" (Medusa's 63-node tree; "static:N" its first N nodes), "dynamic"
+    (built every step; `options`: tree_size, temperature, score, calibration, learn, lookup), a built-in name,
+    a JSON file or a path list.
 
     `topk` (guesses per head) defaults to 10 for static trees and to the measured best for dynamic ones.
     """
@@ -55,6 +56,8 @@ def build_proposer(tree, heads: MedusaHeads | None, topk: int | None = None, **o
         return RootOnlyProposer()
     if tree == "static":
         tree = DEFAULT_TREE
+    elif isinstance(tree, str) and tree.startswith("static:"):  # "static:8": Medusa's tree, first 8 nodes
+        tree = DEFAULT_TREE + tree[len("static"):]
     if tree == "dynamic":
         from .trees.dynamic import DEFAULT_TOPK as DYNAMIC_TOPK  # noqa: PLC0415 - optional stage
         from .trees.dynamic import DynamicTreeProposer  # noqa: PLC0415

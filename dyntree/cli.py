@@ -21,8 +21,9 @@ def add_model_args(parser: argparse.ArgumentParser, tree: bool = True) -> None:
                              "v0.1 format), 'random' (untrained, shows losslessness only) or 'none'")
     if tree:
         parser.add_argument("--tree", default="dynamic",
-                            help="'dynamic' (default: built every step, 8 nodes; the fastest on CPU), 'static' "
-                                 "(Medusa's 63-node tree), 'ar' (no tree), or a JSON file of paths")
+                            help="'dynamic' (default: built every step from the heads and a context lookup, 8 nodes; "
+                                 "the fastest on CPU), 'static' (Medusa's 63-node tree; 'static:N' its first N "
+                                 "nodes), 'ar' (no tree), or a JSON file of paths")
         parser.add_argument("--tree-size", type=_tree_size, default=None,
                             help="nodes per dynamic tree, root included (default: the measured best on CPU), "
                                  "or 'auto' / 'auto:N': choose the size every step from the expected accepted "

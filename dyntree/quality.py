@@ -22,7 +22,6 @@ quality` (or `python -m dyntree.quality`) is its command line.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -84,7 +83,10 @@ def build_tree_context(backbone, heads, proposer: Proposer, prompt_ids: list[int
     head_ids = head_probs = None
     if proposer.uses_heads:
         head_ids, head_probs = heads.topk(last, backbone.lm_head, proposer.topk)
-    proposal = proposer.propose(root, head_ids, head_probs)
+    if getattr(proposer, "uses_context", False):
+        proposal = proposer.propose(root, head_ids, head_probs, context=[list(prompt_ids) + [int(root[0])]])
+    else:
+        proposal = proposer.propose(root, head_ids, head_probs)
     tree_hidden = backbone.forward(proposal.tokens, cache, block_mask=proposal.buffers.tree_mask,
                                    depths=proposal.buffers.depths)
     return TreeContext(int(root[0]), proposal, backbone.logits(tree_hidden[0]))

@@ -48,6 +48,7 @@ log = logging.getLogger("dyntree.server")
 REQUEST_TREES = ("ar", "static", "dynamic")  # file paths are never taken from a request
 MAX_REQUEST_TREE_SIZE = 256  # bounds what one request may make the server build (and time, for "auto")
 MAX_REQUEST_TOPK = 32
+MAX_REQUEST_LOOKUP = 32
 MAX_STOP_STRINGS = 4
 ENGINE_CACHE_SIZE = 8  # distinct per-request tree settings kept built
 DEFAULT_MAX_TOKENS = 256
@@ -84,6 +85,7 @@ class DecodingFields(BaseModel):
     tree: str | None = None
     tree_size: int | str | None = None
     topk: int | None = None
+    lookup: int | None = None
     return_token_ids: bool = False
 
 
@@ -127,6 +129,7 @@ class DecodeSpec:
     tree: str | None
     tree_size: int | str | None
     topk: int | None
+    lookup: int | None = None
 
 
 @dataclass
@@ -172,8 +175,8 @@ def stop_strings(stop) -> list[str]:
     return stops
 
 
-def tree_request(req: DecodingFields) -> tuple[str | None, int | str | None, int | None]:
-    """Check the tree extension fields (`tree`, `tree_size`, `topk`) for what a request may ask."""
+def tree_request(req: DecodingFields) -> tuple[str | None, int | str | None, int | None, int | None]:
+    """Check the tree extension fields (`tree`, `tree_size`, `topk`, `lookup`) for what a request may ask."""
     if req.tree is not None and req.tree not in REQUEST_TREES:
         raise DynTreeError(f"unknown tree {req.tree!r}: choose from {', '.join(REQUEST_TREES)}")
     size = req.tree_size
@@ -190,7 +193,9 @@ def tree_request(req: DecodingFields) -> tuple[str | None, int | str | None, int
             raise DynTreeError(f"tree_size must be between 2 and {MAX_REQUEST_TREE_SIZE}, got {size!r}")
     if req.topk is not None and not 1 <= req.topk <= MAX_REQUEST_TOPK:
         raise DynTreeError(f"topk must be between 1 and {MAX_REQUEST_TOPK}, got {req.topk}")
-    return req.tree, size, req.topk
+    if req.lookup is not None and not 0 <= req.lookup <= MAX_REQUEST_LOOKUP:
+        raise DynTreeError(f"lookup must be between 0 and {MAX_REQUEST_LOOKUP}, got {req.lookup}")
+    return req.tree, size, req.topk, req.lookup
 
 
 def _requested_max_tokens(value: int | None) -> int | None:
@@ -298,7 +303,7 @@ class DecodingService:
     def engine_for(self, spec: DecodeSpec) -> DynTree:
         """The base engine, or one with the request's tree settings (built once, then cached)."""
         base = self.base
-        if spec.tree is None and spec.tree_size is None and spec.topk is None:
+        if spec.tree is None and spec.tree_size is None and spec.topk is None and spec.lookup is None:
             return base
         tree = spec.tree or base.tree
         if base.heads is None and tree != "ar":
@@ -307,7 +312,9 @@ class DecodingService:
             raise DynTreeError("tree_size only applies to tree 'dynamic'")
         if spec.topk is not None and tree == "ar":
             raise DynTreeError("topk only applies to trees with heads ('static', 'dynamic')")
-        key = (tree, spec.tree_size, spec.topk)
+        if spec.lookup is not None and tree != "dynamic":
+            raise DynTreeError("lookup only applies to tree 'dynamic'")
+        key = (tree, spec.tree_size, spec.topk, spec.lookup)
         if key in self.engines:
             self.engines.move_to_end(key)
             return self.engines[key]
@@ -319,7 +326,10 @@ class DecodingService:
             options["tree_size"] = spec.tree_size
             if not str(spec.tree_size).startswith("auto"):
                 options.pop("latency", None)
-        log.info("building a %s tree engine (tree_size=%s, topk=%s)", tree, spec.tree_size, topk)
+        if spec.lookup is not None:
+            options["lookup"] = spec.lookup
+        log.info("building a %s tree engine (tree_size=%s, topk=%s, lookup=%s)", tree, spec.tree_size, topk,
+                 spec.lookup)
         engine = base.with_tree(tree, topk, **options)
         self.engines[key] = engine
         if len(self.engines) > ENGINE_CACHE_SIZE:

@@ -39,13 +39,13 @@ class RecordingProposer:
         self.step = 0
         self.records: list[tuple[int, object, object]] = []
         self._pending = None
-        for attr in ("name", "uses_heads", "topk", "max_nodes", "tree"):
+        for attr in ("name", "uses_heads", "topk", "max_nodes", "tree", "uses_context"):
             if hasattr(inner, attr):
                 setattr(self, attr, getattr(inner, attr))
 
-    def propose(self, root, head_ids, head_probs):
+    def propose(self, root, head_ids, head_probs, **kwargs):
         self.step += 1
-        proposal = self.inner.propose(root, head_ids, head_probs)
+        proposal = self.inner.propose(root, head_ids, head_probs, **kwargs)
         self._pending = proposal if self.steps is None or self.step in self.steps else None
         return proposal
 

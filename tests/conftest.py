@@ -84,3 +84,18 @@ def mt_bench_first_turns(limit: int) -> list[str]:
     rows = [json.loads(line) for line in (SHARED_DATA / "mt_bench_questions.jsonl").read_text().splitlines()
             if line.strip()]
     return [r["turns"][0] for r in rows[:limit]]
+
+
+def tiny_model_with_heads():
+    """A 2-layer Llama (vocab 64) with 4 random heads: for tree tests that need real forwards."""
+    from dyntree.heads import MedusaHeads
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      eos_token_id=None, tie_word_embeddings=True)
+    hf = LlamaForCausalLM(cfg).eval()
+    backbone = Transformer(ModelConfig.from_hf(cfg), hf.state_dict())
+    heads = MedusaHeads.random(backbone.config, num_heads=4, scale=0.02)
+    return backbone, heads

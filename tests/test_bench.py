@@ -342,3 +342,14 @@ def test_auto_sized_dynamic_tree_runs_in_the_bench(tiny_model_dir, prompts_file)
     assert results["methods"]["dynamic:n=auto:max=6"]["exact_match_rate"] == 1.0
     with pytest.raises(DynTreeError):
         build_methods(parse_method_list("dynamic:n=8:max=6"), context)
+
+
+def test_static_prefix_and_lookup_options(tiny_model_dir, prompts_file):
+    context = BenchContext(model=str(tiny_model_dir), heads="random")
+    methods = build_methods(parse_method_list("ar,static:n=5,dynamic:lookup=0,dynamic:lookup=4"), context)
+    assert methods[1].engine.proposer.tree.num_nodes == 5
+    assert methods[2].engine.proposer.lookup == 0 and methods[3].engine.proposer.lookup == 4
+    bench = run_benchmark(methods, load_prompts(prompts_file)[:2], context,
+                          BenchSettings(max_new_tokens=12, turns=1, seed=0, warmup=0, repeats=1))
+    results = collect_results(bench, context, "dyntree bench (test)", str(prompts_file))
+    assert all(m["exact_match_rate"] == 1.0 for m in results["methods"].values())

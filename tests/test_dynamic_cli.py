@@ -14,6 +14,10 @@ def test_generate_dynamic_matches_plain_decoding(capsys):
     err = capsys.readouterr().err
     assert code == 0
     assert "identical output: yes" in err
+    code = main(["generate", "--lookup", "4", "--prompt", "Repeat after me: red, green, blue; red, green, blue.",
+                 "--max-new-tokens", "24", "--compare"])
+    err = capsys.readouterr().err
+    assert code == 0 and "identical output: yes" in err and "lookup4" in err
 
 
 @pytest.mark.slow
@@ -27,5 +31,8 @@ def test_viz_writes_pngs_and_rejects_bad_input(tmp_path, capsys):
     assert main(["viz", "--heads", "random", "--prompt", "x", "--steps", "zero", "--out", str(out)]) == 2
     assert main(["generate", "--heads", "random", "--tree", "dynamic", "--tree-size", "1", "--prompt", "x"]) == 2
     assert main(["generate", "--heads", "random", "--tree", "static", "--tree-size", "8", "--prompt", "x"]) == 2
+    assert main(["generate", "--heads", "random", "--tree", "static", "--lookup", "4", "--prompt", "x"]) == 2
+    assert main(["generate", "--heads", "random", "--lookup", "-1", "--prompt", "x"]) == 2
+    assert main(["generate", "--heads", "random", "--tree", "static:99", "--prompt", "x"]) == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err and err.count("error:") == 3
+    assert "Traceback" not in err and err.count("error:") == 6

@@ -7,12 +7,12 @@ import random
 
 import pytest
 import torch
+from conftest import tiny_model_with_heads
 
 from dyntree.api import build_proposer
 from dyntree.decoding import Decoder
 from dyntree.errors import DynTreeError
 from dyntree.heads import MedusaHeads
-from dyntree.model import ModelConfig, Transformer
 from dyntree.proposal import RootOnlyProposer
 from dyntree.trees import StaticTree, buffers_from_parents
 from dyntree.trees.dynamic import (AcceptanceStats, DynamicTreeProposer, best_first_nodes, brute_force_nodes,
@@ -240,16 +240,7 @@ def test_proposer_rejects_bad_options():
 # -- decoding --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      eos_token_id=None, tie_word_embeddings=True)
-    hf = LlamaForCausalLM(cfg).eval()
-    backbone = Transformer(ModelConfig.from_hf(cfg), hf.state_dict())
-    heads = MedusaHeads.random(backbone.config, num_heads=4, scale=0.02)
-    return backbone, heads
+    return tiny_model_with_heads()
 
 
 def greedy(backbone, heads, proposer, prompts, max_new=40):

@@ -6,11 +6,10 @@ import random
 
 import pytest
 import torch
+from conftest import tiny_model_with_heads
 
 from dyntree.decoding import Decoder
 from dyntree.errors import DynTreeError
-from dyntree.heads import MedusaHeads
-from dyntree.model import ModelConfig, Transformer
 from dyntree.proposal import RootOnlyProposer
 from dyntree.trees.dynamic import DynamicTreeProposer
 from dyntree.trees.lookup import find_chain, merge_chain
@@ -68,22 +67,9 @@ def test_merge_chain_is_ancestor_closed_and_fills_the_budget():
         assert len(merged) == min(budget, len(union))
 
 
-def tiny():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      eos_token_id=None, tie_word_embeddings=True)
-    hf = LlamaForCausalLM(cfg).eval()
-    backbone = Transformer(ModelConfig.from_hf(cfg), hf.state_dict())
-    heads = MedusaHeads.random(backbone.config, num_heads=4, scale=0.02)
-    return backbone, heads
-
-
 @pytest.fixture(scope="module")
 def tiny_model():
-    return tiny()
+    return tiny_model_with_heads()
 
 
 def check_tree(proposal, size):
@@ -185,3 +171,16 @@ def test_merge_scored_keeps_the_best_closed_set():
             for p in best:
                 if p not in chosen and (len(p) == 1 or p[:-1] in chosen):
                     assert best[p] <= floor
+
+
+def test_auto_size_with_lookup_is_lossless_and_sizes_vary(tiny_model):
+    from dyntree.trees.latency import LatencyModel
+
+    backbone, heads = tiny_model
+    prompts = [[1, 5, 9, 3, 1, 5, 9, 3, 1, 5]]
+    expected = Decoder(backbone, heads, RootOnlyProposer()).run(prompts, 40, stop_at_eos=False).consume().tokens
+    latency = LatencyModel(rows=[1, 4, 16], seconds=[0.010, 0.012, 0.030])
+    proposer = DynamicTreeProposer(4, 6, tree_size=16, score="binned", latency=latency, lookup=6)
+    run = Decoder(backbone, heads, proposer).run(prompts, 40, stop_at_eos=False).consume()
+    assert run.tokens == expected
+    assert all(1 <= s <= 16 for s in run.stats.tree_sizes)

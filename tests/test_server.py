@@ -227,10 +227,12 @@ def test_tree_engines_are_built_once_per_setting(client):
     service = client.app.state.service
     for _ in range(2):
         assert chat(client, tree="dynamic", tree_size=6, topk=3).status_code == 200
-    engine = service.engines[("dynamic", 6, 3)]
+    engine = service.engines[("dynamic", 6, 3, None)]
     assert engine.proposer.tree_size == 6 and engine.proposer.topk == 3
     assert chat(client, tree="dynamic", tree_size=6, topk=3).json()["dyntree"]["tree"].startswith("dynamic:n6:k3")
-    assert service.engines[("dynamic", 6, 3)] is engine
+    assert service.engines[("dynamic", 6, 3, None)] is engine
+    assert chat(client, tree="dynamic", lookup=0).status_code == 200
+    assert service.engines[("dynamic", None, None, 0)].proposer.lookup == 0
 
 
 def test_concurrent_requests_are_decoded_one_at_a_time_on_one_thread(dt, plain, monkeypatch):
@@ -303,6 +305,8 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": PROMPT, "tree": "dynamic", "tree_size": "big"}, "tree_size"),
     ("/v1/completions", {"prompt": PROMPT, "tree": "dynamic", "tree_size": 200, "topk": 2}, "exceeds"),
     ("/v1/completions", {"prompt": PROMPT, "topk": 0}, "topk"),
+    ("/v1/completions", {"prompt": PROMPT, "lookup": -1}, "lookup"),
+    ("/v1/completions", {"prompt": PROMPT, "tree": "static", "lookup": 4}, "lookup"),
     ("/v1/completions", {"prompt": PROMPT, "temperature": -1}, "temperature"),
     ("/v1/completions", {"prompt": PROMPT, "temperature": "hot"}, "temperature"),
     ("/v1/completions", {"prompt": PROMPT, "top_p": 0}, "top-p"),

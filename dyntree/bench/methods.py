@@ -307,6 +307,10 @@ def _tree_method(context: BenchContext, spec: MethodSpec, tree: str) -> DynTreeM
                            "pass --heads DIR (or --heads random to check exactness only)")
     tree = options.pop("tree", tree)
     topk = options.pop("topk", None)
+    if tree != "dynamic" and "n" in options:  # `static:n=8`: the first 8 nodes of the static tree
+        from ..api import DEFAULT_TREE  # noqa: PLC0415 - loaded with the engine
+
+        tree = f"{DEFAULT_TREE if tree == 'static' else tree}:{options.pop('n')}"
     if "n" in options:  # short form of the tree size
         options["tree_size"] = options.pop("n")
     if "max" in options:  # `n=auto:max=N`: the largest tree the per-step size choice may pick
@@ -331,8 +335,9 @@ def _ar(context, spec):
     return _tree_method(context, spec, "ar")
 
 
-@register_method("static", f"our engine with Medusa's static tree (options: tree=NAME|FILE, topk=K, "
-                           f"{TREE_SAMPLING_HELP})", options={"tree": str, "topk": int}, sampling=TREE_SAMPLING)
+@register_method("static", f"our engine with Medusa's static tree (options: tree=NAME|FILE, n=NODES (the "
+                           f"tree's first N nodes), topk=K, {TREE_SAMPLING_HELP})",
+                 options={"tree": str, "topk": int, "n": int}, sampling=TREE_SAMPLING)
 def _static(context, spec):
     return _tree_method(context, spec, "static")
 

@@ -348,30 +348,17 @@ class DynamicTreeProposer:
         probs = marginals(head_probs[:, :depth, : self.topk], self.temperature, self.renormalize)
         factors = self.stats.factors(probs, self.score)
         chosen, chosen_scores = select_nodes(factors, self.tree_size)
+        use_lookup = self.lookup > 0 and context is not None
+        if use_lookup:
+            return self._propose_with_lookup(root, ids, probs, chosen, chosen_scores, context)
         if self.latency is not None:  # selection order: every prefix is a tree, so cutting keeps it closed
             keep = choose_tree_size(chosen_scores, self.latency, self.tree_size) - 1
             chosen = [nodes[:keep] for nodes in chosen]
             chosen_scores = [row[:keep] for row in chosen_scores]
         batch, m = root.shape[0], ids.shape[2]
-        prob_rows = probs.tolist() if (self.learn or self.lookup) else None
-        use_lookup = self.lookup > 0 and context is not None
-        id_rows = ids.tolist() if use_lookup else None
-        parents, flat, scores, ranks, node_probs, token_rows = [], [], [], [], [], []
-        max_depth = depth
-        self._chains = []
+        prob_rows = probs.tolist() if self.learn else None
+        parents, flat, scores, ranks, node_probs = [], [], [], [], []
         for row, (nodes, node_scores) in enumerate(zip(chosen, chosen_scores)):
-            if use_lookup:
-                chain, _ = find_chain(context[row], self.lookup, self.lookup_ngram[0], self.lookup_ngram[1])
-                tree = self._merge_lookup(nodes, node_scores, id_rows[row], prob_rows[row], chain)
-                row_parents, row_tokens, row_scores, row_ranks, row_probs, chain_nodes = tree
-                token_rows.append([int(root[row])] + row_tokens)
-                parents.append(row_parents)
-                scores.append(row_scores)
-                ranks.append(row_ranks)
-                node_probs.append(row_probs)
-                self._chains.append(chain_nodes)
-                max_depth = max(max_depth, len(chain))
-                continue
             nodes, node_scores, _ = canonical_order(nodes, node_scores)
             parents.append([-1] + [p for p, _, _ in nodes])
             flat.append([(d - 1) * m + r for _, d, r in nodes])
@@ -380,28 +367,58 @@ class DynamicTreeProposer:
             if prob_rows is not None:
                 node_probs.append([1.0] + [prob_rows[row][d - 1][r] for _, d, r in nodes])
         device = root.device
-        parents_t = torch.tensor(parents, dtype=torch.long, device=device)
-        if use_lookup:
-            tokens = torch.tensor(token_rows, dtype=torch.long, device=device)
-        else:
-            flat_t = torch.tensor(flat, dtype=torch.long, device=device)
-            tokens = torch.cat([root[:, None], torch.gather(ids.reshape(batch, -1), 1, flat_t)], dim=1)
-        buffers = buffers_from_parents(parents_t, max_depth)
+        flat_t = torch.tensor(flat, dtype=torch.long, device=device)
+        tokens = torch.cat([root[:, None], torch.gather(ids.reshape(batch, -1), 1, flat_t)], dim=1)
+        buffers = buffers_from_parents(torch.tensor(parents, dtype=torch.long, device=device), depth)
         proposal = Proposal(tokens=tokens, buffers=buffers, scores=torch.tensor(scores, dtype=torch.float64),
                             ranks=torch.tensor(ranks, dtype=torch.long, device=device),
                             node_probs=torch.tensor(node_probs, dtype=torch.float64) if node_probs else None)
         # What `observe` needs, kept as Python lists (no tensor work per node later).
-        self._last = (proposal, parents, ranks, node_probs) if (self.learn or use_lookup) else None
+        self._chains = []
+        self._last = (proposal, parents, ranks, node_probs) if self.learn else None
         return proposal
 
-    def _merge_lookup(self, nodes: list[Node], node_scores: list[float], ids: list[list[int]],
-                      probs: list[list[float]], chain: list[int]):
-        """One row's tree from the heads' nodes (selection order) and a lookup chain (see `trees.lookup`).
+    def _propose_with_lookup(self, root, ids, probs, chosen, chosen_scores, context):
+        """The tree from the heads' best nodes and each sequence's lookup chain (see `trees.lookup`).
 
-        Returns parents, node tokens (root excluded), scores, ranks (-1: lookup only), head probabilities and
-        the node indices of the chain. Children are listed most likely first, since verification projects
-        the first-child chain in one call and other nodes one by one.
+        With a latency model the size is chosen on the merged order (chain first), whose prefixes are trees,
+        so a step with a trusted chain can afford more nodes than the heads alone would justify.
         """
+        from ..proposal import Proposal  # noqa: PLC0415 - proposal imports trees
+
+        id_rows, prob_rows = ids.tolist(), probs.tolist()
+        chains = [find_chain(ctx, self.lookup, *self.lookup_ngram)[0] for ctx in context]
+        merged = [self._lookup_candidates(nodes, node_scores, id_rows[row], prob_rows[row], chains[row])
+                  for row, (nodes, node_scores) in enumerate(zip(chosen, chosen_scores))]
+        if self.latency is not None:
+            keep = choose_tree_size([[meta[p][0] for p in paths] for paths, meta in merged], self.latency,
+                                    self.tree_size) - 1
+            merged = [(paths[:keep], meta) for paths, meta in merged]
+        parents, tokens, scores, ranks, node_probs = [], [], [], [], []
+        self._chains = []
+        for row, (paths, meta) in enumerate(merged):
+            row_parents, row_tokens, row_scores, row_ranks, row_probs, chain_nodes = \
+                self._tree_from_paths(paths, meta, chains[row])
+            tokens.append([int(root[row])] + row_tokens)
+            parents.append(row_parents)
+            scores.append(row_scores)
+            ranks.append(row_ranks)
+            node_probs.append(row_probs)
+            self._chains.append(chain_nodes)
+        device = root.device
+        max_depth = max([ids.shape[1]] + [len(c) for c in chains])
+        buffers = buffers_from_parents(torch.tensor(parents, dtype=torch.long, device=device), max_depth)
+        proposal = Proposal(tokens=torch.tensor(tokens, dtype=torch.long, device=device), buffers=buffers,
+                            scores=torch.tensor(scores, dtype=torch.float64),
+                            ranks=torch.tensor(ranks, dtype=torch.long, device=device),
+                            node_probs=torch.tensor(node_probs, dtype=torch.float64))
+        self._last = (proposal, parents, ranks, node_probs)
+        return proposal
+
+    def _lookup_candidates(self, nodes: list[Node], node_scores: list[float], ids: list[list[int]],
+                           probs: list[list[float]], chain: list[int]):
+        """One row's token paths (a tree in every prefix) from the heads' nodes in selection order and a
+        lookup chain, plus per path (score, rank or -1 for lookup-only nodes, head probability)."""
         paths, meta = [], {}
         for (parent, d, r), score in zip(nodes, node_scores):
             path = (paths[parent - 1] if parent > 0 else ()) + (ids[d - 1][r],)
@@ -420,14 +437,18 @@ class DynamicTreeProposer:
             else:
                 meta[path] = (chain_score, -1, 0.0)
         if self.lookup_merge == "score":
-            merged = merge_scored(paths, node_scores, chain, chain_scores, budget)
-        else:
-            merged = merge_chain(paths, chain, budget)
-        # Breadth-first order; among siblings the higher score first.
+            return merge_scored(paths, node_scores, chain, chain_scores, budget), meta
+        return merge_chain(paths, chain, budget), meta
+
+    @staticmethod
+    def _tree_from_paths(paths: list[tuple[int, ...]], meta: dict, chain: list[int]):
+        """Parents, node tokens (root excluded), scores, ranks, head probabilities and the chain's node
+        indices of the tree holding `paths`. Breadth-first; siblings most likely first, because verification
+        projects the first-child chain in one call and other nodes one by one."""
         index: dict[tuple[int, ...], int] = {(): 0}
         out_paths: list[tuple[int, ...]] = []
-        for d in range(1, max((len(p) for p in merged), default=0) + 1):
-            level = [p for p in merged if len(p) == d]
+        for d in range(1, max((len(p) for p in paths), default=0) + 1):
+            level = [p for p in paths if len(p) == d]
             level.sort(key=lambda p: (index[p[:-1]], -meta[p][0], p[-1]))
             for p in level:
                 out_paths.append(p)

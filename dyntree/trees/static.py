@@ -46,10 +46,19 @@ def validate_paths(paths, num_heads: int | None = None, topk: int | None = None)
 
 
 def load_tree_spec(spec: str | os.PathLike | list) -> tuple[str, list]:
-    """A built-in tree name, a JSON file (a list of paths, or {"paths": [...]}) or a list -> (name, paths)."""
+    """A built-in tree name (optionally `NAME:N`, its first N nodes), a JSON file (a list of paths, or
+    {"paths": [...]}) or a list -> (name, paths)."""
     if isinstance(spec, (list, tuple)):
         return "custom", list(spec)
     name = str(spec)
+    base, _, size = name.partition(":")
+    if base in BUILTIN_TREES and size:  # "mc_sim_7b_63:8": the tree's first 7 paths (8 nodes with the root)
+        if not size.isdigit() or int(size) < 2:
+            raise DynTreeError(f"tree {name!r}: the size after ':' must be an integer of at least 2")
+        full_name, paths = load_tree_spec(base)
+        if int(size) - 1 > len(paths):
+            raise DynTreeError(f"tree {name!r}: {base} has only {len(paths) + 1} nodes")
+        return name, paths[: int(size) - 1]  # built-in paths are listed so that every prefix is a tree
     if name in BUILTIN_TREES:
         text = resources.files("dyntree.trees").joinpath("data", f"{name}.json").read_text()
         return name, json.loads(text)["paths"]
