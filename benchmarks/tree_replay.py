@@ -75,7 +75,8 @@ def main() -> None:
     calib = None
     if args.calib:
         cal = torch.load(args.calib)
-        collector = lambda: DynamicTreeProposer(NUM_HEADS, 10, tree_size=32, score="prob", learn=True, lookup=0)  # noqa: E731
+        collector = lambda: DynamicTreeProposer(NUM_HEADS, 10, tree_size=32, score="prob", learn=True, lookup=0,
+                                                temperature=1.0)  # noqa: E731
         from dyntree.trees.replay import replay
         calib = {}
         for bins in (10, 20):

@@ -518,8 +518,10 @@ def collect_acceptance_stats(dt, prompts, max_new_tokens: int = 64, tree_size: i
 
     Use prompts that are not the benchmark's. A wide tree sees more (depth, rank) cells per step.
     """
+    # Heads only (every node then teaches the table), at temperature 1: the probability bins must be those
+    # that the calibrated scores ("rank", "binned", temperature 1 by default) look up.
     proposer = DynamicTreeProposer(dt.heads.num_heads, topk, tree_size=tree_size, calibration=stats, learn=True,
-                                   lookup=0)  # heads only: every node then teaches the table
+                                   lookup=0, temperature=1.0)
     for i, prompt in enumerate(prompts):
         dt.decoder(proposer).run([dt.encode(prompt)], max_new_tokens).consume()
         if progress is not None:
