@@ -55,7 +55,7 @@ def load_tree_spec(spec: str | os.PathLike | list) -> tuple[str, list]:
     if base in BUILTIN_TREES and size:  # "mc_sim_7b_63:8": the tree's first 7 paths (8 nodes with the root)
         if not size.isdigit() or int(size) < 2:
             raise DynTreeError(f"tree {name!r}: the size after ':' must be an integer of at least 2")
-        full_name, paths = load_tree_spec(base)
+        _, paths = load_tree_spec(base)
         if int(size) - 1 > len(paths):
             raise DynTreeError(f"tree {name!r}: {base} has only {len(paths) + 1} nodes")
         return name, paths[: int(size) - 1]  # built-in paths are listed so that every prefix is a tree
