@@ -15,14 +15,15 @@ the end of the train file (the heads' distillation never reached them).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
 from dyntree.api import DynTree
+from dyntree.bench.prompts import load_prompts
 from dyntree.training.distill import chat_ids, generate_batched, self_prompts
+from dyntree.training.prompts import read_prompt_file
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -43,13 +44,13 @@ def main() -> None:
     dt = DynTree.from_pretrained("default")
     tok = dt.tokenizer
     if args.set == "mtbench":
-        rows = [json.loads(l) for l in open(DATA / "mt_bench_questions.jsonl") if l.strip()]
-        texts = [(f"mt{r['question_id']}:{r['category']}", r["turns"][0]) for r in rows]
+        texts = [(f"mt{p.prompt_id}:{p.category}", p.turns[0])
+                 for p in load_prompts(DATA / "mt_bench_questions.jsonl")]
     else:
         texts = [(f"self{i}", p.text) for i, p in
                  enumerate(self_prompts(dt.model, args.self_prompts, seed=20261123))]
-        gsm = [json.loads(l)["question"] for l in open(DATA / "gsm8k_train_questions.jsonl") if l.strip()]
-        texts += [(f"gsm{len(gsm) - 1 - i}", q) for i, q in enumerate(gsm[::-1][: args.gsm8k])]
+        gsm = read_prompt_file(DATA / "gsm8k_train_questions.jsonl")
+        texts += [(f"gsm{len(gsm) - 1 - i}", p.text) for i, p in enumerate(gsm[::-1][: args.gsm8k])]
     texts = texts[: args.limit] if args.limit else texts
     prompts = [(tag, chat_ids(tok, text)) for tag, text in texts]
     start = time.time()

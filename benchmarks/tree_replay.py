@@ -74,14 +74,13 @@ def main() -> None:
     records = data["records"]
     calib = None
     if args.calib:
-        cal = torch.load(args.calib)
-        collector = lambda: DynamicTreeProposer(NUM_HEADS, 10, tree_size=32, score="prob", learn=True, lookup=0,
-                                                temperature=1.0)  # noqa: E731
         from dyntree.trees.replay import replay
+
+        cal = torch.load(args.calib)
         calib = {}
-        for bins in (10, 20):
-            proposer = collector()
-            proposer.stats = AcceptanceStats(NUM_HEADS, 10, bins=bins)
+        for bins in (10, 20):  # heads only, temperature 1: the bins calibrated scores read
+            proposer = DynamicTreeProposer(NUM_HEADS, 10, tree_size=32, score="prob", learn=True, lookup=0,
+                                           temperature=1.0, calibration=AcceptanceStats(NUM_HEADS, 10, bins=bins))
             for r in cal["records"]:
                 replay(proposer, r)
             calib[bins] = proposer.stats

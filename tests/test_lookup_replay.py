@@ -101,6 +101,8 @@ def test_lookup_tree_holds_the_chain_and_keeps_its_size():
         path.append(node)
     assert proposal.buffers.depths[0, path[-1]] == 5  # deeper than the 4 heads
     assert proposer.uses_context
+    scored = DynamicTreeProposer(4, 6, tree_size=10, lookup=5, lookup_merge="score")
+    check_tree(scored.propose(torch.tensor([9]), ids, probs, context=[context]), 10)
     with pytest.raises(DynTreeError):
         DynamicTreeProposer(4, 6, tree_size=10, lookup=-1)
 
@@ -160,10 +162,10 @@ def test_merge_scored_keeps_the_best_closed_set():
             s *= rng.random()
             chain_scores.append(s)
         budget = rng.randrange(1, 10)
-        chosen = merge_scored(head_paths, head_scores, chain, chain_scores, budget)
         best = {}
         for p, v in list(zip(head_paths, head_scores)) + [(tuple(chain[:d + 1]), v) for d, v in enumerate(chain_scores)]:
             best[p] = max(best.get(p, 0.0), v)
+        chosen = merge_scored(best, budget)
         assert len(chosen) == len(set(chosen)) == min(budget, len(best))
         assert all(len(p) == 1 or p[:-1] in chosen for p in chosen)
         if len(chosen) == budget:

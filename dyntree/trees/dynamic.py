@@ -285,8 +285,9 @@ class DynamicTreeProposer:
     uses_heads = True
 
     def __init__(self, num_heads: int, topk: int = DEFAULT_TOPK, tree_size: int = DEFAULT_TREE_SIZE,
-                 temperature: float | None = None, score: str = "prob", calibration=None, learn: bool | None = None,
-                 renormalize: bool = True, latency=None, lookup: int = DEFAULT_LOOKUP, lookup_ngram: tuple[int, int] = (3, 2), lookup_merge: str = "first"):
+                 temperature: float | None = None, score: str = "prob", calibration=None,
+                 learn: bool | None = None, renormalize: bool = True, latency=None, lookup: int = DEFAULT_LOOKUP,
+                 lookup_ngram: tuple[int, int] = (3, 2), lookup_merge: str = "first"):
         if not isinstance(tree_size, int) or tree_size < 2:
             raise DynTreeError(f"tree size must be an integer of at least 2 (root + 1 candidate), got {tree_size!r}")
         if not isinstance(topk, int) or topk < 1:
@@ -322,7 +323,8 @@ class DynamicTreeProposer:
             latency = LatencyModel.load(latency)
         self.latency = latency
         if not isinstance(lookup, int) or lookup < 0:
-            raise DynTreeError(f"lookup must be a non-negative integer (tokens copied from the context), got {lookup!r}")
+            raise DynTreeError(f"lookup must be a non-negative integer (tokens copied from the context), "
+                               f"got {lookup!r}")
         if not (1 <= lookup_ngram[1] <= lookup_ngram[0]):
             raise DynTreeError(f"lookup n-gram range must be max >= min >= 1, got {lookup_ngram!r}")
         if lookup_merge not in ("first", "score"):
@@ -426,10 +428,9 @@ class DynamicTreeProposer:
             meta[path] = (score, r, probs[d - 1][r])
         budget = len(nodes)
         chain_rates = self.lookup_rates()
-        chain_score, chain_scores = 1.0, []
+        chain_score = 1.0
         for d in range(1, min(len(chain), budget) + 1):
             chain_score *= chain_rates[d - 1]
-            chain_scores.append(chain_score)
             path = tuple(chain[:d])
             if path in meta:  # the heads guessed it too: keep the better of the two estimates
                 score, r, p = meta[path]
@@ -437,7 +438,7 @@ class DynamicTreeProposer:
             else:
                 meta[path] = (chain_score, -1, 0.0)
         if self.lookup_merge == "score":
-            return merge_scored(paths, node_scores, chain, chain_scores, budget), meta
+            return merge_scored({path: m[0] for path, m in meta.items()}, budget), meta
         return merge_chain(paths, chain, budget), meta
 
     @staticmethod

@@ -56,21 +56,16 @@ def merge_chain(head_paths: list[tuple[int, ...]], chain: list[int], budget: int
     return out
 
 
-def merge_scored(head_paths: list[tuple[int, ...]], head_scores: list[float], chain: list[int],
-                 chain_scores: list[float], budget: int) -> list[tuple[int, ...]]:
-    """The `budget` best token paths of the union of the heads' nodes and the chain's prefixes, by score.
+def merge_scored(score_of: dict[tuple[int, ...], float], budget: int) -> list[tuple[int, ...]]:
+    """The `budget` best token paths of a candidate set, by score; `score_of` maps every candidate path (the
+    heads' nodes and the chain's prefixes, a path proposed by both with the higher of its two scores) to its
+    score.
 
-    A path proposed by both sources takes the higher score. Scores never increase from a node to its child
-    within either source, so the union's scores do not either, and taking nodes by descending score (the
-    shallower first on ties) keeps every chosen node's parent chosen.
+    Scores never increase from a node to its child within either source, so the union's scores do not
+    either, and taking nodes by descending score (the shallower first on ties) keeps every chosen node's
+    parent chosen.
     """
-    score: dict[tuple[int, ...], float] = {}
-    for path, s in zip(head_paths, head_scores):
-        score[path] = max(score.get(path, 0.0), s)
-    for d, s in enumerate(chain_scores[: len(chain)], start=1):
-        path = tuple(chain[:d])
-        score[path] = max(score.get(path, 0.0), s)
-    ranked = sorted(score, key=lambda p: (-score[p], len(p)))
+    ranked = sorted(score_of, key=lambda p: (-score_of[p], len(p)))
     chosen: list[tuple[int, ...]] = []
     taken: set[tuple[int, ...]] = set()
     for path in ranked:
