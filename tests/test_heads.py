@@ -42,6 +42,50 @@ def test_vocab_subset_projection_maps_back_to_full_ids(tmp_path, tiny_backbone):
     assert torch.equal(load_heads(tmp_path / "sub", cfg).vocab_ids, subset)
 
 
+def test_int8_projection_round_trip(tmp_path, tiny_backbone):
+    cfg = tiny_backbone.config
+    heads = own_projection_heads(cfg, num_heads=2, num_layers=1)
+    fp = heads.save(tmp_path / "fp")
+    q = heads.save(tmp_path / "q", block_dtype=torch.float16, int8_projection=True)
+    assert (q / "heads.safetensors").stat().st_size < 0.75 * (fp / "heads.safetensors").stat().st_size
+    loaded = load_heads(q, cfg)
+    # Per-row int8: every weight within half a step of its row's scale.
+    step = heads.projection.abs().amax(-1, keepdim=True) / 127
+    assert ((loaded.projection - heads.projection).abs() <= step / 2 + 1e-3).all()
+    # Rounding in memory first gives exactly the weights a load returns.
+    heads.round_to_storage(torch.float16, int8_projection=True)
+    torch.testing.assert_close(loaded.projection, heads.projection, rtol=0, atol=1e-6)
+    torch.testing.assert_close(loaded.block_weight, heads.block_weight, rtol=0, atol=0)
+    # A scale of the wrong shape is a clear error.
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(q / "heads.safetensors"))
+    tensors["projection_scale"] = tensors["projection_scale"][:, :-1].contiguous()
+    save_file(tensors, str(q / "heads.safetensors"))
+    with pytest.raises(DynTreeError, match="corrupt heads checkpoint.*int8 projection"):
+        load_heads(q, cfg)
+
+
+def test_topk_uses_current_projection_after_changes(tiny_backbone):
+    """The inference copy of the projection follows in-place updates (training steps)."""
+    cfg = tiny_backbone.config
+    heads = own_projection_heads(cfg, num_heads=2, num_layers=1)
+    h = torch.randn(3, cfg.hidden_size)
+
+    def reference():
+        with torch.no_grad():
+            return torch.softmax(heads.logits(h, tiny_backbone.lm_head.weight_t), -1).topk(4, dim=-1)
+
+    ids, probs = heads.topk(h, tiny_backbone.lm_head, 4)
+    ref = reference()
+    assert torch.equal(ids, ref.indices) and torch.allclose(probs, ref.values, atol=1e-6)
+    with torch.no_grad():
+        heads.projection.mul_(-1.0)
+    ids, probs = heads.topk(h, tiny_backbone.lm_head, 4)
+    ref = reference()
+    assert torch.equal(ids, ref.indices) and torch.allclose(probs, ref.values, atol=1e-6)
+
+
 def test_medusa_v01_round_trip_and_lying_config(tmp_path, tiny_backbone):
     cfg = tiny_backbone.config
     heads = own_projection_heads(cfg, num_heads=3, num_layers=2)

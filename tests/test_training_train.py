@@ -98,6 +98,20 @@ def test_train_end_to_end_and_reload(setup, tmp_path):
     assert report["validation"]["top1"][0] == pytest.approx(float(after[1, 0] / after[0, 0]), abs=1e-6)
 
 
+def test_reported_validation_is_of_the_heads_as_saved(setup, tmp_path):
+    """fp16 blocks and an int8 projection round the weights; the report must describe the saved file."""
+    root, _, loaded = setup
+    config = TrainConfig(num_heads=2, num_layers=1, shared_projection=False, vocab_subset=40, epochs=1,
+                         batch_size=32, lr=3e-3, val_fraction=0.2, checkpoint_every=0)
+    report = train(loaded, root / "data", tmp_path / "q", config, progress=False, block_dtype=torch.float16,
+                   int8_projection=True)
+    heads = load_heads(tmp_path / "q", loaded.config)
+    _, val, _ = load_examples(DistillDataset.open(root / "data"), 2, 0.2)
+    stats = HeadsObjective(heads, loaded.backbone.lm_head.weight_t, 0.8)(val.hidden, val.targets)[1]
+    assert report["validation"]["top1"] == pytest.approx((stats[1] / stats[0]).tolist(), abs=1e-6)
+    assert report["validation"]["top5"] == pytest.approx((stats[2] / stats[0]).tolist(), abs=1e-6)
+
+
 def test_resume_continues_exactly(setup, tmp_path):
     root, _, loaded = setup
     config = TrainConfig(num_heads=2, vocab_subset=0, epochs=3, batch_size=16, val_fraction=0.2,

@@ -37,6 +37,8 @@ def add_command(subparsers) -> None:
                    help="continue from trained heads (same --num-heads/--num-layers/projection), e.g. after "
                         "distilling more data; the vocabulary subset is chosen anew and rows move with tokens")
     p.add_argument("--fp16-blocks", action="store_true", help="store the heads' blocks in fp16 (half the size)")
+    p.add_argument("--int8-projection", action="store_true",
+                   help="store the own projections as int8 with a scale per row (half the size again)")
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out and start over")
     p.add_argument("--model", default="default", help="'default' or a local Hugging Face model directory")
     p.add_argument("--device", default=None)
@@ -66,7 +68,8 @@ def run(args) -> int:
     accelerator = Accelerator(cpu=args.device == "cpu" or (args.device is None and not torch.cuda.is_available()))
     loaded = load_model(args.model, device=accelerator.device)
     report = train(loaded, args.data, args.out, config, resume=not args.no_resume, stop_after=args.stop_after,
-                   block_dtype=torch.float16 if args.fp16_blocks else torch.float32, accelerator=accelerator)
+                   block_dtype=torch.float16 if args.fp16_blocks else torch.float32, accelerator=accelerator,
+                   int8_projection=args.int8_projection)
     from accelerate.state import PartialState
 
     if "stopped_at" in report:

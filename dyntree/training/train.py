@@ -228,7 +228,8 @@ def _carry_over(source: MedusaHeads, target: MedusaHeads) -> None:
 
 
 def train(loaded, dataset_dir, out_dir, config: TrainConfig, resume: bool = True, progress: bool = True,
-          accelerator=None, stop_after: int | None = None, block_dtype: torch.dtype = torch.float32) -> dict:
+          accelerator=None, stop_after: int | None = None, block_dtype: torch.dtype = torch.float32,
+          int8_projection: bool = False) -> dict:
     """Train heads for `loaded`'s backbone on the dataset; write heads + a report to `out_dir`.
 
     `stop_after`: checkpoint and return after this many optimiser steps in total (to spread a long training
@@ -364,7 +365,8 @@ def train(loaded, dataset_dir, out_dir, config: TrainConfig, resume: bool = True
                         bar.write(f"step {step}: val top-1 " + " ".join(f"{a:.3f}" for a in result["top1"])
                                   + " | top-5 " + " ".join(f"{a:.3f}" for a in result["top5"]))
     bar.close()
-    final = evaluate(accelerator, objective, val_rows)
+    accelerator.unwrap_model(objective).heads.round_to_storage(block_dtype, int8_projection)
+    final = evaluate(accelerator, objective, val_rows)  # of the heads as saved
     report = {
         "dataset": str(ds.directory), "model": loaded.name, "config": asdict(config), "data": counts,
         "vocab_subset_coverage": coverage, "steps": step, "processes": world,
@@ -372,7 +374,7 @@ def train(loaded, dataset_dir, out_dir, config: TrainConfig, resume: bool = True
     }
     if accelerator.is_main_process:
         heads_out = accelerator.unwrap_model(objective).heads
-        heads_out.save(out_dir, block_dtype)
+        heads_out.save(out_dir, block_dtype, int8_projection=int8_projection)
         (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     accelerator.wait_for_everyone()
     return report
