@@ -7,6 +7,8 @@ top-k ids/probabilities from the hidden state before every response token.
 
   python benchmarks/record_continuations.py --set mtbench --out /work/replay/mtbench.pt
   python benchmarks/record_continuations.py --set calib --out /work/replay/calib.pt   # never MT-Bench
+  # other heads on the same continuations: one teacher-forced forward per sequence instead of decoding
+  python benchmarks/record_continuations.py --rescore /work/replay/mtbench.pt --heads runs/new --out new.pt
 
 `calib` = fresh self-written prompts (a seed the bundled heads' data did not use) + GSM8K questions from
 the end of the train file (the heads' distillation never reached them).
@@ -24,13 +26,17 @@ from dyntree.api import DynTree
 from dyntree.bench.prompts import load_prompts
 from dyntree.training.distill import chat_ids, generate_batched, self_prompts
 from dyntree.training.prompts import read_prompt_file
+from dyntree.training.train import recompute_hidden
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--set", choices=["mtbench", "calib"], required=True)
+    ap.add_argument("--set", choices=["mtbench", "calib"])
+    ap.add_argument("--rescore", default=None, metavar="FILE",
+                    help="take the continuations of an earlier record; only the heads' guesses are recomputed")
+    ap.add_argument("--heads", default="auto", help="heads directory (default: the bundled heads)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--limit", type=int, default=None)
@@ -40,8 +46,13 @@ def main() -> None:
     ap.add_argument("--topk", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    if (args.set is None) == (args.rescore is None):
+        ap.error("give --set or --rescore")
     torch.set_num_threads(args.threads)
-    dt = DynTree.from_pretrained("default")
+    dt = DynTree.from_pretrained("default", heads=args.heads)
+    if args.rescore:
+        rescore(dt, args)
+        return
     tok = dt.tokenizer
     if args.set == "mtbench":
         texts = [(f"mt{p.prompt_id}:{p.category}", p.turns[0])
@@ -63,6 +74,18 @@ def main() -> None:
               flush=True)
     order = [tag for tag, _ in prompts if tag in records]
     torch.save({"tags": order, "records": [records[t] for t in order], "topk": args.topk}, args.out)
+
+
+def rescore(dt, args) -> None:
+    """The same greedy continuations with other heads' top-k (the hidden states do not depend on heads)."""
+    old = torch.load(args.rescore, weights_only=False)
+    records = []
+    for tag, rec in zip(old["tags"], old["records"]):
+        hidden = recompute_hidden(dt.model.backbone, torch.tensor(rec["tokens"]), rec["prompt_len"])
+        ids, probs = dt.heads.topk(hidden.float(), dt.model.backbone.lm_head, args.topk)
+        records.append({**rec, "head_ids": ids.to(torch.int32), "head_probs": probs.to(torch.float32)})
+        print(f"{len(records)}/{len(old['tags'])} {tag}", flush=True)
+    torch.save({"tags": old["tags"], "records": records, "topk": args.topk}, args.out)
 
 
 if __name__ == "__main__":
