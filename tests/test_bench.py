@@ -353,3 +353,23 @@ def test_static_prefix_and_lookup_options(tiny_model_dir, prompts_file):
                           BenchSettings(max_new_tokens=12, turns=1, seed=0, warmup=0, repeats=1))
     results = collect_results(bench, context, "dyntree bench (test)", str(prompts_file))
     assert all(m["exact_match_rate"] == 1.0 for m in results["methods"].values())
+
+
+def test_methods_can_bring_their_own_heads(tiny_model_dir, prompts_file, tmp_path):
+    """`dynamic:heads=DIR` compares other heads on the same loaded model, in the same interleaved run."""
+    from dyntree.heads import MedusaHeads
+
+    context = BenchContext(model=str(tiny_model_dir), heads="random")
+    other = tmp_path / "other-heads"
+    MedusaHeads.random(context.dyntree().model.config, num_heads=5, seed=7).save(other)
+    methods = build_methods(parse_method_list(f"ar,dynamic,dynamic:heads={other},static:heads={other}"), context)
+    assert methods[1].engine.heads is context.dyntree().heads
+    assert methods[2].engine.heads is methods[3].engine.heads  # loaded once
+    assert methods[2].engine.heads.num_heads == 5 and methods[2].engine.model is context.dyntree().model
+    bench = run_benchmark(methods, load_prompts(prompts_file)[:1], context,
+                          BenchSettings(max_new_tokens=10, turns=1, seed=0, warmup=0, repeats=1))
+    results = collect_results(bench, context, "dyntree bench (test)", str(prompts_file))
+    assert all(m["exact_match_rate"] == 1.0 for m in results["methods"].values())
+    assert str(other) in results["methods"][f"dynamic:heads={other}"]["settings"]["heads"]
+    with pytest.raises(DynTreeError, match="no heads at"):
+        build_methods(parse_method_list(f"dynamic:heads={tmp_path / 'missing'}"), context)

@@ -193,6 +193,7 @@ class BenchContext:
     seed: int = 0  # sampling seed of methods that give none (`--seed`)
     _dyntree: object = field(default=None, repr=False)
     _hf_model: object = field(default=None, repr=False)
+    _other_heads: dict = field(default_factory=dict, repr=False)
 
     def dyntree(self):
         """Our engine on the model, with the heads (if any) and no tree."""
@@ -202,6 +203,18 @@ class BenchContext:
             self._dyntree = DynTree.from_pretrained(self.model, heads=self.heads, tree="ar", device=self.device,
                                                     dtype=self.dtype)
         return self._dyntree
+
+    def with_heads(self, heads: str):
+        """The shared model with other heads (a directory, 'auto', 'random' or 'none'); loaded once each."""
+        from ..api import DynTree, resolve_heads
+
+        if heads not in self._other_heads:
+            base = self.dyntree()
+            heads_obj, note = resolve_heads(heads, base.model)
+            if heads_obj is not None:
+                heads_obj = heads_obj.to(base.model.backbone.device)
+            self._other_heads[heads] = DynTree(base.model, heads_obj, note, "ar", None)
+        return self._other_heads[heads]
 
     @property
     def tokenizer(self):
@@ -298,6 +311,8 @@ def sampling_settings(sampling: SamplingConfig | None, tree: bool = True) -> dic
 def _tree_method(context: BenchContext, spec: MethodSpec, tree: str) -> DynTreeMethod:
     base = context.dyntree()
     options = dict(spec.options)
+    if "heads" in options:  # `dynamic:heads=DIR`: other heads on the same loaded model (compare heads in one run)
+        base = context.with_heads(str(options.pop("heads")))
     sampling = sampling_from_options(spec.text, {k: options.pop(k) for k in SAMPLING_OPTIONS if k in options},
                                      default_seed=context.seed)
     if "tree_temperature" in options:  # the dynamic tree's own temperature (on the heads' probabilities)
@@ -336,14 +351,15 @@ def _ar(context, spec):
 
 
 @register_method("static", f"our engine with Medusa's static tree (options: tree=NAME|FILE, n=NODES (the "
-                           f"tree's first N nodes), topk=K, {TREE_SAMPLING_HELP})",
-                 options={"tree": str, "topk": int, "n": int}, sampling=TREE_SAMPLING)
+                           f"tree's first N nodes), topk=K, heads=DIR (other heads), {TREE_SAMPLING_HELP})",
+                 options={"tree": str, "topk": int, "n": int, "heads": str}, sampling=TREE_SAMPLING)
 def _static(context, spec):
     return _tree_method(context, spec, "static")
 
 
 @register_method("dynamic", f"our engine with the dynamic tree (options: n=NODES or n=auto[:max=N], topk=K, "
-                            f"tree_temperature=, any other tree option, {TREE_SAMPLING_HELP})",
+                            f"tree_temperature=, heads=DIR (other heads), any other tree option, "
+                            f"{TREE_SAMPLING_HELP})",
                  options=None, requires_module="dyntree.trees.dynamic", sampling=TREE_SAMPLING)
 def _dynamic(context, spec):
     return _tree_method(context, spec, "dynamic")
