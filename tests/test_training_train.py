@@ -182,6 +182,9 @@ def test_cli_errors(setup, tmp_path, capsys):
     other = write_model_dir(tmp_path / "other", word_prefix="v")
     assert cli_main(["train", "--model", str(other), "--data", str(root / "data"), "--out", str(tmp_path / "h")]) == 2
     assert "another tokenizer" in capsys.readouterr().err
+    assert cli_main(["train", "--model", str(model_dir), "--data", str(root / "data"), "--out", str(tmp_path / "h"),
+                     "--int8-projection"]) == 2
+    assert "add --own-projection" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "w9 w10"}\n{oops\n')
     assert cli_main(["distill", "--model", str(model_dir), "--out", str(tmp_path / "d"), "--prompts", str(bad)]) == 2

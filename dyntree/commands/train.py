@@ -55,6 +55,9 @@ def run(args) -> int:
         raise DynTreeError("--val-fraction must be in [0, 1)")
     if args.vocab_subset < 0:
         raise DynTreeError("--vocab-subset must be >= 0")
+    if args.int8_projection and not args.own_projection:
+        raise DynTreeError("--int8-projection stores own projections: add --own-projection (the shared lm_head "
+                           "is not saved with the heads)")
     config = TrainConfig(
         num_heads=args.num_heads, num_layers=args.num_layers, shared_projection=not args.own_projection,
         vocab_subset=args.vocab_subset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
