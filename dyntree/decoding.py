@@ -24,7 +24,7 @@ import torch
 from .errors import DynTreeError
 from .heads import MedusaHeads
 from .model import Transformer
-from .proposal import Proposer, RootOnlyProposer
+from .proposal import Proposer, RootOnlyProposer, propose_step
 from .sampling import SamplingConfig, choose_tokens
 from .verify import verify_tree
 
@@ -186,7 +186,6 @@ class DecodeRun:
         yield StepEvent(0, first, list(finished))
 
         observe = getattr(proposer, "observe", None)
-        uses_context = getattr(proposer, "uses_context", False)
         clock = _Clock(device, stats)
         decode_start = time.perf_counter()
         step = 0
@@ -197,11 +196,8 @@ class DecodeRun:
             head_ids = head_probs = None
             if proposer.uses_heads:
                 head_ids, head_probs = heads.topk(last_hidden, backbone.lm_head, proposer.topk)
-            if uses_context:  # e.g. lookup branches copy from the prompt and the text so far
-                context = [self.prompts[b] + self.tokens[b] for b in range(batch)]
-                proposal = proposer.propose(root, head_ids, head_probs, context=context)
-            else:
-                proposal = proposer.propose(root, head_ids, head_probs)
+            proposal = propose_step(proposer, root, head_ids, head_probs,
+                                    lambda: [self.prompts[b] + self.tokens[b] for b in range(batch)])
             stats.tree_nodes = max(stats.tree_nodes, proposal.tokens.shape[1])
             stats.tree_sizes.append(proposal.tokens.shape[1])
             clock.lap("proposal")

@@ -8,7 +8,7 @@ how the tree was chosen, so static trees, dynamic trees and ProPD's sized trees 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -36,6 +36,17 @@ class Proposer(Protocol):
 
     # Optional: `observe(proposal, verification, active)` is called after each verification when present,
     # so a proposer can learn from what was accepted (e.g. dynamic trees' acceptance statistics).
+    # Optional: `uses_context = True` makes callers pass `context=` (each sequence's tokens so far) to
+    # `propose` (e.g. the dynamic tree's lookup branch); see `propose_step`.
+
+
+def propose_step(proposer: Proposer, root: torch.Tensor, head_ids: torch.Tensor | None,
+                 head_probs: torch.Tensor | None, context: Callable[[], list[list[int]]]) -> Proposal:
+    """One step's proposal; `context()` (each sequence's prompt + tokens so far, root last) is built and
+    passed only for proposers that read it (`uses_context`), so the others do not pay for the copy."""
+    if getattr(proposer, "uses_context", False):
+        return proposer.propose(root, head_ids, head_probs, context=context())
+    return proposer.propose(root, head_ids, head_probs)
 
 
 class RootOnlyProposer:

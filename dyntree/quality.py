@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .errors import DynTreeError
-from .proposal import Proposal, Proposer, RootOnlyProposer
+from .proposal import Proposal, Proposer, RootOnlyProposer, propose_step
 from .sampling import SamplingConfig, processed_probs
 from .trees import TreeBuffers
 from .verify import verify_tree
@@ -83,10 +83,7 @@ def build_tree_context(backbone, heads, proposer: Proposer, prompt_ids: list[int
     head_ids = head_probs = None
     if proposer.uses_heads:
         head_ids, head_probs = heads.topk(last, backbone.lm_head, proposer.topk)
-    if getattr(proposer, "uses_context", False):
-        proposal = proposer.propose(root, head_ids, head_probs, context=[list(prompt_ids) + [int(root[0])]])
-    else:
-        proposal = proposer.propose(root, head_ids, head_probs)
+    proposal = propose_step(proposer, root, head_ids, head_probs, lambda: [list(prompt_ids) + [int(root[0])]])
     tree_hidden = backbone.forward(proposal.tokens, cache, block_mask=proposal.buffers.tree_mask,
                                    depths=proposal.buffers.depths)
     return TreeContext(int(root[0]), proposal, backbone.logits(tree_hidden[0]))

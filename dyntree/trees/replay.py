@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..proposal import propose_step
 from ..verify import Verification
 
 
@@ -59,14 +60,13 @@ def replay(proposer, record: dict, max_new_tokens: int | None = None) -> ReplayR
     end = len(tokens) if max_new_tokens is None else min(len(tokens), start + max_new_tokens)
     head_ids, head_probs = record["head_ids"], record["head_probs"]
     observe = getattr(proposer, "observe", None)
-    uses_context = getattr(proposer, "uses_context", False)
     lengths, sizes = [], []
     j = start  # index of the current root (the prefill emitted it)
     while j < end - 1:
         root = torch.tensor([tokens[j]])
         k = j - start
-        kwargs = {"context": [tokens[: j + 1]]} if uses_context else {}
-        proposal = proposer.propose(root, head_ids[k : k + 1].long(), head_probs[k : k + 1], **kwargs)
+        proposal = propose_step(proposer, root, head_ids[k : k + 1].long(), head_probs[k : k + 1],
+                                lambda: [tokens[: j + 1]])
         node_tokens = proposal.tokens[0].tolist()
         parents = proposal.buffers.parents[0].tolist()
         depths = proposal.buffers.depths[0].tolist()
