@@ -119,7 +119,9 @@ class MedusaHeads(nn.Module):
         n, k, h = states.shape
         if self.projection is None:
             return (states.reshape(n * k, h) @ self._shared_weight_t(lm_head_weight_t)).view(n, k, -1)
-        return torch.bmm(states.transpose(0, 1), self.projection.transpose(1, 2)).transpose(0, 1)
+        # Training needs the gradient through the parameter; otherwise the contiguous copy is faster.
+        projection_t = self.projection.transpose(1, 2) if torch.is_grad_enabled() else self._projection_t()
+        return torch.bmm(states.transpose(0, 1), projection_t).transpose(0, 1)
 
     def _shared_weight_t(self, lm_head_weight_t: torch.Tensor) -> torch.Tensor:
         if self.vocab_ids is None:
@@ -141,11 +143,7 @@ class MedusaHeads(nn.Module):
     @torch.inference_mode()
     def topk(self, hidden: torch.Tensor, lm_head: Dense, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k guesses of every head: token ids and probabilities, each `[N, K, k]`."""
-        if self.projection is None:
-            logits = self.logits(hidden, lm_head.weight_t)
-        else:
-            states = self.head_states(hidden).transpose(0, 1)  # [K, N, H]
-            logits = torch.bmm(states, self._projection_t()).transpose(0, 1)
+        logits = self.logits(hidden, lm_head.weight_t)
         probs, idx = torch.softmax(logits.float(), dim=-1).topk(k, dim=-1)
         if self.vocab_ids is not None:
             idx = self.vocab_ids[idx]

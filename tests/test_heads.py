@@ -72,9 +72,9 @@ def test_topk_uses_current_projection_after_changes(tiny_backbone):
     heads = own_projection_heads(cfg, num_heads=2, num_layers=1)
     h = torch.randn(3, cfg.hidden_size)
 
-    def reference():
-        with torch.no_grad():
-            return torch.softmax(heads.logits(h, tiny_backbone.lm_head.weight_t), -1).topk(4, dim=-1)
+    def reference():  # with grad enabled, logits read the parameter itself, not the inference copy
+        logits = heads.logits(h, tiny_backbone.lm_head.weight_t).detach()
+        return torch.softmax(logits, -1).topk(4, dim=-1)
 
     ids, probs = heads.topk(h, tiny_backbone.lm_head, 4)
     ref = reference()
