@@ -2,7 +2,8 @@
 
 Supported rows (one JSON object per line): MT-Bench style `turns` (the first turn is used), `question`
 (GSM8K), `instruction` with optional `instances[].input` (self-instruct; one prompt per non-empty input),
-and plain `prompt` / `text`. MT-Bench itself is our benchmark and is refused.
+and plain `prompt` / `text`. MT-Bench itself is our benchmark and is refused: by its file name, by its rows'
+fields, and by its questions (the package ships them, dyntree/data/), so a converted copy is refused too.
 
 Self-prompts follow Magpie: an instruct model given only its chat template's user-turn prefix writes a
 plausible user query, so heads can be trained without any external data.
@@ -11,8 +12,10 @@ plausible user query, so heads can be trained without any external data.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 from ..errors import DynTreeError
@@ -66,6 +69,15 @@ def looks_like_benchmark(path: Path, rows: list[dict]) -> bool:
     return bool(rows) and all(_MT_BENCH_KEYS <= set(r) for r in rows)
 
 
+@cache
+def mt_bench_turns() -> frozenset[str]:
+    """Every user turn of the packaged MT-Bench, stripped as prompts are."""
+    from ..data import mt_bench_path
+
+    rows = [json.loads(line) for line in mt_bench_path().read_text(encoding="utf-8").splitlines() if line.strip()]
+    return frozenset(turn.strip() for row in rows for turn in row["turns"])
+
+
 def read_prompt_file(path: str | Path) -> list[Prompt]:
     """All prompts of one JSONL file, in file order; a clear error for anything malformed or empty."""
     path = Path(path).expanduser()
@@ -85,6 +97,10 @@ def read_prompt_file(path: str | Path) -> list[Prompt]:
                 prompts.append(Prompt(text.strip(), path.stem))
     if not prompts:
         raise DynTreeError(f"{path} holds no prompts")
+    leaked = [p.text for p in prompts if p.text in mt_bench_turns()]
+    if leaked:
+        raise DynTreeError(f"{path} holds {len(leaked)} MT-Bench question(s), the benchmark (the first: "
+                           f"{leaked[0][:60]!r}): refusing to train on it")
     return prompts
 
 
