@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,6 @@ import torch
 
 from dyntree.model import ModelConfig, Transformer
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TINY_VOCAB = 128
 
 
@@ -78,12 +76,6 @@ def default_model():
     from dyntree.loading import load_model
 
     return load_model("default")
-
-
-def mt_bench_first_turns(limit: int) -> list[str]:
-    rows = [json.loads(line) for line in (SHARED_DATA / "mt_bench_questions.jsonl").read_text().splitlines()
-            if line.strip()]
-    return [r["turns"][0] for r in rows[:limit]]
 
 
 def tiny_model_with_heads():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import mt_bench_first_turns
 from dyntree.api import DynTree, resolve_heads
+from dyntree.data import mt_bench_first_turns
 from dyntree.decoding import Decoder
 from dyntree.heads import MedusaHeads
 from dyntree.proposal import RootOnlyProposer

@@ -2,10 +2,11 @@ import json
 
 import pytest
 
+from dyntree.data import mt_bench_path
 from dyntree.errors import DynTreeError
 from dyntree.training.prompts import clean_self_prompt, interleave, read_prompt_file, user_turn_prefix
 
-from training_support import SHARED_DATA, write_model_dir
+from training_support import FIXTURES, write_model_dir
 
 
 def write(tmp_path, name, rows):
@@ -54,17 +55,25 @@ def test_refuses_the_benchmark(tmp_path):
         read_prompt_file(write(tmp_path, "questions.jsonl", rows))
     with pytest.raises(DynTreeError, match="MT-Bench"):
         read_prompt_file(write(tmp_path, "my_mt_bench.jsonl", [{"turns": ["x"]}]))
-    if (SHARED_DATA / "mt_bench_questions.jsonl").is_file():
-        with pytest.raises(DynTreeError, match="MT-Bench"):
-            read_prompt_file(SHARED_DATA / "mt_bench_questions.jsonl")
 
 
-def test_shared_prompt_sets_parse():
-    if not SHARED_DATA.is_dir():
-        pytest.skip("shared data not present")
-    gsm = read_prompt_file(SHARED_DATA / "gsm8k_train_questions.jsonl")
-    seeds = read_prompt_file(SHARED_DATA / "self_instruct_seed_tasks.jsonl")
-    assert len(gsm) == 7473 and len(seeds) >= 175
+def test_refuses_the_packaged_benchmark_and_copies_of_it(tmp_path):
+    with pytest.raises(DynTreeError, match="MT-Bench"):
+        read_prompt_file(mt_bench_path())
+    rows = [json.loads(line) for line in mt_bench_path().read_text().splitlines() if line.strip()]
+    assert len(rows) == 80
+    renamed = write(tmp_path, "questions.jsonl", rows)  # MT-Bench's fields under another name
+    with pytest.raises(DynTreeError, match="MT-Bench"):
+        read_prompt_file(renamed)
+    converted = write(tmp_path, "chat.jsonl", [{"prompt": "an unrelated prompt"}, {"prompt": rows[5]["turns"][1]}])
+    with pytest.raises(DynTreeError, match="1 MT-Bench question"):
+        read_prompt_file(converted)
+
+
+def test_training_prompt_sets_parse():
+    gsm = read_prompt_file(FIXTURES / "gsm8k_train_questions.jsonl")
+    seeds = read_prompt_file(FIXTURES / "self_instruct_seed_tasks.jsonl")
+    assert len(gsm) == 4 and len(seeds) == 3
     mixed = interleave([gsm[:3], seeds[:2]])
     assert [p.source for p in mixed] == ["gsm8k_train_questions", "self_instruct_seed_tasks"] * 2 + [
         "gsm8k_train_questions"]
