@@ -15,6 +15,9 @@ Method names:
   dynamic:autoN[:K[:SCORE]]  tree size chosen every step (at most N nodes) from the expected accepted
                            tokens and this machine's step latency, measured once at start-up
 
+Prompts are the MT-Bench questions shipped with dyntree. Methods that need acceptance statistics (cstatic,
+dynamic with a SCORE) collect them on self-instruct seed tasks named by --calib-source, or read --calib-file.
+
 Example:
   PYTHONPATH=$PWD python benchmarks/dynamic_trees.py --heads /work/interim-heads --prompts 10 \
       --max-new-tokens 96 --methods ar,static,static:16,dynamic:16 --out docs/dynamic-trees.json
@@ -31,14 +34,13 @@ from pathlib import Path
 import torch
 
 from dyntree.api import DEFAULT_TREE, DynTree, build_proposer
+from dyntree.data import mt_bench_first_turns
 from dyntree.errors import DynTreeError
 from dyntree.proposal import RootOnlyProposer, StaticTreeProposer
 from dyntree.trees import StaticTree, load_tree_spec
 from dyntree.trees.latency import measure_latency
 from dyntree.trees.dynamic import (AcceptanceStats, DynamicTreeProposer, collect_acceptance_stats,
                                    static_paths_from_stats)
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 class TimedProposer:
@@ -69,14 +71,12 @@ class TimedProposer:
 
 def mt_bench_prompts(count: int, every: int = 1) -> list[str]:
     """First turns of every `every`-th MT-Bench question (the file is sorted by category, 10 per category)."""
-    rows = [json.loads(line) for line in (DATA / "mt_bench_questions.jsonl").read_text().splitlines() if line.strip()]
-    return [r["turns"][0] for r in rows[::every][:count]]
+    return mt_bench_first_turns()[::every][:count]
 
 
-def calibration_prompts(count: int) -> list[str]:
-    """Non-benchmark prompts (self-instruct seed tasks) for collecting acceptance statistics."""
-    rows = [json.loads(line) for line in (DATA / "self_instruct_seed_tasks.jsonl").read_text().splitlines()
-            if line.strip()]
+def calibration_prompts(source: str, count: int) -> list[str]:
+    """Non-benchmark prompts (self-instruct seed tasks, JSONL) for collecting acceptance statistics."""
+    rows = [json.loads(line) for line in Path(source).read_text().splitlines() if line.strip()]
     out = []
     for r in rows:
         text = r["instruction"]
@@ -128,6 +128,9 @@ def main(argv=None) -> int:
     ap.add_argument("--topk", type=int, default=8, help="default top-k for dynamic/cstatic methods")
     ap.add_argument("--calib-prompts", type=int, default=8, help="self-instruct prompts for acceptance statistics")
     ap.add_argument("--calib-file", default=None, help="reuse/save acceptance statistics here")
+    ap.add_argument("--calib-source", default=None, metavar="FILE",
+                    help="self-instruct seed tasks (JSONL) to collect them on when --calib-file does not exist yet, "
+                         "e.g. ../shared/data/self_instruct_seed_tasks.jsonl")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", required=True, help="JSON results file")
     args = ap.parse_args(argv)
@@ -141,9 +144,12 @@ def main(argv=None) -> int:
         calib = Path(args.calib_file) if args.calib_file else Path(args.out).with_suffix(".calibration.json")
         if calib.is_file():
             stats = AcceptanceStats.load(calib)
+        elif args.calib_source is None:
+            ap.error(f"{calib} does not exist: give --calib-source to collect acceptance statistics")
         else:
             t0 = time.perf_counter()
-            stats = collect_acceptance_stats(dt, calibration_prompts(args.calib_prompts), args.max_new_tokens)
+            stats = collect_acceptance_stats(dt, calibration_prompts(args.calib_source, args.calib_prompts),
+                                             args.max_new_tokens)
             stats.save(calib)
             print(f"collected acceptance statistics in {time.perf_counter() - t0:.0f}s -> {calib}", file=sys.stderr)
     latency = None

@@ -6,29 +6,29 @@ model's own continuation. Writes one `.pt` file: per prompt the token ids, the p
 top-k ids/probabilities from the hidden state before every response token.
 
   python benchmarks/record_continuations.py --set mtbench --out /work/replay/mtbench.pt
-  python benchmarks/record_continuations.py --set calib --out /work/replay/calib.pt   # never MT-Bench
+  python benchmarks/record_continuations.py --set calib --gsm8k-file ../shared/data/gsm8k_train_questions.jsonl \
+      --out /work/replay/calib.pt   # never MT-Bench
   # other heads on the same continuations: one teacher-forced forward per sequence instead of decoding
   python benchmarks/record_continuations.py --rescore /work/replay/mtbench.pt --heads runs/new --out new.pt
 
-`calib` = fresh self-written prompts (a seed the bundled heads' data did not use) + GSM8K questions from
-the end of the train file (the heads' distillation never reached them).
+`mtbench` = the MT-Bench questions shipped with dyntree; `calib` = fresh self-written prompts (a seed the
+bundled heads' data did not use) + GSM8K questions from the end of the train file (the heads' distillation
+never reached them), which `--gsm8k-file` names.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
 from dyntree.api import DynTree
 from dyntree.bench.prompts import load_prompts
+from dyntree.data import mt_bench_path
 from dyntree.training.distill import chat_ids, generate_batched, self_prompts
 from dyntree.training.prompts import read_prompt_file
 from dyntree.training.train import recompute_hidden
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def main() -> None:
@@ -42,12 +42,17 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--self-prompts", type=int, default=48)
     ap.add_argument("--gsm8k", type=int, default=48)
+    ap.add_argument("--gsm8k-file", default=None, metavar="FILE",
+                    help="GSM8K train questions (JSONL) for --set calib, e.g. "
+                         "../shared/data/gsm8k_train_questions.jsonl")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--topk", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     if (args.set is None) == (args.rescore is None):
         ap.error("give --set or --rescore")
+    if args.set == "calib" and args.gsm8k_file is None:
+        ap.error("--set calib needs --gsm8k-file")
     torch.set_num_threads(args.threads)
     dt = DynTree.from_pretrained("default", heads=args.heads)
     if args.rescore:
@@ -56,11 +61,11 @@ def main() -> None:
     tok = dt.tokenizer
     if args.set == "mtbench":
         texts = [(f"mt{p.prompt_id}:{p.category}", p.turns[0])
-                 for p in load_prompts(DATA / "mt_bench_questions.jsonl")]
+                 for p in load_prompts(mt_bench_path())]
     else:
         texts = [(f"self{i}", p.text) for i, p in
                  enumerate(self_prompts(dt.model, args.self_prompts, seed=20261123))]
-        gsm = read_prompt_file(DATA / "gsm8k_train_questions.jsonl")
+        gsm = read_prompt_file(args.gsm8k_file)
         texts += [(f"gsm{len(gsm) - 1 - i}", p.text) for i, p in enumerate(gsm[::-1][: args.gsm8k])]
     texts = texts[: args.limit] if args.limit else texts
     prompts = [(tag, chat_ids(tok, text)) for tag, text in texts]

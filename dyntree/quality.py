@@ -33,8 +33,6 @@ from .sampling import SamplingConfig, processed_probs
 from .trees import TreeBuffers
 from .verify import verify_tree
 
-MT_BENCH = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "mt_bench_questions.jsonl"
-
 
 # -- BLEU ------------------------------------------------------------------------------------------------
 def corpus_bleu(hypotheses: list[str], references: list[str]) -> float:
@@ -150,10 +148,11 @@ def estimate_first_token_kl(contexts: list[TreeContext], sampling: SamplingConfi
 
 # -- the whole comparison --------------------------------------------------------------------------------
 def load_mt_bench_prompts(count: int, path: str | Path | None = None) -> list[str]:
-    """The first user turn of the first `count` MT-Bench questions (the benchmark; never for training)."""
+    """The first user turn of the first `count` questions of `path` (default: the packaged MT-Bench)."""
     from .bench.prompts import load_prompts  # the one reader of prompt files, with its line-numbered errors
+    from .data import mt_bench_path
 
-    return [p.turns[0] for p in load_prompts(path or MT_BENCH, limit=count)]
+    return [p.turns[0] for p in load_prompts(path or mt_bench_path(), limit=count)]
 
 
 @dataclass

@@ -8,7 +8,7 @@ from ..cli import add_model_args
 def add_command(subparsers) -> None:
     p = subparsers.add_parser("quality", help="compare greedy, lossless and typical sampling: speed, BLEU, KL")
     p.add_argument("--prompts", type=int, default=8, help="how many MT-Bench first turns to decode")
-    p.add_argument("--questions", default=None, help="MT-Bench questions JSONL (default ../shared/data/...)")
+    p.add_argument("--questions", default=None, help="questions JSONL (default: MT-Bench, shipped with dyntree)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the sampled rows")
     p.add_argument("--top-p", type=float, default=1.0)
