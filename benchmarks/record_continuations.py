@@ -1,6 +1,6 @@
 """Record greedy continuations and the heads' top-k at every position, for offline tree replay.
 
-Replaying proposers on recorded data (`dyntree.trees.replay`) measures accepted tokens per pass for any tree
+Replaying proposers on recorded data (`dyntree.eval.replay`) measures accepted tokens per pass for any tree
 policy in seconds, with no backbone forward, because greedy verification only compares a tree with the
 model's own continuation. Writes one `.pt` file: per prompt the token ids, the prompt length and the heads'
 top-k ids/probabilities from the hidden state before every response token.

@@ -24,7 +24,7 @@ import torch
 from dyntree.proposal import StaticTreeProposer
 from dyntree.trees import StaticTree, load_tree_spec
 from dyntree.trees.dynamic import AcceptanceStats, DynamicTreeProposer, static_paths_from_stats
-from dyntree.trees.replay import replay_many
+from dyntree.eval.replay import replay_many
 
 NUM_HEADS = 4
 
@@ -74,7 +74,7 @@ def main() -> None:
     records = data["records"]
     calib = None
     if args.calib:
-        from dyntree.trees.replay import replay
+        from dyntree.eval.replay import replay
 
         cal = torch.load(args.calib)
         calib = {}

@@ -89,7 +89,7 @@ def test_bleu_against_greedy_ar(sampled):
 
 
 def test_bleu_is_recomputable_from_the_stored_texts(sampled):
-    from dyntree.quality import corpus_bleu
+    from dyntree.eval.quality import corpus_bleu
 
     _, results = sampled
     texts = {}

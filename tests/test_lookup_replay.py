@@ -13,7 +13,7 @@ from dyntree.errors import DynTreeError
 from dyntree.proposal import RootOnlyProposer
 from dyntree.trees.dynamic import DynamicTreeProposer
 from dyntree.trees.lookup import find_chain, merge_chain
-from dyntree.trees.replay import accepted_nodes, replay
+from dyntree.eval.replay import accepted_nodes, replay
 
 
 def brute_chain(context, max_len, max_ngram, min_ngram):

@@ -10,7 +10,7 @@ import torch
 
 from dyntree.cli import main
 from dyntree.errors import DynTreeError
-from dyntree.quality import build_tree_context, corpus_bleu, empirical_kl, estimate_first_token_kl
+from dyntree.eval.quality import build_tree_context, corpus_bleu, empirical_kl, estimate_first_token_kl
 from dyntree.sampling import GREEDY, SamplingConfig
 
 from test_sampling import PROMPT, BigramTreeProposer, make_tiny

@@ -15,7 +15,7 @@ from dataclasses import asdict
 from .methods import METHODS, BenchContext, BenchMethod, MethodSpec, build_methods, parse_method_list, \
     register_method
 from .prompts import BUILTIN, BenchPrompt, load_prompts
-from .quality import measure_first_token_kl, measures_kl, not_measured
+from ..eval.bench_kl import measure_first_token_kl, measures_kl, not_measured
 from .report import SCHEMA_VERSION, write_outputs
 from .runner import BenchRun, BenchSettings, RunRecord, run_benchmark
 from .summary import summarize

@@ -25,7 +25,7 @@ import torch
 from ..errors import DynTreeError
 from .methods import BenchContext, BenchMethod
 from .prompts import BenchPrompt, conversation, raw_text
-from .quality import measure_first_token_kl
+from ..eval.bench_kl import measure_first_token_kl
 
 REFERENCE_METHOD = "ar"
 

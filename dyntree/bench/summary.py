@@ -199,7 +199,7 @@ def bleu_vs_reference(mine: list[Sample], reference: dict, text: Callable[[list[
     100 for a token-exact method; for a sampling method it says how far its answers drift from the greedy
     ones (compare with plain sampling, `ar:temperature=T`, which drifts by design).
     """
-    from ..quality import corpus_bleu
+    from ..eval.quality import corpus_bleu
 
     if text is None or not reference:
         why = "no ar run to compare with" if not reference else "no tokenizer to turn outputs into text"

@@ -31,7 +31,7 @@ def run(args) -> int:
     from ..api import DynTree
     from ..cli import tree_options
     from ..errors import DynTreeError
-    from ..quality import load_mt_bench_prompts, measure_quality, quality_table
+    from ..eval.quality import load_mt_bench_prompts, measure_quality, quality_table
     from ..sampling import SamplingConfig
 
     if args.prompts < 1 or args.max_new_tokens < 1 or args.kl_samples < 1:

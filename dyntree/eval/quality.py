@@ -16,7 +16,7 @@ tokens; lossless: the same distribution); typical acceptance can. Two measures m
   for S draws straight from p (the noise floor a lossless method matches).
 
 `measure_quality` runs the whole comparison (greedy, lossless, typical) on MT-Bench prompts; `dyntree
-quality` (or `python -m dyntree.quality`) is its command line.
+quality` (or `python -m dyntree.eval.quality`) is its command line.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-from .errors import DynTreeError
-from .proposal import Proposal, Proposer, RootOnlyProposer, propose_step
-from .sampling import SamplingConfig, processed_probs
-from .trees import TreeBuffers
-from .verify import verify_tree
+from ..errors import DynTreeError
+from ..proposal import Proposal, Proposer, RootOnlyProposer, propose_step
+from ..sampling import SamplingConfig, processed_probs
+from ..trees import TreeBuffers
+from ..verify import verify_tree
 
 
 # -- BLEU ------------------------------------------------------------------------------------------------
@@ -70,7 +70,7 @@ class TreeContext:
 @torch.inference_mode()
 def build_tree_context(backbone, heads, proposer: Proposer, prompt_ids: list[int]) -> TreeContext:
     """Prefill `prompt_ids`, take the greedy next token as the root, build and run one tree over it."""
-    from .decoding import Decoder
+    from ..decoding import Decoder
 
     budget = Decoder(backbone, heads, proposer, eos_token_ids=()).max_tree_nodes
     cache = backbone.new_cache(1, len(prompt_ids) + budget + 1)
@@ -149,8 +149,8 @@ def estimate_first_token_kl(contexts: list[TreeContext], sampling: SamplingConfi
 # -- the whole comparison --------------------------------------------------------------------------------
 def load_mt_bench_prompts(count: int, path: str | Path | None = None) -> list[str]:
     """The first user turn of the first `count` questions of `path` (default: the packaged MT-Bench)."""
-    from .bench.prompts import load_prompts  # the one reader of prompt files, with its line-numbered errors
-    from .data import mt_bench_path
+    from ..bench.prompts import load_prompts  # the one reader of prompt files, with its line-numbered errors
+    from ..data import mt_bench_path
 
     return [p.turns[0] for p in load_prompts(path or mt_bench_path(), limit=count)]
 
@@ -233,7 +233,7 @@ def measure_quality(dt, prompts: list[str], max_new_tokens: int = 64, temperatur
     say(f"KL: {len(ids)} contexts x {kl_samples} samples")
     backbone = dt.model.backbone
     contexts = [build_tree_context(backbone, dt.heads, tree, p) for p in ids]
-    from .sampling import GREEDY
+    from ..sampling import GREEDY
 
     for row, sampling in ((rows[1], GREEDY), (rows[4], lossless), (rows[5], typical)):
         est = estimate_first_token_kl(contexts, sampling, kl_samples, seed=seed)
@@ -268,7 +268,7 @@ def quality_table(report: dict):
 
 
 def main(argv=None) -> int:
-    from .cli import main as cli_main
+    from ..cli import main as cli_main
 
     import sys
 

@@ -1,6 +1,6 @@
 """The first-token KL of the bench's sampling methods, measured after the timed runs.
 
-It is the estimate of `dyntree quality` (dyntree/quality.py; defined in docs/sampling.md, "First-tree-token
+It is the estimate of `dyntree quality` (dyntree/eval/quality.py; defined in docs/sampling.md, "First-tree-token
 KL"), reused as is: on a few fixed contexts (the first prompts' first turns, each followed by the model's
 greedy next token as the tree root), the token a method emits right after the root is drawn `S` times by
 replaying only its verification on one tree forward, and KL(p_hat || p) against the model's own sampling
@@ -14,9 +14,10 @@ null fields (nothing to measure: greedy output is checked token for token instea
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from .methods import BenchMethod
+if TYPE_CHECKING:  # the bench package imports this module: no import back at run time
+    from ..bench.methods import BenchMethod
 
 DEFINITION = "docs/sampling.md, First-tree-token KL"
 
