@@ -338,7 +338,7 @@ def test_collect_acceptance_stats_and_calibrated_static_tree(tiny):
 
 
 def test_read_prompts(tmp_path):
-    from dyntree.commands.calibrate import read_prompts
+    from dyntree.eval.calibration import read_prompts
 
     (tmp_path / "p.jsonl").write_text('{"turns": ["a", "b"]}\n\n{"question": "c"}\n{"instruction": "d"}\n')
     assert read_prompts(str(tmp_path / "p.jsonl"), 10) == ["a", "c", "d"]

@@ -10,7 +10,8 @@ import torch
 
 from dyntree.cli import main
 from dyntree.errors import DynTreeError
-from dyntree.eval.quality import build_tree_context, corpus_bleu, empirical_kl, estimate_first_token_kl
+from dyntree.eval.kl import build_tree_context, empirical_kl, estimate_first_token_kl
+from dyntree.eval.quality import corpus_bleu
 from dyntree.sampling import GREEDY, SamplingConfig
 
 from test_sampling import PROMPT, BigramTreeProposer, make_tiny

@@ -274,7 +274,7 @@ class DynTreeMethod:
         """The first-tree-token KL estimate (dyntree/quality.py) of this method's sampling on `prompts`:
         each prompt + its greedy next token is a fixed context; the method's verification is replayed
         `num_samples` times on the tree its proposer builds there."""
-        from ..eval.quality import build_tree_context, estimate_first_token_kl
+        from ..eval.kl import build_tree_context, estimate_first_token_kl
 
         backbone = self.engine.model.backbone
         with torch.inference_mode():

@@ -2,34 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ..cli import add_model_args
-
-
-def read_prompts(path: str, limit: int) -> list[str]:
-    """Up to `limit` prompts from a .jsonl file (read like `dyntree distill` reads them) or a text file (one per
-    line)."""
-    from ..errors import DynTreeError
-    from ..jsonl import read_jsonl_objects
-    from ..training.prompts import prompts_from_row
-
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise DynTreeError(f"no prompt file {file}")
-    prompts: list[str] = []
-    if file.suffix == ".jsonl":
-        for number, row in read_jsonl_objects(file):
-            try:
-                texts = prompts_from_row(row)
-            except ValueError as exc:
-                raise DynTreeError(f"{file}:{number}: {exc}") from None
-            prompts += [t for t in texts if isinstance(t, str) and t.strip()]
-    else:
-        prompts = [line for line in file.read_text(errors="replace").splitlines() if line.strip()]
-    if not prompts:
-        raise DynTreeError(f"{file} holds no prompts")
-    return prompts[:limit]
 
 
 def add_command(subparsers) -> None:
@@ -50,7 +23,7 @@ def run(args) -> int:
 
     from ..api import DynTree
     from ..errors import DynTreeError
-    from ..trees.dynamic import collect_acceptance_stats
+    from ..eval.calibration import collect_acceptance_stats, read_prompts
 
     if isinstance(args.tree_size, str):
         raise DynTreeError("calibrate takes an integer --tree-size (the width of the trees it learns from)")
