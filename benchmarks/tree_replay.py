@@ -1,7 +1,8 @@
 """Replay tree policies on recorded greedy continuations: accepted tokens per pass, in seconds.
 
   python benchmarks/record_continuations.py --set mtbench --out /work/replay/mtbench.pt
-  python benchmarks/record_continuations.py --set calib --out /work/replay/calib.pt
+  python benchmarks/record_continuations.py --set calib --gsm8k-file ../shared/data/gsm8k_train_questions.jsonl \
+      --out /work/replay/calib.pt
   python benchmarks/tree_replay.py --records /work/replay/mtbench.pt --calib /work/replay/calib.pt \
       --methods static:8,dynamic:8,dynamic:8:binned,dynamic:8:prob:lookup6
 
@@ -21,7 +22,7 @@ import time
 
 import torch
 
-from dyntree.proposal import StaticTreeProposer
+from dyntree.proposers import StaticTreeProposer
 from dyntree.trees import StaticTree, load_tree_spec
 from dyntree.trees.dynamic import AcceptanceStats, DynamicTreeProposer, static_paths_from_stats
 from dyntree.eval.replay import replay_many
