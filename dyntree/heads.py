@@ -73,7 +73,7 @@ class MedusaHeads(nn.Module):
         self.register_buffer("vocab_ids", vocab_ids, persistent=False)
         width = config.vocab_subset or config.vocab_size
         self.projection = None if config.shared_projection else nn.Parameter(torch.zeros(k, width, h))
-        self._shared_cache: tuple[int, torch.Tensor] | None = None
+        self._shared_cache: tuple[tuple, torch.Tensor] | None = None
         self._projection_t_cache: tuple[tuple[int, int], torch.Tensor] | None = None
 
     @property
@@ -103,7 +103,12 @@ class MedusaHeads(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------------
     def head_states(self, hidden: torch.Tensor) -> torch.Tensor:
-        """`[N, H]` normed backbone states -> `[N, K, H]` per-head states after the residual blocks."""
+        """`[N, H]` normed backbone states -> `[N, K, H]` per-head states after the residual blocks.
+
+        The heads keep their own dtype (fp32 as trained and stored) whatever the backbone's: a bf16 state is
+        cast up here, which costs a [N, H] conversion, while bf16 heads would guess differently than trained.
+        """
+        hidden = hidden.to(self.block_weight.dtype)
         x = hidden[None].expand(self.num_heads, *hidden.shape)  # [K, N, H]
         for layer in range(self.config.num_layers):
             w = self.block_weight[:, layer]  # [K, H, H]
@@ -124,11 +129,15 @@ class MedusaHeads(nn.Module):
         return torch.bmm(states.transpose(0, 1), projection_t).transpose(0, 1)
 
     def _shared_weight_t(self, lm_head_weight_t: torch.Tensor) -> torch.Tensor:
-        if self.vocab_ids is None:
+        """The backbone's lm_head as `[H, V']` in the heads' dtype: its vocabulary subset and/or an fp32 copy
+        of a bf16 backbone's, made once (keyed by the weight's storage: callers may pass a fresh view)."""
+        dtype = self.block_weight.dtype
+        if self.vocab_ids is None and lm_head_weight_t.dtype == dtype:
             return lm_head_weight_t
-        key = id(lm_head_weight_t)
+        key = (lm_head_weight_t.data_ptr(), lm_head_weight_t.dtype, dtype)
         if self._shared_cache is None or self._shared_cache[0] != key:
-            self._shared_cache = (key, lm_head_weight_t[:, self.vocab_ids].contiguous())
+            rows = lm_head_weight_t if self.vocab_ids is None else lm_head_weight_t[:, self.vocab_ids]
+            self._shared_cache = (key, rows.to(dtype).contiguous())
         return self._shared_cache[1]
 
     def _projection_t(self) -> torch.Tensor:

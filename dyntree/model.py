@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import DynTreeError
-from .kernels import Dense
+from .kernels import Dense, attend, padded_key_count
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
@@ -138,10 +138,11 @@ def attention_mask(lengths: torch.Tensor, slots: torch.Tensor, block_mask: torch
     """Boolean mask `[B, 1, n, T]` for n new tokens written at `slots` `[B, n]`.
 
     A new token sees every committed slot of its sequence (`< lengths[b]`) and those new tokens that
-    `block_mask[b, i, j]` allows (`[B, n, n]`: causal for a prefill, ancestor-or-self for a tree).
+    `block_mask[b, i, j]` allows (`[B, n, n]`: causal for a prefill, ancestor-or-self for a tree). T covers the
+    highest slot, rounded up to whole attention blocks.
     """
     batch, n = slots.shape
-    total = int(slots.max()) + 1
+    total = padded_key_count(int(slots.max()) + 1)
     key_slots = torch.arange(total, device=slots.device)
     mask = (key_slots[None, None, :] < lengths[:, None, None]).expand(batch, n, total).clone()
     # Scatter each new token's visibility onto the slots where those tokens live.
@@ -208,6 +209,7 @@ class Transformer:
         else:
             head = state_dict["lm_head.weight"].to(device=self.device, dtype=dtype)
         self.lm_head = Dense(head)
+        # Tables computed in fp32 and stored in the model's dtype, as transformers does.
         positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
         freqs = torch.outer(positions, config.inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)
@@ -217,9 +219,10 @@ class Transformer:
 
     # -- pieces of the forward -------------------------------------------------------------------------
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        if max_len > self.config.max_position_embeddings:
-            max_len = self.config.max_position_embeddings
-        return KVCache(self.config, batch_size, max_len, device=self.device, dtype=self.dtype)
+        """A cache for `max_len` tokens (at most the context window), rounded up to whole attention blocks:
+        `attend` reads whole blocks, and the slots past the last token are read masked."""
+        max_len = min(max_len, self.config.max_position_embeddings)
+        return KVCache(self.config, batch_size, padded_key_count(max_len), device=self.device, dtype=self.dtype)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, self.embed_tokens)
@@ -228,7 +231,8 @@ class Transformer:
         return F.rms_norm(hidden, (self.config.hidden_size,), self.norm, self.config.rms_norm_eps)
 
     def logits(self, normed_hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(normed_hidden)
+        """fp32 logits whatever the model's dtype: sampling and verification compare them in fp32."""
+        return self.lm_head(normed_hidden).float()
 
     def run_layers(
         self,
@@ -250,8 +254,8 @@ class Transformer:
         batch, n, _ = hidden.shape
         nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         total = mask.shape[-1]
-        cos = self.rope_cos[positions][:, None]  # [B, 1, n, hd]
-        sin = self.rope_sin[positions][:, None]
+        cos = self.rope_cos[positions][:, :, None]  # [B, n, 1, hd]: broadcast over q and k heads at once
+        sin = self.rope_sin[positions][:, :, None]
         contiguous = batch == 1 and n > 0 and int(slots[0, -1] - slots[0, 0]) == n - 1
         first_slot = int(slots[0, 0]) if contiguous else 0
         rows = torch.arange(batch, device=slots.device)[:, None]
@@ -259,21 +263,21 @@ class Transformer:
         for li in range(start, end):
             layer = self.layers[li]
             x = F.rms_norm(hidden, (cfg.hidden_size,), layer.attn_norm, cfg.rms_norm_eps)
-            qkv = layer.qkv(x)
-            q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
-            q = _rope(q.view(batch, n, nh, hd).transpose(1, 2), cos, sin)
-            k = _rope(k.view(batch, n, nkv, hd).transpose(1, 2), cos, sin)
-            v = v.view(batch, n, nkv, hd).transpose(1, 2)
+            qkv = layer.qkv(x).view(batch, n, nh + 2 * nkv, hd)
+            qk = _rope(qkv[:, :, : nh + nkv], cos, sin)  # q and k heads in one rotation
+            q = qk[:, :, :nh].transpose(1, 2)
+            k, v = qk[:, :, nh:], qkv[:, :, nh + nkv :]
             layer_keys, layer_values = cache.keys[li], cache.values[li]
             if contiguous:
-                layer_keys[:, :, first_slot : first_slot + n] = k
-                layer_values[:, :, first_slot : first_slot + n] = v
+                layer_keys[:, :, first_slot : first_slot + n] = k.transpose(1, 2)
+                layer_values[:, :, first_slot : first_slot + n] = v.transpose(1, 2)
             else:  # one scatter for the whole batch: [B, n] slots, one row index per sequence
-                layer_keys[rows, :, slots] = k.transpose(1, 2)
-                layer_values[rows, :, slots] = v.transpose(1, 2)
-            attn = F.scaled_dot_product_attention(
-                q, layer_keys[:, :, :total], layer_values[:, :, :total], attn_mask=mask, enable_gqa=nkv != nh
-            )
+                layer_keys[rows, :, slots] = k
+                layer_values[rows, :, slots] = v
+            if total > cache.max_len:  # a cache not made by `new_cache` may end inside a block
+                layer_keys = F.pad(layer_keys, (0, 0, 0, total - cache.max_len))
+                layer_values = F.pad(layer_values, (0, 0, 0, total - cache.max_len))
+            attn = attend(q, layer_keys[:, :, :total], layer_values[:, :, :total], mask)
             hidden = hidden + layer.o(attn.transpose(1, 2).reshape(batch, n, nh * hd))
             x = F.rms_norm(hidden, (cfg.hidden_size,), layer.mlp_norm, cfg.rms_norm_eps)
             gate, up = layer.gate_up(x).chunk(2, dim=-1)
@@ -302,7 +306,7 @@ class Transformer:
             positions = slots
         else:
             positions = cache.lengths[:, None] + depths
-        if int(slots.max()) >= cache.max_len:
+        if int(slots.max()) >= min(cache.max_len, self.config.max_position_embeddings):
             raise DynTreeError(f"context limit reached ({cache.max_len} tokens)")
         mask = attention_mask(cache.lengths, slots, block_mask)
         hidden = self.run_layers(self.embed(input_ids), positions, cache, slots, mask)

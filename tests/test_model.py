@@ -106,6 +106,14 @@ def test_unsupported_architecture_is_a_clear_error():
 
 
 def test_context_limit_is_a_clear_error(tiny_backbone):
-    cache = tiny_backbone.new_cache(1, 4)
+    cache = tiny_backbone.new_cache(1, 64)
     with pytest.raises(DynTreeError, match="context limit"):
-        tiny_backbone.forward(torch.zeros(1, 5, dtype=torch.long), cache)
+        tiny_backbone.forward(torch.zeros(1, 65, dtype=torch.long), cache)
+
+
+def test_cache_not_made_by_new_cache_may_end_inside_an_attention_block(tiny_backbone):
+    from dyntree.model import KVCache
+
+    ids = torch.randint(0, tiny_backbone.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(1))
+    odd = KVCache(tiny_backbone.config, 1, 7)
+    torch.testing.assert_close(tiny_backbone.forward(ids, odd), tiny_backbone.forward(ids, tiny_backbone.new_cache(1, 7)))

@@ -1,0 +1,98 @@
+"""Row-count independence: a row's result is bit-identical whether computed alone or among n rows.
+
+Greedy tree decoding is exact only with this property (a plain pass multiplies 1 row, a tree pass n), so it
+is checked per dtype on whatever CPU runs the tests.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_hf_model
+from dyntree.kernels import Dense, attend, padded_key_count
+from dyntree.model import ModelConfig, Transformer
+from dyntree.trees import buffers_from_parents
+
+DTYPES = [torch.float32, torch.bfloat16]
+ROW_COUNTS = [2, 3, 8, 17, 64]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(960, 576), (576, 1536), (3072, 576), (37, 19)])
+def test_dense_rows_do_not_depend_on_row_count(dtype, shape):
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(shape, generator=gen).to(dtype)
+    dense = Dense(weight, torch.randn(shape[0], generator=gen).to(dtype))
+    x = torch.randn(64, shape[1], generator=gen).to(dtype)
+    alone = torch.cat([dense(x[i : i + 1]) for i in range(64)])
+    for rows in ROW_COUNTS:
+        assert torch.equal(dense(x[:rows]), alone[:rows]), f"{rows} rows"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("context", [7, 60, 200])
+def test_attention_root_row_does_not_depend_on_tree_size(dtype, context):
+    """The root of an n-node tree (which sees the context and itself) gets the bits of a 1-token pass."""
+    gen = torch.Generator().manual_seed(context)
+    heads, kv_heads, dim = 9, 3, 64
+    keys = torch.randn(1, kv_heads, padded_key_count(context + 64), dim, generator=gen).to(dtype)
+    values = torch.randn(keys.shape, generator=gen).to(dtype)
+    query = torch.randn(1, heads, 64, dim, generator=gen).to(dtype)
+
+    def run(n):
+        total = padded_key_count(context + n)
+        mask = torch.zeros(1, 1, n, total, dtype=torch.bool)
+        mask[..., :context] = True
+        mask[0, 0, :, context : context + n] = torch.ones(n, n, dtype=torch.bool).tril()  # a chain
+        return attend(query[:, :, :n], keys[:, :, :total], values[:, :, :total], mask)
+
+    alone = run(1)
+    for n in ROW_COUNTS:
+        assert torch.equal(run(n)[:, :, :1], alone), f"{n} nodes"
+
+
+def _tiny_backbone(dtype):
+    hf = tiny_hf_model(seed=4)
+    return Transformer(ModelConfig.from_hf(hf.config), hf.state_dict(), dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tree_root_hidden_state_equals_the_plain_pass(dtype):
+    """Whole forward: the root of trees of 2..64 nodes vs a plain 1-token pass after the same prefix."""
+    backbone = _tiny_backbone(dtype)
+    gen = torch.Generator().manual_seed(1)
+    prefix = torch.randint(0, backbone.config.vocab_size, (1, 23), generator=gen)
+    root = torch.randint(0, backbone.config.vocab_size, (1, 1), generator=gen)
+
+    def prefilled():
+        cache = backbone.new_cache(1, 128)
+        backbone.forward(prefix, cache)
+        cache.lengths[:] = prefix.shape[1]
+        return cache
+
+    plain = backbone.forward(root, prefilled())[0, 0]
+    for n in ROW_COUNTS:
+        parents = torch.tensor([[-1] + [int(torch.randint(0, i, (1,), generator=gen)) for i in range(1, n)]])
+        buffers = buffers_from_parents(parents, 8)
+        tokens = torch.cat([root, torch.randint(0, backbone.config.vocab_size, (1, n - 1), generator=gen)], 1)
+        tree = backbone.forward(tokens, prefilled(), block_mask=buffers.tree_mask, depths=buffers.depths)
+        assert torch.equal(tree[0, 0], plain), f"{n} nodes"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_chain_nodes_equal_plain_decoding_of_the_chain(dtype):
+    """Every node of a chain (ancestors in contiguous slots) gets the bits plain decoding gives it."""
+    backbone = _tiny_backbone(dtype)
+    gen = torch.Generator().manual_seed(2)
+    prefix = torch.randint(0, backbone.config.vocab_size, (1, 57), generator=gen)
+    chain = torch.randint(0, backbone.config.vocab_size, (1, 12), generator=gen)
+    cache = backbone.new_cache(1, 128)
+    backbone.forward(prefix, cache)
+    cache.lengths[:] = prefix.shape[1]
+    tree = backbone.forward(chain, cache, block_mask=torch.ones(1, 12, 12, dtype=torch.bool).tril(),
+                            depths=torch.arange(12)[None])
+    for i in range(12):
+        step = backbone.forward(chain[:, i : i + 1], cache)
+        cache.lengths += 1
+        assert torch.equal(tree[0, i], step[0, 0]), f"node {i}"
