@@ -33,14 +33,16 @@ from pathlib import Path
 
 import torch
 
-from dyntree.api import DEFAULT_TREE, DynTree, build_proposer
+from dyntree.api import DynTree
+from dyntree.config import DEFAULT_STATIC_TREE, TreeConfig
 from dyntree.data import mt_bench_first_turns
 from dyntree.errors import DynTreeError
-from dyntree.proposal import RootOnlyProposer, StaticTreeProposer
+from dyntree.eval.calibration import collect_acceptance_stats
+from dyntree.proposers import DynamicTreeProposer, RootOnlyProposer, StaticTreeProposer, build_proposer
 from dyntree.trees import StaticTree, load_tree_spec
+from dyntree.trees.acceptance import AcceptanceStats
 from dyntree.trees.latency import measure_latency
-from dyntree.trees.dynamic import (AcceptanceStats, DynamicTreeProposer, collect_acceptance_stats,
-                                   static_paths_from_stats)
+from dyntree.trees.selection import static_paths_from_stats
 
 
 class TimedProposer:
@@ -93,10 +95,10 @@ def make_proposer(name: str, dt: DynTree, stats: AcceptanceStats | None, default
     if kind == "ar":
         return RootOnlyProposer()
     if kind == "static" and len(parts) == 1:
-        return build_proposer("static", dt.heads)
+        return build_proposer(TreeConfig.parse("static"), dt.heads.num_heads)
     if kind == "static":
         size = int(parts[1])
-        _, paths = load_tree_spec(DEFAULT_TREE)
+        _, paths = load_tree_spec(DEFAULT_STATIC_TREE)
         return StaticTreeProposer(StaticTree.build(paths[: size - 1], 10, dt.heads.num_heads, f"mc{size}"))
     if kind == "cstatic":
         size = int(parts[1])
@@ -111,7 +113,7 @@ def make_proposer(name: str, dt: DynTree, stats: AcceptanceStats | None, default
         renormalize = not (len(parts) > 4 and parts[4] == "raw")  # "raw": no renormalisation over the top-k
         # Each calibrated proposer learns online from its own copy of the calibration statistics.
         calibration = None if score == "prob" else stats.resized(dt.heads.num_heads, topk)
-        return DynamicTreeProposer(dt.heads.num_heads, topk, tree_size=size, score=score, calibration=calibration,
+        return DynamicTreeProposer(dt.heads.num_heads, topk=topk, size=size, score=score, calibration=calibration,
                                    renormalize=renormalize, latency=latency if auto else None, lookup=0)
     raise DynTreeError(f"unknown method {name!r}")
 

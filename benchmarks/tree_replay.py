@@ -22,10 +22,11 @@ import time
 
 import torch
 
-from dyntree.proposers import StaticTreeProposer
-from dyntree.trees import StaticTree, load_tree_spec
-from dyntree.trees.dynamic import AcceptanceStats, DynamicTreeProposer, static_paths_from_stats
 from dyntree.eval.replay import replay_many
+from dyntree.proposers import DynamicTreeProposer, StaticTreeProposer
+from dyntree.trees import StaticTree, load_tree_spec
+from dyntree.trees.acceptance import AcceptanceStats
+from dyntree.trees.selection import static_paths_from_stats
 
 NUM_HEADS = 4
 
@@ -58,8 +59,8 @@ def parse(name: str, calib: AcceptanceStats | None):
             ngram = (int(a), int(b))
     def make():
         cal = None if score == "prob" else calib[bins].resized(NUM_HEADS, topk)
-        return DynamicTreeProposer(NUM_HEADS, topk, tree_size=size, score=score, calibration=cal, lookup=lookup,
-                                   lookup_ngram=ngram, lookup_merge=merge, temperature=temperature)
+        return DynamicTreeProposer(NUM_HEADS, topk=topk, size=size, score=score, calibration=cal, lookup=lookup,
+                                   lookup_ngram=ngram, lookup_merge=merge, tree_temperature=temperature)
     return make
 
 
@@ -80,8 +81,9 @@ def main() -> None:
         cal = torch.load(args.calib)
         calib = {}
         for bins in (10, 20):  # heads only, temperature 1: the bins calibrated scores read
-            proposer = DynamicTreeProposer(NUM_HEADS, 10, tree_size=32, score="prob", learn=True, lookup=0,
-                                           temperature=1.0, calibration=AcceptanceStats(NUM_HEADS, 10, bins=bins))
+            proposer = DynamicTreeProposer(NUM_HEADS, topk=10, size=32, score="prob", learn=True, lookup=0,
+                                           tree_temperature=1.0,
+                                           calibration=AcceptanceStats(NUM_HEADS, 10, bins=bins))
             for r in cal["records"]:
                 replay(proposer, r)
             calib[bins] = proposer.stats

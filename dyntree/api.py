@@ -9,17 +9,16 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .config import TreeConfig
 from .decoding import Decoder, GenerationStats
 from .errors import DynTreeError
 from .heads import MedusaHeads, load_heads
 from .loading import DEFAULT_MODEL, LoadedModel, load_model
-from .proposal import Proposer, RootOnlyProposer, StaticTreeProposer
+from .proposers import Proposer, build_proposer
 from .sampling import SamplingConfig
-from .trees import StaticTree, load_tree_spec
+from .textstream import TextStream
+from .trees.latency import DEFAULT_SIZES, machine_latency
 
-DEFAULT_TREE = "mc_sim_7b_63"  # what tree="static" means
-DEFAULT_POLICY = "dynamic"  # the tree used when none is named: the fastest on CPU (docs/dynamic-trees.md)
-DEFAULT_TOPK = 10
 RANDOM_HEADS = "random"
 NO_HEADS = "none"
 
@@ -45,103 +44,62 @@ class TextChunk:
     text: str
 
 
-def build_proposer(tree, heads: MedusaHeads | None, topk: int | None = None, **options) -> Proposer:
-    """`tree`: "ar" (no tree), "static" (Medusa's 63-node tree; "static:N" its first N nodes), "dynamic"
-    (built every step; `options`: tree_size, temperature, score, calibration, learn, lookup), a built-in name,
-    a JSON file or a path list.
-
-    `topk` (guesses per head) defaults to 10 for static trees and to the measured best for dynamic ones.
-    """
-    if tree in (None, "ar") or heads is None:
-        return RootOnlyProposer()
-    if tree == "static":
-        tree = DEFAULT_TREE
-    elif isinstance(tree, str) and tree.startswith("static:"):  # "static:8": Medusa's tree, first 8 nodes
-        tree = DEFAULT_TREE + tree[len("static"):]
-    if tree == "dynamic":
-        from .trees.dynamic import DEFAULT_TOPK as DYNAMIC_TOPK  # noqa: PLC0415 - optional stage
-        from .trees.dynamic import DynamicTreeProposer  # noqa: PLC0415
-
-        return DynamicTreeProposer(num_heads=heads.num_heads, topk=topk or DYNAMIC_TOPK, **options)
-    if options:
-        raise DynTreeError(f"{', '.join(sorted(options))} only apply to the dynamic tree (--tree dynamic)")
-    topk = topk or DEFAULT_TOPK
-    name, paths = load_tree_spec(tree)
-    return StaticTreeProposer(StaticTree.build(paths, topk, heads.num_heads, name))
-
-
-AUTO_MAX_TREE_SIZE = 32
-
-
-def auto_size_options(backbone, heads: MedusaHeads | None, topk: int | None, options: dict) -> dict:
-    """Turn `tree_size="auto"` / `"auto:N"` into a maximum size plus a latency model for this machine.
-
-    Without a `latency` option the step latency is measured here (a few seconds); the score defaults to
-    calibrated acceptance rates ("binned", learned online), since expected tokens are read from the scores.
-    """
-    size = options.get("tree_size")
-    if not (isinstance(size, str) and (size == "auto" or size.startswith("auto:"))):
-        if isinstance(size, str):
-            raise DynTreeError(f"tree size must be an integer, 'auto' or 'auto:N', got {size!r}")
-        if options.get("latency") is not None:
-            raise DynTreeError("a latency model only applies to --tree-size auto")
-        return options
-    try:
-        limit = AUTO_MAX_TREE_SIZE if size == "auto" else int(size.split(":", 1)[1])
-    except ValueError:
-        raise DynTreeError(f"tree size must be an integer, 'auto' or 'auto:N', got {size!r}") from None
-    if limit < 2:
-        raise DynTreeError(f"{size}: the largest tree must have at least 2 nodes")
-    from .trees.dynamic import DEFAULT_TOPK as DYNAMIC_TOPK  # noqa: PLC0415 - optional stage
-    from .trees.latency import DEFAULT_SIZES, measure_latency  # noqa: PLC0415
-
-    out = dict(options, tree_size=limit)
-    out.setdefault("score", "binned")
-    if out.get("latency") is None and heads is not None:
-        sizes = [s for s in DEFAULT_SIZES if s < limit] + [limit]
-        out["latency"] = measure_latency(backbone, heads, sizes, topk=topk or DYNAMIC_TOPK)
-    return out
+def step_latency(model: LoadedModel, heads: MedusaHeads | None, config: TreeConfig):
+    """The latency model a tree of size "auto" chooses by: the config's own, else this machine's (measured once
+    per machine, model and heads, a few seconds, then read from the cache; `trees.latency.machine_latency`)."""
+    if not config.auto or config.latency is not None or heads is None:
+        return None
+    largest = config.resolved_size
+    sizes = [s for s in DEFAULT_SIZES if s < largest] + [largest]
+    return machine_latency(model.backbone, heads, sizes, config.resolved_topk)
 
 
 class DynTree:
-    """A backbone with (optional) Medusa heads and a tree policy."""
+    """A backbone with (optional) Medusa heads and a tree policy (`TreeConfig`)."""
 
-    def __init__(self, model: LoadedModel, heads: MedusaHeads | None, heads_note: str = "", tree=DEFAULT_POLICY,
-                 topk: int | None = None, **tree_options):
+    def __init__(self, model: LoadedModel, heads: MedusaHeads | None, heads_note: str = "",
+                 tree: TreeConfig | str | None = None, latency=None):
+        """`tree`: a `TreeConfig` or the name `TreeConfig.parse` reads; without heads, plain decoding.
+        `latency`: the step-latency model for a tree of size "auto" (see `step_latency`)."""
+        config = tree if isinstance(tree, TreeConfig) else TreeConfig.parse(tree)
         self.model = model
         self.heads = heads
         self.heads_note = heads_note
-        self.tree = tree if heads is not None else "ar"
-        self.topk = topk
-        self.tree_options = tree_options
-        if self.tree == "dynamic":
-            tree_options = auto_size_options(model.backbone, heads, topk, tree_options)
-        self.proposer = build_proposer(self.tree, heads, topk, **tree_options)
+        self.config = config if heads is not None else TreeConfig(kind="ar")
+        self.proposer = build_proposer(self.config, heads.num_heads if heads is not None else None, latency)
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike = DEFAULT_MODEL, heads: str | os.PathLike | None = "auto",
-                        tree=DEFAULT_POLICY, topk: int | None = None, device=None, dtype=torch.float32,
-                        **tree_options) -> "DynTree":
+                        tree: TreeConfig | str | None = None, device=None, dtype=torch.float32,
+                        **tree_fields) -> "DynTree":
         """Load a backbone and heads.
 
         heads: "auto" (the bundled trained heads for the default model, else none), a directory (ours or
         Medusa v0.1), "random" (untrained heads: shows losslessness, not speed) or None/"none".
+        tree, tree_fields: a `TreeConfig`, or what `TreeConfig.parse` takes (tree="static:8",
+        tree_size="auto", topk=, lookup=, ...). Checked before the model loads.
         """
+        config = _tree_config(tree, tree_fields)
         loaded = load_model(model, device=device, dtype=dtype)
         heads_obj, note = resolve_heads(heads, loaded)
         if heads_obj is not None:
             heads_obj = heads_obj.to(loaded.backbone.device)
-        return cls(loaded, heads_obj, note, tree, topk, **tree_options)
+        return cls(loaded, heads_obj, note, config, step_latency(loaded, heads_obj, config))
+
+    def with_tree(self, tree: TreeConfig | str | None = None, **tree_fields) -> "DynTree":
+        """The same model and heads with another tree (no reload). A tree of the current kind keeps the
+        current settings that `tree_fields` do not change; another kind starts from its defaults."""
+        if isinstance(tree, TreeConfig):
+            config = _tree_config(tree, tree_fields)
+        else:
+            changes = dict(tree_fields) if tree is None else dict(tree_fields, tree=tree)
+            config = self.config.replace(**changes) if self.heads is not None else TreeConfig.parse(
+                tree, **tree_fields)
+        return DynTree(self.model, self.heads, self.heads_note, config, step_latency(self.model, self.heads, config))
 
     @property
     def tokenizer(self):
         return self.model.tokenizer
-
-    def with_tree(self, tree, topk: int | None = None, **tree_options) -> "DynTree":
-        """The same model and heads with another tree policy (no reload)."""
-        if topk is None and tree == self.tree:
-            topk = self.topk
-        return DynTree(self.model, self.heads, self.heads_note, tree, topk, **tree_options)
 
     def decoder(self, proposer: Proposer | None = None, sampling: SamplingConfig | None = None) -> Decoder:
         return Decoder(self.model.backbone, self.heads, proposer or self.proposer, sampling=sampling)
@@ -187,17 +145,14 @@ class DynTree:
         """Yield text as each forward pass accepts tokens; `stats_out` receives the run's stats at the end."""
         ids = self.encode(prompt, chat)
         run = self.decoder(proposer, sampling).run([ids], max_new_tokens, stop_at_eos)
-        tokens: list[int] = []
-        shown = ""
+        text = TextStream(self.tokenizer)
         for event in run:
-            new = event.new_tokens[0]
-            tokens.extend(new)
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            # Hold back an incomplete UTF-8 sequence until the next token completes it.
-            if text.endswith("\ufffd"):
-                continue
-            yield TextChunk(new, text[len(shown):])
-            shown = text
+            delta = text.push(event.new_tokens[0], finished=event.finished[0])
+            if delta is not None and (delta.text or delta.token_ids):
+                yield TextChunk(delta.token_ids, delta.text)
+        delta = text.push([], finished=True)  # a run cut short (context limit) may still hold text back
+        if delta is not None and (delta.text or delta.token_ids):
+            yield TextChunk(delta.token_ids, delta.text)
         run.stats.heads_note = self.heads_note
         if stats_out is not None:
             stats_out.append(run.stats)
@@ -216,3 +171,9 @@ def resolve_heads(heads, loaded: LoadedModel) -> tuple[MedusaHeads | None, str]:
             return None, "no trained heads for this model: plain autoregressive decoding (pass --heads)"
         return load_heads(bundled, loaded.config), f"bundled heads ({bundled.name})"
     return load_heads(heads, loaded.config), f"heads from {heads}"
+
+
+def _tree_config(tree, tree_fields: dict) -> TreeConfig:
+    if isinstance(tree, TreeConfig):
+        return tree.replace(**tree_fields) if tree_fields else tree
+    return TreeConfig.parse(tree, **tree_fields)

@@ -24,7 +24,7 @@ def add_model_args(parser: argparse.ArgumentParser, tree: bool = True) -> None:
                             help="'dynamic' (default: built every step from the heads and a context lookup, 8 nodes; "
                                  "the fastest on CPU), 'static' (Medusa's 63-node tree; 'static:N' its first N "
                                  "nodes), 'ar' (no tree), or a JSON file of paths")
-        parser.add_argument("--tree-size", type=_tree_size, default=None,
+        parser.add_argument("--tree-size", default=None,
                             help="nodes per dynamic tree, root included (default: the measured best on CPU), "
                                  "or 'auto' / 'auto:N': choose the size every step from the expected accepted "
                                  "tokens and this machine's measured step latency, up to N nodes")
@@ -36,6 +36,10 @@ def add_model_args(parser: argparse.ArgumentParser, tree: bool = True) -> None:
         parser.add_argument("--tree-score", default=None, choices=("prob", "rank", "binned"),
                             help="dynamic tree node scores: head probabilities (default), or acceptance rates "
                                  "measured online per head and rank / per head and probability bin")
+        parser.add_argument("--tree-temperature", type=float, default=None, metavar="T",
+                            help="dynamic trees: sharpen (<1) or flatten (>1) the heads' probabilities before "
+                                 "ranking nodes (default 2 with probability scores, 1 with calibrated ones); "
+                                 "unrelated to the sampling --temperature")
         parser.add_argument("--lookup", type=int, default=None, metavar="N",
                             help="dynamic trees: up to N tokens copied from the prompt / text so far where its "
                                  "last tokens occurred before, as one branch of the same node budget "
@@ -45,16 +49,6 @@ def add_model_args(parser: argparse.ArgumentParser, tree: bool = True) -> None:
                                  "dynamic tree's scores from")
     parser.add_argument("--device", default=None, help="cpu (default) or cuda")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-
-
-def _tree_size(text: str):
-    """`--tree-size`: an integer, 'auto' or 'auto:N'."""
-    if text == "auto" or text.startswith("auto:"):
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, 'auto' or 'auto:N', got {text!r}") from None
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -73,27 +67,20 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
 
 def sampling_config(args):
     """The SamplingConfig the sampling flags describe (validated: bad values raise DynTreeError)."""
-    from .sampling import DEFAULT_TYPICAL_ALPHA, DEFAULT_TYPICAL_EPS, SamplingConfig
+    from .sampling import SamplingConfig
 
-    eps = DEFAULT_TYPICAL_EPS if args.typical_eps is None else args.typical_eps
-    alpha = DEFAULT_TYPICAL_ALPHA if args.typical_alpha is None else args.typical_alpha
-    return SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                          mode=args.acceptance, eps=eps, alpha=alpha)
+    return SamplingConfig.from_options(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                       seed=args.seed, mode=args.acceptance, eps=args.typical_eps,
+                                       alpha=args.typical_alpha)
 
 
-def tree_options(args) -> dict:
-    options = {}
-    if getattr(args, "tree_size", None) is not None:
-        options["tree_size"] = args.tree_size
-    if getattr(args, "tree_score", None) is not None:
-        options["score"] = args.tree_score
-    if getattr(args, "tree_calibration", None) is not None:
-        options["calibration"] = args.tree_calibration
-    if getattr(args, "latency", None) is not None:
-        options["latency"] = args.latency
-    if getattr(args, "lookup", None) is not None:
-        options["lookup"] = args.lookup
-    return options
+def tree_config(args):
+    """The TreeConfig the tree flags describe (validated once here: bad values raise DynTreeError)."""
+    from .config import TreeConfig
+
+    return TreeConfig.parse(args.tree, args.tree_size, topk=args.topk, score=args.tree_score,
+                            tree_temperature=args.tree_temperature, lookup=args.lookup,
+                            calibration=args.tree_calibration, latency=args.latency)
 
 
 def build_parser() -> argparse.ArgumentParser:

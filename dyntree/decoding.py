@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
 from .errors import DynTreeError
 from .heads import MedusaHeads
 from .model import Transformer
-from .proposal import Proposer, RootOnlyProposer, propose_step
+from .proposers import Proposal, Proposer, RootOnlyProposer, propose_step
 from .sampling import SamplingConfig, choose_tokens
 from .verify import verify_tree
 
@@ -107,6 +107,36 @@ class _Clock:
         self.last = now
 
 
+# -- the stages of one step, shared by the loop and by measurements that replay a step (eval.kl) ------------
+def prefill(backbone: Transformer, cache, prompts: list[list[int]]) -> torch.Tensor:
+    """Run the prompts (`[B]` lists, right-padded) into an empty cache; the last prompt token's normed hidden
+    state of each sequence `[B, H]`."""
+    device = backbone.device
+    lengths = [len(p) for p in prompts]
+    ids = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, : len(p)] = torch.tensor(p)
+    hidden = backbone.forward(ids.to(device), cache)
+    cache.lengths.copy_(torch.tensor(lengths, device=device))
+    return hidden[torch.arange(len(prompts), device=device), torch.tensor(lengths, device=device) - 1]
+
+
+def propose(heads: MedusaHeads | None, proposer: Proposer, backbone: Transformer, last_hidden: torch.Tensor,
+            root: torch.Tensor, context: Callable[[], list[list[int]]]) -> Proposal:
+    """The step's tree over `root` `[B]`: the heads' guesses from `last_hidden` `[B, H]` (when the proposer
+    reads them) turned into a proposal; `context()` gives each sequence's tokens so far, root last."""
+    head_ids = head_probs = None
+    if proposer.uses_heads:
+        head_ids, head_probs = heads.topk(last_hidden, backbone.lm_head, proposer.topk)
+    return propose_step(proposer, root, head_ids, head_probs, context)
+
+
+def forward_tree(backbone: Transformer, proposal: Proposal, cache) -> torch.Tensor:
+    """One forward pass over the proposal's tree (nothing committed): normed hidden states `[B, n, H]`."""
+    return backbone.forward(proposal.tokens, cache, block_mask=proposal.buffers.tree_mask,
+                            depths=proposal.buffers.depths)
+
+
 class DecodeRun:
     """An in-progress generation: iterate it for `StepEvent`s; afterwards read `tokens` and `stats`."""
 
@@ -166,16 +196,10 @@ class DecodeRun:
         stats = self.stats
         stats.stop_reasons = ["" for _ in range(batch)]
         lengths = [len(p) for p in self.prompts]
-        tree_budget = dec.max_tree_nodes
-        cache = backbone.new_cache(batch, max(lengths) + self.max_new_tokens + tree_budget + 1)
+        cache = backbone.new_cache(batch, max(lengths) + self.max_new_tokens + proposer.max_nodes + 1)
 
         start = time.perf_counter()
-        ids = torch.zeros(batch, max(lengths), dtype=torch.long)
-        for b, p in enumerate(self.prompts):
-            ids[b, : len(p)] = torch.tensor(p)
-        hidden = backbone.forward(ids.to(device), cache)
-        cache.lengths.copy_(torch.tensor(lengths, device=device))
-        last_hidden = hidden[torch.arange(batch, device=device), torch.tensor(lengths, device=device) - 1]
+        last_hidden = prefill(backbone, cache, self.prompts)
         root = choose_tokens(backbone.logits(last_hidden), self.sampling, self.generator)
         finished = [False] * batch
         first = [self._emit(b, [int(root[b])], finished) for b in range(batch)]
@@ -185,7 +209,6 @@ class DecodeRun:
         stats.prefill_seconds = time.perf_counter() - start
         yield StepEvent(0, first, list(finished))
 
-        observe = getattr(proposer, "observe", None)
         clock = _Clock(device, stats)
         decode_start = time.perf_counter()
         step = 0
@@ -193,11 +216,8 @@ class DecodeRun:
             step += 1
             active = torch.tensor([not f for f in finished], device=device)
             clock.lap(None)
-            head_ids = head_probs = None
-            if proposer.uses_heads:
-                head_ids, head_probs = heads.topk(last_hidden, backbone.lm_head, proposer.topk)
-            proposal = propose_step(proposer, root, head_ids, head_probs,
-                                    lambda: [self.prompts[b] + self.tokens[b] for b in range(batch)])
+            proposal = propose(heads, proposer, backbone, last_hidden, root,
+                               lambda: [self.prompts[b] + self.tokens[b] for b in range(batch)])
             stats.tree_nodes = max(stats.tree_nodes, proposal.tokens.shape[1])
             stats.tree_sizes.append(proposal.tokens.shape[1])
             clock.lap("proposal")
@@ -207,14 +227,12 @@ class DecodeRun:
                         finished[b] = True
                         stats.stop_reasons[b] = "context"
                 break
-            tree_hidden = backbone.forward(proposal.tokens, cache, block_mask=proposal.buffers.tree_mask,
-                                           depths=proposal.buffers.depths)
+            tree_hidden = forward_tree(backbone, proposal, cache)
             clock.lap("forward")
             result = verify_tree(backbone.logits, tree_hidden, proposal, active, self.sampling, self.generator)
             clock.lap("verification")
-            if observe is not None:
-                observe(proposal, result, active)
-                clock.lap("proposal")  # learning from the outcome is part of building trees
+            proposer.observe(proposal, result, active)
+            clock.lap("proposal")  # learning from the outcome is part of building trees
             new_tokens: list[list[int]] = [[] for _ in range(batch)]
             for b in range(batch):
                 if finished[b]:
@@ -241,19 +259,10 @@ class Decoder:
         self.backbone = backbone
         self.sampling = sampling  # None = greedy; `run` may override it per call
         self.proposer = proposer or RootOnlyProposer()
-        if self.proposer.uses_heads:
-            if heads is None:
-                raise DynTreeError(f"the {self.proposer.name} tree needs heads")
-            depth = getattr(getattr(self.proposer, "tree", None), "depth", None)
-            if depth is not None and depth > heads.num_heads:
-                raise DynTreeError(f"tree depth {depth} exceeds the number of heads ({heads.num_heads})")
+        if self.proposer.uses_heads and heads is None:
+            raise DynTreeError(f"the {self.proposer.name} tree needs heads")
         self.heads = heads
         self.eos_token_ids = set(eos_token_ids if eos_token_ids is not None else backbone.config.eos_token_ids)
-
-    @property
-    def max_tree_nodes(self) -> int:
-        tree = getattr(self.proposer, "tree", None)
-        return getattr(self.proposer, "max_nodes", None) or (tree.num_nodes if tree is not None else 1)
 
     def check_prompts(self, prompts: list[list[int]], max_new_tokens: int) -> None:
         limit = self.backbone.config.max_position_embeddings

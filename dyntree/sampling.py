@@ -57,6 +57,17 @@ class SamplingConfig:
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
             raise DynTreeError(f"seed must be an integer >= 0, got {self.seed!r}")
 
+    @classmethod
+    def from_options(cls, temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+                     seed: int | None = None, mode: str | None = None, eps: float | None = None,
+                     alpha: float | None = None) -> "SamplingConfig":
+        """The one place a sampling config is built from user input (CLI flags, HTTP fields, bench options):
+        None means the default; bad values raise DynTreeError."""
+        return cls(temperature=0.0 if temperature is None else temperature,
+                   top_p=1.0 if top_p is None else top_p, top_k=0 if top_k is None else top_k, seed=seed,
+                   mode=mode or "lossless", eps=DEFAULT_TYPICAL_EPS if eps is None else eps,
+                   alpha=DEFAULT_TYPICAL_ALPHA if alpha is None else alpha)
+
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0

@@ -38,10 +38,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .api import AUTO_MAX_TREE_SIZE, DynTree
+from .api import DynTree
+from .config import TreeConfig
 from .errors import DynTreeError
 from .loading import DEFAULT_GGUF_FILE, DEFAULT_MODEL
-from .sampling import DEFAULT_TYPICAL_ALPHA, DEFAULT_TYPICAL_EPS, SamplingConfig
+from .sampling import SamplingConfig
+from .textstream import TextStream
 
 log = logging.getLogger("dyntree.server")
 
@@ -126,10 +128,7 @@ class DecodeSpec:
     max_tokens: int | None
     sampling: SamplingConfig
     stop: list[str]
-    tree: str | None
-    tree_size: int | str | None
-    topk: int | None
-    lookup: int | None = None
+    tree_fields: dict = field(default_factory=dict)  # the request's own tree settings (`tree_request`)
 
 
 @dataclass
@@ -155,15 +154,12 @@ def _refuse_unsupported(req: DecodingFields) -> None:
 
 def sampling_from(req: DecodingFields) -> SamplingConfig:
     """The request's sampling settings; temperature absent or 0 means greedy."""
-    top_k = 0 if req.top_k in (None, -1) else req.top_k  # -1 = off, as in vLLM
     if req.seed is not None and not 0 <= req.seed < 2 ** 64:
         raise DynTreeError(f"seed must be an integer in [0, 2^64), got {req.seed}")
-    return SamplingConfig(
-        temperature=0.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p, top_k=top_k, seed=req.seed,
-        mode=req.acceptance or "lossless",
-        eps=DEFAULT_TYPICAL_EPS if req.typical_eps is None else req.typical_eps,
-        alpha=DEFAULT_TYPICAL_ALPHA if req.typical_alpha is None else req.typical_alpha)
+    return SamplingConfig.from_options(temperature=req.temperature, top_p=req.top_p,
+                                       top_k=None if req.top_k == -1 else req.top_k,  # -1 = off, as in vLLM
+                                       seed=req.seed, mode=req.acceptance, eps=req.typical_eps,
+                                       alpha=req.typical_alpha)
 
 
 def stop_strings(stop) -> list[str]:
@@ -175,27 +171,22 @@ def stop_strings(stop) -> list[str]:
     return stops
 
 
-def tree_request(req: DecodingFields) -> tuple[str | None, int | str | None, int | None, int | None]:
-    """Check the tree extension fields (`tree`, `tree_size`, `topk`, `lookup`) for what a request may ask."""
+def tree_request(req: DecodingFields) -> dict:
+    """The request's tree extension fields (`tree`, `tree_size`, `topk`, `lookup`) that it sets, within what
+    one request may make the server build; the engine checks them against its tree (`TreeConfig`)."""
     if req.tree is not None and req.tree not in REQUEST_TREES:
         raise DynTreeError(f"unknown tree {req.tree!r}: choose from {', '.join(REQUEST_TREES)}")
-    size = req.tree_size
-    if size is not None:
-        limit = size
-        if isinstance(size, str):
-            if not (size == "auto" or size.startswith("auto:")):
-                raise DynTreeError(f"tree_size must be an integer, 'auto' or 'auto:N', got {size!r}")
-            try:
-                limit = AUTO_MAX_TREE_SIZE if size == "auto" else int(size.split(":", 1)[1])
-            except ValueError:
-                raise DynTreeError(f"tree_size must be an integer, 'auto' or 'auto:N', got {size!r}") from None
-        if not 2 <= limit <= MAX_REQUEST_TREE_SIZE:
-            raise DynTreeError(f"tree_size must be between 2 and {MAX_REQUEST_TREE_SIZE}, got {size!r}")
+    fields = {name: getattr(req, name) for name in ("tree", "tree_size", "topk", "lookup")
+              if getattr(req, name) is not None}
+    if "tree_size" in fields:
+        probe = TreeConfig.parse("dynamic", fields["tree_size"])
+        if not 2 <= probe.resolved_size <= MAX_REQUEST_TREE_SIZE:
+            raise DynTreeError(f"tree_size must be between 2 and {MAX_REQUEST_TREE_SIZE}, got {req.tree_size!r}")
     if req.topk is not None and not 1 <= req.topk <= MAX_REQUEST_TOPK:
         raise DynTreeError(f"topk must be between 1 and {MAX_REQUEST_TOPK}, got {req.topk}")
     if req.lookup is not None and not 0 <= req.lookup <= MAX_REQUEST_LOOKUP:
         raise DynTreeError(f"lookup must be between 0 and {MAX_REQUEST_LOOKUP}, got {req.lookup}")
-    return req.tree, size, req.topk, req.lookup
+    return fields
 
 
 def _requested_max_tokens(value: int | None) -> int | None:
@@ -227,7 +218,7 @@ def chat_spec(req: ChatRequest) -> DecodeSpec:
         raise DynTreeError("messages have no content")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     return DecodeSpec(messages, True, _requested_max_tokens(max_tokens), sampling_from(req),
-                      stop_strings(req.stop), *tree_request(req))
+                      stop_strings(req.stop), tree_request(req))
 
 
 def completion_spec(req: CompletionRequest) -> DecodeSpec:
@@ -248,25 +239,7 @@ def completion_spec(req: CompletionRequest) -> DecodeSpec:
     if isinstance(prompt, str) and not prompt.strip() or not prompt:
         raise DynTreeError("prompt must not be empty")
     return DecodeSpec(prompt, False, _requested_max_tokens(req.max_tokens), sampling_from(req),
-                      stop_strings(req.stop), *tree_request(req))
-
-
-# -- stop strings --------------------------------------------------------------------------------------------
-def find_stop(text: str, stops: list[str]) -> int:
-    """Where the earliest stop string starts in `text`, or -1."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else -1
-
-
-def held_back(text: str, stops: list[str]) -> int:
-    """Length of the longest end of `text` that could still grow into a stop string (not shown yet)."""
-    longest = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), longest, -1):
-            if text.endswith(s[:n]):
-                longest = n
-                break
-    return longest
+                      stop_strings(req.stop), tree_request(req))
 
 
 # -- the service: one model, one worker thread -----------------------------------------------------------------
@@ -303,34 +276,18 @@ class DecodingService:
     def engine_for(self, spec: DecodeSpec) -> DynTree:
         """The base engine, or one with the request's tree settings (built once, then cached)."""
         base = self.base
-        if spec.tree is None and spec.tree_size is None and spec.topk is None and spec.lookup is None:
+        fields = spec.tree_fields
+        if not fields:
             return base
-        tree = spec.tree or base.tree
-        if base.heads is None and tree != "ar":
+        if base.heads is None and fields.get("tree", "ar") != "ar":
             raise DynTreeError("this server has no heads: only tree 'ar' is available")
-        if spec.tree_size is not None and tree != "dynamic":
-            raise DynTreeError("tree_size only applies to tree 'dynamic'")
-        if spec.topk is not None and tree == "ar":
-            raise DynTreeError("topk only applies to trees with heads ('static', 'dynamic')")
-        if spec.lookup is not None and tree != "dynamic":
-            raise DynTreeError("lookup only applies to tree 'dynamic'")
-        key = (tree, spec.tree_size, spec.topk, spec.lookup)
+        key = tuple(sorted(fields.items()))
         if key in self.engines:
             self.engines.move_to_end(key)
             return self.engines[key]
-        options, topk = {}, spec.topk
-        if tree == base.tree:  # keep the server's own options (score, calibration, latency) for its tree
-            options = dict(base.tree_options)
-            topk = topk if topk is not None else base.topk
-        if spec.tree_size is not None:
-            options["tree_size"] = spec.tree_size
-            if not str(spec.tree_size).startswith("auto"):
-                options.pop("latency", None)
-        if spec.lookup is not None:
-            options["lookup"] = spec.lookup
-        log.info("building a %s tree engine (tree_size=%s, topk=%s, lookup=%s)", tree, spec.tree_size, topk,
-                 spec.lookup)
-        engine = base.with_tree(tree, topk, **options)
+        config = base.config.replace(**fields)  # its own tree keeps the server's settings (score, latency...)
+        log.info("building a tree engine for %s", config.settings())
+        engine = base.with_tree(config)
         self.engines[key] = engine
         if len(self.engines) > ENGINE_CACHE_SIZE:
             self.engines.popitem(last=False)
@@ -377,39 +334,27 @@ class DecodingService:
         max_tokens = self.max_tokens_for(spec, len(ids))
         run = engine.decoder(sampling=spec.sampling).run([ids], max_tokens, stop_at_eos=True)
         decode_started = time.perf_counter()
-        tokenizer = engine.tokenizer
-        tokens: list[int] = []
-        shown = ""
-        finish = None
+        text = TextStream(engine.tokenizer, spec.stop)
         for event in run:
-            new = event.new_tokens[0]
-            before = len(tokens)
-            tokens.extend(new)
-            text = tokenizer.decode(tokens, skip_special_tokens=True)
-            cut = find_stop(text, spec.stop) if spec.stop else -1
-            if cut >= 0:
-                # Count only the tokens needed to produce the stop string.
-                for k in range(before + 1, len(tokens) + 1):
-                    if find_stop(tokenizer.decode(tokens[:k], skip_special_tokens=True), spec.stop) >= 0:
-                        del tokens[k:]
-                        break
-                text, finish = text[:cut], "stop"
-            elif not event.finished[0]:
-                if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-                    continue
-                text = text[: len(text) - held_back(text, spec.stop)]
-            if on_text is not None and len(text) > len(shown):
-                on_text(text[len(shown):], tokens[before:])
-            shown = text
-            if finish is not None or cancel.is_set():
+            delta = text.push(event.new_tokens[0], finished=event.finished[0])
+            if on_text is not None and delta is not None and delta.text:
+                on_text(delta.text, delta.token_ids)
+            if text.stopped or cancel.is_set():
                 break
+        if not (text.stopped or cancel.is_set()):  # a run cut short (context limit) may still hold text back
+            delta = text.push([], finished=True)
+            if on_text is not None and delta is not None and delta.text:
+                on_text(delta.text, delta.token_ids)
         ended = time.perf_counter()
         stats = run.stats
-        if finish is None:
-            reason = stats.stop_reasons[0] if stats.stop_reasons else ""
-            finish = "stop" if reason == "eos" else "cancelled" if cancel.is_set() and reason == "" else "length"
+        reason = stats.stop_reasons[0] if stats.stop_reasons else ""
+        if text.stopped or reason == "eos":
+            finish = "stop"
+        else:
+            finish = "cancelled" if cancel.is_set() and reason == "" else "length"
         seconds = ended - decode_started
-        return Outcome(shown, tokens, ids, finish, {
+        tokens = text.tokens
+        return Outcome(text.text, tokens, ids, finish, {
             "tree": stats.method,
             "forward_passes": stats.decode_passes + 1,  # the prefill pass yields the first token
             "mean_accepted_per_pass": round(stats.mean_accepted_per_pass, 4),

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .proposal import Proposal
+from .proposers import Proposal
 from .sampling import SamplingConfig, entropy, processed_probs, sample_from
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DynTreeError
+from .proposers import Proposer
 
 
 @dataclass
@@ -30,29 +31,30 @@ class TreeSnapshot:
     method: str
 
 
-class RecordingProposer:
+class RecordingProposer(Proposer):
     """Wraps a proposer and keeps the proposals and verifications of chosen steps (1-based)."""
 
-    def __init__(self, inner, steps: set[int] | None = None):
+    def __init__(self, inner: Proposer, steps: set[int] | None = None):
         self.inner = inner
         self.steps = steps
         self.step = 0
         self.records: list[tuple[int, object, object]] = []
         self._pending = None
-        for attr in ("name", "uses_heads", "topk", "max_nodes", "tree", "uses_context"):
-            if hasattr(inner, attr):
-                setattr(self, attr, getattr(inner, attr))
+        self.name, self.uses_heads, self.topk = inner.name, inner.uses_heads, inner.topk
+        self.uses_context = inner.uses_context
 
-    def propose(self, root, head_ids, head_probs, **kwargs):
+    @property
+    def max_nodes(self) -> int:
+        return self.inner.max_nodes
+
+    def propose(self, root, head_ids, head_probs, context=None):
         self.step += 1
-        proposal = self.inner.propose(root, head_ids, head_probs, **kwargs)
+        proposal = self.inner.propose(root, head_ids, head_probs, context)
         self._pending = proposal if self.steps is None or self.step in self.steps else None
         return proposal
 
     def observe(self, proposal, verification, active=None):
-        inner_observe = getattr(self.inner, "observe", None)
-        if inner_observe is not None:
-            inner_observe(proposal, verification, active)
+        self.inner.observe(proposal, verification, active)
         if self._pending is proposal:
             self.records.append((self.step, proposal, verification))
             self._pending = None

@@ -310,19 +310,15 @@ def test_default_methods_skip_trees_without_heads(tiny_model_dir, tmp_path, caps
     assert list(json.loads((out / "results.json").read_text())["methods"]) == ["hf", "hf-lookup", "ar"]
 
 
-def test_dynamic_runs_or_fails_clearly(tiny_model_dir, prompts_file, tmp_path, capsys):
-    """`dynamic` exists only once dyntree/trees/dynamic.py is in the build; either way no traceback."""
+def test_dynamic_runs_exactly_and_records_its_tree(tiny_model_dir, prompts_file, tmp_path):
     out = tmp_path / "out"
-    code = main(["bench", "--methods", "ar,dynamic", "--model", str(tiny_model_dir), "--heads", "random",
-                 "--prompts", str(prompts_file), "--limit", "1", "--max-new-tokens", "8", "--out", str(out)])
-    if importlib.util.find_spec("dyntree.trees.dynamic") is None:
-        assert code == 2
-        assert "method 'dynamic' is not available in this build" in capsys.readouterr().err
-        assert not out.exists()
-    else:
-        assert code == 0
-        results = json.loads((out / "results.json").read_text())
-        assert results["methods"]["dynamic"]["exact_match_rate"] == 1.0
+    code = main(["bench", "--methods", "ar,dynamic:n=6:lookup=2", "--model", str(tiny_model_dir), "--heads",
+                 "random", "--prompts", str(prompts_file), "--limit", "1", "--max-new-tokens", "8", "--out", str(out)])
+    assert code == 0
+    method = json.loads((out / "results.json").read_text())["methods"]["dynamic:n=6:lookup=2"]
+    assert method["exact_match_rate"] == 1.0
+    assert method["settings"]["tree"] == "dynamic" and method["settings"]["size"] == 6
+    assert method["settings"]["lookup"] == 2 and method["settings"]["topk"] == 8
 
 
 def test_list_methods(capsys):
@@ -348,7 +344,7 @@ def test_static_prefix_and_lookup_options(tiny_model_dir, prompts_file):
     context = BenchContext(model=str(tiny_model_dir), heads="random")
     methods = build_methods(parse_method_list("ar,static:n=5,dynamic:lookup=0,dynamic:lookup=4"), context)
     assert methods[1].engine.proposer.tree.num_nodes == 5
-    assert methods[2].engine.proposer.lookup == 0 and methods[3].engine.proposer.lookup == 4
+    assert methods[2].engine.proposer.lookup is None and methods[3].engine.proposer.lookup.max_len == 4
     bench = run_benchmark(methods, load_prompts(prompts_file)[:2], context,
                           BenchSettings(max_new_tokens=12, turns=1, seed=0, warmup=0, repeats=1))
     results = collect_results(bench, context, "dyntree bench (test)", str(prompts_file))

@@ -161,7 +161,7 @@ def test_tree_temperature_still_reaches_the_dynamic_tree(tiny_model_dir):  # noq
     context = BenchContext(model=str(tiny_model_dir), heads="random")
     (method,) = build_methods(parse_method_list("dynamic:tree_temperature=2"), context)
     assert method.engine.proposer.temperature == 2.0 and method.greedy
-    assert method.settings()["temperature"] == 2.0 and method.settings()["sampling"] is None
+    assert method.settings()["tree_temperature"] == 2.0 and method.settings()["sampling"] is None
 
 
 def test_integer_values_of_float_options_are_accepted():

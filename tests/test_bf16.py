@@ -12,16 +12,16 @@ from conftest import tiny_hf_model
 from dyntree.decoding import Decoder
 from dyntree.heads import MedusaHeads
 from dyntree.model import ModelConfig, Transformer
+from dyntree.proposers import Proposer
 from dyntree.trees import buffers_from_parents
 
 
-class PathProposer:
+class PathProposer(Proposer):
     """Trees holding the plain continuation as a first-child chain of random length, with decoy siblings
     after each true child (random heads on a tiny model would almost never be accepted)."""
 
     name = "path"
     uses_heads = False
-    uses_context = False
     topk = 0
     max_nodes = 16
 

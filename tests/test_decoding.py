@@ -9,7 +9,7 @@ import torch
 
 from dyntree.decoding import Decoder
 from dyntree.heads import MedusaHeads
-from dyntree.proposal import Proposal, StaticTreeProposer
+from dyntree.proposers import Proposal, Proposer, StaticTreeProposer
 from dyntree.trees import StaticTree, buffers_from_parents, load_tree_spec
 
 
@@ -17,7 +17,7 @@ def plain(backbone, prompt, max_new, eos=()):
     return Decoder(backbone, eos_token_ids=eos).run([prompt], max_new).consume()
 
 
-class OracleProposer:
+class OracleProposer(Proposer):
     """Builds random trees in which the true continuation hides at random branches (and sometimes breaks off).
 
     Random heads on a tiny model almost never guess right, which would leave multi-token acceptance and the
@@ -35,7 +35,7 @@ class OracleProposer:
         self.rng = random.Random(seed)
         self.position = 0
 
-    def propose(self, root, head_ids=None, head_probs=None) -> Proposal:
+    def propose(self, root, head_ids=None, head_probs=None, context=None) -> Proposal:
         ref_index = self.reference.index(int(root[0]), self.position) if int(root[0]) in self.reference[
             self.position:] else None
         parents, tokens = [-1], [int(root[0])]

@@ -9,7 +9,7 @@ from dyntree.api import DynTree, resolve_heads
 from dyntree.data import mt_bench_first_turns
 from dyntree.decoding import Decoder
 from dyntree.heads import MedusaHeads
-from dyntree.proposal import RootOnlyProposer
+from dyntree.proposers import RootOnlyProposer
 
 pytestmark = pytest.mark.slow
 

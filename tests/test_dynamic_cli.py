@@ -30,9 +30,10 @@ def test_viz_writes_pngs_and_rejects_bad_input(tmp_path, capsys):
     capsys.readouterr()
     assert main(["viz", "--heads", "random", "--prompt", "x", "--steps", "zero", "--out", str(out)]) == 2
     assert main(["generate", "--heads", "random", "--tree", "dynamic", "--tree-size", "1", "--prompt", "x"]) == 2
-    assert main(["generate", "--heads", "random", "--tree", "static", "--tree-size", "8", "--prompt", "x"]) == 2
+    assert main(["generate", "--heads", "random", "--tree", "static:8", "--tree-size", "8", "--prompt", "x"]) == 2
+    assert main(["generate", "--heads", "random", "--tree", "ar", "--topk", "4", "--prompt", "x"]) == 2
     assert main(["generate", "--heads", "random", "--tree", "static", "--lookup", "4", "--prompt", "x"]) == 2
     assert main(["generate", "--heads", "random", "--lookup", "-1", "--prompt", "x"]) == 2
     assert main(["generate", "--heads", "random", "--tree", "static:99", "--prompt", "x"]) == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err and err.count("error:") == 6
+    assert "Traceback" not in err and err.count("error:") == 7

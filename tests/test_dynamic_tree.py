@@ -9,14 +9,15 @@ import pytest
 import torch
 from conftest import tiny_model_with_heads
 
-from dyntree.api import build_proposer
+from dyntree.config import TreeConfig
 from dyntree.decoding import Decoder
 from dyntree.errors import DynTreeError
 from dyntree.heads import MedusaHeads
-from dyntree.proposal import RootOnlyProposer
+from dyntree.proposers import DynamicTreeProposer, RootOnlyProposer, build_proposer
 from dyntree.trees import StaticTree, buffers_from_parents
-from dyntree.trees.dynamic import (AcceptanceStats, DynamicTreeProposer, best_first_nodes, brute_force_nodes,
-                                   canonical_order, marginals, select_nodes)
+from dyntree.trees.acceptance import AcceptanceStats
+from dyntree.trees.selection import (best_first_nodes, brute_force_nodes, canonical_order, marginals,
+                                     select_nodes)
 
 
 def node_paths(nodes):
@@ -86,7 +87,7 @@ def test_proposer_survives_probability_one():
     probs[:, :, 0] = 1.0
     probs[1, 2] = torch.tensor([0.2, 0.2, 0.2, 0.2, 0.2])
     ids = torch.arange(40).view(2, 4, 5)
-    proposal = DynamicTreeProposer(num_heads=4, topk=5, tree_size=12, temperature=1.0).propose(
+    proposal = DynamicTreeProposer(4, topk=5, size=12, tree_temperature=1.0).propose(
         torch.tensor([7, 8]), ids, probs)
     parents = proposal.buffers.parents
     assert proposal.tokens.shape == (2, 12)
@@ -151,7 +152,7 @@ def test_dynamic_buffers_equal_static_builder_on_same_paths():
     probs = torch.softmax(torch.randn(3, heads, 50, generator=gen) * 3, -1)
     top_probs, top_ids = probs.topk(topk, dim=-1)
     root = torch.tensor([1, 2, 3])
-    proposer = DynamicTreeProposer(num_heads=heads, topk=topk, tree_size=20)
+    proposer = DynamicTreeProposer(heads, topk=topk, size=20)
     proposal = proposer.propose(root, top_ids, top_probs)
     factors = marginals(top_probs, proposer.temperature)
     for b in range(3):
@@ -173,6 +174,13 @@ def test_dynamic_buffers_equal_static_builder_on_same_paths():
 
 
 # -- calibration -----------------------------------------------------------------------------------------
+def reference_update(stats, depths, ranks, probs, parents, accepted):
+    """Tensor-at-a-time reference for `record_tree`: count every node whose parent was accepted."""
+    seen = [i for i in range(1, len(parents)) if accepted[parents[i]]]
+    stats.record([int(depths[i]) - 1 for i in seen], [int(ranks[i]) for i in seen], [float(probs[i]) for i in seen],
+                 [bool(accepted[i]) for i in seen])
+
+
 def test_acceptance_stats_count_children_of_accepted_nodes(tmp_path):
     stats = AcceptanceStats(num_heads=3, topk=2, bins=4)
     # root -> a (rank 0), b (rank 1); a -> c (rank 0); c -> d (rank 1). Accepted path: root, a, c.
@@ -181,7 +189,11 @@ def test_acceptance_stats_count_children_of_accepted_nodes(tmp_path):
     ranks = torch.tensor([-1, 0, 1, 0, 1])
     probs = torch.tensor([1.0, 0.9, 0.1, 0.6, 0.3], dtype=torch.float64)
     accepted = torch.tensor([True, True, False, True, False])
-    stats.update(depths, ranks, probs, parents, accepted)
+    reference_update(stats, depths, ranks, probs, parents, accepted)
+    again = AcceptanceStats(num_heads=3, topk=2, bins=4)
+    again.record_tree(parents.tolist(), ranks.tolist(), probs.tolist(), {0, 1, 3})
+    for name in ("proposed_rank", "accepted_rank", "proposed_bin", "accepted_bin"):
+        assert torch.equal(getattr(again, name), getattr(stats, name)), name
     assert stats.proposed_rank.tolist() == [[1, 1], [1, 0], [0, 1]]
     assert stats.accepted_rank.tolist() == [[1, 0], [1, 0], [0, 0]]
     assert stats.proposed_bin.tolist() == [[1, 0, 0, 1], [0, 0, 1, 0], [0, 1, 0, 0]]
@@ -218,23 +230,23 @@ def test_rank_scores_change_the_tree():
     stats.accepted_rank[1] = torch.tensor([50.0, 10.0])
     probs = torch.tensor([[[0.6, 0.4], [0.6, 0.4]]])
     ids = torch.tensor([[[10, 11], [20, 21]]])
-    raw = DynamicTreeProposer(2, 2, tree_size=2).propose(torch.tensor([0]), ids, probs)
-    calibrated = DynamicTreeProposer(2, 2, tree_size=2, score="rank", calibration=stats, learn=False)
+    raw = DynamicTreeProposer(2, topk=2, size=2).propose(torch.tensor([0]), ids, probs)
+    calibrated = DynamicTreeProposer(2, topk=2, size=2, score="rank", calibration=stats, learn=False)
     assert raw.tokens.tolist() == [[0, 10]]
     assert calibrated.propose(torch.tensor([0]), ids, probs).tokens.tolist() == [[0, 11]]
 
 
 def test_proposer_rejects_bad_options():
     with pytest.raises(DynTreeError):
-        DynamicTreeProposer(4, 10, tree_size=1)
+        DynamicTreeProposer(4, topk=10, size=1)
     with pytest.raises(DynTreeError):
-        DynamicTreeProposer(4, 0)
+        DynamicTreeProposer(4, topk=0)
     with pytest.raises(DynTreeError):
-        DynamicTreeProposer(2, 2, tree_size=8)  # at most 2 + 4 candidates exist
+        DynamicTreeProposer(2, topk=2, size=8)  # at most 2 + 4 candidates exist
     with pytest.raises(DynTreeError):
-        DynamicTreeProposer(4, 10, score="magic")
+        DynamicTreeProposer(4, topk=10, score="magic")
     with pytest.raises(DynTreeError):
-        DynamicTreeProposer(4, 10, temperature=0)
+        DynamicTreeProposer(4, topk=10, tree_temperature=0)
 
 
 # -- decoding --------------------------------------------------------------------------------------------
@@ -249,20 +261,20 @@ def greedy(backbone, heads, proposer, prompts, max_new=40):
 
 
 @pytest.mark.parametrize("options", [
-    {"tree_size": 2, "topk": 1},
-    {"tree_size": 12, "topk": 4},
-    {"tree_size": 40, "topk": 8, "score": "rank"},
-    {"tree_size": 24, "topk": 6, "score": "binned", "temperature": 2.0},
+    {"size": 2, "topk": 1},
+    {"size": 12, "topk": 4},
+    {"size": 40, "topk": 8, "score": "rank"},
+    {"size": 24, "topk": 6, "score": "binned", "tree_temperature": 2.0},
 ])
 def test_dynamic_decoding_is_lossless(tiny, options):
     backbone, heads = tiny
     prompts = [[1, 5, 9, 3], [2, 7, 7, 7, 7, 11, 4]]
     expected, _ = greedy(backbone, heads, RootOnlyProposer(), prompts)
-    proposer = build_proposer("dynamic", heads, **options)
+    proposer = build_proposer(TreeConfig(**options), heads.num_heads)
     for batch in (prompts, prompts[:1]):
         tokens, stats = greedy(backbone, heads, proposer, batch)
         assert tokens == expected[: len(batch)]
-        assert stats.tree_nodes == options["tree_size"]
+        assert stats.tree_nodes == options["size"]
     if options.get("score", "prob") != "prob":
         assert proposer.stats.proposed_rank.sum() > 0  # learned online from verification
 
@@ -273,18 +285,22 @@ def test_dynamic_tree_accepts_more_than_one_token_per_pass(tiny):
     backbone, heads = tiny
     prompts = [[3, 4] * 20]
     expected, _ = greedy(backbone, heads, RootOnlyProposer(), prompts, 60)
-    tokens, stats = greedy(backbone, heads, DynamicTreeProposer(4, 8, tree_size=32), prompts, 60)
+    tokens, stats = greedy(backbone, heads, DynamicTreeProposer(4, topk=8, size=32), prompts, 60)
     assert tokens == expected
     assert stats.mean_accepted_per_pass > 1.0
 
 
 def test_build_proposer_options():
     heads = MedusaHeads.random(type("C", (), {"hidden_size": 8, "vocab_size": 16, "model_type": "llama"})(), 5)
-    proposer = build_proposer("dynamic", heads, tree_size=9)
+    proposer = build_proposer(TreeConfig.parse("dynamic", 9), heads.num_heads)
     assert proposer.max_nodes == 9 and proposer.num_heads == 5
-    assert build_proposer("static", heads).topk == 10
-    with pytest.raises(DynTreeError):
-        build_proposer("static", heads, tree_size=9)
+    assert build_proposer(TreeConfig.parse("static"), heads.num_heads).topk == 10
+    assert build_proposer(TreeConfig.parse("static:9"), heads.num_heads).max_nodes == 9
+    assert build_proposer(TreeConfig.parse("ar"), None).max_nodes == 1
+    with pytest.raises(DynTreeError, match="needs Medusa heads"):
+        build_proposer(TreeConfig.parse("dynamic"), None)
+    with pytest.raises(DynTreeError, match="only apply to the dynamic tree"):
+        TreeConfig.parse("static", lookup=3)
 
 
 def test_observe_counts_like_update():
@@ -293,7 +309,7 @@ def test_observe_counts_like_update():
     gen = torch.Generator().manual_seed(5)
     probs = torch.softmax(torch.randn(2, 3, 30, generator=gen) * 3, -1)
     top_probs, top_ids = probs.topk(5, dim=-1)
-    proposer = DynamicTreeProposer(3, 5, tree_size=14, learn=True)
+    proposer = DynamicTreeProposer(3, topk=5, size=14, learn=True)
     proposal = proposer.propose(torch.tensor([1, 2]), top_ids, top_probs)
     # Accept root -> first child -> its first child in row 0; only the root in row 1 (inactive row ignored).
     parents = proposal.buffers.parents[0].tolist()
@@ -305,8 +321,8 @@ def test_observe_counts_like_update():
     expected = AcceptanceStats(3, 5)
     accepted = torch.zeros(14, dtype=torch.bool)
     accepted[path] = True
-    expected.update(proposal.buffers.depths[0], proposal.ranks[0], proposal.node_probs[0], proposal.buffers.parents[0],
-                    accepted)
+    reference_update(expected, proposal.buffers.depths[0], proposal.ranks[0], proposal.node_probs[0],
+                     proposal.buffers.parents[0], accepted)
     for name in ("proposed_rank", "accepted_rank", "proposed_bin", "accepted_bin"):
         assert torch.equal(getattr(proposer.stats, name), getattr(expected, name)), name
     assert proposer.stats.accepted_rank.sum() == len(path) - 1
@@ -314,7 +330,8 @@ def test_observe_counts_like_update():
 
 
 def test_collect_acceptance_stats_and_calibrated_static_tree(tiny):
-    from dyntree.trees.dynamic import collect_acceptance_stats, static_paths_from_stats
+    from dyntree.eval.calibration import collect_acceptance_stats
+    from dyntree.trees.selection import static_paths_from_stats
 
     backbone, heads = tiny
 

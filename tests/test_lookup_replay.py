@@ -10,8 +10,8 @@ from conftest import tiny_model_with_heads
 
 from dyntree.decoding import Decoder
 from dyntree.errors import DynTreeError
-from dyntree.proposal import RootOnlyProposer
-from dyntree.trees.dynamic import DynamicTreeProposer
+from dyntree.proposers import RootOnlyProposer
+from dyntree.proposers import DynamicTreeProposer
 from dyntree.trees.lookup import find_chain, merge_chain
 from dyntree.eval.replay import accepted_nodes, replay
 
@@ -89,7 +89,7 @@ def test_lookup_tree_holds_the_chain_and_keeps_its_size():
     probs = torch.rand(1, 4, 6, generator=gen).sort(-1, descending=True).values
     ids = torch.stack([torch.randperm(50, generator=gen)[:6] for _ in range(4)])[None]
     context = [7, 8, 9, 40, 41, 42, 43, 44, 45, 7, 8, 9]  # "7 8 9" was followed by 40 41 42 ...
-    proposer = DynamicTreeProposer(4, 6, tree_size=10, lookup=5)
+    proposer = DynamicTreeProposer(4, topk=6, size=10, lookup=5)
     proposal = proposer.propose(torch.tensor([9]), ids, probs, context=[context])
     check_tree(proposal, 10)
     tokens, parents = proposal.tokens[0].tolist(), proposal.buffers.parents[0].tolist()
@@ -101,10 +101,10 @@ def test_lookup_tree_holds_the_chain_and_keeps_its_size():
         path.append(node)
     assert proposal.buffers.depths[0, path[-1]] == 5  # deeper than the 4 heads
     assert proposer.uses_context
-    scored = DynamicTreeProposer(4, 6, tree_size=10, lookup=5, lookup_merge="score")
+    scored = DynamicTreeProposer(4, topk=6, size=10, lookup=5, lookup_merge="score")
     check_tree(scored.propose(torch.tensor([9]), ids, probs, context=[context]), 10)
     with pytest.raises(DynTreeError):
-        DynamicTreeProposer(4, 6, tree_size=10, lookup=-1)
+        DynamicTreeProposer(4, topk=6, size=10, lookup=-1)
 
 
 @pytest.mark.parametrize("lookup", [0, 6])
@@ -113,11 +113,11 @@ def test_lookup_decoding_is_lossless_and_replay_matches_decoding(tiny_model, loo
     prompts = [[1, 5, 9, 3, 1, 5, 9, 3, 1, 5], [2, 7, 7, 7, 7, 11, 4]]
     run = Decoder(backbone, heads, RootOnlyProposer()).run(prompts, 48, stop_at_eos=False).consume()
     expected = run.tokens
-    proposer = DynamicTreeProposer(4, 6, tree_size=12, lookup=lookup)
+    proposer = DynamicTreeProposer(4, topk=6, size=12, lookup=lookup)
     got = Decoder(backbone, heads, proposer).run(prompts, 48, stop_at_eos=False).consume()
     assert got.tokens == expected
     if lookup:
-        assert sum(proposer.lookup_proposed) > 0
+        assert sum(proposer.lookup.proposed) > 0
     # Replay on the recorded continuation reproduces every pass of the real decoding run (batch of 1).
     for prompt, cont in zip(prompts, expected):
         seq = prompt + cont
@@ -126,9 +126,9 @@ def test_lookup_decoding_is_lossless_and_replay_matches_decoding(tiny_model, loo
             hidden = backbone.forward(torch.tensor([seq]), cache)[0]
             ids, probs = heads.topk(hidden[len(prompt) - 1 : -1], backbone.lm_head, 6)
         record = {"tokens": seq, "prompt_len": len(prompt), "head_ids": ids, "head_probs": probs}
-        live = Decoder(backbone, heads, DynamicTreeProposer(4, 6, tree_size=12, lookup=lookup)).run(
+        live = Decoder(backbone, heads, DynamicTreeProposer(4, topk=6, size=12, lookup=lookup)).run(
             [prompt], 48, stop_at_eos=False).consume()
-        replayed = replay(DynamicTreeProposer(4, 6, tree_size=12, lookup=lookup), record)
+        replayed = replay(DynamicTreeProposer(4, topk=6, size=12, lookup=lookup), record)
         assert replayed.accepted_lengths == live.stats.accepted_lengths
     assert got.stats.mean_accepted_per_pass >= 1.0
 
@@ -182,7 +182,7 @@ def test_auto_size_with_lookup_is_lossless_and_sizes_vary(tiny_model):
     prompts = [[1, 5, 9, 3, 1, 5, 9, 3, 1, 5]]
     expected = Decoder(backbone, heads, RootOnlyProposer()).run(prompts, 40, stop_at_eos=False).consume().tokens
     latency = LatencyModel(rows=[1, 4, 16], seconds=[0.010, 0.012, 0.030])
-    proposer = DynamicTreeProposer(4, 6, tree_size=16, score="binned", latency=latency, lookup=6)
+    proposer = DynamicTreeProposer(4, topk=6, size=16, score="binned", latency=latency, lookup=6)
     run = Decoder(backbone, heads, proposer).run(prompts, 40, stop_at_eos=False).consume()
     assert run.tokens == expected
     assert all(1 <= s <= 16 for s in run.stats.tree_sizes)

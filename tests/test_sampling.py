@@ -16,7 +16,7 @@ from dyntree.decoding import Decoder
 from dyntree.errors import DynTreeError
 from dyntree.heads import MedusaHeads
 from dyntree.model import ModelConfig, Transformer
-from dyntree.proposal import Proposal, RootOnlyProposer, StaticTreeProposer
+from dyntree.proposers import Proposal, Proposer, RootOnlyProposer, StaticTreeProposer
 from dyntree.sampling import SamplingConfig, processed_probs
 from dyntree.trees import StaticTree, buffers_from_parents, load_tree_spec
 from dyntree.verify import verify_speculative, verify_tree, verify_typical
@@ -50,7 +50,7 @@ def make_tiny():
 PROMPT = [1, 2, 3, 4, 5]
 
 
-class BigramTreeProposer:
+class BigramTreeProposer(Proposer):
     """Test proposer: a node's children are the top-`width` next tokens of the backbone fed that node's token
     alone. Data-dependent like a dynamic tree, and on a tiny model it guesses right often (random heads
     rarely do), so the statistical tests really exercise accepted candidates."""
@@ -58,6 +58,7 @@ class BigramTreeProposer:
     name = "bigram"
     uses_heads = False
     topk = 0
+    max_nodes = 0  # set per instance
 
     def __init__(self, backbone, width: int = 3, depth: int = 3):
         hidden = backbone.forward(torch.arange(VOCAB)[:, None], backbone.new_cache(VOCAB, 1))
@@ -74,7 +75,7 @@ class BigramTreeProposer:
         self.depth = depth
         self.max_nodes = len(parents)
 
-    def propose(self, root, head_ids=None, head_probs=None) -> Proposal:
+    def propose(self, root, head_ids=None, head_probs=None, context=None) -> Proposal:
         batch = root.shape[0]
         level, tokens = root[:, None], [root[:, None]]
         for _ in range(self.depth):

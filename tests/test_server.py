@@ -16,7 +16,8 @@ from fastapi.testclient import TestClient
 from dyntree.api import DynTree
 from dyntree.cli import main
 from dyntree.sampling import SamplingConfig
-from dyntree.server import CompletionRequest, completion_spec, create_app, find_stop, held_back
+from dyntree.server import CompletionRequest, completion_spec, create_app
+from dyntree.textstream import find_stop, held_back
 
 from test_bench import tiny_model_dir  # noqa: F401 - the tiny model with a tokenizer and a chat template
 
@@ -225,14 +226,17 @@ def test_stream_and_non_stream_sample_the_same_with_a_seed(client):
 # -- per-request trees ------------------------------------------------------------------------------------------------
 def test_tree_engines_are_built_once_per_setting(client):
     service = client.app.state.service
+    built = len(service.engines)
     for _ in range(2):
         assert chat(client, tree="dynamic", tree_size=6, topk=3).status_code == 200
-    engine = service.engines[("dynamic", 6, 3, None)]
+    key = (("topk", 3), ("tree", "dynamic"), ("tree_size", 6))
+    engine = service.engines[key]
     assert engine.proposer.tree_size == 6 and engine.proposer.topk == 3
     assert chat(client, tree="dynamic", tree_size=6, topk=3).json()["dyntree"]["tree"].startswith("dynamic:n6:k3")
-    assert service.engines[("dynamic", 6, 3, None)] is engine
+    assert service.engines[key] is engine and len(service.engines) == built + 1
     assert chat(client, tree="dynamic", lookup=0).status_code == 200
-    assert service.engines[("dynamic", None, None, 0)].proposer.lookup == 0
+    assert service.engines[(("lookup", 0), ("tree", "dynamic"))].proposer.lookup is None  # heads only
+    assert chat(client, tree="static", tree_size=8).json()["dyntree"]["tree"] == "static:mc_sim_7b_63:8"
 
 
 def test_concurrent_requests_are_decoded_one_at_a_time_on_one_thread(dt, plain, monkeypatch):
@@ -300,9 +304,9 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": PROMPT, "max_tokens": 100000}, "context"),
     ("/v1/completions", {"prompt": PROMPT, "tree": "huge"}, "unknown tree"),
     ("/v1/completions", {"prompt": PROMPT, "tree": "/etc/passwd"}, "unknown tree"),
-    ("/v1/completions", {"prompt": PROMPT, "tree": "static", "tree_size": 8}, "tree_size"),
-    ("/v1/completions", {"prompt": PROMPT, "tree": "dynamic", "tree_size": 1}, "tree_size"),
-    ("/v1/completions", {"prompt": PROMPT, "tree": "dynamic", "tree_size": "big"}, "tree_size"),
+    ("/v1/completions", {"prompt": PROMPT, "tree": "ar", "tree_size": 8}, "tree size"),
+    ("/v1/completions", {"prompt": PROMPT, "tree": "dynamic", "tree_size": 1}, "tree size"),
+    ("/v1/completions", {"prompt": PROMPT, "tree": "dynamic", "tree_size": "big"}, "tree size"),
     ("/v1/completions", {"prompt": PROMPT, "tree": "dynamic", "tree_size": 200, "topk": 2}, "exceeds"),
     ("/v1/completions", {"prompt": PROMPT, "topk": 0}, "topk"),
     ("/v1/completions", {"prompt": PROMPT, "lookup": -1}, "lookup"),

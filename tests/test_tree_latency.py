@@ -7,11 +7,11 @@ import random
 import pytest
 import torch
 
-from dyntree.api import DynTree, auto_size_options
+from dyntree.config import TreeConfig
 from dyntree.decoding import Decoder
 from dyntree.errors import DynTreeError
-from dyntree.proposal import RootOnlyProposer
-from dyntree.trees.dynamic import DynamicTreeProposer
+from dyntree.proposers import RootOnlyProposer
+from dyntree.proposers import DynamicTreeProposer
 from dyntree.trees.latency import LatencyModel, choose_tree_size, measure_latency
 
 from test_dynamic_tree import tiny  # noqa: F401 - fixture
@@ -93,7 +93,7 @@ def test_auto_size_decoding_is_lossless_and_sizes_vary_with_latency(tiny, second
     prompts = [[3, 4] * 10, [1, 5, 9, 3]]
     expected = Decoder(backbone, heads, RootOnlyProposer()).run(prompts, 40, stop_at_eos=False).consume().tokens
     latency = LatencyModel([1, 4, 8, 16], list(seconds))
-    proposer = DynamicTreeProposer(4, 6, tree_size=16, score="binned", latency=latency)
+    proposer = DynamicTreeProposer(4, topk=6, size=16, score="binned", latency=latency)
     for batch in (prompts, prompts[:1]):
         run = Decoder(backbone, heads, proposer).run(batch, 40, stop_at_eos=False).consume()
         assert run.tokens == expected[: len(batch)]
@@ -105,27 +105,43 @@ def test_auto_size_decoding_is_lossless_and_sizes_vary_with_latency(tiny, second
         assert run.stats.mean_tree_size > 8  # nearly free rows: big trees
 
 
-def test_auto_size_options(tiny):  # noqa: F811
+def test_auto_size_config_and_cached_machine_latency(tiny, tmp_path, monkeypatch):  # noqa: F811
+    from dyntree.trees import latency as latency_module
+
     backbone, heads = tiny
     latency = LatencyModel([1, 2], [0.01, 0.02])
-    out = auto_size_options(backbone, heads, 4, {"tree_size": "auto:12", "latency": latency})
-    assert out["tree_size"] == 12 and out["latency"] is latency and out["score"] == "binned"
-    measured = auto_size_options(backbone, heads, 4, {"tree_size": "auto:5"})["latency"]
-    assert measured.rows[-1] == 5
-    assert auto_size_options(backbone, heads, 4, {"tree_size": 8}) == {"tree_size": 8}
+    config = TreeConfig.parse("dynamic", "auto:12", latency=latency)
+    assert config.auto and config.resolved_size == 12 and config.resolved_score == "binned"
+    assert TreeConfig.parse("dynamic", "auto").resolved_size == 32
+    proposer = DynamicTreeProposer(heads.num_heads, config)
+    assert proposer.latency is latency and proposer.name.startswith("dynamic:auto12")
+    with pytest.raises(DynTreeError, match="needs a latency model"):
+        DynamicTreeProposer(heads.num_heads, TreeConfig.parse("dynamic", "auto:5"))
     for bad in ({"tree_size": "auto:x"}, {"tree_size": "auto:1"}, {"tree_size": "big"},
                 {"tree_size": 8, "latency": latency}):
         with pytest.raises(DynTreeError):
-            auto_size_options(backbone, heads, 4, bad)
+            TreeConfig.parse("dynamic", **bad)
+
+    calls = []
+    real_measure = latency_module.measure_latency
+    monkeypatch.setattr(latency_module, "measure_latency", lambda *a, **k: calls.append(a) or real_measure(*a, **k))
+    first = latency_module.machine_latency(backbone, heads, [1, 3, 5], topk=4, cache_dir=tmp_path)
+    again = latency_module.machine_latency(backbone, heads, [1, 3, 5], topk=4, cache_dir=tmp_path)
+    assert len(calls) == 1 and first.rows == again.rows == [1, 3, 5] and first.seconds == again.seconds
+    other = latency_module.machine_latency(backbone, heads, [1, 3, 5], topk=6, cache_dir=tmp_path)
+    assert len(calls) == 2 and other.note["key"]["topk"] == 6  # another draft width: measured anew
+    (cached,) = [p for p in tmp_path.iterdir() if LatencyModel.load(p).note["key"]["topk"] == 4]
+    cached.write_text("{broken")
+    latency_module.machine_latency(backbone, heads, [1, 3, 5], topk=4, cache_dir=tmp_path)
+    assert len(calls) == 3  # a damaged cache file is measured again
 
 
 def test_cli_rejects_bad_tree_size(capsys):
     from dyntree.cli import main
 
-    with pytest.raises(SystemExit) as exc:
-        main(["generate", "--prompt", "hi", "--tree", "dynamic", "--tree-size", "big"])
-    assert exc.value.code == 2
-    assert "auto" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "hi", "--tree", "dynamic", "--tree-size", "big"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "auto" in err and len(err.strip().splitlines()) == 1
 
 
 def test_generate_shows_mean_size_when_it_varies():

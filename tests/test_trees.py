@@ -89,15 +89,14 @@ def test_first_child_chain():
 
 
 def test_builtin_tree_prefixes():
-    from dyntree.api import build_proposer
-    from dyntree.heads import MedusaHeads
+    from dyntree.config import TreeConfig
+    from dyntree.proposers import build_proposer
 
     _, full = load_tree_spec("mc_sim_7b_63")
     name, paths = load_tree_spec("mc_sim_7b_63:8")
     assert name == "mc_sim_7b_63:8" and paths == full[:7]
     StaticTree.build(paths, 10, 4)  # every prefix of the built-in order is a tree
-    heads = MedusaHeads.random(type("C", (), {"hidden_size": 8, "vocab_size": 16, "model_type": "llama"})(), 4)
-    assert build_proposer("static:5", heads).tree.num_nodes == 5
+    assert build_proposer(TreeConfig.parse("static:5"), 4).tree.num_nodes == 5
     for bad in ("mc_sim_7b_63:1", "mc_sim_7b_63:x", "mc_sim_7b_63:65"):
         with pytest.raises(DynTreeError):
             load_tree_spec(bad)

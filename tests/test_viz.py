@@ -9,8 +9,8 @@ from dyntree.decoding import Decoder
 from dyntree.errors import DynTreeError
 from dyntree.heads import MedusaHeads
 from dyntree.model import ModelConfig, Transformer
-from dyntree.proposal import RootOnlyProposer
-from dyntree.trees.dynamic import DynamicTreeProposer
+from dyntree.proposers import RootOnlyProposer
+from dyntree.proposers import DynamicTreeProposer
 from dyntree.viz import RecordingProposer, TreeSnapshot, _layout, parse_steps, render_tree, token_label
 
 
@@ -48,7 +48,7 @@ def test_recording_proposer_keeps_chosen_steps_and_output():
     heads = MedusaHeads.random(backbone.config, num_heads=3)
     prompt = [[1, 2, 3, 4]]
     plain = Decoder(backbone, heads, RootOnlyProposer()).run(prompt, 12, stop_at_eos=False).consume()
-    recorder = RecordingProposer(DynamicTreeProposer(3, 4, tree_size=10), steps={2, 3})
+    recorder = RecordingProposer(DynamicTreeProposer(3, topk=4, size=10), steps={2, 3})
     run = Decoder(backbone, heads, recorder).run(prompt, 12, stop_at_eos=False).consume()
     assert run.tokens == plain.tokens
     assert [step for step, _, _ in recorder.records] == [2, 3]

@@ -25,8 +25,9 @@ from typing import Callable, Protocol
 import torch
 
 from ..decoding import GenerationStats
+from ..config import TreeConfig
 from ..errors import DynTreeError
-from ..sampling import DEFAULT_TYPICAL_ALPHA, DEFAULT_TYPICAL_EPS, SamplingConfig
+from ..sampling import SamplingConfig
 
 
 class BenchMethod(Protocol):
@@ -54,7 +55,7 @@ class MethodSpec:
 class MethodEntry:
     factory: Callable  # (context, spec) -> BenchMethod
     description: str
-    options: dict[str, type] | None = None  # accepted option names and types; None = any (passed through)
+    options: dict[str, type | tuple] | None = None  # accepted option names and types; None = any
     requires_module: str | None = None  # a module that must exist for the method to be available
     sampling: tuple[str, ...] = ()  # sampling option names the method understands (checked when parsed)
 
@@ -105,10 +106,9 @@ def sampling_from_options(method: str, options: dict, default_seed: int = 0) -> 
     if mode != "typical" and ("eps" in options or "alpha" in options):
         raise DynTreeError(f"method {method!r}: eps and alpha only apply to accept=typical")
     try:
-        return SamplingConfig(temperature=temperature, top_p=options.get("top_p", 1.0),
-                              top_k=options.get("top_k", 0), seed=options.get("seed", default_seed), mode=mode,
-                              eps=options.get("eps", DEFAULT_TYPICAL_EPS),
-                              alpha=options.get("alpha", DEFAULT_TYPICAL_ALPHA))
+        return SamplingConfig.from_options(temperature=temperature, top_p=options.get("top_p"),
+                                           top_k=options.get("top_k"), seed=options.get("seed", default_seed),
+                                           mode=mode, eps=options.get("eps"), alpha=options.get("alpha"))
     except DynTreeError as exc:
         raise DynTreeError(f"method {method!r}: {exc}") from None
 
@@ -155,8 +155,10 @@ def parse_method_spec(text: str) -> MethodSpec:
             wanted = SAMPLING_OPTIONS[key]
         if wanted is float and isinstance(converted, int) and not isinstance(converted, bool):
             converted = float(converted)  # temperature=1 means 1.0
-        if wanted is not None and type(converted) is not wanted:  # exact: true/false is no int
-            raise DynTreeError(f"option {key!r} of method {name!r} must be {wanted.__name__}, got {value!r}")
+        kinds = wanted if isinstance(wanted, tuple) else (wanted,)
+        if wanted is not None and type(converted) not in kinds:  # exact: true/false is no int
+            raise DynTreeError(f"option {key!r} of method {name!r} must be "
+                               f"{' or '.join(k.__name__ for k in kinds)}, got {value!r}")
         if key in options:
             raise DynTreeError(f"option {key!r} is given twice in method {text!r}")
         options[key] = converted
@@ -315,29 +317,21 @@ def _tree_method(context: BenchContext, spec: MethodSpec, tree: str) -> DynTreeM
         base = context.with_heads(str(options.pop("heads")))
     sampling = sampling_from_options(spec.text, {k: options.pop(k) for k in SAMPLING_OPTIONS if k in options},
                                      default_seed=context.seed)
-    if "tree_temperature" in options:  # the dynamic tree's own temperature (on the heads' probabilities)
-        options["temperature"] = options.pop("tree_temperature")
     if tree != "ar" and base.heads is None:
         raise DynTreeError(f"method {spec.text!r} needs Medusa heads, and none are loaded ({base.heads_note}); "
                            "pass --heads DIR (or --heads random to check exactness only)")
-    tree = options.pop("tree", tree)
-    topk = options.pop("topk", None)
-    if tree != "dynamic" and "n" in options:  # `static:n=8`: the first 8 nodes of the static tree
-        from ..api import DEFAULT_TREE  # noqa: PLC0415 - loaded with the engine
-
-        tree = f"{DEFAULT_TREE if tree == 'static' else tree}:{options.pop('n')}"
-    if "n" in options:  # short form of the tree size
-        options["tree_size"] = options.pop("n")
-    if "max" in options:  # `n=auto:max=N`: the largest tree the per-step size choice may pick
-        if options.get("tree_size") != "auto":
+    tree = options.pop("tree", tree)  # `static:tree=FILE`
+    size = options.pop("n", None)  # `static:n=8` (first 8 nodes), `dynamic:n=16`, `dynamic:n=auto:max=24`
+    if "max" in options:
+        if size != "auto":
             raise DynTreeError(f"method {spec.text!r}: max= only goes with n=auto")
-        options["tree_size"] = f"auto:{options.pop('max')}"
+        size = f"auto:{options.pop('max')}"
     try:
-        engine = base.with_tree(tree, topk, **options)
-    except TypeError as exc:  # a proposer refusing an option
-        raise DynTreeError(f"method {spec.text!r}: {exc}") from exc
-    settings = {"tree": tree, "topk": engine.topk if tree != "ar" else None, **options}
-    return DynTreeMethod(spec.text, engine, settings, sampling)
+        config = TreeConfig.parse(tree, size, **options)
+    except DynTreeError as exc:
+        raise DynTreeError(f"method {spec.text!r}: {exc}") from None
+    engine = base.with_tree(config)
+    return DynTreeMethod(spec.text, engine, config.settings(), sampling)
 
 
 SAMPLING_HELP = "temperature=T, top_p=P, top_k=K, seed=S"
@@ -358,9 +352,11 @@ def _static(context, spec):
 
 
 @register_method("dynamic", f"our engine with the dynamic tree (options: n=NODES or n=auto[:max=N], topk=K, "
-                            f"tree_temperature=, heads=DIR (other heads), any other tree option, "
-                            f"{TREE_SAMPLING_HELP})",
-                 options=None, requires_module="dyntree.trees.dynamic", sampling=TREE_SAMPLING)
+                            f"tree_temperature=, lookup=N, score=prob|rank|binned, calibration=FILE, "
+                            f"latency=FILE, heads=DIR (other heads), {TREE_SAMPLING_HELP})",
+                 options={"n": (int, str), "max": int, "topk": int, "tree_temperature": float, "lookup": int,
+                          "score": str, "calibration": str, "latency": str, "learn": bool, "heads": str},
+                 sampling=TREE_SAMPLING)
 def _dynamic(context, spec):
     return _tree_method(context, spec, "dynamic")
 

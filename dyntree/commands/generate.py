@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ..cli import add_model_args, add_sampling_args, sampling_config, tree_options
+from ..cli import add_model_args, add_sampling_args, sampling_config, tree_config
 
 
 def add_command(subparsers) -> None:
@@ -23,7 +23,7 @@ def run(args) -> int:
 
     from ..api import DynTree
     from ..errors import DynTreeError
-    from ..proposal import RootOnlyProposer
+    from ..proposers import RootOnlyProposer
 
     if not args.prompt.strip():
         raise DynTreeError("empty prompt")
@@ -31,9 +31,7 @@ def run(args) -> int:
         raise DynTreeError("--max-new-tokens must be at least 1")
     sampling = sampling_config(args)
     err = Console(stderr=True, width=None if sys.stderr.isatty() else 132)
-    kwargs = {"topk": args.topk} if args.topk else {}
-    dt = DynTree.from_pretrained(args.model, heads=args.heads, tree=args.tree, device=args.device,
-                                 **kwargs, **tree_options(args))
+    dt = DynTree.from_pretrained(args.model, heads=args.heads, tree=tree_config(args), device=args.device)
     chat = False if args.no_chat else None
     dt.encode(args.prompt, chat)  # fail on a bad prompt before printing anything
     stats_list = []

@@ -29,7 +29,7 @@ def run(args) -> int:
     from rich.console import Console
 
     from ..api import DynTree
-    from ..cli import tree_options
+    from ..cli import tree_config
     from ..errors import DynTreeError
     from ..eval.quality import import_sacrebleu, load_mt_bench_prompts, measure_quality, quality_table
     from ..sampling import SamplingConfig
@@ -39,16 +39,15 @@ def run(args) -> int:
         raise DynTreeError("--prompts, --max-new-tokens and --kl-samples must be at least 1")
     if args.temperature <= 0:
         raise DynTreeError("--temperature must be > 0 (the greedy rows are always included)")
-    typical_kw = {k: v for k, v in (("eps", args.typical_eps), ("alpha", args.typical_alpha)) if v is not None}
-    SamplingConfig(args.temperature, args.top_p, args.top_k, args.seed, "typical", **typical_kw)  # validate early
+    SamplingConfig.from_options(args.temperature, args.top_p, args.top_k, args.seed, "typical", args.typical_eps,
+                                args.typical_alpha)  # bad values fail before the model loads
+    tree = tree_config(args)
     out = Path(args.out) if args.out else None
     if out is not None and not out.parent.is_dir():
         raise DynTreeError(f"cannot write {out}: no such directory")
     prompts = load_mt_bench_prompts(args.prompts, args.questions)
     err = Console(stderr=True)
-    kwargs = {"topk": args.topk} if args.topk else {}
-    dt = DynTree.from_pretrained(args.model, heads=args.heads, tree=args.tree, device=args.device,
-                                 **kwargs, **tree_options(args))
+    dt = DynTree.from_pretrained(args.model, heads=args.heads, tree=tree, device=args.device)
     report = measure_quality(dt, prompts, args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed,
                              args.kl_samples, args.typical_eps, args.typical_alpha,
                              progress=lambda m: err.print(f"[dim]{m}[/dim]"))

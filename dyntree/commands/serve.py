@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..cli import add_model_args, tree_options
+from ..cli import add_model_args, tree_config
 
 SERVER_EXTRA = "pip install 'dyntree[server]'"
 
@@ -39,9 +39,7 @@ def run(args) -> int:
     from ..api import DynTree
     from ..server import create_app
 
-    kwargs = {"topk": args.topk} if args.topk else {}
-    dt = DynTree.from_pretrained(args.model, heads=args.heads, tree=args.tree, device=args.device,
-                                 **kwargs, **tree_options(args))
+    dt = DynTree.from_pretrained(args.model, heads=args.heads, tree=tree_config(args), device=args.device)
     app = create_app(dt, served_model_name=args.served_model_name, default_max_tokens=args.max_tokens)
     print(f"dyntree serve: {app.state.service.model_name} (tree {dt.proposer.name}; heads: {dt.heads_note}) "
           f"on http://{args.host}:{args.port}; one request decodes at a time", flush=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..cli import add_model_args, tree_options
+from ..cli import add_model_args, tree_config
 
 
 def add_command(subparsers) -> None:
@@ -33,9 +33,7 @@ def run(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise DynTreeError(f"--out {out} exists and is not a directory")
-    kwargs = {"topk": args.topk} if args.topk else {}
-    dt = DynTree.from_pretrained(args.model, heads=args.heads, tree=args.tree, device=args.device,
-                                 **kwargs, **tree_options(args))
+    dt = DynTree.from_pretrained(args.model, heads=args.heads, tree=tree_config(args), device=args.device)
     if dt.heads is None:
         raise DynTreeError("no heads, so no candidate trees to draw (pass --heads)")
     chat = False if args.no_chat else None

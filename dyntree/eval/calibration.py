@@ -12,9 +12,8 @@ from pathlib import Path
 from ..errors import DynTreeError
 from ..jsonl import read_jsonl_objects
 from ..training.prompts import prompts_from_row
-from ..trees.dynamic import collect_acceptance_stats
-
-__all__ = ["collect_acceptance_stats", "read_prompts"]
+from ..proposers import DynamicTreeProposer
+from ..trees.acceptance import AcceptanceStats
 
 
 def read_prompts(path: str, limit: int) -> list[str]:
@@ -36,3 +35,20 @@ def read_prompts(path: str, limit: int) -> list[str]:
     if not prompts:
         raise DynTreeError(f"{file} holds no prompts")
     return prompts[:limit]
+
+
+def collect_acceptance_stats(dt, prompts, max_new_tokens: int = 64, tree_size: int = 32, topk: int = 10,
+                             stats: AcceptanceStats | None = None, progress=None) -> AcceptanceStats:
+    """Decode `prompts` (text or ids) with a learning dynamic tree on `dt` (a `DynTree`) and return its table.
+
+    Use prompts that are not the benchmark's. A wide tree sees more (depth, rank) cells per step.
+    """
+    # Heads only (every node then teaches the table), at tree temperature 1: the probability bins must be
+    # those that the calibrated scores ("rank", "binned", tree temperature 1 by default) look up.
+    proposer = DynamicTreeProposer(dt.heads.num_heads, topk=topk, size=tree_size, calibration=stats, learn=True,
+                                   lookup=0, tree_temperature=1.0)
+    for i, prompt in enumerate(prompts):
+        dt.decoder(proposer).run([dt.encode(prompt)], max_new_tokens).consume()
+        if progress is not None:
+            progress(i + 1, len(prompts))
+    return proposer.stats

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..proposal import Proposal, Proposer, propose_step
+from ..proposers import Proposal, Proposer
 from ..sampling import SamplingConfig, processed_probs
 from ..trees import TreeBuffers
 from ..verify import verify_tree
@@ -46,20 +46,13 @@ class TreeContext:
 @torch.inference_mode()
 def build_tree_context(backbone, heads, proposer: Proposer, prompt_ids: list[int]) -> TreeContext:
     """Prefill `prompt_ids`, take the greedy next token as the root, build and run one tree over it."""
-    from ..decoding import Decoder
+    from ..decoding import forward_tree, prefill, propose
 
-    budget = Decoder(backbone, heads, proposer, eos_token_ids=()).max_tree_nodes
-    cache = backbone.new_cache(1, len(prompt_ids) + budget + 1)
-    hidden = backbone.forward(torch.tensor([prompt_ids], device=backbone.device), cache)
-    cache.lengths.fill_(len(prompt_ids))
-    last = hidden[:, -1]
+    cache = backbone.new_cache(1, len(prompt_ids) + proposer.max_nodes + 1)
+    last = prefill(backbone, cache, [list(prompt_ids)])
     root = backbone.logits(last).argmax(-1)
-    head_ids = head_probs = None
-    if proposer.uses_heads:
-        head_ids, head_probs = heads.topk(last, backbone.lm_head, proposer.topk)
-    proposal = propose_step(proposer, root, head_ids, head_probs, lambda: [list(prompt_ids) + [int(root[0])]])
-    tree_hidden = backbone.forward(proposal.tokens, cache, block_mask=proposal.buffers.tree_mask,
-                                   depths=proposal.buffers.depths)
+    proposal = propose(heads, proposer, backbone, last, root, lambda: [list(prompt_ids) + [int(root[0])]])
+    tree_hidden = forward_tree(backbone, proposal, cache)
     return TreeContext(int(root[0]), proposal, backbone.logits(tree_hidden[0]))
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import DynTreeError
-from ..proposal import Proposer, RootOnlyProposer
+from ..proposers import Proposer, RootOnlyProposer
 from ..sampling import SamplingConfig
 from .kl import build_tree_context, estimate_first_token_kl
 
@@ -110,11 +110,9 @@ def measure_quality(dt, prompts: list[str], max_new_tokens: int = 64, temperatur
     ids = [dt.encode(p) for p in prompts]
     tree = dt.proposer
     plain = RootOnlyProposer()
-    typical_kw = {k: v for k, v in (("eps", eps), ("alpha", alpha)) if v is not None}
-    ref_s = SamplingConfig(temperature, top_p, top_k, seed=seed + 1)
-    other = dict(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed + 2)
-    lossless = SamplingConfig(**other, mode="lossless")
-    typical = SamplingConfig(**other, mode="typical", **typical_kw)
+    ref_s = SamplingConfig.from_options(temperature, top_p, top_k, seed=seed + 1)
+    lossless = replace(ref_s, seed=seed + 2)
+    typical = SamplingConfig.from_options(temperature, top_p, top_k, seed + 2, "typical", eps, alpha)
     rows: list[ModeResult] = []
     plan = [("plain greedy", plain, None), ("tree greedy", tree, None),
             ("plain sampling (reference)", plain, ref_s), ("plain sampling (floor)", plain, lossless),

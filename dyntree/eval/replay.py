@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..proposal import propose_step
+from ..proposers import propose_step
 from ..verify import Verification
 
 
@@ -59,7 +59,6 @@ def replay(proposer, record: dict, max_new_tokens: int | None = None) -> ReplayR
     start = int(record["prompt_len"])
     end = len(tokens) if max_new_tokens is None else min(len(tokens), start + max_new_tokens)
     head_ids, head_probs = record["head_ids"], record["head_probs"]
-    observe = getattr(proposer, "observe", None)
     lengths, sizes = [], []
     j = start  # index of the current root (the prefill emitted it)
     while j < end - 1:
@@ -73,10 +72,9 @@ def replay(proposer, record: dict, max_new_tokens: int | None = None) -> ReplayR
         truth = tokens[j + 1 : end]
         path = accepted_nodes(node_tokens, parents, depths, truth)
         accepted = min(len(path), end - 1 - j)
-        if observe is not None:
-            nodes = torch.tensor(path)
-            observe(proposal, Verification([nodes], torch.tensor([tokens[min(j + len(path), end - 1)]]),
-                                           torch.tensor([path[-1]])), torch.tensor([True]))
+        verification = Verification([torch.tensor(path)], torch.tensor([tokens[min(j + len(path), end - 1)]]),
+                                    torch.tensor([path[-1]]))
+        proposer.observe(proposal, verification, torch.tensor([True]))
         lengths.append(accepted)
         sizes.append(len(node_tokens))
         j += accepted

@@ -10,8 +10,10 @@ candidates, the size with the most expected tokens per second.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import os
+import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,3 +142,46 @@ def measure_latency(backbone, heads=None, sizes=DEFAULT_SIZES, context: int = 12
     note = {"device": str(device), "threads": torch.get_num_threads(), "context": context, "repeats": repeats,
             "heads": heads is not None}
     return LatencyModel(sizes, seconds, note)
+
+
+def machine_latency(backbone, heads, sizes, topk: int, cache_dir: str | os.PathLike | None = None) -> LatencyModel:
+    """This machine's step latency for `backbone` + `heads`: measured once (a few seconds), then read back.
+
+    The cache file is keyed by everything that changes the timings: the processor, torch and its thread
+    count, the device and dtype, the model's and heads' shapes, the draft's top-k and the sizes measured.
+    """
+    from ..loading import cache_root  # noqa: PLC0415 - loading pulls in transformers
+
+    config = backbone.config
+    key = {"cpu": processor_name(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+           "device": str(backbone.device), "dtype": str(backbone.dtype),
+           "model": [config.model_type, config.num_layers, config.hidden_size, config.intermediate_size,
+                     config.vocab_size],
+           "heads": None if heads is None else [heads.num_heads, heads.config.num_layers,
+                                              heads.config.vocab_subset or 0],
+           "topk": topk, "sizes": sorted({int(s) for s in sizes})}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(cache_dir) if cache_dir is not None else cache_root() / "latency"
+    path = path / f"{digest}.json"
+    if path.is_file():
+        try:
+            return LatencyModel.load(path)
+        except DynTreeError:
+            pass  # a damaged cache file is measured again and overwritten
+    model = measure_latency(backbone, heads, key["sizes"], topk=topk)
+    model.note["key"] = key
+    tmp = path.with_name(path.name + ".tmp")
+    model.save(tmp)
+    os.replace(tmp, path)
+    return model
+
+
+def processor_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

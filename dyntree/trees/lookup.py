@@ -75,3 +75,53 @@ def merge_scored(score_of: dict[tuple[int, ...], float], budget: int) -> list[tu
             chosen.append(path)
             taken.add(path)
     return chosen
+
+
+class LookupBranch:
+    """One dynamic tree's context-lookup branch: finds each step's chain, scores its nodes by how often
+    chain nodes at that depth were accepted so far, merges them with the heads' nodes, and keeps the counts.
+
+    max_len: chain tokens per tree; ngram: (longest, shortest) suffix n-gram matched in the context;
+    merge: "first" (chain nodes placed first, heads fill the rest; measured better) or "score" (chain nodes
+    scored by their measured per-depth acceptance compete with the heads' nodes).
+    """
+
+    def __init__(self, max_len: int, ngram: tuple[int, int] = (3, 2), merge: str = "first"):
+        self.max_len = max_len
+        self.ngram = (int(ngram[0]), int(ngram[1]))
+        self.merge = merge
+        self.proposed = [0] * max_len
+        self.accepted = [0] * max_len
+
+    def chain(self, context: list[int]) -> list[int]:
+        return find_chain(context, self.max_len, *self.ngram)[0]
+
+    def rates(self) -> list[float]:
+        """Measured rate at which chain node d was accepted given its parent was (Laplace-smoothed)."""
+        return [(a + 1.0) / (p + 2.0) for a, p in zip(self.accepted, self.proposed)]
+
+    def merge_into(self, head_paths: list[tuple[int, ...]], meta: dict, chain: list[int],
+                   budget: int) -> list[tuple[int, ...]]:
+        """The tree's token paths (every prefix a tree): the heads' paths in selection order merged with the
+        chain's prefixes. `meta` maps each head path to (score, rank, head probability) and gains the chain's
+        paths (rank -1 when no head guessed them; a path both proposed keeps the better score)."""
+        chain_score = 1.0
+        for d, rate in zip(range(1, min(len(chain), budget) + 1), self.rates()):
+            chain_score *= rate
+            path = tuple(chain[:d])
+            if path in meta:
+                score, rank, prob = meta[path]
+                meta[path] = (max(score, chain_score), rank, prob)
+            else:
+                meta[path] = (chain_score, -1, 0.0)
+        if self.merge == "score":
+            return merge_scored({path: m[0] for path, m in meta.items()}, budget)
+        return merge_chain(head_paths, chain, budget)
+
+    def record(self, chain_nodes: list[int], parents: list[int], accepted: set[int]) -> None:
+        """Count one verified tree: chain node d was tried when its parent was accepted."""
+        for d, node in enumerate(chain_nodes[: self.max_len]):
+            if parents[node] not in accepted:
+                break
+            self.proposed[d] += 1
+            self.accepted[d] += node in accepted

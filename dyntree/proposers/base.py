@@ -1,0 +1,64 @@
+"""The proposer contract: what the decoding loop needs from anything that builds a step's candidate tree.
+
+A proposer sees the root tokens (already decided), the heads' top-k `[B, K, k]` ids and probabilities and,
+if it asks for them, each sequence's tokens so far; it returns a `Proposal`: the tree's tokens and buffers.
+After verification the loop calls `observe`, so a proposer can learn from what was accepted (the feedback
+hook is part of the interface, as in transformers' `CandidateGenerator`). Verification and the loop do not
+care how a tree was chosen, so static trees, dynamic trees and ProPD's sized trees are interchangeable.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..trees import TreeBuffers
+
+
+@dataclass
+class Proposal:
+    tokens: torch.Tensor  # [B, n], node 0 = root
+    buffers: TreeBuffers
+    scores: torch.Tensor | None = None  # [B, n] optional per-node scores (visualisation, calibration)
+    ranks: torch.Tensor | None = None  # [B, n] optional: each node's rank among its head's guesses (-1 root)
+    node_probs: torch.Tensor | None = None  # [B, n] optional: each node's own head probability (1 root)
+
+
+class Proposer(ABC):
+    """Builds one step's tree.
+
+    name:         how reports call it.
+    uses_heads:   the loop computes the heads' top-`topk` guesses for it (False: they are passed as None).
+    uses_context: the loop passes `context` (each sequence's prompt + tokens so far, root last) to `propose`.
+    topk:         guesses per head it reads.
+    max_nodes:    the largest tree it can return (root included): the loop reserves that much cache.
+    """
+
+    name: str = "proposer"
+    uses_heads: bool = True
+    uses_context: bool = False
+    topk: int = 0
+
+    @property
+    @abstractmethod
+    def max_nodes(self) -> int:
+        ...
+
+    @abstractmethod
+    def propose(self, root: torch.Tensor, head_ids: torch.Tensor | None, head_probs: torch.Tensor | None,
+                context: list[list[int]] | None = None) -> Proposal:
+        ...
+
+    def observe(self, proposal: Proposal, verification, active: torch.Tensor | None = None) -> None:
+        """Called after each verification of `proposal` (`verify.Verification`); rows where `active` is False
+        belong to finished sequences. Default: nothing to learn."""
+
+
+def propose_step(proposer: Proposer, root: torch.Tensor, head_ids: torch.Tensor | None,
+                 head_probs: torch.Tensor | None, context: Callable[[], list[list[int]]]) -> Proposal:
+    """One step's proposal; `context()` is built and passed only for proposers that read it (`uses_context`),
+    so the others do not pay for the copy."""
+    return proposer.propose(root, head_ids, head_probs, context() if proposer.uses_context else None)

@@ -1,0 +1,216 @@
+"""The dynamic tree proposer (arXiv 2502.05947): each step's tree is chosen anew from the heads' guesses.
+
+It composes four parts, each replaceable and tested on its own:
+- node selection (`trees.selection`): the exact best-first choice of the step's best nodes;
+- acceptance statistics (`trees.acceptance`): measured rates that replace raw probabilities as node scores;
+- the lookup branch (`trees.lookup.LookupBranch`): a chain copied from the context, inside the same budget;
+- the size policy (`trees.latency.choose_tree_size`): with a latency model, the size with the most
+  expected tokens per second (ProPD's dynamic tree generation), else the configured size.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..config import TreeConfig
+from ..errors import DynTreeError
+from ..trees import buffers_from_parents
+from ..trees.acceptance import AcceptanceStats
+from ..trees.latency import LatencyModel, choose_tree_size
+from ..trees.lookup import LookupBranch
+from ..trees.selection import Node, canonical_order, marginals, select_nodes
+from .base import Proposal, Proposer
+
+
+class DynamicTreeProposer(Proposer):
+    """Builds each step's tree from the heads' current top-m guesses (and the context lookup branch).
+
+    `config` is a dynamic `TreeConfig` (or its fields as keywords, e.g. `DynamicTreeProposer(4, size=16)`);
+    `latency` overrides `config.latency` for a size chosen per step.
+    """
+
+    uses_heads = True
+
+    def __init__(self, num_heads: int, config: TreeConfig | None = None, latency=None, **fields):
+        if config is None:
+            config = TreeConfig(kind="dynamic", **fields)
+        elif fields:
+            config = config.replace(**fields)
+        if config.kind != "dynamic":
+            raise DynTreeError(f"a dynamic tree proposer needs a dynamic tree config, got {config.kind!r}")
+        if num_heads < 1:
+            raise DynTreeError("a dynamic tree needs at least one head")
+        topk, size = config.resolved_topk, config.resolved_size
+        possible = sum(topk ** d for d in range(1, num_heads + 1))
+        if size - 1 > possible:
+            raise DynTreeError(f"tree size {size} exceeds the {possible + 1} nodes that {num_heads} heads x "
+                               f"top-{topk} can form")
+        latency = latency if latency is not None else config.latency
+        if isinstance(latency, (str, os.PathLike)):
+            latency = LatencyModel.load(latency)
+        if config.auto and latency is None:
+            raise DynTreeError("tree size 'auto' needs a latency model (DynTree measures one per machine)")
+        self.config = config
+        self.num_heads = num_heads
+        self.topk = topk
+        self.tree_size = size
+        self.latency: LatencyModel | None = latency
+        self.temperature = config.resolved_tree_temperature
+        self.score = config.resolved_score
+        self.learn = config.resolved_learn
+        self.stats = _acceptance_table(config.calibration, num_heads, topk)
+        lookup = config.resolved_lookup
+        self.lookup = LookupBranch(lookup, config.lookup_ngram, config.lookup_merge) if lookup else None
+        self.uses_context = self.lookup is not None
+        self._chains: list[list[int]] = []  # per row: the lookup chain's node indices in the latest tree
+        self._last = None  # the latest proposal and its node lists, for `observe`
+        size_label = f"auto{size}" if latency is not None else f"n{size}"
+        self.name = f"dynamic:{size_label}:k{topk}" + ("" if self.score == "prob" else f":{self.score}") + (
+            f":lookup{lookup}" if lookup else "")
+
+    @property
+    def max_nodes(self) -> int:
+        return self.tree_size
+
+    def propose(self, root: torch.Tensor, head_ids: torch.Tensor, head_probs: torch.Tensor,
+                context: list[list[int]] | None = None) -> Proposal:
+        depth = min(self.num_heads, head_ids.shape[1])
+        ids = head_ids[:, :depth, : self.topk]
+        probs = marginals(head_probs[:, :depth, : self.topk], self.temperature, self.config.renormalize)
+        factors = self.stats.factors(probs, self.score)
+        chosen, chosen_scores = select_nodes(factors, self.tree_size)
+        if self.lookup is not None and context is not None:
+            return self._propose_with_lookup(root, ids, probs, chosen, chosen_scores, context)
+        keep = self._size_for([row for row in chosen_scores]) - 1
+        chosen = [nodes[:keep] for nodes in chosen]  # selection order: every prefix is a tree
+        chosen_scores = [row[:keep] for row in chosen_scores]
+        batch, m = root.shape[0], ids.shape[2]
+        prob_rows = probs.tolist() if self.learn else None
+        parents, flat, scores, ranks, node_probs = [], [], [], [], []
+        for row, (nodes, node_scores) in enumerate(zip(chosen, chosen_scores)):
+            nodes, node_scores, _ = canonical_order(nodes, node_scores)
+            parents.append([-1] + [p for p, _, _ in nodes])
+            flat.append([(d - 1) * m + r for _, d, r in nodes])
+            ranks.append([-1] + [r for _, _, r in nodes])
+            scores.append([1.0] + node_scores)
+            if prob_rows is not None:
+                node_probs.append([1.0] + [prob_rows[row][d - 1][r] for _, d, r in nodes])
+        device = root.device
+        flat_t = torch.tensor(flat, dtype=torch.long, device=device)
+        tokens = torch.cat([root[:, None], torch.gather(ids.reshape(batch, -1), 1, flat_t)], dim=1)
+        buffers = buffers_from_parents(torch.tensor(parents, dtype=torch.long, device=device), depth)
+        proposal = Proposal(tokens=tokens, buffers=buffers, scores=torch.tensor(scores, dtype=torch.float64),
+                            ranks=torch.tensor(ranks, dtype=torch.long, device=device),
+                            node_probs=torch.tensor(node_probs, dtype=torch.float64) if node_probs else None)
+        # What `observe` needs, kept as Python lists (no tensor work per node later).
+        self._chains = []
+        self._last = (proposal, parents, ranks, node_probs) if self.learn else None
+        return proposal
+
+    def _size_for(self, score_rows: list[list[float]]) -> int:
+        """This step's tree size: the configured one, or with a latency model the fastest expected one."""
+        if self.latency is None:
+            return self.tree_size
+        return choose_tree_size(score_rows, self.latency, self.tree_size)
+
+    def _propose_with_lookup(self, root, ids, probs, chosen, chosen_scores, context) -> Proposal:
+        """The tree from the heads' best nodes and each sequence's lookup chain.
+
+        With a latency model the size is chosen on the merged order (chain first), whose prefixes are trees,
+        so a step with a trusted chain can afford more nodes than the heads alone would justify.
+        """
+        id_rows, prob_rows = ids.tolist(), probs.tolist()
+        chains = [self.lookup.chain(ctx) for ctx in context]
+        merged = []
+        for row, (nodes, node_scores) in enumerate(zip(chosen, chosen_scores)):
+            paths, meta = _head_paths(nodes, node_scores, id_rows[row], prob_rows[row])
+            merged.append((self.lookup.merge_into(paths, meta, chains[row], len(nodes)), meta))
+        if self.latency is not None:
+            keep = self._size_for([[meta[p][0] for p in paths] for paths, meta in merged]) - 1
+            merged = [(paths[:keep], meta) for paths, meta in merged]
+        parents, tokens, scores, ranks, node_probs = [], [], [], [], []
+        self._chains = []
+        for row, (paths, meta) in enumerate(merged):
+            row_parents, row_tokens, row_scores, row_ranks, row_probs, chain_nodes = \
+                _tree_from_paths(paths, meta, chains[row])
+            tokens.append([int(root[row])] + row_tokens)
+            parents.append(row_parents)
+            scores.append(row_scores)
+            ranks.append(row_ranks)
+            node_probs.append(row_probs)
+            self._chains.append(chain_nodes)
+        device = root.device
+        max_depth = max([ids.shape[1]] + [len(c) for c in chains])
+        buffers = buffers_from_parents(torch.tensor(parents, dtype=torch.long, device=device), max_depth)
+        proposal = Proposal(tokens=torch.tensor(tokens, dtype=torch.long, device=device), buffers=buffers,
+                            scores=torch.tensor(scores, dtype=torch.float64),
+                            ranks=torch.tensor(ranks, dtype=torch.long, device=device),
+                            node_probs=torch.tensor(node_probs, dtype=torch.float64))
+        self._last = (proposal, parents, ranks, node_probs)
+        return proposal
+
+    def lookup_rates(self) -> list[float]:
+        """The lookup branch's measured per-depth acceptance (empty without lookup)."""
+        return self.lookup.rates() if self.lookup is not None else []
+
+    def observe(self, proposal, verification, active: torch.Tensor | None = None) -> None:
+        """Feed one step's verification back into the acceptance table (when learning) and into the lookup
+        branch's per-depth counts (when lookup is on)."""
+        last = self._last
+        if last is None or last[0] is not proposal:
+            return
+        _, parents, ranks, node_probs = last
+        active_rows = None if active is None else active.tolist()
+        for b, nodes in enumerate(verification.accepted_nodes):
+            if active_rows is not None and not active_rows[b]:
+                continue
+            accepted = set(nodes.tolist())
+            if self._chains:
+                self.lookup.record(self._chains[b], parents[b], accepted)
+            if self.learn:
+                self.stats.record_tree(parents[b], ranks[b], node_probs[b], accepted)
+
+
+def _acceptance_table(calibration, num_heads: int, topk: int) -> AcceptanceStats:
+    """The acceptance table to start from: a file, a table (resized to these heads), or an empty one."""
+    if isinstance(calibration, (str, os.PathLike)):
+        calibration = AcceptanceStats.load(calibration)
+    if calibration is None:
+        return AcceptanceStats(num_heads, topk)
+    if (calibration.num_heads, calibration.topk) != (num_heads, topk):
+        return calibration.resized(num_heads, topk)
+    return calibration
+
+
+def _head_paths(nodes: list[Node], node_scores: list[float], ids: list[list[int]], probs: list[list[float]]):
+    """One row's head nodes (selection order) as token paths, plus per path (score, rank, head probability)."""
+    paths, meta = [], {}
+    for (parent, d, r), score in zip(nodes, node_scores):
+        path = (paths[parent - 1] if parent > 0 else ()) + (ids[d - 1][r],)
+        paths.append(path)
+        meta[path] = (score, r, probs[d - 1][r])
+    return paths, meta
+
+
+def _tree_from_paths(paths: list[tuple[int, ...]], meta: dict, chain: list[int]):
+    """Parents, node tokens (root excluded), scores, ranks, head probabilities and the chain's node indices
+    of the tree holding `paths`. Breadth-first; siblings most likely first, because verification projects the
+    first-child chain in one call and other nodes one by one."""
+    index: dict[tuple[int, ...], int] = {(): 0}
+    out_paths: list[tuple[int, ...]] = []
+    for d in range(1, max((len(p) for p in paths), default=0) + 1):
+        level = [p for p in paths if len(p) == d]
+        level.sort(key=lambda p: (index[p[:-1]], -meta[p][0], p[-1]))
+        for p in level:
+            out_paths.append(p)
+            index[p] = len(out_paths)
+    chain_set = {tuple(chain[:d]) for d in range(1, len(chain) + 1)}
+    parents = [-1] + [index[p[:-1]] for p in out_paths]
+    tokens = [p[-1] for p in out_paths]
+    scores = [1.0] + [meta[p][0] for p in out_paths]
+    ranks = [-1] + [meta[p][1] for p in out_paths]
+    node_probs = [1.0] + [meta[p][2] for p in out_paths]
+    chain_nodes = [index[p] for p in out_paths if p in chain_set]
+    return parents, tokens, scores, ranks, node_probs, chain_nodes
