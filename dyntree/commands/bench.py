@@ -100,7 +100,9 @@ def run(args) -> int:
                          parse_method_list, run_benchmark, write_outputs)
     from ..bench.report import notes, rich_tables
     from ..errors import DynTreeError
+    from ..extras import require_extra
 
+    require_extra("bench", "dyntree bench")  # before the model loads
     console = Console()
     err = Console(stderr=True)
     if args.list_methods:

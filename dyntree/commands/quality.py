@@ -31,10 +31,11 @@ def run(args) -> int:
     from ..api import DynTree
     from ..cli import tree_config
     from ..errors import DynTreeError
-    from ..eval.quality import import_sacrebleu, load_mt_bench_prompts, measure_quality, quality_table
+    from ..eval.quality import load_mt_bench_prompts, measure_quality, quality_table
+    from ..extras import require_extra
     from ..sampling import SamplingConfig
 
-    import_sacrebleu("dyntree quality")  # before the model loads: the one line a user without the extra needs
+    require_extra("bench", "dyntree quality")  # before the model loads
     if args.prompts < 1 or args.max_new_tokens < 1 or args.kl_samples < 1:
         raise DynTreeError("--prompts, --max-new-tokens and --kl-samples must be at least 1")
     if args.temperature <= 0:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from ..cli import add_model_args, tree_config
 
-SERVER_EXTRA = "pip install 'dyntree[server]'"
-
 
 def add_command(subparsers) -> None:
     p = subparsers.add_parser("serve", help="serve the model over HTTP (OpenAI-compatible /v1/chat/completions "
@@ -24,13 +22,11 @@ def add_command(subparsers) -> None:
 
 def run(args) -> int:
     from ..errors import DynTreeError
+    from ..extras import require_extra
 
-    try:  # checked before the model loads: the one line a user without the extra needs
-        import fastapi  # noqa: F401
-        import uvicorn
-    except ImportError as exc:
-        raise DynTreeError(f"dyntree serve needs FastAPI and uvicorn ({exc.name} is missing): "
-                           f"{SERVER_EXTRA}") from None
+    require_extra("server", "dyntree serve")  # before the model loads
+    import uvicorn
+
     if not 0 <= args.port <= 65535:
         raise DynTreeError(f"--port must be in 0..65535, got {args.port}")
     if args.max_tokens < 1:

@@ -48,6 +48,9 @@ def add_command(subparsers) -> None:
 
 def run(args) -> int:
     from ..errors import DynTreeError
+    from ..extras import require_extra
+
+    require_extra("train", "dyntree train")  # before the training code (and the model) loads
     from ..loading import load_model
     from ..training.train import TrainConfig, train
 

@@ -25,6 +25,9 @@ def run(args) -> int:
     from ..errors import DynTreeError
     from ..viz import parse_steps, record_trees, render_tree
 
+    from ..extras import require_extra
+
+    require_extra("viz", "dyntree viz")  # before the model loads
     steps = parse_steps(args.steps)
     if not args.prompt.strip():
         raise DynTreeError("empty prompt")

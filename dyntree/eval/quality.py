@@ -19,24 +19,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import DynTreeError
+from ..extras import require_extra
 from ..proposers import Proposer, RootOnlyProposer
 from ..sampling import SamplingConfig
 from .kl import build_tree_context, estimate_first_token_kl
 
 
 # -- BLEU ------------------------------------------------------------------------------------------------
-def import_sacrebleu(user: str = "BLEU"):
-    """sacrebleu, or a one-line error naming the extra it comes with (`user` says who needs it)."""
-    try:
-        import sacrebleu
-    except ImportError:
-        raise DynTreeError(f"{user} needs the 'bench' extra: pip install 'dyntree[bench]'") from None
-    return sacrebleu
-
-
 def corpus_bleu(hypotheses: list[str], references: list[str]) -> float:
     """sacrebleu corpus BLEU (0-100) of `hypotheses` against one reference each."""
-    sacrebleu = import_sacrebleu()
+    require_extra("bench", "BLEU")
+    import sacrebleu
+
     if len(hypotheses) != len(references):
         raise DynTreeError(f"{len(hypotheses)} hypotheses but {len(references)} references")
     if not hypotheses:
