@@ -8,8 +8,8 @@ and a near-tie argmax then flips. So, per dtype, on CPU:
   is padded to two). Measured on an AMD EPYC (Zen 5, avx512_bf16, 2 threads), the 120 layer products of
   SmolLM2-135M: fp32 12.2 ms at 1-2 rows and 14.0 at 8 (MKL gemv through `x @ W_t`: 20.3 at 1 row); bf16 6.6 ms
   at 1 row and 7.7 at 8 (plain `F.linear` in bf16 reorders the weight on every call: 10.4 at 8).
-- Attention: `attend` below, not `F.scaled_dot_product_attention`, whose CPU kernels give a row different
-  bits with 1 query than with 2+ (and for a different key count).
+- Attention: `attend` below (fp32 whatever the dtype), not `F.scaled_dot_product_attention`, whose CPU
+  kernels give a row different bits with 1 query than with 2+ and for a different key count.
 tests/test_kernels.py asserts the property on whatever CPU runs it. Elsewhere (CUDA, or a CPU build without
 oneDNN) Dense falls back to `F.linear`, still padded to two rows.
 """
@@ -76,30 +76,67 @@ def _pack_onednn(weight: torch.Tensor):
         return None
 
 
-def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Masked softmax attention with grouped KV heads, row-count independent by construction.
+MIN_ATTENTION_ROWS = 8  # products with fewer rows (query heads x tokens) take other kernels (1-3 rows here)
 
-    query `[B, H, n, D]`; keys/values `[B, KV, T, D]` with T a multiple of `ATTENTION_BLOCK`; mask `[B, 1, n, T]`
-    (True = visible). Scores, the softmax and its sums are fp32. The weighted sum of values is split at fixed
-    absolute slots: each `ATTENTION_BLOCK`-slot block is one fixed-size product, and the blocks are added in
-    slot order (`cumsum`, sequential), so a row's bits depend only on the keys it sees and where they sit,
-    not on how many other queries or trailing masked keys share the pass.
+
+class AttentionPlan:
+    """What every layer's `attend` shares within one forward: the additive mask and the key blocks.
+
+    The weighted sum over keys is cut into blocks of `ATTENTION_BLOCK` *logical* positions (a key's position
+    in its own sequence: a tree node at depth d after L committed tokens is position L + d, wherever its slot
+    is). Each block is one product and the blocks are summed in order, so a row's bits depend on which keys
+    it sees at which positions only, not on the tree around it: a node gets what plain decoding of its path
+    gives. Below `split` every visible key sits at its own position (committed tokens, a prefill, a chain)
+    and is multiplied block by block; the few blocks above are multiplied through a 0/1 selection of keys
+    (the products ignore interleaved zero weights: tests/test_kernels.py checks the outcome).
+    """
+
+    __slots__ = ("bias", "split", "tail_blocks", "rows")
+
+    def __init__(self, mask: torch.Tensor, key_positions: torch.Tensor, split: int, heads: int, kv_heads: int):
+        """mask `[B, 1, n, T]` (True = visible); key_positions `[B, T]` logical position of every slot (below
+        `split` for slots nobody sees); split a multiple of `ATTENTION_BLOCK`."""
+        batch, _, n, total = mask.shape
+        group = heads // kv_heads
+        self.rows = max(n, -(-MIN_ATTENTION_ROWS // group))
+        if self.rows > n:  # padding rows repeat the last one (any visible key keeps them finite)
+            mask = torch.cat([mask, mask[:, :, -1:].expand(-1, -1, self.rows - n, -1)], 2)
+        bias = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
+        self.bias = bias[:, :, None].expand(batch, kv_heads, group, self.rows, total).reshape(
+            batch * kv_heads, group * self.rows, total)
+        self.split = split
+        block = (key_positions[:, split:] - split) // ATTENTION_BLOCK  # [B, T - split]
+        count = int(block.max()) + 1 if block.numel() else 0
+        selection = block[:, None, :] == torch.arange(count, device=mask.device)[None, :, None]
+        self.tail_blocks = selection.float().repeat_interleave(kv_heads, 0) if count else None
+
+
+def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+    """Masked softmax attention with grouped KV heads, in fp32 whatever the dtype, row-count independent.
+
+    query `[B, H, n, D]`; keys/values `[B, KV, T, D]` with T a multiple of `ATTENTION_BLOCK`. The softmax
+    denominator rides along the value products as a column of ones, so it is summed the same way.
     """
     batch, heads, n, dim = query.shape
-    if n == 1:  # same reason as in Dense: the 1-row products round differently
-        return attend(query.expand(-1, -1, 2, -1), keys, values, mask.expand(-1, -1, 2, -1))[:, :, :1]
     kv_heads, total = keys.shape[1], keys.shape[2]
-    group = heads // kv_heads
-    blocks = total // ATTENTION_BLOCK
-    grouped = query.reshape(batch, kv_heads, group * n, dim)
-    scores = (grouped @ keys.transpose(-1, -2)).float().view(batch, kv_heads, group, n, total)
-    scores = scores.masked_fill(~mask[:, :, None], float("-inf")) * dim ** -0.5
-    weights = torch.exp(scores - scores.amax(-1, keepdim=True)).view(batch, kv_heads, group * n, blocks,
-                                                                     ATTENTION_BLOCK)
-    denominator = weights.sum(-1).cumsum(-1)[..., -1:]
-    per_block = weights.to(values.dtype).transpose(2, 3) @ values.view(batch, kv_heads, blocks, ATTENTION_BLOCK, dim)
-    out = per_block.float().cumsum(2)[:, :, -1] / denominator
-    return out.to(query.dtype).view(batch, kv_heads, group, n, dim).reshape(batch, heads, n, dim)
+    if plan.rows > n:
+        query = torch.cat([query, query[:, :, -1:].expand(-1, -1, plan.rows - n, -1)], 2)
+    grouped = (query.float() * dim ** -0.5).reshape(batch * kv_heads, -1, dim)
+    scores = torch.baddbmm(plan.bias, grouped, keys.float().reshape(batch * kv_heads, total, dim).transpose(1, 2))
+    weights = scores.sub_(scores.amax(-1, keepdim=True)).exp_()  # [B * KV, R, T]
+    values = values.float().reshape(batch * kv_heads, total, dim)
+    values = torch.cat([values, values.new_ones(values.shape[0], total, 1)], -1)  # [B * KV, T, D + 1]
+    split = plan.split
+    prefix_blocks = split // ATTENTION_BLOCK
+    parts = []
+    if prefix_blocks:
+        head = weights[..., :split].unflatten(-1, (prefix_blocks, ATTENTION_BLOCK)).transpose(1, 2)
+        parts.append(head @ values[:, :split].unflatten(1, (prefix_blocks, ATTENTION_BLOCK)))
+    if plan.tail_blocks is not None:  # [B * KV, blocks, T - split]
+        parts.append((weights[:, None, :, split:] * plan.tail_blocks[:, :, None]) @ values[:, None, split:])
+    summed = torch.cat(parts, 1).cumsum(1)[:, -1]  # blocks in order; [B * KV, R, D + 1]
+    out = (summed[..., :dim] / summed[..., dim:]).view(batch, heads, plan.rows, dim)[:, :, :n]
+    return out.to(query.dtype)
 
 
 def padded_key_count(total: int) -> int:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import DynTreeError
-from .kernels import Dense, attend, padded_key_count
+from .kernels import ATTENTION_BLOCK, AttentionPlan, Dense, attend, padded_key_count
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
@@ -254,11 +254,14 @@ class Transformer:
         batch, n, _ = hidden.shape
         nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         total = mask.shape[-1]
+        moved = positions[positions != slots]  # tree nodes whose slot is not their position (off a chain)
+        split = (int(moved.min()) if moved.numel() else total) // ATTENTION_BLOCK * ATTENTION_BLOCK
         cos = self.rope_cos[positions][:, :, None]  # [B, n, 1, hd]: broadcast over q and k heads at once
         sin = self.rope_sin[positions][:, :, None]
         contiguous = batch == 1 and n > 0 and int(slots[0, -1] - slots[0, 0]) == n - 1
         first_slot = int(slots[0, 0]) if contiguous else 0
         rows = torch.arange(batch, device=slots.device)[:, None]
+        plan = AttentionPlan(mask, self._key_positions(cache, slots, positions, total), split, nh, nkv)
         end = cfg.num_layers if end is None else end
         for li in range(start, end):
             layer = self.layers[li]
@@ -277,12 +280,20 @@ class Transformer:
             if total > cache.max_len:  # a cache not made by `new_cache` may end inside a block
                 layer_keys = F.pad(layer_keys, (0, 0, 0, total - cache.max_len))
                 layer_values = F.pad(layer_values, (0, 0, 0, total - cache.max_len))
-            attn = attend(q, layer_keys[:, :, :total], layer_values[:, :, :total], mask)
+            attn = attend(q, layer_keys[:, :, :total], layer_values[:, :, :total], plan)
             hidden = hidden + layer.o(attn.transpose(1, 2).reshape(batch, n, nh * hd))
             x = F.rms_norm(hidden, (cfg.hidden_size,), layer.mlp_norm, cfg.rms_norm_eps)
             gate, up = layer.gate_up(x).chunk(2, dim=-1)
             hidden = hidden + layer.down(F.silu(gate) * up)
         return hidden
+
+    @staticmethod
+    def _key_positions(cache: KVCache, slots: torch.Tensor, positions: torch.Tensor, total: int) -> torch.Tensor:
+        """`[B, T]` logical position of each of the first T cache slots: committed slots their own, new tokens
+        their `positions`, slots no one sees 0 (their weights are zero anyway)."""
+        slot_ids = torch.arange(total, device=slots.device)
+        key_positions = torch.where(slot_ids[None] < cache.lengths[:, None], slot_ids[None], 0)
+        return key_positions.scatter(1, slots, positions)
 
     @torch.inference_mode()
     def forward(

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import tiny_hf_model
-from dyntree.kernels import Dense, attend, padded_key_count
+from dyntree.kernels import AttentionPlan, Dense, attend, padded_key_count
 from dyntree.model import ModelConfig, Transformer
 from dyntree.trees import buffers_from_parents
 
@@ -45,7 +45,8 @@ def test_attention_root_row_does_not_depend_on_tree_size(dtype, context):
         mask = torch.zeros(1, 1, n, total, dtype=torch.bool)
         mask[..., :context] = True
         mask[0, 0, :, context : context + n] = torch.ones(n, n, dtype=torch.bool).tril()  # a chain
-        return attend(query[:, :, :n], keys[:, :, :total], values[:, :, :total], mask)
+        plan = AttentionPlan(mask, torch.arange(total)[None], total, heads, kv_heads)
+        return attend(query[:, :, :n], keys[:, :, :total], values[:, :, :total], plan)
 
     alone = run(1)
     for n in ROW_COUNTS:
@@ -81,18 +82,31 @@ def test_tree_root_hidden_state_equals_the_plain_pass(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_chain_nodes_equal_plain_decoding_of_the_chain(dtype):
-    """Every node of a chain (ancestors in contiguous slots) gets the bits plain decoding gives it."""
+@pytest.mark.parametrize("context", [57, 62, 120])
+def test_every_tree_node_equals_plain_decoding_of_its_path(dtype, context):
+    """Each node of a branching tree (its ancestors in scattered slots, some across an attention block
+    boundary) gets the bits plain decoding of its root-to-node path gives it, one token per pass."""
     backbone = _tiny_backbone(dtype)
-    gen = torch.Generator().manual_seed(2)
-    prefix = torch.randint(0, backbone.config.vocab_size, (1, 57), generator=gen)
-    chain = torch.randint(0, backbone.config.vocab_size, (1, 12), generator=gen)
-    cache = backbone.new_cache(1, 128)
+    gen = torch.Generator().manual_seed(context)
+    vocab = backbone.config.vocab_size
+    prefix = torch.randint(0, vocab, (1, context), generator=gen)
+    parents = [-1, 0, 0, 1, 1, 0, 3, 3, 4, 6, 2, 9, 9, 6, 11]
+    tokens = torch.randint(0, vocab, (1, len(parents)), generator=gen)
+    cache = backbone.new_cache(1, 256)
     backbone.forward(prefix, cache)
-    cache.lengths[:] = prefix.shape[1]
-    tree = backbone.forward(chain, cache, block_mask=torch.ones(1, 12, 12, dtype=torch.bool).tril(),
-                            depths=torch.arange(12)[None])
-    for i in range(12):
-        step = backbone.forward(chain[:, i : i + 1], cache)
-        cache.lengths += 1
-        assert torch.equal(tree[0, i], step[0, 0]), f"node {i}"
+    cache.lengths[:] = context
+    buffers = buffers_from_parents(torch.tensor([parents]), 8)
+    tree = backbone.forward(tokens, cache, block_mask=buffers.tree_mask, depths=buffers.depths)
+    prefilled_keys, prefilled_values = cache.keys.clone(), cache.values.clone()
+    for node in range(len(parents)):
+        path = []
+        while node >= 0:
+            path.insert(0, node)
+            node = parents[node]
+        cache.keys.copy_(prefilled_keys)
+        cache.values.copy_(prefilled_values)
+        cache.lengths[:] = context
+        for index in path:
+            step = backbone.forward(tokens[:, index : index + 1], cache)
+            cache.lengths += 1
+        assert torch.equal(tree[0, path[-1]], step[0, 0]), f"node {path[-1]}"
