@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import torch
 
 from .config import TreeConfig
 from .decoding import Decoder, GenerationStats
@@ -70,12 +69,14 @@ class DynTree:
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike = DEFAULT_MODEL, heads: str | os.PathLike | None = "auto",
-                        tree: TreeConfig | str | None = None, device=None, dtype=torch.float32,
+                        tree: TreeConfig | str | None = None, device=None, dtype="auto",
                         **tree_fields) -> "DynTree":
         """Load a backbone and heads.
 
         heads: "auto" (the bundled trained heads for the default model, else none), a directory (ours or
         Medusa v0.1), "random" (untrained heads: shows losslessness, not speed) or None/"none".
+        dtype: "auto" (bf16 where this machine multiplies faster in it, measured once and cached), "float32",
+        "bfloat16" or a torch dtype; greedy output is token-exact with plain decoding in the same dtype.
         tree, tree_fields: a `TreeConfig`, or what `TreeConfig.parse` takes (tree="static:8",
         tree_size="auto", topk=, lookup=, ...). Checked before the model loads.
         """

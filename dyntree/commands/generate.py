@@ -31,7 +31,7 @@ def run(args) -> int:
         raise DynTreeError("--max-new-tokens must be at least 1")
     sampling = sampling_config(args)
     err = Console(stderr=True, width=None if sys.stderr.isatty() else 132)
-    dt = DynTree.from_pretrained(args.model, heads=args.heads, tree=tree_config(args), device=args.device)
+    dt = DynTree.from_pretrained(args.model, heads=args.heads, tree=tree_config(args), device=args.device, dtype=args.dtype)
     chat = False if args.no_chat else None
     dt.encode(args.prompt, chat)  # fail on a bad prompt before printing anything
     stats_list = []
@@ -51,6 +51,7 @@ def run(args) -> int:
     err.print(stats_table(rows))
     if dt.heads_note:
         err.print(f"[dim]heads: {dt.heads_note}[/dim]")
+    err.print(f"[dim]dtype: {str(dt.model.backbone.dtype).removeprefix('torch.')} (--dtype {args.dtype})[/dim]")
     if args.compare:
         speedup = rows[0][1].tokens_per_second / max(rows[1][1].tokens_per_second, 1e-9)
         if sampling.is_greedy:
