@@ -11,6 +11,9 @@ Our methods (`ar`, `static`, `dynamic`) also take sampling options: `temperature
 `seed=`, and for the tree methods `accept=lossless|typical` (with `eps=`, `alpha=` for typical), e.g.
 `dynamic:temperature=0.7:accept=typical`. Without `temperature` (or with 0) a method is greedy and is checked
 token for token against `ar`.
+
+An optional peer (`llama-cpp`) needs a package the core install lacks; when it is missing, or the peer cannot
+run on this machine, `build_methods` skips it with a one-line note and the other methods still run.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol
@@ -32,8 +36,9 @@ from ..sampling import SamplingConfig
 
 class BenchMethod(Protocol):
     name: str
-    family: str  # "dyntree" or "transformers": which engine runs it
-    greedy: bool  # greedy methods are checked token for token against `ar`
+    family: str  # "dyntree", "transformers" or "llama.cpp": which engine runs it
+    greedy: bool  # greedy methods are checked token for token against `ar`, unless they set
+    # `reference_exact = False` (other numerics, e.g. llama.cpp's Q4_1): those are compared by BLEU only
 
     def run(self, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], GenerationStats]:
         ...
@@ -58,24 +63,31 @@ class MethodEntry:
     options: dict[str, type | tuple] | None = None  # accepted option names and types; None = any
     requires_module: str | None = None  # a module that must exist for the method to be available
     sampling: tuple[str, ...] = ()  # sampling option names the method understands (checked when parsed)
+    optional: bool = False  # a missing `requires_module` is no error: the factory raises MethodSkipped
+
+
+class MethodSkipped(DynTreeError):
+    """This machine cannot run an optional method (its package is missing, or it crashed when probed): the run
+    goes on without it, and the reason is one line of the output."""
 
 
 METHODS: dict[str, MethodEntry] = {}
 
 
 def register_method(name: str, description: str, options: dict[str, type] | None = None,
-                    requires_module: str | None = None, sampling: tuple[str, ...] = ()):
+                    requires_module: str | None = None, sampling: tuple[str, ...] = (), optional: bool = False):
     """Decorator: make `factory(context, spec)` available as method `name`.
 
     `sampling`: which of SAMPLING_OPTIONS the method takes; they are validated (through `SamplingConfig`) as
-    soon as the spec is parsed, before any model is loaded.
+    soon as the spec is parsed, before any model is loaded. `optional`: a missing `requires_module` does not
+    refuse the run; the factory raises `MethodSkipped` (with the install hint) and the other methods run.
     """
 
     def wrap(factory):
         allowed = dict(options) if options is not None else None
         if allowed is not None:
             allowed.update({key: SAMPLING_OPTIONS[key] for key in sampling})
-        METHODS[name] = MethodEntry(factory, description, allowed, requires_module, tuple(sampling))
+        METHODS[name] = MethodEntry(factory, description, allowed, requires_module, tuple(sampling), optional)
         return factory
 
     return wrap
@@ -168,7 +180,8 @@ def parse_method_spec(text: str) -> MethodSpec:
 
 
 def parse_method_list(text: str) -> list[MethodSpec]:
-    """Parse `--methods` and check every method exists and is available before anything is loaded."""
+    """Parse `--methods` and check every method exists and is available (optional ones may be missing: they
+    are skipped when built) before anything is loaded."""
     specs = [parse_method_spec(t) for t in text.split(",") if t.strip()]
     if not specs:
         raise DynTreeError("no method given (--methods)")
@@ -177,9 +190,11 @@ def parse_method_list(text: str) -> list[MethodSpec]:
         if spec.text in seen:
             raise DynTreeError(f"method {spec.text!r} is listed twice")
         seen.add(spec.text)
-        module = METHODS[spec.name].requires_module
-        if module and importlib.util.find_spec(module) is None:
-            raise DynTreeError(f"method {spec.name!r} is not available in this build: {module} is missing")
+        entry = METHODS[spec.name]
+        missing = entry.requires_module and importlib.util.find_spec(entry.requires_module) is None
+        if missing and not entry.optional:
+            raise DynTreeError(f"method {spec.name!r} is not available in this build: {entry.requires_module} "
+                               "is missing")
     return specs
 
 
@@ -439,5 +454,30 @@ def _hf_lookup(context, spec):
                             max_ngram=spec.options.get("ngram", 2))
 
 
-def build_methods(specs: list[MethodSpec], context: BenchContext) -> list[BenchMethod]:
-    return [METHODS[spec.name].factory(context, spec) for spec in specs]
+@register_method("llama-cpp", "llama.cpp (llama-cpp-python) on the GGUF file the default model comes from, greedy, "
+                              "torch's thread count; Q4_1 numerics, so compared with ar by BLEU, not token for "
+                              "token; optional (the llamacpp extra): skipped with a note when llama_cpp is missing "
+                              "or crashes in a probe (options: gguf=PATH for a model other than the default)",
+                 options={"gguf": str}, requires_module="llama_cpp", optional=True)
+def _llama_cpp(context, spec):
+    from .llamacpp import llama_cpp_method
+
+    return llama_cpp_method(context, spec)
+
+
+def _print_note(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def build_methods(specs: list[MethodSpec], context: BenchContext,
+                  note: Callable[[str], None] = _print_note) -> list[BenchMethod]:
+    """The methods of `specs`, less the optional ones this machine cannot run (each named by one `note`)."""
+    methods = []
+    for spec in specs:
+        try:
+            methods.append(METHODS[spec.name].factory(context, spec))
+        except MethodSkipped as exc:
+            note(f"skipping {spec.text}: {exc}")
+    if not methods:
+        raise DynTreeError("no method left to run: every one listed in --methods was skipped")
+    return methods

@@ -23,7 +23,8 @@ COLUMN_NOTES = {
     "prefill": "mean ms of the prompt's forward pass (our engine only)",
     "peak MiB": "CPU: process peak RSS during the method's runs (models of all methods included), with the "
                 "growth during a run in brackets; CUDA: max allocated",
-    "exact": "prompts whose output equals ar's token for token (greedy methods only; n/a when sampling)",
+    "exact": "prompts whose output equals ar's token for token (greedy methods only; n/a when sampling, and for "
+             "a peer on other numerics such as llama-cpp's Q4_1, compared by BLEU only)",
     "BLEU": "sacrebleu corpus BLEU of the outputs against greedy ar's on the same prompts (100 = same text); "
             "for a sampling method compare with plain sampling (ar:temperature=T) at the same settings",
     "KL (floor)": "sampling methods: first-tree-token KL(p_hat || p) in nats between the token the method emits "

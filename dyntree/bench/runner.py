@@ -192,6 +192,7 @@ class RunRecord:
     stop_reason: str | None
     peak_memory_bytes: int | None
     run_memory_bytes: int | None
+    reference_exact: bool = True  # False: other numerics than ar (llama.cpp), so not checked token for token
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -223,7 +224,8 @@ def _stats_record(method: BenchMethod, prompt: BenchPrompt, turn: int, repeat: i
         prefill_seconds=stats.prefill_seconds if method.family == "dyntree" else None,
         tree_nodes=getattr(stats, "tree_nodes", None) or None,
         stop_reason=(getattr(stats, "stop_reasons", None) or [None])[0],
-        peak_memory_bytes=memory[0], run_memory_bytes=memory[1])
+        peak_memory_bytes=memory[0], run_memory_bytes=memory[1],
+        reference_exact=getattr(method, "reference_exact", True))
 
 
 def _encode(context: BenchContext, prompt: BenchPrompt, turn: int, answers: list[str], chat: bool) -> list[int]:

@@ -157,17 +157,19 @@ def summarize(records: list[RunRecord], method_names: list[str], greedy: dict[st
         summary["peak_memory_bytes"] = max(peaks) if peaks else None
         summary["run_memory_bytes"] = max(deltas) if deltas else None
         summary["repeats_agree"] = all(s.repeats_agree for s in mine)
-        summary.update(_exactness(mine, reference, greedy.get(name, True), name, decode))
+        summary.update(_exactness(mine, reference, greedy.get(name, True),
+                                  all(r.reference_exact for r in runs), name, decode))
         summary.update(bleu_vs_reference(mine, reference, text))
         summary["by_category"] = _by_category(mine, samples, method_names)
         out[name] = summary
     return out
 
 
-def _exactness(mine: list[Sample], reference: dict, is_greedy: bool, name: str,
+def _exactness(mine: list[Sample], reference: dict, is_greedy: bool, reference_exact: bool, name: str,
                decode: Callable[[list[int]], str] | None) -> dict:
-    if not reference or not is_greedy:
-        why = "no ar run to compare with" if not reference else "not a greedy method"
+    if not reference or not is_greedy or not reference_exact:
+        why = ("no ar run to compare with" if not reference else "not a greedy method" if not is_greedy
+               else "other numerics than ar (e.g. quantised weights): compared by BLEU, not token for token")
         return {"exact_match_rate": None, "exact_matches": None, "exact_compared": 0, "mismatches": [],
                 "exactness_note": why}
     matches, compared, mismatches = 0, 0, []
@@ -197,7 +199,8 @@ def bleu_vs_reference(mine: list[Sample], reference: dict, text: Callable[[list[
     """Corpus BLEU (sacrebleu) of a method's outputs against greedy `ar`'s outputs on the same prompt turns.
 
     100 for a token-exact method; for a sampling method it says how far its answers drift from the greedy
-    ones (compare with plain sampling, `ar:temperature=T`, which drifts by design).
+    ones (compare with plain sampling, `ar:temperature=T`, which drifts by design); for a peer on other
+    numerics (`llama-cpp`) it is the only comparison with `ar`.
     """
     from ..eval.quality import corpus_bleu
 
