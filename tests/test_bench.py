@@ -369,3 +369,26 @@ def test_methods_can_bring_their_own_heads(tiny_model_dir, prompts_file, tmp_pat
     assert str(other) in results["methods"][f"dynamic:heads={other}"]["settings"]["heads"]
     with pytest.raises(DynTreeError, match="no heads at"):
         build_methods(parse_method_list(f"dynamic:heads={tmp_path / 'missing'}"), context)
+
+
+def test_dtype_is_global_and_per_method_and_recorded(tiny_model_dir, prompts_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["bench", "--methods", "ar,ar:dtype=bfloat16,static:dtype=bfloat16,hf:dtype=bfloat16",
+                 "--dtype", "float32", "--model", str(tiny_model_dir), "--heads", "random", "--prompts",
+                 str(prompts_file), "--limit", "1", "--max-new-tokens", "6", "--kl-samples", "0", "--out", str(out)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["dtype"] == "float32"
+    methods = results["methods"]
+    assert methods["ar"]["settings"]["dtype"] == "float32"
+    for name in ("ar:dtype=bfloat16", "static:dtype=bfloat16", "hf:dtype=bfloat16"):
+        assert methods[name]["settings"]["dtype"] == "bfloat16", name
+    assert results["environment"]["cpu"] and isinstance(results["environment"]["cpu_flags"], list)
+    capsys.readouterr()
+    assert main(["bench", "--methods", "ar", "--dtype", "half", "--model", str(tiny_model_dir), "--prompts",
+                 str(prompts_file), "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: unknown dtype 'half': use one of auto, float32, bfloat16"
+    assert main(["bench", "--methods", "ar:dtype=half", "--dtype", "float32", "--model", str(tiny_model_dir),
+                 "--prompts", str(prompts_file), "--out", str(tmp_path / "bad2")]) == 2
+    assert "unknown dtype 'half'" in capsys.readouterr().err

@@ -201,37 +201,44 @@ def parse_method_list(text: str) -> list[MethodSpec]:
 # -- what the methods share: one loaded model, loaded lazily --------------------------------------------------
 @dataclass
 class BenchContext:
-    """The model (and heads) every method runs on, loaded once and shared."""
+    """The model (and heads) every method runs on, loaded once per dtype and shared."""
 
     model: str = "default"
     heads: str | None = "auto"
     device: str | None = None
-    dtype: torch.dtype = torch.float32
+    dtype: str | torch.dtype = "auto"  # the run's dtype; a method's `dtype=` option overrides it
     seed: int = 0  # sampling seed of methods that give none (`--seed`)
-    _dyntree: object = field(default=None, repr=False)
-    _hf_model: object = field(default=None, repr=False)
-    _other_heads: dict = field(default_factory=dict, repr=False)
+    _engines: dict = field(default_factory=dict, repr=False)  # (dtype, heads) -> DynTree without a tree
+    _hf_models: dict = field(default_factory=dict, repr=False)  # dtype -> transformers model
 
-    def dyntree(self):
-        """Our engine on the model, with the heads (if any) and no tree."""
-        if self._dyntree is None:
+    def resolved_dtype(self, dtype=None) -> torch.dtype:
+        """The torch dtype a method runs in: its own `dtype=` option, else the run's (`auto` resolved)."""
+        from ..precision import resolve_dtype
+
+        return resolve_dtype(self.dtype if dtype is None else dtype, self.device)
+
+    def dyntree(self, dtype=None):
+        """Our engine on the model in `dtype`, with the run's heads (if any) and no tree."""
+        key = (self.resolved_dtype(dtype), None)
+        if key not in self._engines:
             from ..api import DynTree
 
-            self._dyntree = DynTree.from_pretrained(self.model, heads=self.heads, tree="ar", device=self.device,
-                                                    dtype=self.dtype)
-        return self._dyntree
+            self._engines[key] = DynTree.from_pretrained(self.model, heads=self.heads, tree="ar",
+                                                         device=self.device, dtype=key[0])
+        return self._engines[key]
 
-    def with_heads(self, heads: str):
+    def with_heads(self, heads: str, dtype=None):
         """The shared model with other heads (a directory, 'auto', 'random' or 'none'); loaded once each."""
         from ..api import DynTree, resolve_heads
 
-        if heads not in self._other_heads:
-            base = self.dyntree()
+        key = (self.resolved_dtype(dtype), heads)
+        if key not in self._engines:
+            base = self.dyntree(dtype)
             heads_obj, note = resolve_heads(heads, base.model)
             if heads_obj is not None:
                 heads_obj = heads_obj.to(base.model.backbone.device)
-            self._other_heads[heads] = DynTree(base.model, heads_obj, note, "ar", None)
-        return self._other_heads[heads]
+            self._engines[key] = DynTree(base.model, heads_obj, note, "ar")
+        return self._engines[key]
 
     @property
     def tokenizer(self):
@@ -245,20 +252,21 @@ class BenchContext:
     def torch_device(self) -> torch.device:
         return self.dyntree().model.backbone.device
 
-    def hf_model(self):
-        """The same weights through transformers (what users run today)."""
-        if self._hf_model is None:
+    def hf_model(self, dtype=None):
+        """The same weights through transformers (what users run today), in `dtype`."""
+        dtype = self.resolved_dtype(dtype)
+        if dtype not in self._hf_models:
             from transformers import AutoModelForCausalLM
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()  # keep the terminal for our own progress and table
             model_dir = self.dyntree().model.model_dir
             try:
-                model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype)
+                model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
             except Exception as exc:  # noqa: BLE001 - report the loader's reason in one line
                 raise DynTreeError(f"transformers cannot load {model_dir}: {exc}".splitlines()[0]) from exc
-            self._hf_model = model.to(self.torch_device).eval()
-        return self._hf_model
+            self._hf_models[dtype] = model.to(self.torch_device).eval()
+        return self._hf_models[dtype]
 
 
 # -- our engine ----------------------------------------------------------------------------------------------
@@ -326,10 +334,11 @@ def sampling_settings(sampling: SamplingConfig | None, tree: bool = True) -> dic
 
 
 def _tree_method(context: BenchContext, spec: MethodSpec, tree: str) -> DynTreeMethod:
-    base = context.dyntree()
     options = dict(spec.options)
+    dtype = options.pop("dtype", None)  # `ar:dtype=bfloat16`: the same model loaded in another dtype
+    base = context.dyntree(dtype)
     if "heads" in options:  # `dynamic:heads=DIR`: other heads on the same loaded model (compare heads in one run)
-        base = context.with_heads(str(options.pop("heads")))
+        base = context.with_heads(str(options.pop("heads")), dtype)
     sampling = sampling_from_options(spec.text, {k: options.pop(k) for k in SAMPLING_OPTIONS if k in options},
                                      default_seed=context.seed)
     if tree != "ar" and base.heads is None:
@@ -346,7 +355,8 @@ def _tree_method(context: BenchContext, spec: MethodSpec, tree: str) -> DynTreeM
     except DynTreeError as exc:
         raise DynTreeError(f"method {spec.text!r}: {exc}") from None
     engine = base.with_tree(config)
-    return DynTreeMethod(spec.text, engine, config.settings(), sampling)
+    settings = dict(config.settings(), dtype=str(engine.model.backbone.dtype).removeprefix("torch."))
+    return DynTreeMethod(spec.text, engine, settings, sampling)
 
 
 SAMPLING_HELP = "temperature=T, top_p=P, top_k=K, seed=S"
@@ -354,14 +364,15 @@ TREE_SAMPLING_HELP = SAMPLING_HELP + ", accept=lossless|typical, eps=, alpha= (t
 
 
 @register_method("ar", f"our engine, plain decoding (no heads, no tree): the baseline; greedy unless "
-                       f"temperature > 0 (options: {SAMPLING_HELP})", options={}, sampling=PLAIN_SAMPLING)
+                       f"temperature > 0 (options: dtype=float32|bfloat16, {SAMPLING_HELP})",
+                 options={"dtype": str}, sampling=PLAIN_SAMPLING)
 def _ar(context, spec):
     return _tree_method(context, spec, "ar")
 
 
 @register_method("static", f"our engine with Medusa's static tree (options: tree=NAME|FILE, n=NODES (the "
                            f"tree's first N nodes), topk=K, heads=DIR (other heads), {TREE_SAMPLING_HELP})",
-                 options={"tree": str, "topk": int, "n": int, "heads": str}, sampling=TREE_SAMPLING)
+                 options={"tree": str, "topk": int, "n": int, "heads": str, "dtype": str}, sampling=TREE_SAMPLING)
 def _static(context, spec):
     return _tree_method(context, spec, "static")
 
@@ -370,7 +381,8 @@ def _static(context, spec):
                             f"tree_temperature=, lookup=N, score=prob|rank|binned, calibration=FILE, "
                             f"latency=FILE, heads=DIR (other heads), {TREE_SAMPLING_HELP})",
                  options={"n": (int, str), "max": int, "topk": int, "tree_temperature": float, "lookup": int,
-                          "score": str, "calibration": str, "latency": str, "learn": bool, "heads": str},
+                          "score": str, "calibration": str, "latency": str, "learn": bool, "heads": str,
+                          "dtype": str},
                  sampling=TREE_SAMPLING)
 def _dynamic(context, spec):
     return _tree_method(context, spec, "dynamic")
@@ -388,9 +400,9 @@ class HFGenerateMethod:
     greedy = True
 
     def __init__(self, name: str, context: BenchContext, lookup_tokens: int | None = None,
-                 max_ngram: int | None = None):
+                 max_ngram: int | None = None, dtype=None):
         self.name = name
-        self.model = context.hf_model()
+        self.model = context.hf_model(dtype)
         self.device = context.torch_device
         self.eos = list(context.eos_token_ids)
         self.lookup_tokens = lookup_tokens
@@ -436,22 +448,25 @@ class HFGenerateMethod:
         return tokens, stats
 
     def settings(self) -> dict:
-        out = {"engine": "transformers", "generate": "greedy"}
+        out = {"engine": "transformers", "generate": "greedy",
+               "dtype": str(self.model.dtype).removeprefix("torch.")}
         if self.lookup_tokens:
             out.update(prompt_lookup_num_tokens=self.lookup_tokens, max_matching_ngram_size=self.max_ngram)
         return out
 
 
-@register_method("hf", "transformers generate, greedy: what users run today", options={})
+@register_method("hf", "transformers generate, greedy: what users run today (options: dtype=float32|bfloat16)",
+                 options={"dtype": str})
 def _hf(context, spec):
-    return HFGenerateMethod(spec.text, context)
+    return HFGenerateMethod(spec.text, context, dtype=spec.options.get("dtype"))
 
 
-@register_method("hf-lookup", "transformers prompt-lookup decoding, greedy (options: n=DRAFT_TOKENS, ngram=N)",
-                 options={"n": int, "ngram": int})
+@register_method("hf-lookup", "transformers prompt-lookup decoding, greedy (options: n=DRAFT_TOKENS, ngram=N, "
+                              "dtype=float32|bfloat16)",
+                 options={"n": int, "ngram": int, "dtype": str})
 def _hf_lookup(context, spec):
     return HFGenerateMethod(spec.text, context, lookup_tokens=spec.options.get("n", 10),
-                            max_ngram=spec.options.get("ngram", 2))
+                            max_ngram=spec.options.get("ngram", 2), dtype=spec.options.get("dtype"))
 
 
 @register_method("llama-cpp", "llama.cpp (llama-cpp-python) on the GGUF file the default model comes from, greedy, "

@@ -98,7 +98,8 @@ def table_titles(results: dict) -> tuple[str, str]:
     settings = results["settings"]
     env = results["environment"]
     return (f"Speed: {results['prompts']['count']} prompts x {settings['turns']} turn(s), "
-            f"{settings['max_new_tokens']} new tokens, {env['device']}, {_threads(env)}",
+            f"{settings['max_new_tokens']} new tokens, {env['device']}, {settings.get('dtype', 'float32')}, "
+            f"{_threads(env)}",
             "Where the time goes: ms per decoding pass (prefill: ms per prompt), and memory")
 
 

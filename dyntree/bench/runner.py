@@ -23,9 +23,10 @@ from typing import Callable
 import torch
 
 from ..errors import DynTreeError
+from ..eval.bench_kl import measure_first_token_kl
+from ..precision import cpu_identity
 from .methods import BenchContext, BenchMethod
 from .prompts import BenchPrompt, conversation, raw_text
-from ..eval.bench_kl import measure_first_token_kl
 
 REFERENCE_METHOD = "ar"
 
@@ -91,16 +92,6 @@ class MemoryProbe:
 
 
 # -- environment ----------------------------------------------------------------------------------------------
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
@@ -128,7 +119,8 @@ def environment(device: torch.device) -> dict:
         "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_identity()[0],
+        "cpu_flags": cpu_identity()[1],  # the ISA features that decide bf16 speed (avx512_bf16, amx_bf16, ...)
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -155,6 +147,7 @@ class BenchSettings:
     chat: bool = True
     kl_samples: int = 400  # draws per context for the first-token KL of sampling methods (0 = off)
     kl_contexts: int = 4  # fixed contexts for it: the first prompts' first turns
+    dtype: str = "float32"  # the run's dtype (`--dtype`, auto resolved); a method's `dtype=` may differ
 
     def validate(self) -> None:
         """One clear error for a setting a user can get wrong (named as its command-line flag)."""

@@ -122,7 +122,8 @@ def run(args) -> int:
         raise DynTreeError(f"--out {out} exists and is not a folder")
 
     heads = None if args.heads == "none" else args.heads
-    context = BenchContext(model=args.model, heads=heads, device=args.device, seed=args.seed)
+    context = BenchContext(model=args.model, heads=heads, device=args.device, dtype=args.dtype, seed=args.seed)
+    settings.dtype = str(context.resolved_dtype()).removeprefix("torch.")  # a bad --dtype fails before loading
     with err.status("loading model and methods"):
         if args.methods is None and context.dyntree().heads is None:
             # Default list without heads to run the trees on: time what can run, and say so.

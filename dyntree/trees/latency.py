@@ -13,7 +13,6 @@ import bisect
 import hashlib
 import json
 import os
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,9 +150,10 @@ def machine_latency(backbone, heads, sizes, topk: int, cache_dir: str | os.PathL
     count, the device and dtype, the model's and heads' shapes, the draft's top-k and the sizes measured.
     """
     from ..loading import cache_root  # noqa: PLC0415 - loading pulls in transformers
+    from ..precision import cpu_identity  # noqa: PLC0415
 
     config = backbone.config
-    key = {"cpu": processor_name(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    key = {"cpu": list(cpu_identity()), "torch": torch.__version__, "threads": torch.get_num_threads(),
            "device": str(backbone.device), "dtype": str(backbone.dtype),
            "model": [config.model_type, config.num_layers, config.hidden_size, config.intermediate_size,
                      config.vocab_size],
@@ -174,14 +174,3 @@ def machine_latency(backbone, heads, sizes, topk: int, cache_dir: str | os.PathL
     model.save(tmp)
     os.replace(tmp, path)
     return model
-
-
-def processor_name() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), else what `platform` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
