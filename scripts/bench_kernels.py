@@ -3,8 +3,8 @@
 Usage: python scripts/bench_kernels.py [--dtypes float32,bfloat16] [--skip-dense] [--out FILE.json]
 Prints two markdown tables, with the CPU named:
 - per weight shape of SmolLM2-135M and row count: ms for `F.linear`, oneDNN prepacked, and `Dense`;
-- the cost curve: ms per backbone pass of the default model (all layers, ~200 tokens of context, plus a 1-row
-  lm_head, as a tree step that verifies one node) for 1-64 nodes, per dtype. Minimum over repeats, with the
+- the cost curve: ms per backbone pass of the default model (all layers, 200 tokens of context, a binary tree,
+  plus a 1-row lm_head, as a step that verifies one node) for 1-64 nodes, per dtype. Minimum over repeats, with the
   dtypes interleaved so that load from other processes hits both alike.
 """
 
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from dyntree.kernels import Dense
 from dyntree.precision import DTYPE_NAMES, cpu_identity
+from dyntree.trees import buffers_from_parents
 
 SHAPES = {"qkv 960x576": (960, 576), "o 576x576": (576, 576), "gate_up 3072x576": (3072, 576),
           "down 576x1536": (576, 1536), "lm_head 49152x576": (49152, 576)}
@@ -58,7 +59,7 @@ def dense_table(dtypes: list[str], rows: list[int]) -> list[dict]:
 
 
 def cost_curve(dtypes: list[str], nodes: list[int], repeats: int) -> dict:
-    """ms per tree pass of `n` chain nodes after CONTEXT tokens, plus the lm_head on the root."""
+    """ms per tree pass of `n` nodes (a binary tree) after CONTEXT tokens, plus the lm_head on the root."""
     from dyntree.loading import load_model
 
     backbones = {dtype: load_model("default", dtype=dtype).backbone for dtype in dtypes}
@@ -73,8 +74,8 @@ def cost_curve(dtypes: list[str], nodes: list[int], repeats: int) -> dict:
     best = {(dtype, n): float("inf") for dtype in dtypes for n in nodes}
     for n in nodes:
         tokens = torch.randint(0, vocab, (1, n), generator=gen)
-        tree_mask = torch.ones(1, n, n, dtype=torch.bool).tril()
-        depths = torch.arange(n)[None]
+        tree = buffers_from_parents(torch.tensor([[(i - 1) // 2 for i in range(n)]]), 8)  # a binary tree
+        tree_mask, depths = tree.tree_mask, tree.depths
         for _ in range(repeats + 2):
             for dtype, backbone in backbones.items():
                 start = time.perf_counter()
