@@ -17,6 +17,7 @@ from .proposers import Proposer, build_proposer
 from .sampling import SamplingConfig
 from .textstream import TextStream
 from .trees.latency import DEFAULT_SIZES, machine_latency
+from .trees.sizing import TreeProfile, best_fixed_size, find_profile
 
 RANDOM_HEADS = "random"
 NO_HEADS = "none"
@@ -53,17 +54,31 @@ def step_latency(model: LoadedModel, heads: MedusaHeads | None, config: TreeConf
     return machine_latency(model.backbone, heads, sizes, config.resolved_topk)
 
 
+def sized_for_machine(model: LoadedModel, heads: MedusaHeads | None, config: TreeConfig,
+                      profile: TreeProfile | None) -> TreeConfig:
+    """A dynamic tree left at its default size gets the size with the most tokens per second on this machine:
+    the heads' profiled acceptance by size over this machine's measured cost by size (cached per machine).
+    Any size the user set, and heads without a profile of this tree policy, keep the config as it is."""
+    if (heads is None or profile is None or config.kind != "dynamic" or config.size is not None or config.auto
+            or not profile.matches(config.settings())):
+        return config
+    latency = machine_latency(model.backbone, heads, sorted(profile.tokens_per_pass), config.resolved_topk)
+    return config.replace(size=best_fixed_size(profile, latency))
+
+
 class DynTree:
     """A backbone with (optional) Medusa heads and a tree policy (`TreeConfig`)."""
 
     def __init__(self, model: LoadedModel, heads: MedusaHeads | None, heads_note: str = "",
-                 tree: TreeConfig | str | None = None, latency=None):
+                 tree: TreeConfig | str | None = None, latency=None, tree_profile: TreeProfile | None = None):
         """`tree`: a `TreeConfig` or the name `TreeConfig.parse` reads; without heads, plain decoding.
-        `latency`: the step-latency model for a tree of size "auto" (see `step_latency`)."""
+        `latency`: the step-latency model for a tree of size "auto" (see `step_latency`).
+        `tree_profile`: the heads' acceptance by tree size (`from_pretrained` sizes default trees with it)."""
         config = tree if isinstance(tree, TreeConfig) else TreeConfig.parse(tree)
         self.model = model
         self.heads = heads
         self.heads_note = heads_note
+        self.tree_profile = tree_profile
         self.config = config if heads is not None else TreeConfig(kind="ar")
         self.proposer = build_proposer(self.config, heads.num_heads if heads is not None else None, latency)
 
@@ -78,14 +93,22 @@ class DynTree:
         dtype: "auto" (bf16 where this machine multiplies faster in it, measured once and cached), "float32",
         "bfloat16" or a torch dtype; greedy output is token-exact with plain decoding in the same dtype.
         tree, tree_fields: a `TreeConfig`, or what `TreeConfig.parse` takes (tree="static:8",
-        tree_size="auto", topk=, lookup=, ...). Checked before the model loads.
+        tree_size="auto", topk=, lookup=, ...). Checked before the model loads. A dynamic tree left at its
+        default size is sized for this machine when the heads ship a profile (`sized_for_machine`).
         """
         config = _tree_config(tree, tree_fields)
         loaded = load_model(model, device=device, dtype=dtype)
         heads_obj, note = resolve_heads(heads, loaded)
+        profile = None
         if heads_obj is not None:
             heads_obj = heads_obj.to(loaded.backbone.device)
-        return cls(loaded, heads_obj, note, config, step_latency(loaded, heads_obj, config))
+            profile = find_profile(heads_directory(heads, loaded))
+        return cls._build(loaded, heads_obj, note, config, profile)
+
+    @classmethod
+    def _build(cls, model: LoadedModel, heads, heads_note: str, config: TreeConfig, profile) -> "DynTree":
+        config = sized_for_machine(model, heads, config, profile)
+        return cls(model, heads, heads_note, config, step_latency(model, heads, config), profile)
 
     def with_tree(self, tree: TreeConfig | str | None = None, **tree_fields) -> "DynTree":
         """The same model and heads with another tree (no reload). A tree of the current kind keeps the
@@ -96,7 +119,7 @@ class DynTree:
             changes = dict(tree_fields) if tree is None else dict(tree_fields, tree=tree)
             config = self.config.replace(**changes) if self.heads is not None else TreeConfig.parse(
                 tree, **tree_fields)
-        return DynTree(self.model, self.heads, self.heads_note, config, step_latency(self.model, self.heads, config))
+        return self._build(self.model, self.heads, self.heads_note, config, self.tree_profile)
 
     @property
     def tokenizer(self):
@@ -172,6 +195,15 @@ def resolve_heads(heads, loaded: LoadedModel) -> tuple[MedusaHeads | None, str]:
             return None, "no trained heads for this model: plain autoregressive decoding (pass --heads)"
         return load_heads(bundled, loaded.config), f"bundled heads ({bundled.name})"
     return load_heads(heads, loaded.config), f"heads from {heads}"
+
+
+def heads_directory(heads, loaded: LoadedModel) -> Path | None:
+    """The directory the `heads` argument loads from (None for random or no heads)."""
+    if heads == "auto":
+        return bundled_heads_dir() if loaded.name == DEFAULT_MODEL else None
+    if heads in (None, NO_HEADS, RANDOM_HEADS):
+        return None
+    return Path(heads).expanduser()
 
 
 def _tree_config(tree, tree_fields: dict) -> TreeConfig:

@@ -15,6 +15,7 @@ EXTRA_MODULES = {
     "viz": ("matplotlib",),
     "train": ("accelerate", "tqdm"),
     "server": ("fastapi", "uvicorn"),
+    "llamacpp": ("llama_cpp",),
 }
 
 

@@ -229,15 +229,18 @@ class BenchContext:
 
     def with_heads(self, heads: str, dtype=None):
         """The shared model with other heads (a directory, 'auto', 'random' or 'none'); loaded once each."""
-        from ..api import DynTree, resolve_heads
+        from ..api import DynTree, heads_directory, resolve_heads
+        from ..trees.sizing import find_profile
 
         key = (self.resolved_dtype(dtype), heads)
         if key not in self._engines:
             base = self.dyntree(dtype)
             heads_obj, note = resolve_heads(heads, base.model)
+            profile = None
             if heads_obj is not None:
                 heads_obj = heads_obj.to(base.model.backbone.device)
-            self._engines[key] = DynTree(base.model, heads_obj, note, "ar")
+                profile = find_profile(heads_directory(heads, base.model))
+            self._engines[key] = DynTree(base.model, heads_obj, note, "ar", tree_profile=profile)
         return self._engines[key]
 
     @property

@@ -1,0 +1,75 @@
+"""The default tree sized for the machine: profile x latency, against brute force, and through the API."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from dyntree.api import DynTree
+from dyntree.config import TreeConfig
+from dyntree.errors import DynTreeError
+from dyntree.heads import MedusaHeads
+from dyntree.trees.latency import LatencyModel
+from dyntree.trees.sizing import PROFILE_FILE, TreeProfile, best_fixed_size, find_profile
+
+DEFAULT_POLICY = {k: v for k, v in TreeConfig.parse("dynamic").settings().items() if k != "size"}
+
+
+def test_best_fixed_size_is_the_fastest_profiled_size():
+    rng = random.Random(0)
+    for _ in range(200):
+        sizes = sorted(rng.sample(range(1, 40), rng.randint(1, 8)))
+        tokens = {s: 1 + rng.random() * s ** 0.5 for s in sizes}
+        latency = LatencyModel(sorted({1, *sizes}), sorted(rng.uniform(0.01, 0.05) for _ in range(len({1, *sizes}))))
+        rate = {s: tokens[s] / latency.cost(s) for s in sizes}
+        best = best_fixed_size(TreeProfile(tokens, DEFAULT_POLICY), latency)
+        assert rate[best] == max(rate.values()) and best == min(s for s in sizes if rate[s] == rate[best])
+    profile = TreeProfile({4: 2.0, 8: 2.4, 16: 2.6}, DEFAULT_POLICY)
+    assert best_fixed_size(profile, LatencyModel([1, 64], [0.01, 0.0100001])) == 16  # nodes nearly free: grow
+    assert best_fixed_size(profile, LatencyModel([1, 4, 8, 16], [0.01, 0.011, 0.02, 0.04])) == 4  # costly: shrink
+
+
+def test_profile_files_round_trip_and_bad_ones_are_one_line(tmp_path):
+    profile = TreeProfile({2: 1.5, 8: 2.25}, DEFAULT_POLICY, {"records": 3})
+    profile.save(tmp_path / PROFILE_FILE)
+    again = find_profile(tmp_path)
+    assert again.tokens_per_pass == {2: 1.5, 8: 2.25} and again.policy == DEFAULT_POLICY
+    assert find_profile(tmp_path / "nothing-here") is None
+    (tmp_path / PROFILE_FILE).write_text(json.dumps({"format": "dyntree-tree-profile", "policy": {},
+                                                     "tokens_per_pass": {"4": 0.5}}))
+    with pytest.raises(DynTreeError, match="at least 1 token per pass"):
+        find_profile(tmp_path)
+    (tmp_path / PROFILE_FILE).write_text("{")
+    with pytest.raises(DynTreeError, match="cannot read tree profile"):
+        find_profile(tmp_path)
+
+
+@pytest.fixture
+def heads_dir_with_profile(tmp_path, tiny_hf):
+    from dyntree.model import ModelConfig
+
+    heads = MedusaHeads.random(ModelConfig.from_hf(tiny_hf.config), num_heads=3)
+    heads.save(tmp_path / "heads")
+    TreeProfile({3: 1.4, 6: 1.9, 12: 2.2}, DEFAULT_POLICY).save(tmp_path / "heads" / PROFILE_FILE)
+    return tmp_path / "heads"
+
+
+@pytest.mark.parametrize("seconds, size", [((0.01, 0.0101, 0.0102, 0.0103), 12), ((0.01, 0.01, 0.03, 0.2), 3)])
+def test_default_tree_is_sized_for_the_machine(tiny_model_dir, heads_dir_with_profile, monkeypatch, seconds, size):
+    measured = []
+
+    def fake_machine_latency(backbone, heads, sizes, topk, cache_dir=None):
+        measured.append(list(sizes))
+        return LatencyModel([1, 3, 6, 12], list(seconds))
+
+    monkeypatch.setattr("dyntree.api.machine_latency", fake_machine_latency)
+    dt = DynTree.from_pretrained(str(tiny_model_dir), heads=str(heads_dir_with_profile), dtype="float32")
+    assert measured == [[3, 6, 12]] and dt.config.size == size and dt.proposer.max_nodes == size
+    # A size the user sets, or another policy than the profiled one, is left alone (nothing measured).
+    assert DynTree.from_pretrained(str(tiny_model_dir), heads=str(heads_dir_with_profile), dtype="float32",
+                                   tree_size=5).config.size == 5
+    assert dt.with_tree(lookup=0).config.size == size  # same kind: keeps its size
+    other = dt.with_tree("ar").with_tree("dynamic", lookup=0)
+    assert other.config.size is None and len(measured) == 1
