@@ -67,6 +67,8 @@ def cpu_verdict(cache_dir: str | os.PathLike | None = None) -> dict:
     except (OSError, ValueError):
         pass  # missing or damaged: measure and (over)write
     verdict = {**measure_dense_speed(), "key": key}
+    if machine_busy():
+        return verdict  # timings taken beside other work mislead: use them now, measure again next time
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(verdict, indent=1) + "\n")
@@ -93,6 +95,15 @@ def measure_dense_speed(repeats: int = 5) -> dict:
     faster = cost["bfloat16"] <= BF16_WIN * cost["float32"]
     return {"dtype": "bfloat16" if faster else "float32",
             "ms": {f"{dtype}@{rows}": round(ms, 3) for (dtype, rows), ms in best.items()}}
+
+
+def machine_busy() -> bool:
+    """Whether other work competes for the cores now (1-minute load above the core count). Timings taken then
+    are not cached: two processes with a thread per core each can slow one another's products 50-fold."""
+    try:
+        return os.getloadavg()[0] > (os.cpu_count() or 1)
+    except OSError:
+        return False
 
 
 def cpu_identity() -> tuple[str, list[str]]:

@@ -122,6 +122,9 @@ def test_auto_size_config_and_cached_machine_latency(tiny, tmp_path, monkeypatch
         with pytest.raises(DynTreeError):
             TreeConfig.parse("dynamic", **bad)
 
+    from dyntree import precision
+
+    monkeypatch.setattr(precision, "machine_busy", lambda: False)  # a busy machine's timings are not cached
     calls = []
     real_measure = latency_module.measure_latency
     monkeypatch.setattr(latency_module, "measure_latency", lambda *a, **k: calls.append(a) or real_measure(*a, **k))
@@ -134,6 +137,10 @@ def test_auto_size_config_and_cached_machine_latency(tiny, tmp_path, monkeypatch
     cached.write_text("{broken")
     latency_module.machine_latency(backbone, heads, [1, 3, 5], topk=4, cache_dir=tmp_path)
     assert len(calls) == 3  # a damaged cache file is measured again
+    monkeypatch.setattr(precision, "machine_busy", lambda: True)
+    latency_module.machine_latency(backbone, heads, [1, 2], topk=4, cache_dir=tmp_path)
+    latency_module.machine_latency(backbone, heads, [1, 2], topk=4, cache_dir=tmp_path)
+    assert len(calls) == 5  # measured beside other work: used, not cached
 
 
 def test_cli_rejects_bad_tree_size(capsys):

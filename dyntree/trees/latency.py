@@ -150,7 +150,7 @@ def machine_latency(backbone, heads, sizes, topk: int, cache_dir: str | os.PathL
     count, the device and dtype, the model's and heads' shapes, the draft's top-k and the sizes measured.
     """
     from ..loading import cache_root  # noqa: PLC0415 - loading pulls in transformers
-    from ..precision import cpu_identity  # noqa: PLC0415
+    from ..precision import cpu_identity, machine_busy  # noqa: PLC0415
 
     config = backbone.config
     key = {"cpu": list(cpu_identity()), "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -170,6 +170,8 @@ def machine_latency(backbone, heads, sizes, topk: int, cache_dir: str | os.PathL
             pass  # a damaged cache file is measured again and overwritten
     model = measure_latency(backbone, heads, key["sizes"], topk=topk)
     model.note["key"] = key
+    if machine_busy():
+        return model  # timings taken beside other work mislead: use them now, measure again next time
     tmp = path.with_name(path.name + ".tmp")
     model.save(tmp)
     os.replace(tmp, path)
