@@ -91,7 +91,7 @@ class AttentionPlan:
     (the products ignore interleaved zero weights: tests/test_kernels.py checks the outcome).
     """
 
-    __slots__ = ("bias", "split", "tail_blocks", "rows")
+    __slots__ = ("bias", "split", "tail_blocks", "rows", "_values")
 
     def __init__(self, mask: torch.Tensor, key_positions: torch.Tensor, split: int, heads: int, kv_heads: int):
         """mask `[B, 1, n, T]` (True = visible); key_positions `[B, T]` logical position of every slot (below
@@ -105,38 +105,60 @@ class AttentionPlan:
         self.bias = bias[:, :, None].expand(batch, kv_heads, group, self.rows, total).reshape(
             batch * kv_heads, group * self.rows, total)
         self.split = split
-        block = (key_positions[:, split:] - split) // ATTENTION_BLOCK  # [B, T - split]
-        count = int(block.max()) + 1 if block.numel() else 0
-        selection = block[:, None, :] == torch.arange(count, device=mask.device)[None, :, None]
-        self.tail_blocks = selection.float().repeat_interleave(kv_heads, 0) if count else None
+        # Keys at or above `split` that sit within one block of slots all fall in one logical block (positions
+        # lie between `split` and their slot): that block is multiplied like the others, no selection needed.
+        self.tail_blocks = None
+        if total - split > ATTENTION_BLOCK:
+            block = (key_positions[:, split:] - split) // ATTENTION_BLOCK  # [B, T - split]
+            count = int(block.max()) + 1 if block.numel() else 0
+            selection = block[:, None, :] == torch.arange(count, device=mask.device)[None, :, None]
+            self.tail_blocks = selection.float().repeat_interleave(kv_heads, 0) if count else None
+        self._values = None
+
+    def values_buffer(self, rows: int, total: int, dim: int, device) -> torch.Tensor:
+        """`[rows, T, dim + 1]` fp32 whose last column is ones (the softmax denominator), shared by the layers:
+        each layer copies its values into the first `dim` columns."""
+        buffer = self._values
+        if buffer is None or buffer.shape != (rows, total, dim + 1):
+            buffer = self._values = torch.empty(rows, total, dim + 1, device=device)
+            buffer[..., dim].fill_(1.0)
+        return buffer
 
 
-def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: AttentionPlan,
+           out: torch.Tensor | None = None) -> torch.Tensor:
     """Masked softmax attention with grouped KV heads, in fp32 whatever the dtype, row-count independent.
 
     query `[B, H, n, D]`; keys/values `[B, KV, T, D]` with T a multiple of `ATTENTION_BLOCK`. The softmax
-    denominator rides along the value products as a column of ones, so it is summed the same way.
+    denominator rides along the value products as a column of ones, so it is summed the same way. Returns
+    `[B, H, n, D]` in the query's dtype: a view of `out` `[B, n, H, D]` (allocated when not given), which is
+    what the output projection reads.
     """
     batch, heads, n, dim = query.shape
     kv_heads, total = keys.shape[1], keys.shape[2]
-    if plan.rows > n:
-        query = torch.cat([query, query[:, :, -1:].expand(-1, -1, plan.rows - n, -1)], 2)
-    grouped = (query.float() * dim ** -0.5).reshape(batch * kv_heads, -1, dim)
-    scores = torch.baddbmm(plan.bias, grouped, keys.float().reshape(batch * kv_heads, total, dim).transpose(1, 2))
+    group, rows = heads // kv_heads, plan.rows
+    scaled = query.new_empty(batch, heads, rows, dim, dtype=torch.float32)
+    torch.mul(query, dim ** -0.5, out=scaled[:, :, :n])
+    if rows > n:  # padding rows repeat the last one
+        scaled[:, :, n:] = scaled[:, :, n - 1 : n]
+    grouped = scaled.view(batch * kv_heads, group * rows, dim)
+    keys = keys.float().reshape(batch * kv_heads, total, dim)
+    scores = torch.baddbmm(plan.bias, grouped, keys.transpose(1, 2))
     weights = scores.sub_(scores.amax(-1, keepdim=True)).exp_()  # [B * KV, R, T]
-    values = values.float().reshape(batch * kv_heads, total, dim)
-    values = torch.cat([values, values.new_ones(values.shape[0], total, 1)], -1)  # [B * KV, T, D + 1]
+    augmented = plan.values_buffer(batch * kv_heads, total, dim, values.device)  # [B * KV, T, D + 1]
+    augmented[..., :dim].copy_(values.reshape(batch * kv_heads, total, dim))
     split = plan.split
-    prefix_blocks = split // ATTENTION_BLOCK
-    parts = []
-    if prefix_blocks:
-        head = weights[..., :split].unflatten(-1, (prefix_blocks, ATTENTION_BLOCK)).transpose(1, 2)
-        parts.append(head @ values[:, :split].unflatten(1, (prefix_blocks, ATTENTION_BLOCK)))
+    blocks = total // ATTENTION_BLOCK if plan.tail_blocks is None else split // ATTENTION_BLOCK
+    products = weights[..., : blocks * ATTENTION_BLOCK].unflatten(-1, (blocks, ATTENTION_BLOCK)).transpose(1, 2) @ (
+        augmented[:, : blocks * ATTENTION_BLOCK].unflatten(1, (blocks, ATTENTION_BLOCK)))  # [B * KV, blocks, R, D + 1]
     if plan.tail_blocks is not None:  # [B * KV, blocks, T - split]
-        parts.append((weights[:, None, :, split:] * plan.tail_blocks[:, :, None]) @ values[:, None, split:])
-    summed = torch.cat(parts, 1).cumsum(1)[:, -1]  # blocks in order; [B * KV, R, D + 1]
-    out = (summed[..., :dim] / summed[..., dim:]).view(batch, heads, plan.rows, dim)[:, :, :n]
-    return out.to(query.dtype)
+        tail = (weights[:, None, :, split:] * plan.tail_blocks[:, :, None]) @ augmented[:, None, split:]
+        products = torch.cat([products, tail], 1)
+    summed = products.cumsum(1)[:, -1].view(batch, kv_heads, group, rows, dim + 1)[:, :, :, :n]  # blocks in order
+    if out is None:
+        out = query.new_empty(batch, n, heads, dim)
+    torch.div(summed[..., :dim], summed[..., dim:], out=out.view(batch, n, kv_heads, group, dim).permute(0, 2, 3, 1, 4))
+    return out.transpose(1, 2)
 
 
 def padded_key_count(total: int) -> int:

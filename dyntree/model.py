@@ -263,6 +263,7 @@ class Transformer:
         rows = torch.arange(batch, device=slots.device)[:, None]
         plan = AttentionPlan(mask, self._key_positions(cache, slots, positions, total), split, nh, nkv)
         end = cfg.num_layers if end is None else end
+        attn = hidden.new_empty(batch, n, nh, hd)  # every layer's attention output, as the o projection reads it
         for li in range(start, end):
             layer = self.layers[li]
             x = F.rms_norm(hidden, (cfg.hidden_size,), layer.attn_norm, cfg.rms_norm_eps)
@@ -280,8 +281,8 @@ class Transformer:
             if total > cache.max_len:  # a cache not made by `new_cache` may end inside a block
                 layer_keys = F.pad(layer_keys, (0, 0, 0, total - cache.max_len))
                 layer_values = F.pad(layer_values, (0, 0, 0, total - cache.max_len))
-            attn = attend(q, layer_keys[:, :, :total], layer_values[:, :, :total], plan)
-            hidden = hidden + layer.o(attn.transpose(1, 2).reshape(batch, n, nh * hd))
+            attend(q, layer_keys[:, :, :total], layer_values[:, :, :total], plan, out=attn)
+            hidden = hidden + layer.o(attn.view(batch, n, nh * hd))
             x = F.rms_norm(hidden, (cfg.hidden_size,), layer.mlp_norm, cfg.rms_norm_eps)
             gate, up = layer.gate_up(x).chunk(2, dim=-1)
             hidden = hidden + layer.down(F.silu(gate) * up)
