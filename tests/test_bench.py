@@ -392,3 +392,36 @@ def test_dtype_is_global_and_per_method_and_recorded(tiny_model_dir, prompts_fil
     assert main(["bench", "--methods", "ar:dtype=half", "--dtype", "float32", "--model", str(tiny_model_dir),
                  "--prompts", str(prompts_file), "--out", str(tmp_path / "bad2")]) == 2
     assert "unknown dtype 'half'" in capsys.readouterr().err
+
+
+def test_exactness_is_checked_within_a_dtype_and_a_miss_reports_its_logit_gap(tiny_model_dir, prompts_file):
+    from dataclasses import replace as dc_replace
+
+    class OffByOne(DynTreeMethod):
+        """Plain decoding whose third token is replaced: a planted mismatch."""
+
+        def run(self, prompt_ids, max_new_tokens):
+            tokens, stats = super().run(prompt_ids, max_new_tokens)
+            tokens = tokens[:2] + [(tokens[2] + 1) % 128] + tokens[3:]
+            return tokens, dc_replace(stats)
+
+    @register_method("test-off-by-one", "plain decoding with a planted mismatch (test only)", options={})
+    def _factory(context, spec):
+        engine = context.dyntree("float32").with_tree("ar")
+        return OffByOne(spec.text, engine, {"tree": "ar", "dtype": "float32"})
+
+    try:
+        context = BenchContext(model=str(tiny_model_dir), heads="random", dtype="bfloat16")
+        methods = build_methods(parse_method_list("ar,ar:dtype=float32,static,static:dtype=float32,"
+                                                  "test-off-by-one"), context)
+        bench = run_benchmark(methods, load_prompts(prompts_file, limit=1), context,
+                              BenchSettings(max_new_tokens=8, warmup=0, kl_samples=0))
+        results = collect_results(bench, context, "test", "file")
+        m = results["methods"]
+        assert m["static"]["exactness_note"].startswith("static vs ar,")
+        assert m["static:dtype=float32"]["exactness_note"].startswith("static:dtype=float32 vs ar:dtype=float32")
+        assert m["static"]["exact_match_rate"] == m["static:dtype=float32"]["exact_match_rate"] == 1.0
+        (miss,) = m["test-off-by-one"]["mismatches"]
+        assert miss["position"] == 2 and miss["logit_gap"] > 0  # plain decoding's token was the argmax
+    finally:
+        METHODS.pop("test-off-by-one")

@@ -27,6 +27,36 @@ __all__ = [
 ]
 
 
+def exactness_references(methods: list[BenchMethod]) -> dict[str, str]:
+    """Per method, the plain greedy decoding (`ar`, or an `ar:dtype=...` in the run) of the same dtype that its
+    tokens are checked against; methods of a dtype with no such run are checked against `ar`."""
+    plain: dict[str, str] = {}
+    for m in methods:
+        if m.family == "dyntree" and m.greedy and m.name.split(":")[0] == "ar":
+            dtype = m.settings().get("dtype")
+            if m.name == "ar" or dtype not in plain:  # `ar` itself wins for its own dtype
+                plain[dtype] = m.name
+    return {m.name: plain.get(m.settings().get("dtype"), "ar") for m in methods}
+
+
+def logit_gap(context: BenchContext, method: BenchMethod, reference: str, bench: BenchRun, miss: dict):
+    """Where a greedy method left plain decoding: the model's logit of plain decoding's token minus that of the
+    method's token at that position, in the method's dtype (a tiny gap is a near-tie that rounding can flip;
+    a large one is a bug). None when either side had already stopped."""
+    import torch
+
+    if miss["ar_token"] is None or miss["method_token"] is None:
+        return None
+    ref = next(r for r in bench.records if r.method == reference and r.prompt_id == miss["prompt_id"]
+               and r.turn == miss["turn"])
+    ids = list(bench.inputs[(miss["prompt_id"], miss["turn"])]["token_ids"]) + ref.token_ids[: miss["position"]]
+    backbone = context.dyntree(method.settings().get("dtype")).model.backbone
+    with torch.inference_mode():
+        cache = backbone.new_cache(1, len(ids) + 1)
+        logits = backbone.logits(backbone.forward(torch.tensor([ids], device=backbone.device), cache)[0, -1])
+    return float(logits[miss["ar_token"]] - logits[miss["method_token"]])
+
+
 def collect_results(bench: BenchRun, context: BenchContext, command: str, prompt_source: str) -> dict:
     """Everything about a run in one JSON-ready dict: settings, environment, summaries and raw records."""
     names = [m.name for m in bench.methods]
@@ -38,8 +68,12 @@ def collect_results(bench: BenchRun, context: BenchContext, command: str, prompt
     def text(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=True)
 
-    methods = summarize(bench.records, names, {m.name: m.greedy for m in bench.methods}, decode, text)
+    methods = summarize(bench.records, names, {m.name: m.greedy for m in bench.methods}, decode, text,
+                        exactness_references(bench.methods))
+    references = exactness_references(bench.methods)
     for method in bench.methods:
+        for miss in methods[method.name]["mismatches"]:
+            miss["logit_gap"] = logit_gap(context, method, references[method.name], bench, miss)
         methods[method.name] = {"family": method.family, "greedy": method.greedy,
                                 "settings": method.settings(), **methods[method.name],
                                 **(bench.kl.get(method.name) or not_measured(method, bench.settings.kl_samples))}

@@ -128,8 +128,9 @@ def notes(results: dict) -> list[str]:
             text = ""
             if "ar_text" in miss:
                 text = f": ar {miss['ar_text']!r} vs {miss['method_text']!r}"
-            lines.append(f"{name} differs from ar on prompt {miss['prompt_id']} turn {miss['turn']} at token "
-                         f"{miss['position']} ({miss['ar_token']} vs {miss['method_token']}){text}")
+            gap = f", logit gap {miss['logit_gap']:.3g}" if miss.get("logit_gap") is not None else ""
+            lines.append(f"{name} differs from plain decoding on prompt {miss['prompt_id']} turn {miss['turn']} at "
+                         f"token {miss['position']} ({miss['ar_token']} vs {miss['method_token']}{gap}){text}")
         if not m.get("repeats_agree", True):
             lines.append(f"{name}: repeats of the same prompt gave different tokens (non-deterministic)")
     env = results["environment"]

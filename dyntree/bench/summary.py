@@ -108,19 +108,22 @@ def _phase_ms(records: list[RunRecord]) -> dict | None:
 
 def summarize(records: list[RunRecord], method_names: list[str], greedy: dict[str, bool] | None = None,
               decode: Callable[[list[int]], str] | None = None,
-              text: Callable[[list[int]], str] | None = None) -> dict[str, dict]:
+              text: Callable[[list[int]], str] | None = None,
+              references: dict[str, str] | None = None) -> dict[str, dict]:
     """Per-method figures (the `methods` block of results.json).
 
     `decode` shows the tokens around a mismatch; `text` turns an output into the text BLEU scores (special
-    tokens dropped, as stored in each run's `text`); without it BLEU is not computed.
+    tokens dropped, as stored in each run's `text`); without it BLEU is not computed. `references` names, per
+    method, the plain-decoding method its tokens are checked against (default `ar`): exactness holds within
+    one dtype, so a bf16 tree is checked against bf16 plain decoding.
     """
+    references = references or {}
     greedy = greedy or {}
     samples = fold_repeats(records)
     by_method_records: dict[str, list[RunRecord]] = defaultdict(list)
     for r in records:
         by_method_records[r.method].append(r)
     tps = {m: throughput(samples.get(m, [])) for m in method_names}
-    reference = {s.key: s for s in samples.get(AR_BASELINE, [])}
     baselines = {name: {s.key: s for s in samples.get(name, [])} for name in (HF_BASELINE, AR_BASELINE)}
     out: dict[str, dict] = {}
     for name in method_names:
@@ -157,8 +160,10 @@ def summarize(records: list[RunRecord], method_names: list[str], greedy: dict[st
         summary["peak_memory_bytes"] = max(peaks) if peaks else None
         summary["run_memory_bytes"] = max(deltas) if deltas else None
         summary["repeats_agree"] = all(s.repeats_agree for s in mine)
+        reference_name = references.get(name, AR_BASELINE)
+        reference = {s.key: s for s in samples.get(reference_name, [])}
         summary.update(_exactness(mine, reference, greedy.get(name, True),
-                                  all(r.reference_exact for r in runs), name, decode))
+                                  all(r.reference_exact for r in runs), name, decode, reference_name))
         summary.update(bleu_vs_reference(mine, reference, text))
         summary["by_category"] = _by_category(mine, samples, method_names)
         out[name] = summary
@@ -166,10 +171,11 @@ def summarize(records: list[RunRecord], method_names: list[str], greedy: dict[st
 
 
 def _exactness(mine: list[Sample], reference: dict, is_greedy: bool, reference_exact: bool, name: str,
-               decode: Callable[[list[int]], str] | None) -> dict:
+               decode: Callable[[list[int]], str] | None, reference_name: str = AR_BASELINE) -> dict:
     if not reference or not is_greedy or not reference_exact:
-        why = ("no ar run to compare with" if not reference else "not a greedy method" if not is_greedy
-               else "other numerics than ar (e.g. quantised weights): compared by BLEU, not token for token")
+        why = (f"no {reference_name} run to compare with" if not reference else "not a greedy method" if not is_greedy
+               else f"other numerics than {reference_name} (e.g. quantised weights): compared by BLEU, not token "
+               "for token")
         return {"exact_match_rate": None, "exact_matches": None, "exact_compared": 0, "mismatches": [],
                 "exactness_note": why}
     matches, compared, mismatches = 0, 0, []
@@ -192,7 +198,8 @@ def _exactness(mine: list[Sample], reference: dict, is_greedy: bool, reference_e
                         ar_text=decode(ref.token_ids[pos: pos + 8]), method_text=decode(s.token_ids[pos: pos + 8]))
         mismatches.append(miss)
     return {"exact_match_rate": matches / compared if compared else None, "exact_matches": matches,
-            "exact_compared": compared, "mismatches": mismatches, "exactness_note": f"{name} vs ar, token for token"}
+            "exact_compared": compared, "mismatches": mismatches,
+            "exactness_note": f"{name} vs {reference_name}, token for token"}
 
 
 def bleu_vs_reference(mine: list[Sample], reference: dict, text: Callable[[list[int]], str] | None) -> dict:
