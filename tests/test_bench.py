@@ -425,3 +425,9 @@ def test_exactness_is_checked_within_a_dtype_and_a_miss_reports_its_logit_gap(ti
         assert miss["position"] == 2 and miss["logit_gap"] > 0  # plain decoding's token was the argmax
     finally:
         METHODS.pop("test-off-by-one")
+
+
+def test_mtbench_is_a_prompt_set_name():
+    prompts = load_prompts("mtbench", per_category=1)
+    assert len(prompts) == 8 and len({p.category for p in prompts}) == 8
+    assert len(load_prompts("mtbench")) == 80

@@ -11,6 +11,7 @@ from ..errors import DynTreeError
 from ..jsonl import read_jsonl_objects
 
 BUILTIN = "builtin"
+MTBENCH = "mtbench"  # MT-Bench's 80 questions, shipped in dyntree/data (the standard benchmark set)
 BUILTIN_FILE = "bench_prompts.jsonl"
 TEXT_FIELDS = ("prompt", "question", "instruction")
 
@@ -68,7 +69,12 @@ def load_prompts(source: str | os.PathLike = BUILTIN, limit: int | None = None,
         raise DynTreeError("--limit must be at least 1")
     if per_category is not None and per_category < 1:
         raise DynTreeError("--per-category must be at least 1")
-    path = builtin_prompts_path() if str(source) == BUILTIN else Path(source).expanduser()
+    if str(source) == MTBENCH:
+        from ..data import mt_bench_path
+
+        path = mt_bench_path()
+    else:
+        path = builtin_prompts_path() if str(source) == BUILTIN else Path(source).expanduser()
     prompts: list[BenchPrompt] = []
     seen_ids: set[str] = set()
     taken: dict[str | None, int] = {}

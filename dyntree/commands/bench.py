@@ -36,7 +36,8 @@ def add_command(subparsers) -> None:
                         f"{','.join(DEFAULT_METHODS)} (those available). --list-methods shows them all")
     p.add_argument("--list-methods", action="store_true", help="list the available methods and exit")
     p.add_argument("--prompts", default="builtin",
-                   help="JSONL file (MT-Bench 'turns', or 'prompt'/'question'/'instruction' rows) or 'builtin' "
+                   help="JSONL file (MT-Bench 'turns', or 'prompt'/'question'/'instruction' rows), 'mtbench' "
+                        "(MT-Bench's 80 questions, shipped with dyntree) or 'builtin' "
                         "(12 short prompts shipped with dyntree)")
     p.add_argument("--limit", type=int, default=None, help="use the first N prompts")
     p.add_argument("--per-category", type=int, default=None, metavar="N",
