@@ -91,7 +91,9 @@ class AttentionPlan:
     (the products ignore interleaved zero weights: tests/test_kernels.py checks the outcome).
     """
 
-    __slots__ = ("bias", "split", "tail_blocks", "rows", "_values")
+    __slots__ = ("bias", "split", "tail_blocks", "rows", "out", "_shape", "_scaled", "_scaled_live", "_grouped",
+                 "_scores", "_rowmax", "_augmented", "_augmented_values", "_weight_blocks", "_value_blocks",
+                 "_out_grouped", "_dims")
 
     def __init__(self, mask: torch.Tensor, key_positions: torch.Tensor, split: int, heads: int, kv_heads: int):
         """mask `[B, 1, n, T]` (True = visible); key_positions `[B, T]` logical position of every slot (below
@@ -113,52 +115,64 @@ class AttentionPlan:
             count = int(block.max()) + 1 if block.numel() else 0
             selection = block[:, None, :] == torch.arange(count, device=mask.device)[None, :, None]
             self.tail_blocks = selection.float().repeat_interleave(kv_heads, 0) if count else None
-        self._values = None
+        self._shape = None
 
-    def values_buffer(self, rows: int, total: int, dim: int, device) -> torch.Tensor:
-        """`[rows, T, dim + 1]` fp32 whose last column is ones (the softmax denominator), shared by the layers:
-        each layer copies its values into the first `dim` columns."""
-        buffer = self._values
-        if buffer is None or buffer.shape != (rows, total, dim + 1):
-            buffer = self._values = torch.empty(rows, total, dim + 1, device=device)
-            buffer[..., dim].fill_(1.0)
-        return buffer
+    def prepare(self, batch: int, heads: int, n: int, dim: int, total: int, dtype: torch.dtype, device) -> None:
+        """Allocate what every layer's `run` writes (fp32 scratch, the output `[B, n, H, D]` in `dtype`) and the
+        views `run` reads them through, once per forward: per layer only the products remain."""
+        kv_heads = self.bias.shape[0] // batch
+        group, rows = heads // kv_heads, self.rows
+        shape = (batch, heads, n, dim, total, dtype)
+        if self._shape == shape:
+            return
+        self._shape = shape
+        self._scaled = torch.empty(batch, heads, rows, dim, device=device)
+        self._scaled_live = self._scaled[:, :, :n]
+        self._grouped = self._scaled.view(batch * kv_heads, group * rows, dim)
+        self._scores = torch.empty(batch * kv_heads, group * rows, total, device=device)
+        self._rowmax = torch.empty(batch * kv_heads, group * rows, 1, device=device)
+        self._augmented = torch.empty(batch * kv_heads, total, dim + 1, device=device)
+        self._augmented[..., dim].fill_(1.0)  # the softmax denominator's column
+        self._augmented_values = self._augmented[..., :dim]
+        blocks = total // ATTENTION_BLOCK if self.tail_blocks is None else self.split // ATTENTION_BLOCK
+        width = blocks * ATTENTION_BLOCK
+        self._weight_blocks = self._scores[..., :width].unflatten(-1, (blocks, ATTENTION_BLOCK)).transpose(1, 2)
+        self._value_blocks = self._augmented[:, :width].unflatten(1, (blocks, ATTENTION_BLOCK))
+        self.out = torch.empty(batch, n, heads, dim, device=device, dtype=dtype)
+        self._out_grouped = self.out.view(batch, n, kv_heads, group, dim).permute(0, 2, 3, 1, 4)
+        self._dims = (batch, kv_heads, group, rows, n, dim, total)
+
+    def run(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """`attend` on the buffers `prepare` made: query `[B, H, n, D]`, keys/values `[B, KV, T, D]`; returns
+        the shared output buffer `[B, n, H, D]` (overwritten by the next layer)."""
+        batch, kv_heads, group, rows, n, dim, total = self._dims
+        torch.mul(query, dim ** -0.5, out=self._scaled_live)
+        if rows > n:  # padding rows repeat the last one
+            self._scaled[:, :, n:] = self._scaled[:, :, n - 1 : n]
+        scores = torch.baddbmm(self.bias, self._grouped, keys.float().reshape(batch * kv_heads, total, dim).mT,
+                               out=self._scores)
+        weights = scores.sub_(torch.amax(scores, -1, keepdim=True, out=self._rowmax)).exp_()  # [B * KV, R, T]
+        self._augmented_values.copy_(values.reshape(batch * kv_heads, total, dim))
+        products = self._weight_blocks @ self._value_blocks  # [B * KV, blocks, R, D + 1]
+        if self.tail_blocks is not None:  # [B * KV, blocks, T - split]
+            split = self.split
+            tail = (weights[:, None, :, split:] * self.tail_blocks[:, :, None]) @ self._augmented[:, None, split:]
+            products = torch.cat([products, tail], 1)
+        summed = products.cumsum(1)[:, -1].view(batch, kv_heads, group, rows, dim + 1)[:, :, :, :n]  # in order
+        torch.div(summed[..., :dim], summed[..., dim:], out=self._out_grouped)
+        return self.out
 
 
-def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: AttentionPlan,
-           out: torch.Tensor | None = None) -> torch.Tensor:
+def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
     """Masked softmax attention with grouped KV heads, in fp32 whatever the dtype, row-count independent.
 
     query `[B, H, n, D]`; keys/values `[B, KV, T, D]` with T a multiple of `ATTENTION_BLOCK`. The softmax
     denominator rides along the value products as a column of ones, so it is summed the same way. Returns
-    `[B, H, n, D]` in the query's dtype: a view of `out` `[B, n, H, D]` (allocated when not given), which is
-    what the output projection reads.
+    `[B, H, n, D]` in the query's dtype (a view of the plan's output buffer, which the next call overwrites).
     """
     batch, heads, n, dim = query.shape
-    kv_heads, total = keys.shape[1], keys.shape[2]
-    group, rows = heads // kv_heads, plan.rows
-    scaled = query.new_empty(batch, heads, rows, dim, dtype=torch.float32)
-    torch.mul(query, dim ** -0.5, out=scaled[:, :, :n])
-    if rows > n:  # padding rows repeat the last one
-        scaled[:, :, n:] = scaled[:, :, n - 1 : n]
-    grouped = scaled.view(batch * kv_heads, group * rows, dim)
-    keys = keys.float().reshape(batch * kv_heads, total, dim)
-    scores = torch.baddbmm(plan.bias, grouped, keys.transpose(1, 2))
-    weights = scores.sub_(scores.amax(-1, keepdim=True)).exp_()  # [B * KV, R, T]
-    augmented = plan.values_buffer(batch * kv_heads, total, dim, values.device)  # [B * KV, T, D + 1]
-    augmented[..., :dim].copy_(values.reshape(batch * kv_heads, total, dim))
-    split = plan.split
-    blocks = total // ATTENTION_BLOCK if plan.tail_blocks is None else split // ATTENTION_BLOCK
-    products = weights[..., : blocks * ATTENTION_BLOCK].unflatten(-1, (blocks, ATTENTION_BLOCK)).transpose(1, 2) @ (
-        augmented[:, : blocks * ATTENTION_BLOCK].unflatten(1, (blocks, ATTENTION_BLOCK)))  # [B * KV, blocks, R, D + 1]
-    if plan.tail_blocks is not None:  # [B * KV, blocks, T - split]
-        tail = (weights[:, None, :, split:] * plan.tail_blocks[:, :, None]) @ augmented[:, None, split:]
-        products = torch.cat([products, tail], 1)
-    summed = products.cumsum(1)[:, -1].view(batch, kv_heads, group, rows, dim + 1)[:, :, :, :n]  # blocks in order
-    if out is None:
-        out = query.new_empty(batch, n, heads, dim)
-    torch.div(summed[..., :dim], summed[..., dim:], out=out.view(batch, n, kv_heads, group, dim).permute(0, 2, 3, 1, 4))
-    return out.transpose(1, 2)
+    plan.prepare(batch, heads, n, dim, keys.shape[2], query.dtype, query.device)
+    return plan.run(query, keys, values).transpose(1, 2)
 
 
 def padded_key_count(total: int) -> int:

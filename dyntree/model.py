@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import DynTreeError
-from .kernels import ATTENTION_BLOCK, AttentionPlan, Dense, attend, padded_key_count
+from .kernels import ATTENTION_BLOCK, AttentionPlan, Dense, padded_key_count
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
@@ -263,7 +263,12 @@ class Transformer:
         rows = torch.arange(batch, device=slots.device)[:, None]
         plan = AttentionPlan(mask, self._key_positions(cache, slots, positions, total), split, nh, nkv)
         end = cfg.num_layers if end is None else end
-        attn = hidden.new_empty(batch, n, nh, hd)  # every layer's attention output, as the o projection reads it
+        plan.prepare(batch, nh, n, hd, total, hidden.dtype, hidden.device)  # scratch shared by the layers
+        padded = total > cache.max_len  # a cache not made by `new_cache` may end inside a block
+        keys, values = (cache.keys, cache.values) if padded else (cache.keys[:, :, :, :total], cache.values[:, :, :, :total])
+        if contiguous:  # where this step's keys and values go, per layer
+            key_writes = cache.keys[:, :, :, first_slot : first_slot + n]
+            value_writes = cache.values[:, :, :, first_slot : first_slot + n]
         for li in range(start, end):
             layer = self.layers[li]
             x = F.rms_norm(hidden, (cfg.hidden_size,), layer.attn_norm, cfg.rms_norm_eps)
@@ -271,17 +276,17 @@ class Transformer:
             qk = _rope(qkv[:, :, : nh + nkv], cos, sin)  # q and k heads in one rotation
             q = qk[:, :, :nh].transpose(1, 2)
             k, v = qk[:, :, nh:], qkv[:, :, nh + nkv :]
-            layer_keys, layer_values = cache.keys[li], cache.values[li]
+            layer_keys, layer_values = keys[li], values[li]
             if contiguous:
-                layer_keys[:, :, first_slot : first_slot + n] = k.transpose(1, 2)
-                layer_values[:, :, first_slot : first_slot + n] = v.transpose(1, 2)
+                key_writes[li].copy_(k.transpose(1, 2))
+                value_writes[li].copy_(v.transpose(1, 2))
             else:  # one scatter for the whole batch: [B, n] slots, one row index per sequence
                 layer_keys[rows, :, slots] = k
                 layer_values[rows, :, slots] = v
-            if total > cache.max_len:  # a cache not made by `new_cache` may end inside a block
+            if padded:
                 layer_keys = F.pad(layer_keys, (0, 0, 0, total - cache.max_len))
                 layer_values = F.pad(layer_values, (0, 0, 0, total - cache.max_len))
-            attend(q, layer_keys[:, :, :total], layer_values[:, :, :total], plan, out=attn)
+            attn = plan.run(q, layer_keys, layer_values)
             hidden = hidden + layer.o(attn.view(batch, n, nh * hd))
             x = F.rms_norm(hidden, (cfg.hidden_size,), layer.mlp_norm, cfg.rms_norm_eps)
             gate, up = layer.gate_up(x).chunk(2, dim=-1)
