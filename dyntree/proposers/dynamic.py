@@ -83,7 +83,7 @@ class DynamicTreeProposer(Proposer):
         chosen, chosen_scores = select_nodes(factors, self.tree_size)
         if self.lookup is not None and context is not None:
             return self._propose_with_lookup(root, ids, probs, chosen, chosen_scores, context)
-        keep = self._size_for([row for row in chosen_scores]) - 1
+        keep = self._size_for(chosen_scores) - 1
         chosen = [nodes[:keep] for nodes in chosen]  # selection order: every prefix is a tree
         chosen_scores = [row[:keep] for row in chosen_scores]
         batch, m = root.shape[0], ids.shape[2]
