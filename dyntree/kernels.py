@@ -46,28 +46,36 @@ class Dense:
         return self.weight.shape[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
+        shape = x.shape
+        rows = x.reshape(-1, shape[-1])
         single = rows.shape[0] == 1
         if single:  # the 1-row kernels round differently: always take the 2+-row path
-            rows = rows.expand(2, -1)
-        if self.packed is not None:
-            y = torch.ops.mkldnn._linear_pointwise(rows.contiguous(), self.packed, self.bias, "none", [], "")
+            rows = rows.expand(2, -1).contiguous()
+        if self.packed is not None:  # the overload itself: no per-call lookup or overload resolution
+            y = _LINEAR_POINTWISE(rows if single or rows.is_contiguous() else rows.contiguous(), self.packed,
+                                  self.bias, "none", [], "")
         else:
             y = F.linear(rows, self.weight, self.bias)
         if single:
             y = y[:1]
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y.view(*shape[:-1], y.shape[-1])
+
+
+try:
+    _LINEAR_POINTWISE = torch.ops.mkldnn._linear_pointwise.default
+except (AttributeError, RuntimeError):  # a build without oneDNN: `_pack_onednn` gives None, Dense uses F.linear
+    _LINEAR_POINTWISE = None
 
 
 def _pack_onednn(weight: torch.Tensor):
     """oneDNN-prepacked CPU weight (fp32 or bf16), or None where oneDNN cannot take it."""
     if (weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16)
-            or not torch.backends.mkldnn.is_available()):
+            or not torch.backends.mkldnn.is_available() or _LINEAR_POINTWISE is None):
         return None
     try:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, 8)
         probe = torch.ones(2, weight.shape[1], dtype=weight.dtype)
-        got = torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], "")
+        got = _LINEAR_POINTWISE(probe, packed, None, "none", [], "")
         tolerance = 1e-4 if weight.dtype == torch.float32 else 2e-2
         if not torch.allclose(got.float(), F.linear(probe, weight).float(), rtol=tolerance, atol=tolerance):
             return None
