@@ -109,7 +109,7 @@ class AttentionPlan:
         batch, _, n, total = mask.shape
         group = heads // kv_heads
         self.rows = max(n, -(-MIN_ATTENTION_ROWS // group))
-        if self.rows > n:  # padding rows repeat the last one (any visible key keeps them finite)
+        if self.rows > n:  # padding rows (zero queries) see what the last row sees: finite, never read
             mask = torch.cat([mask, mask[:, :, -1:].expand(-1, -1, self.rows - n, -1)], 2)
         bias = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
         self.bias = bias[:, :, None].expand(batch, kv_heads, group, self.rows, total).reshape(
@@ -134,7 +134,7 @@ class AttentionPlan:
         if self._shape == shape:
             return
         self._shape = shape
-        self._scaled = torch.empty(batch, heads, rows, dim, device=device)
+        self._scaled = torch.zeros(batch, heads, rows, dim, device=device)  # padding rows stay zero: finite weights
         self._scaled_live = self._scaled[:, :, :n]
         self._grouped = self._scaled.view(batch * kv_heads, group * rows, dim)
         self._scores = torch.empty(batch * kv_heads, group * rows, total, device=device)
@@ -155,8 +155,6 @@ class AttentionPlan:
         the shared output buffer `[B, n, H, D]` (overwritten by the next layer)."""
         batch, kv_heads, group, rows, n, dim, total = self._dims
         torch.mul(query, dim ** -0.5, out=self._scaled_live)
-        if rows > n:  # padding rows repeat the last one
-            self._scaled[:, :, n:] = self._scaled[:, :, n - 1 : n]
         scores = torch.baddbmm(self.bias, self._grouped, keys.float().reshape(batch * kv_heads, total, dim).mT,
                                out=self._scores)
         weights = scores.sub_(torch.amax(scores, -1, keepdim=True, out=self._rowmax)).exp_()  # [B * KV, R, T]
