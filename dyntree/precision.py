@@ -58,7 +58,8 @@ def cpu_verdict(cache_dir: str | os.PathLike | None = None) -> dict:
     from .loading import cache_root  # noqa: PLC0415 - loading pulls in transformers
 
     name, flags = cpu_identity()
-    key = {"cpu": name, "flags": flags, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    key = {"cpu": name, "flags": flags, "torch": torch.__version__, "threads": torch.get_num_threads(),
+           "kernels": kernels_version()}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) if cache_dir is not None else cache_root() / "precision"
     path = path / f"{digest}.json"
@@ -95,6 +96,16 @@ def measure_dense_speed(repeats: int = 5) -> dict:
     faster = cost["bfloat16"] <= BF16_WIN * cost["float32"]
     return {"dtype": "bfloat16" if faster else "float32",
             "ms": {f"{dtype}@{rows}": round(ms, 3) for (dtype, rows), ms in best.items()}}
+
+
+def kernels_version() -> str:
+    """A digest of the code that timings depend on (the forward and its kernels): a cached timing of other
+    code would mislead after an upgrade, so it is part of every timing cache's key."""
+    here = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for name in ("kernels.py", "model.py"):
+        digest.update((here / name).read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def machine_busy() -> bool:

@@ -146,15 +146,15 @@ def measure_latency(backbone, heads=None, sizes=DEFAULT_SIZES, context: int = 12
 def machine_latency(backbone, heads, sizes, topk: int, cache_dir: str | os.PathLike | None = None) -> LatencyModel:
     """This machine's step latency for `backbone` + `heads`: measured once (a few seconds), then read back.
 
-    The cache file is keyed by everything that changes the timings: the processor, torch and its thread
-    count, the device and dtype, the model's and heads' shapes, the draft's top-k and the sizes measured.
+    The cache file is keyed by everything that changes the timings: the processor, the forward's code, torch
+    and its thread count, the device and dtype, the model's and heads' shapes, the draft's top-k and the sizes measured.
     """
     from ..loading import cache_root  # noqa: PLC0415 - loading pulls in transformers
-    from ..precision import cpu_identity, machine_busy  # noqa: PLC0415
+    from ..precision import cpu_identity, kernels_version, machine_busy  # noqa: PLC0415
 
     config = backbone.config
-    key = {"cpu": list(cpu_identity()), "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "device": str(backbone.device), "dtype": str(backbone.dtype),
+    key = {"cpu": list(cpu_identity()), "kernels": kernels_version(), "torch": torch.__version__,
+           "threads": torch.get_num_threads(), "device": str(backbone.device), "dtype": str(backbone.dtype),
            "model": [config.model_type, config.num_layers, config.hidden_size, config.intermediate_size,
                      config.vocab_size],
            "heads": None if heads is None else [heads.num_heads, heads.config.num_layers,
