@@ -147,7 +147,8 @@ def machine_latency(backbone, heads, sizes, topk: int, cache_dir: str | os.PathL
     """This machine's step latency for `backbone` + `heads`: measured once (a few seconds), then read back.
 
     The cache file is keyed by everything that changes the timings: the processor, the forward's code, torch
-    and its thread count, the device and dtype, the model's and heads' shapes, the draft's top-k and the sizes measured.
+    and its thread count, the device and dtype, the model's and heads' shapes, the draft's top-k and the sizes
+    measured.
     """
     from ..loading import cache_root  # noqa: PLC0415 - loading pulls in transformers
     from ..precision import cpu_identity, kernels_version, machine_busy  # noqa: PLC0415
