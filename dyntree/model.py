@@ -265,7 +265,8 @@ class Transformer:
         end = cfg.num_layers if end is None else end
         plan.prepare(batch, nh, n, hd, total, hidden.dtype, hidden.device)  # scratch shared by the layers
         padded = total > cache.max_len  # a cache not made by `new_cache` may end inside a block
-        keys, values = (cache.keys, cache.values) if padded else (cache.keys[:, :, :, :total], cache.values[:, :, :, :total])
+        keys, values = (cache.keys, cache.values) if padded else (cache.keys[:, :, :, :total],
+                                                                  cache.values[:, :, :, :total])
         if contiguous:  # where this step's keys and values go, per layer
             key_writes = cache.keys[:, :, :, first_slot : first_slot + n]
             value_writes = cache.values[:, :, :, first_slot : first_slot + n]

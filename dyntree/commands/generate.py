@@ -31,7 +31,8 @@ def run(args) -> int:
         raise DynTreeError("--max-new-tokens must be at least 1")
     sampling = sampling_config(args)
     err = Console(stderr=True, width=None if sys.stderr.isatty() else 132)
-    dt = DynTree.from_pretrained(args.model, heads=args.heads, tree=tree_config(args), device=args.device, dtype=args.dtype)
+    dt = DynTree.from_pretrained(args.model, heads=args.heads, tree=tree_config(args), device=args.device,
+                                 dtype=args.dtype)
     chat = False if args.no_chat else None
     dt.encode(args.prompt, chat)  # fail on a bad prompt before printing anything
     stats_list = []

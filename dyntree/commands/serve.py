@@ -35,7 +35,8 @@ def run(args) -> int:
     from ..api import DynTree
     from ..server import create_app
 
-    dt = DynTree.from_pretrained(args.model, heads=args.heads, tree=tree_config(args), device=args.device, dtype=args.dtype)
+    dt = DynTree.from_pretrained(args.model, heads=args.heads, tree=tree_config(args), device=args.device,
+                                 dtype=args.dtype)
     app = create_app(dt, served_model_name=args.served_model_name, default_max_tokens=args.max_tokens)
     print(f"dyntree serve: {app.state.service.model_name} (tree {dt.proposer.name}; heads: {dt.heads_note}) "
           f"on http://{args.host}:{args.port}; one request decodes at a time", flush=True)

@@ -36,7 +36,8 @@ def run(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise DynTreeError(f"--out {out} exists and is not a directory")
-    dt = DynTree.from_pretrained(args.model, heads=args.heads, tree=tree_config(args), device=args.device, dtype=args.dtype)
+    dt = DynTree.from_pretrained(args.model, heads=args.heads, tree=tree_config(args), device=args.device,
+                                 dtype=args.dtype)
     if dt.heads is None:
         raise DynTreeError("no heads, so no candidate trees to draw (pass --heads)")
     chat = False if args.no_chat else None
