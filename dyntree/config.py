@@ -80,7 +80,8 @@ class TreeConfig:
         if self.kind != "dynamic":
             given = [name for name in DYNAMIC_ONLY if getattr(self, name) not in (None, False)]
             if given:
-                raise DynTreeError(f"{', '.join(given)} only apply to the dynamic tree (tree 'dynamic'), "
+                verb = "applies" if len(given) == 1 else "apply"
+                raise DynTreeError(f"{', '.join(given)} only {verb} to the dynamic tree (tree 'dynamic'), "
                                    f"not to {self.kind!r}")
         if self.kind != "static" and self.static_tree is not None:
             raise DynTreeError(f"a static tree spec only applies to tree 'static', not {self.kind!r}")

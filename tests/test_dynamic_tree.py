@@ -299,7 +299,7 @@ def test_build_proposer_options():
     assert build_proposer(TreeConfig.parse("ar"), None).max_nodes == 1
     with pytest.raises(DynTreeError, match="needs Medusa heads"):
         build_proposer(TreeConfig.parse("dynamic"), None)
-    with pytest.raises(DynTreeError, match="only apply to the dynamic tree"):
+    with pytest.raises(DynTreeError, match="lookup only applies to the dynamic tree"):
         TreeConfig.parse("static", lookup=3)
 
 
