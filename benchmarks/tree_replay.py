@@ -10,7 +10,8 @@ Methods: `static:N` (the first N-1 paths of Medusa's mc_sim_7b_63, top-10), `cst
 tree for the calibration set's rates), `dynamic:N[:SCORE][:lookupL][:kK][:ngA-B][:TX][:binsB][:smerge]`
 (SCORE prob|rank|binned, calibrated scores start from the calibration set and keep learning online; lookupL:
 a lookup chain of up to L tokens, default none here; kK: top-K per head, default 8; ngA-B: lookup n-gram
-range; TX: tree temperature, default the proposer's; binsB: calibration bins; smerge: the score merge).
+range; TX: tree temperature, default the proposer's; binsB: calibration bins; smerge: the score merge;
+recycleR: up to R recycled candidates from the proposer's successor table, default none).
 Acceptance only: no timing.
 """
 
@@ -40,10 +41,12 @@ def parse(name: str, calib: AcceptanceStats | None):
     if kind == "cstatic":
         paths = static_paths_from_stats(calib[10].resized(NUM_HEADS, 10), size)
         return lambda: StaticTreeProposer(StaticTree.build(paths, 10, NUM_HEADS, f"cal{size}"))
-    score, lookup, topk, ngram, merge, temperature, bins = "prob", 0, 8, (3, 2), "first", None, 10
+    score, lookup, topk, ngram, merge, temperature, bins, recycle = "prob", 0, 8, (3, 2), "first", None, 10, 0
     for p in parts[2:]:
         if p in ("prob", "rank", "binned"):
             score = p
+        elif p.startswith("recycle"):
+            recycle = int(p[7:])
         elif p.startswith("lookup"):
             lookup = int(p[6:])
         elif p.startswith("k"):
@@ -60,7 +63,8 @@ def parse(name: str, calib: AcceptanceStats | None):
     def make():
         cal = None if score == "prob" else calib[bins].resized(NUM_HEADS, topk)
         return DynamicTreeProposer(NUM_HEADS, topk=topk, size=size, score=score, calibration=cal, lookup=lookup,
-                                   lookup_ngram=ngram, lookup_merge=merge, tree_temperature=temperature)
+                                   lookup_ngram=ngram, lookup_merge=merge, tree_temperature=temperature,
+                                   recycle=recycle)
     return make
 
 

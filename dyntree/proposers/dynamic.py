@@ -19,7 +19,8 @@ from ..errors import DynTreeError
 from ..trees import buffers_from_parents
 from ..trees.acceptance import AcceptanceStats
 from ..trees.latency import LatencyModel, choose_tree_size
-from ..trees.lookup import LookupBranch
+from ..trees.lookup import LookupBranch, merge_chain
+from ..trees.recycle import SuccessorTable
 from ..trees.selection import Node, canonical_order, marginals, select_nodes
 from .base import Proposal, Proposer
 
@@ -28,12 +29,15 @@ class DynamicTreeProposer(Proposer):
     """Builds each step's tree from the heads' current top-m guesses (and the context lookup branch).
 
     `config` is a dynamic `TreeConfig` (or its fields as keywords, e.g. `DynamicTreeProposer(4, size=16)`);
-    `latency` overrides `config.latency` for a size chosen per step.
+    `latency` overrides `config.latency` for a size chosen per step. `recycle` (prototype, 0 = off): up to
+    that many recycled candidates (`trees.recycle.SuccessorTable`, fed by the verified tokens) join each
+    tree that has no lookup chain, before the heads' nodes, inside the same node budget.
     """
 
     uses_heads = True
 
-    def __init__(self, num_heads: int, config: TreeConfig | None = None, latency=None, **fields):
+    def __init__(self, num_heads: int, config: TreeConfig | None = None, latency=None, recycle: int = 0,
+                 recycle_k: int = 2, **fields):
         if config is None:
             config = TreeConfig(kind="dynamic", **fields)
         elif fields:
@@ -64,11 +68,16 @@ class DynamicTreeProposer(Proposer):
         lookup = config.resolved_lookup
         self.lookup = LookupBranch(lookup, config.lookup_ngram, config.lookup_merge) if lookup else None
         self.uses_context = self.lookup is not None
+        if recycle < 0:
+            raise DynTreeError("recycle must be >= 0 (0 = off)")
+        self.recycle = int(recycle)
+        self.successors = SuccessorTable(recycle_k) if self.recycle else None
+        self._recycle_last = None  # the latest proposal, for the successor table's update in `observe`
         self._chains: list[list[int]] = []  # per row: the lookup chain's node indices in the latest tree
         self._last = None  # the latest proposal and its node lists, for `observe`
         size_label = f"auto{size}" if latency is not None else f"n{size}"
         self.name = f"dynamic:{size_label}:k{topk}" + ("" if self.score == "prob" else f":{self.score}") + (
-            f":lookup{lookup}" if lookup else "")
+            f":lookup{lookup}" if lookup else "") + (f":recycle{self.recycle}" if self.recycle else "")
 
     @property
     def max_nodes(self) -> int:
@@ -81,8 +90,10 @@ class DynamicTreeProposer(Proposer):
         probs = marginals(head_probs[:, :depth, : self.topk], self.temperature, self.config.renormalize)
         factors = self.stats.factors(probs, self.score)
         chosen, chosen_scores = select_nodes(factors, self.tree_size)
-        if self.lookup is not None and context is not None:
-            return self._propose_with_lookup(root, ids, probs, chosen, chosen_scores, context)
+        if self.recycle or (self.lookup is not None and context is not None):
+            proposal = self._propose_with_lookup(root, ids, probs, chosen, chosen_scores, context)
+            self._recycle_last = proposal
+            return proposal
         keep = self._size_for(chosen_scores) - 1
         chosen = [nodes[:keep] for nodes in chosen]  # selection order: every prefix is a tree
         chosen_scores = [row[:keep] for row in chosen_scores]
@@ -122,11 +133,25 @@ class DynamicTreeProposer(Proposer):
         so a step with a trusted chain can afford more nodes than the heads alone would justify.
         """
         id_rows, prob_rows = ids.tolist(), probs.tolist()
-        chains = [self.lookup.chain(ctx) for ctx in context]
+        if self.lookup is not None and context is not None:
+            chains = [self.lookup.chain(ctx) for ctx in context]
+        else:
+            chains = [[] for _ in id_rows]
+        roots = root.tolist()
         merged = []
         for row, (nodes, node_scores) in enumerate(zip(chosen, chosen_scores)):
             paths, meta = _head_paths(nodes, node_scores, id_rows[row], prob_rows[row])
-            merged.append((self.lookup.merge_into(paths, meta, chains[row], len(nodes)), meta))
+            # Recycled paths (only where no lookup chain was found: measured better than always) go before
+            # the heads' paths; score 0 puts them last with lookup_merge "score".
+            if self.successors is not None and not chains[row]:
+                recycled = self.successors.tree(roots[row], min(self.recycle, len(nodes)))
+                for path in recycled:
+                    meta.setdefault(path, (0.0, -1, 0.0))
+                paths = recycled + paths  # duplicates are merged below
+            if self.lookup is not None:
+                merged.append((self.lookup.merge_into(paths, meta, chains[row], len(nodes)), meta))
+            else:
+                merged.append((merge_chain(paths, [], len(nodes)), meta))
         if self.latency is not None:
             keep = self._size_for([[meta[p][0] for p in paths] for paths, meta in merged]) - 1
             merged = [(paths[:keep], meta) for paths, meta in merged]
@@ -142,7 +167,7 @@ class DynamicTreeProposer(Proposer):
             node_probs.append(row_probs)
             self._chains.append(chain_nodes)
         device = root.device
-        max_depth = max([ids.shape[1]] + [len(c) for c in chains])
+        max_depth = max([ids.shape[1]] + [len(p) for paths, _ in merged for p in paths])
         buffers = buffers_from_parents(torch.tensor(parents, dtype=torch.long, device=device), max_depth)
         proposal = Proposal(tokens=torch.tensor(tokens, dtype=torch.long, device=device), buffers=buffers,
                             scores=torch.tensor(scores, dtype=torch.float64),
@@ -156,8 +181,10 @@ class DynamicTreeProposer(Proposer):
         return self.lookup.rates() if self.lookup is not None else []
 
     def observe(self, proposal, verification, active: torch.Tensor | None = None) -> None:
-        """Feed one step's verification back into the acceptance table (when learning) and into the lookup
-        branch's per-depth counts (when lookup is on)."""
+        """Feed one step's verification back into the acceptance table (when learning), into the lookup
+        branch's per-depth counts (when lookup is on) and into the successor table (when recycling)."""
+        if self.successors is not None and self._recycle_last is proposal:
+            self._observe_successors(proposal, verification, active)
         last = self._last
         if last is None or last[0] is not proposal:
             return
@@ -167,10 +194,20 @@ class DynamicTreeProposer(Proposer):
             if active_rows is not None and not active_rows[b]:
                 continue
             accepted = set(nodes.tolist())
-            if self._chains:
+            if self._chains and self.lookup is not None:
                 self.lookup.record(self._chains[b], parents[b], accepted)
             if self.learn:
                 self.stats.record_tree(parents[b], ranks[b], node_probs[b], accepted)
+
+    def _observe_successors(self, proposal, verification, active) -> None:
+        """Each accepted token's successor (the next accepted token, or the bonus token) into the table."""
+        tokens = proposal.tokens.tolist()
+        nexts = verification.next_tokens.tolist()
+        active_rows = None if active is None else active.tolist()
+        for b, nodes in enumerate(verification.accepted_nodes):
+            if active_rows is not None and not active_rows[b]:
+                continue
+            self.successors.observe_sequence([tokens[b][i] for i in nodes.tolist()] + [nexts[b]])
 
 
 def _acceptance_table(calibration, num_heads: int, topk: int) -> AcceptanceStats:
