@@ -107,6 +107,20 @@ def test_lookup_tree_holds_the_chain_and_keeps_its_size():
         DynamicTreeProposer(4, topk=6, size=10, lookup=-1)
 
 
+def assert_replay_matches_decoding(backbone, heads, prompts, continuations, make_proposer, topk: int = 6):
+    """Replay on each recorded continuation reproduces every pass of a real decoding run (batch of 1), each
+    with a fresh proposer from `make_proposer`."""
+    for prompt, cont in zip(prompts, continuations):
+        seq = prompt + cont
+        with torch.inference_mode():
+            cache = backbone.new_cache(1, len(seq) + 1)
+            hidden = backbone.forward(torch.tensor([seq]), cache)[0]
+            ids, probs = heads.topk(hidden[len(prompt) - 1 : -1], backbone.lm_head, topk)
+        record = {"tokens": seq, "prompt_len": len(prompt), "head_ids": ids, "head_probs": probs}
+        live = Decoder(backbone, heads, make_proposer()).run([prompt], 48, stop_at_eos=False).consume()
+        assert replay(make_proposer(), record).accepted_lengths == live.stats.accepted_lengths
+
+
 @pytest.mark.parametrize("lookup", [0, 6])
 def test_lookup_decoding_is_lossless_and_replay_matches_decoding(tiny_model, lookup):
     backbone, heads = tiny_model
@@ -118,18 +132,8 @@ def test_lookup_decoding_is_lossless_and_replay_matches_decoding(tiny_model, loo
     assert got.tokens == expected
     if lookup:
         assert sum(proposer.lookup.proposed) > 0
-    # Replay on the recorded continuation reproduces every pass of the real decoding run (batch of 1).
-    for prompt, cont in zip(prompts, expected):
-        seq = prompt + cont
-        with torch.inference_mode():
-            cache = backbone.new_cache(1, len(seq) + 1)
-            hidden = backbone.forward(torch.tensor([seq]), cache)[0]
-            ids, probs = heads.topk(hidden[len(prompt) - 1 : -1], backbone.lm_head, 6)
-        record = {"tokens": seq, "prompt_len": len(prompt), "head_ids": ids, "head_probs": probs}
-        live = Decoder(backbone, heads, DynamicTreeProposer(4, topk=6, size=12, lookup=lookup)).run(
-            [prompt], 48, stop_at_eos=False).consume()
-        replayed = replay(DynamicTreeProposer(4, topk=6, size=12, lookup=lookup), record)
-        assert replayed.accepted_lengths == live.stats.accepted_lengths
+    assert_replay_matches_decoding(backbone, heads, prompts, expected,
+                                   lambda: DynamicTreeProposer(4, topk=6, size=12, lookup=lookup))
     assert got.stats.mean_accepted_per_pass >= 1.0
 
 

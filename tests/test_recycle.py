@@ -10,9 +10,10 @@ from conftest import tiny_model_with_heads
 
 from dyntree.decoding import Decoder
 from dyntree.errors import DynTreeError
-from dyntree.eval.replay import replay
 from dyntree.proposers import DynamicTreeProposer, RootOnlyProposer
 from dyntree.trees.recycle import SuccessorTable
+
+from test_lookup_replay import assert_replay_matches_decoding
 
 
 def test_update_keeps_k_most_recent_first_without_duplicates():
@@ -109,14 +110,5 @@ def test_recycle_decoding_is_lossless_and_replay_matches_decoding(tiny_model, lo
     got = Decoder(backbone, heads, proposer).run(prompts, 48, stop_at_eos=False).consume()
     assert got.tokens == expected
     assert len(proposer.successors) > 0
-    for prompt, cont in zip(prompts, expected):
-        seq = prompt + cont
-        with torch.inference_mode():
-            cache = backbone.new_cache(1, len(seq) + 1)
-            hidden = backbone.forward(torch.tensor([seq]), cache)[0]
-            ids, probs = heads.topk(hidden[len(prompt) - 1 : -1], backbone.lm_head, 6)
-        record = {"tokens": seq, "prompt_len": len(prompt), "head_ids": ids, "head_probs": probs}
-        live = Decoder(backbone, heads, DynamicTreeProposer(4, topk=6, size=12, lookup=lookup, recycle=recycle)).run(
-            [prompt], 48, stop_at_eos=False).consume()
-        replayed = replay(DynamicTreeProposer(4, topk=6, size=12, lookup=lookup, recycle=recycle), record)
-        assert replayed.accepted_lengths == live.stats.accepted_lengths
+    assert_replay_matches_decoding(backbone, heads, prompts, expected,
+                                   lambda: DynamicTreeProposer(4, topk=6, size=12, lookup=lookup, recycle=recycle))

@@ -72,7 +72,6 @@ class DynamicTreeProposer(Proposer):
             raise DynTreeError("recycle must be >= 0 (0 = off)")
         self.recycle = int(recycle)
         self.successors = SuccessorTable(recycle_k) if self.recycle else None
-        self._recycle_last = None  # the latest proposal, for the successor table's update in `observe`
         self._chains: list[list[int]] = []  # per row: the lookup chain's node indices in the latest tree
         self._last = None  # the latest proposal and its node lists, for `observe`
         size_label = f"auto{size}" if latency is not None else f"n{size}"
@@ -91,9 +90,7 @@ class DynamicTreeProposer(Proposer):
         factors = self.stats.factors(probs, self.score)
         chosen, chosen_scores = select_nodes(factors, self.tree_size)
         if self.recycle or (self.lookup is not None and context is not None):
-            proposal = self._propose_with_lookup(root, ids, probs, chosen, chosen_scores, context)
-            self._recycle_last = proposal
-            return proposal
+            return self._propose_with_lookup(root, ids, probs, chosen, chosen_scores, context)
         keep = self._size_for(chosen_scores) - 1
         chosen = [nodes[:keep] for nodes in chosen]  # selection order: every prefix is a tree
         chosen_scores = [row[:keep] for row in chosen_scores]
@@ -183,11 +180,11 @@ class DynamicTreeProposer(Proposer):
     def observe(self, proposal, verification, active: torch.Tensor | None = None) -> None:
         """Feed one step's verification back into the acceptance table (when learning), into the lookup
         branch's per-depth counts (when lookup is on) and into the successor table (when recycling)."""
-        if self.successors is not None and self._recycle_last is proposal:
-            self._observe_successors(proposal, verification, active)
         last = self._last
         if last is None or last[0] is not proposal:
             return
+        if self.successors is not None:  # recycling trees are built by `_propose_with_lookup`, which sets `_last`
+            self._observe_successors(proposal, verification, active)
         _, parents, ranks, node_probs = last
         active_rows = None if active is None else active.tolist()
         for b, nodes in enumerate(verification.accepted_nodes):
