@@ -43,6 +43,7 @@ class HeadsConfig:
     shared_projection: bool = True
     model_type: str | None = None  # backbone fingerprint; None = unknown (Medusa files)
     vocab_subset: int | None = None  # size of `vocab_ids` when the projection covers only part of the vocabulary
+    head_type: str = "medusa"  # "medusa": each head reads the hidden state only; "hydra": also the drafted path
 
     def check_fits(self, backbone_config) -> None:
         fp = backbone_config.fingerprint()
