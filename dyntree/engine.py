@@ -1,0 +1,662 @@
+"""Continuous batching: many requests decode together on one batched KV cache, joining and leaving at steps.
+
+`BatchEngine` owns the model, a cache of `max_batch` rows and one background thread (torch work never runs on
+the caller's thread). `submit(EngineRequest)` queues a request and returns a `RequestHandle`; the thread's
+`step()`:
+
+1. drops cancelled and timed-out requests (queued or decoding) and frees their rows;
+2. admits waiting requests into free rows: prefill (alone, batch 1, exactly as a solo run does) and the
+   first token;
+3. builds one tree per active row (rows grouped by their tree policy, one `propose` call per group), pads the
+   trees to one node count, runs ONE forward pass over all rows, verifies each row, commits its accepted
+   path, and hands each request its new text through its `sink` callback;
+4. frees the rows of finished requests (the last active row moves into the hole, so active rows are always
+   cache rows 0..k-1 and a step reads a view of them, never a copy).
+
+Exactness: the backbone's kernels give every row the same bits whatever the other rows hold or how many there
+are (`kernels.py`), padding nodes see only committed tokens and themselves and are never accepted (parent -1),
+and greedy verification walks each row independently, so a greedy answer is token-identical alone or beside
+others. A sampling row is verified alone on its own (unpadded) tree with its own `torch.Generator`.
+
+Independent of HTTP: `server.py` wraps it; tests drive `step()` directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .api import DynTree
+from .decoding import forward_tree, propose
+from .errors import DynTreeError
+from .model import KVCache
+from .proposers import Proposal, Proposer, RootOnlyProposer
+from .sampling import SamplingConfig, choose_tokens
+from .textstream import TextStream
+from .trees import buffers_from_parents
+from .verify import Verification, verify_greedy, verify_tree
+
+log = logging.getLogger("dyntree.engine")
+
+ENGINE_CACHE_SIZE = 8  # distinct per-request tree settings kept built
+# From this many rows on, the default node budget is one node per row (plain decoding): a batch already fills
+# the matrix products that a tree fills for one sequence, so extra tree nodes cost more than they return.
+# A placeholder until a measured (batch size, nodes) latency model replaces `default_tree_size_for`.
+PLAIN_DECODING_BATCH = 8
+
+
+def default_tree_size_for(batch_size: int) -> int | None:
+    """Nodes per row for a step of `batch_size` rows: None = each row's configured tree, 1 = plain decoding."""
+    return 1 if batch_size >= PLAIN_DECODING_BATCH else None
+
+
+class EngineRefusal(DynTreeError):
+    """The engine cannot take (or finish) a request now: `status` is the HTTP status that says why."""
+
+    def __init__(self, message: str, status: int, retry_after: int | None = None):
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+
+
+@dataclass
+class EngineRequest:
+    """One request, already tokenised and checked against the context.
+
+    sink(event) is called on the engine thread with ("text", text, token_ids) for each pass that adds
+    visible text, then exactly one of ("done", Outcome) or ("error", exception). It must not block.
+    """
+
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: SamplingConfig
+    sink: Callable[[tuple], None]
+    stop: list[str] = field(default_factory=list)
+    tree_fields: dict = field(default_factory=dict)  # the request's own tree settings (server.tree_request)
+    timeout: float | None = None  # seconds from submission to the end of its answer
+
+
+@dataclass
+class Outcome:
+    """A finished request: its text and the numbers for `usage` and the `dyntree` stats object."""
+
+    text: str
+    token_ids: list[int]
+    prompt_ids: list[int]
+    finish_reason: str  # "stop" (end of sequence or a stop string), "length", "cancelled"
+    stats: dict = field(default_factory=dict)
+
+
+class RequestHandle:
+    """What `submit` returns: `cancel()` it (client gone) and its row is freed at the next step."""
+
+    def __init__(self, request: EngineRequest):
+        self.request = request
+        self.submitted = time.perf_counter()
+        self.deadline = None if request.timeout is None else self.submitted + request.timeout
+        self._cancelled = threading.Event()
+        self.finished = threading.Event()  # set once its sink got "done" or "error"
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+
+class EngineObserver:
+    """Hooks for metrics (the server's Prometheus registry implements them); the default records nothing."""
+
+    def step(self, batch_size: int, seconds: float, tokens_per_row: list[int]) -> None:
+        """One decoding step over `batch_size` rows took `seconds`, adding `tokens_per_row` tokens."""
+
+    def generated(self, tokens: int) -> None:
+        """Tokens emitted outside decoding steps (the first token of each request, after its prefill)."""
+
+    def finished(self, reason: str) -> None:
+        """A request left: stop, length, cancelled, timeout, shutdown, error."""
+
+
+class _Row:
+    """A request holding a cache row: its tokens so far, the next root and the hidden state before it."""
+
+    __slots__ = ("handle", "request", "engine", "generator", "tokens", "text", "last_hidden", "root", "passes",
+                 "accepted", "tree_sizes", "batch_sizes", "admitted", "decode_started", "reason")
+
+    def __init__(self, handle: RequestHandle, engine: DynTree, admitted: float, device):
+        self.handle = handle
+        self.request = handle.request
+        self.engine = engine
+        sampling = self.request.sampling
+        # One generator per request, as a solo run has: a seed reproduces the request's draws.
+        self.generator = None if sampling.is_greedy else sampling.generator(device)
+        self.tokens: list[int] = []
+        self.text: TextStream | None = None
+        self.last_hidden: torch.Tensor | None = None
+        self.root = 0
+        self.passes = 0
+        self.accepted: list[int] = []
+        self.tree_sizes: list[int] = []
+        self.batch_sizes: list[int] = []
+        self.admitted = admitted
+        self.decode_started = admitted
+        self.reason = ""  # why it finished: "eos", "length", "stop", "context"
+
+
+class BatchEngine:
+    """Decodes up to `max_batch` requests at once on `dt`'s model; up to `max_queue` more wait their turn.
+
+    tree_size_for(batch_size) -> nodes per row this step (None: each row's own tree; 1: plain decoding): the
+    hook a batch latency model plugs into. `threads`: torch intra-op threads of the engine thread.
+    `max_seq_len`: prompt + completion tokens a request may hold (default: the model's context); with
+    `max_batch` it bounds the KV cache, which grows to what admitted requests need and is kept.
+    """
+
+    def __init__(self, dt: DynTree, max_batch: int = 8, max_queue: int = 64,
+                 tree_size_for: Callable[[int], int | None] | None = None, threads: int | None = None,
+                 observer: EngineObserver | None = None, max_seq_len: int | None = None):
+        if max_batch < 1:
+            raise DynTreeError(f"max batch must be at least 1, got {max_batch}")
+        if max_queue < 0:
+            raise DynTreeError(f"max queue must be at least 0, got {max_queue}")
+        context = dt.model.config.max_position_embeddings
+        if max_seq_len is not None and not 2 <= max_seq_len <= context:
+            raise DynTreeError(f"max sequence length must be in 2..{context} (the model's context), "
+                               f"got {max_seq_len}")
+        self.base = dt
+        self.backbone = dt.model.backbone
+        self.heads = dt.heads
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.max_seq_len = max_seq_len or context
+        self.tree_size_for = tree_size_for or default_tree_size_for
+        self.threads = threads
+        self.observer = observer or EngineObserver()
+        self.eos = set(self.backbone.config.eos_token_ids)
+        self.engines: OrderedDict[tuple, DynTree] = OrderedDict()
+        self._capped: dict[tuple[int, int], tuple[DynTree, DynTree]] = {}
+        self._plain = RootOnlyProposer()
+        self._rows: list[_Row] = []  # row i holds cache row i (engine thread only)
+        self._cache: KVCache | None = None
+        self._waiting: deque[RequestHandle] = deque()
+        self._cond = threading.Condition()
+        self._accepting = True
+        self._drain_deadline: float | None = None
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._request_seconds = 0.0  # moving average of a request's time in a row (for Retry-After)
+
+    # -- the caller's side (any thread) -------------------------------------------------------------------
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self._rows)
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def check(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Raise DynTreeError unless a request of this size fits a row."""
+        limit = self.max_seq_len
+        if prompt_tokens < 1:
+            raise DynTreeError("empty prompt")
+        if prompt_tokens >= limit:
+            raise DynTreeError(f"the prompt is {prompt_tokens} tokens; the context is {limit} tokens")
+        if max_tokens < 1:
+            raise DynTreeError(f"max_tokens must be at least 1, got {max_tokens}")
+        if prompt_tokens + max_tokens > limit:
+            raise DynTreeError(f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the "
+                               f"context of {limit} tokens")
+
+    def submit(self, request: EngineRequest) -> RequestHandle:
+        """Queue a request. Raises DynTreeError for a request that cannot fit, EngineRefusal (429) when the
+        queue is full and EngineRefusal (503) once the engine stopped accepting work."""
+        self.check(len(request.prompt_ids), request.max_tokens)
+        handle = RequestHandle(request)
+        with self._cond:
+            if not self._accepting:
+                raise EngineRefusal("the server is shutting down", 503)
+            # Requests that a free row will take at the next step do not count as queued.
+            if len(self._rows) + len(self._waiting) >= self.max_batch + self.max_queue:
+                raise EngineRefusal(f"the server is busy ({len(self._rows)} requests decoding, "
+                                    f"{len(self._waiting)} waiting); retry later", 429, self.retry_after())
+            self._waiting.append(handle)
+            self._cond.notify_all()
+        return handle
+
+    def retry_after(self) -> int:
+        """Seconds until a queue slot is likely free: the queue's share of rows times a request's mean time."""
+        per_request = self._request_seconds or 1.0
+        return max(1, min(60, math.ceil(per_request * (len(self._waiting) + 1) / self.max_batch)))
+
+    def start(self) -> "BatchEngine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="dyntree-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop_accepting(self, grace: float | None = None) -> None:
+        """Refuse new requests (503); those already accepted go on, and after `grace` seconds (None: no limit)
+        any still unfinished are failed with a 503 (a clean error, never silence)."""
+        with self._cond:
+            self._accepting = False
+            if grace is not None:
+                deadline = time.perf_counter() + max(grace, 0.0)
+                self._drain_deadline = deadline if self._drain_deadline is None else min(self._drain_deadline,
+                                                                                          deadline)
+            self._cond.notify_all()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no request is queued or decoding; False if `timeout` passed first."""
+        end = None if timeout is None else time.perf_counter() + timeout
+        with self._cond:
+            while self._waiting or self._rows:
+                left = None if end is None else end - time.perf_counter()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(0.05 if left is None else min(left, 0.05))
+        return True
+
+    def close(self, grace: float = 0.0) -> None:
+        """Stop accepting, let requests finish for up to `grace` seconds, fail the rest (503), stop the thread."""
+        self.stop_accepting(grace)
+        if self._thread is not None:
+            self.wait_idle(grace + 1.0)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._fail_everything(EngineRefusal("the server is shutting down", 503), "shutdown")
+
+    # -- the engine thread ----------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)  # intra-op threads are per thread under OpenMP
+        while True:
+            with self._cond:
+                while not self._stopping and not self._waiting and not self._rows:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception as exc:  # a bug: every request in flight gets an error, the engine goes on
+                log.exception("engine step failed")
+                self._fail_everything(exc, "error", waiting=False)
+            with self._cond:
+                self._cond.notify_all()  # wait_idle
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """Admit, decode one step for every active row, retire finished rows. False when there was nothing."""
+        now = time.perf_counter()
+        if self._drain_deadline is not None and now >= self._drain_deadline:
+            self._fail_everything(EngineRefusal("the server is shutting down", 503), "shutdown")
+            return False
+        self._expire(now)
+        self._admit()
+        if not self._rows:
+            return False
+        started = time.perf_counter()
+        rows = self._rows
+        k = len(rows)
+        budget = self.tree_size_for(k)
+        groups = self._groups(budget)
+        proposals = []
+        for proposer, idx in groups:
+            hidden = torch.stack([rows[i].last_hidden for i in idx])
+            root = torch.tensor([rows[i].root for i in idx], dtype=torch.long, device=self.backbone.device)
+            proposals.append(propose(self.heads, proposer, self.backbone, hidden, root,
+                                     lambda idx=idx: [rows[i].request.prompt_ids + rows[i].tokens for i in idx]))
+        combined, sizes = _combine(groups, proposals, k, self.backbone.device)
+        n = combined.tokens.shape[1]
+        limit = min(self._cache.max_len, self.backbone.config.max_position_embeddings)
+        lengths = self._cache.lengths[:k].tolist()
+        full = [b for b in range(k) if lengths[b] + n > limit]
+        if full:  # a tree would run past the cache: those rows end here, as a solo run's would
+            for b in full:
+                rows[b].reason = "context"
+            self._retire(full)
+            return True
+        view = _rows_view(self._cache, k)
+        hidden = forward_tree(self.backbone, combined, view)
+        accepted, next_tokens, last_nodes = self._verify(hidden, combined, sizes)
+        for (proposer, idx), proposal in zip(groups, proposals):
+            proposer.observe(proposal, Verification(
+                [accepted[i] for i in idx], torch.tensor([next_tokens[i] for i in idx], dtype=torch.long),
+                torch.tensor([last_nodes[i] for i in idx], dtype=torch.long)))
+        tokens = combined.tokens.tolist()
+        added, done = [], []
+        for b, row in enumerate(rows):
+            nodes = accepted[b]
+            self._cache.commit(b, self._cache.lengths[b] + nodes)
+            new = [tokens[b][i] for i in nodes.tolist()[1:]] + [next_tokens[b]]
+            row.passes += 1
+            row.tree_sizes.append(sizes[b])
+            row.batch_sizes.append(k)
+            emitted = self._emit(row, new)
+            row.accepted.append(emitted)
+            added.append(emitted)
+            row.last_hidden = hidden[b, last_nodes[b]].clone()
+            row.root = next_tokens[b]
+            if row.reason:
+                done.append(b)
+        self.observer.step(k, time.perf_counter() - started, added)
+        self._retire(done)
+        return True
+
+    def _groups(self, budget: int | None) -> list[tuple[Proposer, list[int]]]:
+        """Rows sharing a proposer, in row order: one `propose` call each."""
+        groups: dict[int, tuple[Proposer, list[int]]] = {}
+        for b, row in enumerate(self._rows):
+            proposer = self._proposer_for(row.engine, budget)
+            groups.setdefault(id(proposer), (proposer, []))[1].append(b)
+        return list(groups.values())
+
+    def _proposer_for(self, engine: DynTree, budget: int | None) -> Proposer:
+        """The row's own proposer, or within a node budget: plain decoding (1) or its tree cut to `budget`
+        nodes (fixed-size dynamic and static trees; an auto-sized tree already sizes itself)."""
+        proposer = engine.proposer
+        if budget is None or budget >= proposer.max_nodes:
+            return proposer
+        if budget <= 1:
+            return self._plain
+        config = engine.config
+        if config.kind not in ("dynamic", "static") or config.auto:
+            return proposer
+        key = (id(engine), budget)
+        if key not in self._capped or self._capped[key][0] is not engine:
+            self._capped[key] = (engine, engine.with_tree(config.replace(size=budget)))
+        return self._capped[key][1].proposer
+
+    def _verify(self, hidden: torch.Tensor, proposal: Proposal, sizes: list[int]):
+        """Per row: accepted node indices, the next token and the last accepted node. Greedy rows are walked
+        together; each sampling row alone, on its own tree (no padding), with its own generator."""
+        rows = self._rows
+        k = len(rows)
+        accepted: list[torch.Tensor] = [None] * k
+        next_tokens, last_nodes = [0] * k, [0] * k
+        greedy = [row.request.sampling.is_greedy for row in rows]
+        logits = self.backbone.logits
+        if any(greedy):
+            result = verify_greedy(logits, hidden, proposal, torch.tensor(greedy, device=hidden.device))
+            nexts, lasts = result.next_tokens.tolist(), result.last_nodes.tolist()
+            for b in range(k):
+                if greedy[b]:
+                    accepted[b], next_tokens[b], last_nodes[b] = result.accepted_nodes[b], nexts[b], lasts[b]
+        for b in range(k):
+            if greedy[b]:
+                continue
+            n = sizes[b]
+            row = rows[b]
+            result = verify_tree(logits, hidden[b : b + 1, :n], _row_proposal(proposal, b, n), None,
+                                 row.request.sampling, row.generator)
+            accepted[b], next_tokens[b], last_nodes[b] = (result.accepted_nodes[0], int(result.next_tokens[0]),
+                                                          int(result.last_nodes[0]))
+        return accepted, next_tokens, last_nodes
+
+    def _emit(self, row: _Row, candidates: list[int]) -> int:
+        """Append tokens (up to EOS or max_tokens), send the text they add; returns how many were appended."""
+        out = []
+        limit = row.request.max_tokens
+        for t in candidates:
+            if len(row.tokens) >= limit:
+                break
+            row.tokens.append(t)
+            out.append(t)
+            if t in self.eos:
+                row.reason = "eos"
+                break
+        if len(row.tokens) >= limit and not row.reason:
+            row.reason = "length"
+        delta = row.text.push(out, finished=bool(row.reason))
+        if delta is not None and delta.text:
+            _send(row.request, ("text", delta.text, delta.token_ids))
+        if row.text.stopped:
+            row.reason = "stop"
+        return len(out)
+
+    # -- rows joining and leaving ---------------------------------------------------------------------------
+    def _admit(self) -> None:
+        while len(self._rows) < self.max_batch:
+            with self._cond:  # only this thread removes from the queue: the request stays visible (wait_idle)
+                if not self._waiting:
+                    return
+                handle = self._waiting[0]
+            row = None
+            if handle.cancelled:
+                self._end(handle, None, "cancelled")
+            else:
+                try:
+                    row = self._prefill(handle)
+                except DynTreeError as exc:
+                    self._end(handle, exc, "error")
+                except Exception as exc:  # a bug: this request gets an error, the others go on
+                    log.exception("prefill failed")
+                    self._end(handle, exc, "error")
+            if row is not None and not row.reason:
+                self._rows.append(row)
+            with self._cond:
+                self._waiting.popleft()
+            if row is not None and row.reason:
+                self._finish(row)
+
+    def _prefill(self, handle: RequestHandle) -> _Row:
+        """Build (or reuse) the request's tree engine, prefill its prompt into the next free row, choose the first
+        token: a batch-1 forward, exactly what a solo run computes."""
+        request = handle.request
+        engine = self.engine_for(request.tree_fields)
+        admitted = time.perf_counter()
+        row = _Row(handle, engine, admitted, self.backbone.device)
+        row.text = TextStream(self.base.tokenizer, request.stop)
+        prompt = request.prompt_ids
+        b = len(self._rows)
+        longest = max([len(prompt) + request.max_tokens] +
+                      [len(r.request.prompt_ids) + r.request.max_tokens for r in self._rows])
+        self._reserve(longest + self._largest_tree(engine) + 1)
+        view = _rows_view(self._cache, 1, start=b)
+        view.lengths = torch.zeros(1, dtype=torch.long, device=self.backbone.device)
+        hidden = self.backbone.forward(torch.tensor([prompt], device=self.backbone.device), view)
+        self._cache.lengths[b] = len(prompt)
+        row.last_hidden = hidden[0, -1].clone()
+        row.root = int(choose_tokens(self.backbone.logits(hidden[:, -1]), request.sampling, row.generator)[0])
+        row.decode_started = time.perf_counter()
+        self._emit(row, [row.root])
+        self.observer.generated(1)
+        return row
+
+    def _largest_tree(self, engine: DynTree) -> int:
+        return max([engine.proposer.max_nodes] + [r.engine.proposer.max_nodes for r in self._rows])
+
+    def _reserve(self, need: int) -> None:
+        """Grow the cache (rarely: it keeps its largest size) so that every row can hold `need` slots."""
+        need = min(need, self.backbone.config.max_position_embeddings)
+        cache = self._cache
+        if cache is not None and cache.max_len >= need:
+            return
+        grown = self.backbone.new_cache(self.max_batch, max(need, 256))
+        if cache is not None:
+            k = len(self._rows)
+            grown.keys[:, :k, :, : cache.max_len] = cache.keys[:, :k]
+            grown.values[:, :k, :, : cache.max_len] = cache.values[:, :k]
+            grown.lengths[:k] = cache.lengths[:k]
+        self._cache = grown
+
+    def _expire(self, now: float) -> None:
+        """Free the rows of cancelled and timed-out requests; drop such requests from the queue."""
+        gone = []
+        for b, row in enumerate(self._rows):
+            handle = row.handle
+            if handle.cancelled:
+                row.reason = "cancelled"
+                gone.append(b)
+            elif handle.deadline is not None and now >= handle.deadline:
+                row.reason = "timeout"
+                gone.append(b)
+        self._retire(gone)
+        with self._cond:
+            expired = [h for h in self._waiting if h.cancelled or (h.deadline is not None and now >= h.deadline)]
+            for h in expired:
+                self._waiting.remove(h)
+        for h in expired:
+            if h.cancelled:
+                self._end(h, None, "cancelled")
+            else:
+                self._end(h, _timeout_error(h), "timeout")
+
+    def _retire(self, indices: list[int]) -> None:
+        """Finish the rows at `indices` and compact: the last active row moves into each hole."""
+        for b in sorted(set(indices), reverse=True):
+            row = self._rows[b]
+            last = len(self._rows) - 1
+            if b != last:
+                cache = self._cache
+                length = int(cache.lengths[last])
+                cache.keys[:, b, :, :length] = cache.keys[:, last, :, :length]
+                cache.values[:, b, :, :length] = cache.values[:, last, :, :length]
+                cache.lengths[b] = length
+                self._rows[b] = self._rows[last]
+            self._cache.lengths[last] = 0
+            self._rows.pop()
+            self._finish(row)
+
+    def _finish(self, row: _Row) -> None:
+        if row.reason == "cancelled":
+            self._end(row.handle, None, "cancelled")
+            return
+        if row.reason == "timeout":
+            self._end(row.handle, _timeout_error(row.handle), "timeout")
+            return
+        if not row.text.stopped:  # a run cut short may still hold text back
+            delta = row.text.push([], finished=True)
+            if delta is not None and delta.text:
+                _send(row.request, ("text", delta.text, delta.token_ids))
+        ended = time.perf_counter()
+        finish = "stop" if row.reason in ("eos", "stop") else "length"
+        seconds = ended - row.admitted
+        self._request_seconds = seconds if not self._request_seconds else 0.8 * self._request_seconds + 0.2 * seconds
+        passes = row.accepted
+        outcome = Outcome(row.text.text, row.text.tokens, row.request.prompt_ids, finish, {
+            "tree": row.engine.proposer.name,
+            "forward_passes": row.passes + 1,  # the prefill pass yields the first token
+            "mean_accepted_per_pass": round(sum(passes) / len(passes), 4) if passes else 0.0,
+            "mean_tree_size": round(sum(row.tree_sizes) / len(row.tree_sizes), 2) if row.tree_sizes else 0.0,
+            "mean_batch_size": round(sum(row.batch_sizes) / len(row.batch_sizes), 2) if row.batch_sizes else 1.0,
+            "tokens_per_second": round(len(row.text.tokens) / seconds, 2) if seconds > 0 else 0.0,
+            "generation_seconds": round(seconds, 4),
+            "queue_seconds": round(row.admitted - row.handle.submitted, 4),
+            "acceptance": row.request.sampling.label,
+            "heads": row.engine.heads_note,
+        })
+        self._end(row.handle, outcome, finish)
+
+    def _end(self, handle: RequestHandle, result, reason: str) -> None:
+        """Tell the request how it ended (once) and count it."""
+        if handle.finished.is_set():
+            return
+        handle.finished.set()
+        if result is not None:
+            _send(handle.request, ("done", result) if isinstance(result, Outcome) else ("error", result))
+        elif reason == "cancelled":
+            _send(handle.request, ("cancelled",))
+        self.observer.finished(reason)
+
+    @torch.inference_mode()  # the cache's tensors were made in inference mode
+    def _fail_everything(self, exc: Exception, reason: str, waiting: bool = True) -> None:
+        rows, self._rows = self._rows, []
+        if self._cache is not None:
+            self._cache.lengths.zero_()
+        for row in rows:
+            self._end(row.handle, exc, reason)
+        if waiting:
+            with self._cond:
+                queued, self._waiting = list(self._waiting), deque()
+            for handle in queued:
+                self._end(handle, exc, reason)
+
+    # -- tree engines --------------------------------------------------------------------------------------
+    def engine_for(self, fields: dict) -> DynTree:
+        """The server's tree, or one with a request's tree settings (built once, then the 8 latest are kept).
+        Runs on the engine thread: building an auto-sized tree measures step latency on the model."""
+        base = self.base
+        if not fields:
+            return base
+        if base.heads is None and fields.get("tree", "ar") != "ar":
+            raise DynTreeError("this server has no heads: only tree 'ar' is available")
+        key = tuple(sorted(fields.items()))
+        if key in self.engines:
+            self.engines.move_to_end(key)
+            return self.engines[key]
+        config = base.config.replace(**fields)  # its own tree keeps the server's settings (score, latency...)
+        log.info("building a tree engine for %s", config.settings())
+        engine = base.with_tree(config)
+        self.engines[key] = engine
+        if len(self.engines) > ENGINE_CACHE_SIZE:
+            self.engines.popitem(last=False)
+        return engine
+
+
+def _send(request: EngineRequest, event: tuple) -> None:
+    try:
+        request.sink(event)
+    except Exception:  # a sink must not take the engine down
+        log.exception("a request's sink failed")
+
+
+def _timeout_error(handle: RequestHandle) -> EngineRefusal:
+    return EngineRefusal(f"the request did not finish within its timeout of {handle.request.timeout:g} s", 504)
+
+
+def _rows_view(cache: KVCache, count: int, start: int = 0) -> KVCache:
+    """Rows [start, start + count) of `cache` as a cache of their own (views: writes go to `cache`)."""
+    view = KVCache.__new__(KVCache)
+    view.keys = cache.keys[:, start : start + count]
+    view.values = cache.values[:, start : start + count]
+    view.lengths = cache.lengths[start : start + count]
+    return view
+
+
+def _combine(groups: list[tuple[Proposer, list[int]]], proposals: list[Proposal], batch: int,
+             device) -> tuple[Proposal, list[int]]:
+    """One `[batch, n]` proposal from the groups' trees, each padded to the largest with nodes whose parent is
+    -1: they attend to committed tokens and themselves only, and no verification walks to them. Also each
+    row's own node count."""
+    n = max(p.tokens.shape[1] for p in proposals)
+    depth = max(int(p.buffers.depths.max()) for p in proposals)
+    tokens = torch.zeros(batch, n, dtype=torch.long, device=device)
+    parents = torch.full((batch, n), -1, dtype=torch.long, device=device)
+    sizes = [0] * batch
+    for (_, idx), proposal in zip(groups, proposals):
+        width = proposal.tokens.shape[1]
+        rows = torch.tensor(idx, dtype=torch.long, device=device)
+        tokens[rows, :width] = proposal.tokens
+        parents[rows, :width] = proposal.buffers.parents
+        for b in idx:
+            sizes[b] = width
+    return Proposal(tokens=tokens, buffers=buffers_from_parents(parents, depth)), sizes
+
+
+def _row_proposal(proposal: Proposal, b: int, n: int) -> Proposal:
+    """Row b's tree alone, without padding: its first n nodes."""
+    buffers = proposal.buffers
+    parents = buffers.parents[b : b + 1, :n]
+    return Proposal(tokens=proposal.tokens[b : b + 1, :n],
+                    buffers=buffers_from_parents(parents, int(buffers.depths[b, :n].max())))
+
+
+__all__ = ["BatchEngine", "EngineRequest", "EngineRefusal", "EngineObserver", "Outcome", "RequestHandle",
+           "default_tree_size_for"]
