@@ -14,7 +14,7 @@ EXTRA_MODULES = {
     "bench": ("sacrebleu", "matplotlib"),
     "viz": ("matplotlib",),
     "train": ("accelerate", "tqdm"),
-    "server": ("fastapi", "uvicorn"),
+    "server": ("fastapi", "uvicorn", "prometheus_client"),
     "llamacpp": ("llama_cpp",),
 }
 

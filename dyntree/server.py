@@ -4,16 +4,21 @@
 
 - `POST /v1/chat/completions` (chat template applied) and `POST /v1/completions` (raw text or token ids),
   with `stream: true` sending one server-sent event per forward pass that added text, then `data: [DONE]`;
-- `GET /health`, `GET /v1/models`.
+- `GET /health`, `GET /v1/models`, `GET /metrics` (Prometheus text format).
 
-Requests are decoded one at a time: a single worker thread owns the torch model (the decoder, the KV cache
-it builds and a dynamic tree's online statistics are not safe to share between threads), and requests
-wait their turn in arrival order. Everything the app needs lives in the objects `create_app` builds: no
-module-level state, so two apps (two models) can live in one process.
+Requests are decoded together by continuous batching (`engine.BatchEngine`): up to `max_batch` share each
+forward pass, joining and leaving at step boundaries; up to `max_queue` more wait, and beyond that a request
+is refused with 429 and Retry-After. The engine's one thread owns the torch model; handlers only tokenise
+(on a helper thread), submit, and relay the engine's events. A client that goes away (streaming or not)
+frees its row at the next step; a request past `request_timeout` ends with 504; `drain()` (SIGTERM under
+`run_server`) refuses new work with 503 and gives requests in flight `shutdown_timeout` seconds to finish
+before they are failed with a 503 of their own. Everything lives in the objects `create_app` builds (the
+metrics registry too): no module-level state, so two apps (two models) can live in one process.
 
 Greedy (temperature 0 or absent) output is token-for-token the model's plain greedy output, whatever the
-tree; sampling is lossless tree speculative sampling unless a request asks for `acceptance: "typical"`.
-Bad input raises `DynTreeError` (ours or the library's) and becomes HTTP 400 with a one-line JSON error.
+tree and whatever else shares the batch; sampling is lossless tree speculative sampling unless a request asks
+for `acceptance: "typical"`. Bad input raises `DynTreeError` (ours or the library's) and becomes HTTP 400
+with a one-line JSON error.
 """
 
 from __future__ import annotations
@@ -21,10 +26,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import threading
 import time
 import uuid
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -34,16 +37,17 @@ from typing import Callable, Literal, Union
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .api import DynTree
 from .config import TreeConfig
+from .engine import BatchEngine, EngineObserver, EngineRefusal, EngineRequest, Outcome, RequestHandle
 from .errors import DynTreeError
 from .loading import DEFAULT_GGUF_FILE, DEFAULT_MODEL
 from .sampling import SamplingConfig
-from .textstream import TextStream
 
 log = logging.getLogger("dyntree.server")
 
@@ -52,8 +56,17 @@ MAX_REQUEST_TREE_SIZE = 256  # bounds what one request may make the server build
 MAX_REQUEST_TOPK = 32
 MAX_REQUEST_LOOKUP = 32
 MAX_STOP_STRINGS = 4
-ENGINE_CACHE_SIZE = 8  # distinct per-request tree settings kept built
 DEFAULT_MAX_TOKENS = 256
+DEFAULT_MAX_BATCH = 8
+DEFAULT_MAX_QUEUE = 64
+DEFAULT_REQUEST_TIMEOUT = 300.0  # seconds from arrival to the end of the answer
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0  # seconds requests in flight get to finish after SIGTERM
+MAX_BODY_BYTES = 512 * 1024  # far above any prompt the default model's 8k context can hold
+DISCONNECT_POLL_SECONDS = 0.25  # how often a waiting non-streaming request checks that its client is there
+# OpenAI request fields that change nothing here and are accepted silently; any other unknown field is refused
+# (a typo'd or unsupported option should not be ignored without a word).
+IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "parallel_tool_calls", "tool_choice",
+                  "top_logprobs")
 
 
 # -- request bodies (OpenAI fields we honour, plus dyntree extensions) ---------------------------------------
@@ -63,9 +76,10 @@ class StreamOptions(BaseModel):
 
 
 class DecodingFields(BaseModel):
-    """Fields shared by both endpoints. Unknown fields are ignored, as OpenAI clients send many."""
+    """Fields shared by both endpoints. Unknown fields are kept (`model_extra`) to be refused by name, except the
+    OpenAI fields in `IGNORED_FIELDS`."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
     model: str | None = None
     max_tokens: int | None = None
     temperature: float | None = None
@@ -131,18 +145,11 @@ class DecodeSpec:
     tree_fields: dict = field(default_factory=dict)  # the request's own tree settings (`tree_request`)
 
 
-@dataclass
-class Outcome:
-    """A finished request: its text and the numbers for `usage` and the `dyntree` stats object."""
-
-    text: str
-    token_ids: list[int]
-    prompt_ids: list[int]
-    finish_reason: str
-    stats: dict = field(default_factory=dict)
-
-
 def _refuse_unsupported(req: DecodingFields) -> None:
+    unknown = sorted(set(req.model_extra or {}) - set(IGNORED_FIELDS))
+    if unknown:
+        raise DynTreeError(f"unknown field {unknown[0]!r}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1
+                                                              else "") + ": see docs/serving.md for the fields served")
     if req.n not in (None, 1):
         raise DynTreeError("n must be 1: one choice per request")
     for name in ("presence_penalty", "frequency_penalty"):
@@ -242,7 +249,7 @@ def completion_spec(req: CompletionRequest) -> DecodeSpec:
                       stop_strings(req.stop), tree_request(req))
 
 
-# -- the service: one model, one worker thread -----------------------------------------------------------------
+# -- the service: one model, one engine ------------------------------------------------------------------------
 def served_name(dt: DynTree) -> str:
     """The name `/v1/models` reports: the default model's real name, else the model directory's name."""
     if dt.model.name == DEFAULT_MODEL:
@@ -250,48 +257,78 @@ def served_name(dt: DynTree) -> str:
     return Path(dt.model.name).name or str(dt.model.name)
 
 
-class DecodingService:
-    """Owns the model and the one thread allowed to run it; builds and caches per-request tree engines."""
+class ServerMetrics(EngineObserver):
+    """The app's Prometheus metrics, in a registry of its own (two apps never share counters)."""
 
-    def __init__(self, dt: DynTree, model_name: str, default_max_tokens: int, threads: int):
+    def __init__(self):
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter("dyntree_http_requests", "HTTP requests answered, by path and status code",
+                                ["path", "status"], registry=registry)
+        self.finished_counter = Counter("dyntree_requests_finished", "Decoding requests that left the engine, by "
+                                        "reason (stop, length, cancelled, timeout, shutdown, error)", ["reason"],
+                                        registry=registry)
+        self.tokens = Counter("dyntree_generated_tokens", "Completion tokens generated", registry=registry)
+        self.tokens_per_pass = Histogram("dyntree_tokens_per_pass", "Tokens one decoding pass added to one request",
+                                         buckets=(1, 2, 3, 4, 5, 6, 8, 12, 16), registry=registry)
+        self.step_seconds = Histogram("dyntree_step_seconds", "Seconds of one decoding step of the whole batch",
+                                      buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28,
+                                               2.56), registry=registry)
+        self.step_batch = Histogram("dyntree_step_batch_size", "Requests decoded by one step",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=registry)
+        self.queue_depth = Gauge("dyntree_queue_depth", "Requests waiting for a row", registry=registry)
+        self.batch_size = Gauge("dyntree_batch_size", "Requests holding a row now", registry=registry)
+
+    def watch(self, engine: BatchEngine) -> None:
+        self.queue_depth.set_function(lambda: engine.queue_depth)
+        self.batch_size.set_function(lambda: engine.batch_size)
+
+    def step(self, batch_size: int, seconds: float, tokens_per_row: list[int]) -> None:
+        self.step_seconds.observe(seconds)
+        self.step_batch.observe(batch_size)
+        self.tokens.inc(sum(tokens_per_row))
+        for count in tokens_per_row:
+            self.tokens_per_pass.observe(count)
+
+    def generated(self, tokens: int) -> None:
+        self.tokens.inc(tokens)
+
+    def finished(self, reason: str) -> None:
+        self.finished_counter.labels(reason).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class DecodingService:
+    """The engine and what requests need before it: tokenising (on a helper thread), context checks."""
+
+    def __init__(self, dt: DynTree, model_name: str, default_max_tokens: int, threads: int, max_batch: int,
+                 max_queue: int, request_timeout: float | None, shutdown_timeout: float,
+                 max_model_len: int | None = None, tree_size_for=None):
         self.base = dt
         self.model_name = model_name
         self.default_max_tokens = default_max_tokens
-        self.engines: OrderedDict[tuple, DynTree] = OrderedDict()
-        self.active: set[threading.Event] = set()
-        # intra-op thread counts are per thread under OpenMP: set the worker's explicitly.
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dyntree-decode",
-                                           initializer=torch.set_num_threads, initargs=(threads,))
+        self.request_timeout = request_timeout
+        self.shutdown_timeout = shutdown_timeout
+        self.metrics = ServerMetrics()
+        self.engine = BatchEngine(dt, max_batch=max_batch, max_queue=max_queue, tree_size_for=tree_size_for,
+                                  threads=threads, observer=self.metrics, max_seq_len=max_model_len)
+        self.metrics.watch(self.engine)
+        # One tokenising thread: the engine thread decodes text with the same tokenizer meanwhile, and a fast
+        # tokenizer takes only one mutable borrow at a time.
+        self.tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dyntree-tokenize")
 
     @property
     def context_length(self) -> int:
-        return self.base.model.config.max_position_embeddings
+        return self.engine.max_seq_len
+
+    def drain(self) -> None:
+        """Stop taking requests (503); those in flight get `shutdown_timeout` seconds to finish."""
+        self.engine.stop_accepting(self.shutdown_timeout)
 
     def close(self) -> None:
-        for cancel in list(self.active):
-            cancel.set()
-        self.executor.shutdown(wait=True, cancel_futures=True)
-
-    # Everything below runs on the worker thread.
-    def engine_for(self, spec: DecodeSpec) -> DynTree:
-        """The base engine, or one with the request's tree settings (built once, then cached)."""
-        base = self.base
-        fields = spec.tree_fields
-        if not fields:
-            return base
-        if base.heads is None and fields.get("tree", "ar") != "ar":
-            raise DynTreeError("this server has no heads: only tree 'ar' is available")
-        key = tuple(sorted(fields.items()))
-        if key in self.engines:
-            self.engines.move_to_end(key)
-            return self.engines[key]
-        config = base.config.replace(**fields)  # its own tree keeps the server's settings (score, latency...)
-        log.info("building a tree engine for %s", config.settings())
-        engine = base.with_tree(config)
-        self.engines[key] = engine
-        if len(self.engines) > ENGINE_CACHE_SIZE:
-            self.engines.popitem(last=False)
-        return engine
+        self.engine.close(grace=0.0)
+        self.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
     def encode(self, spec: DecodeSpec) -> list[int]:
         if isinstance(spec.prompt, list) and all(isinstance(t, int) for t in spec.prompt):
@@ -320,52 +357,78 @@ class DecodingService:
                                f"the model's context of {limit} tokens")
         return spec.max_tokens
 
-    def decode(self, spec: DecodeSpec, cancel: threading.Event, queued_at: float,
-               on_text: Callable[[str, list[int]], None] | None = None) -> Outcome | None:
-        """Decode one request; `on_text(delta, token_ids)` after each pass that adds visible text.
-
-        Raises DynTreeError before any text for bad input. Returns None if cancelled before starting.
-        """
-        if cancel.is_set():
-            return None
-        started = time.perf_counter()
-        engine = self.engine_for(spec)
+    def prepare(self, spec: DecodeSpec) -> tuple[list[int], int]:
+        """Prompt ids and max_tokens (runs on the tokenising thread; raises DynTreeError for bad input)."""
         ids = self.encode(spec)
-        max_tokens = self.max_tokens_for(spec, len(ids))
-        run = engine.decoder(sampling=spec.sampling).run([ids], max_tokens, stop_at_eos=True)
-        decode_started = time.perf_counter()
-        text = TextStream(engine.tokenizer, spec.stop)
-        for event in run:
-            delta = text.push(event.new_tokens[0], finished=event.finished[0])
-            if on_text is not None and delta is not None and delta.text:
-                on_text(delta.text, delta.token_ids)
-            if text.stopped or cancel.is_set():
-                break
-        if not (text.stopped or cancel.is_set()):  # a run cut short (context limit) may still hold text back
-            delta = text.push([], finished=True)
-            if on_text is not None and delta is not None and delta.text:
-                on_text(delta.text, delta.token_ids)
-        ended = time.perf_counter()
-        stats = run.stats
-        reason = stats.stop_reasons[0] if stats.stop_reasons else ""
-        if text.stopped or reason == "eos":
-            finish = "stop"
-        else:
-            finish = "cancelled" if cancel.is_set() and reason == "" else "length"
-        seconds = ended - decode_started
-        tokens = text.tokens
-        return Outcome(text.text, tokens, ids, finish, {
-            "tree": stats.method,
-            "forward_passes": stats.decode_passes + 1,  # the prefill pass yields the first token
-            "mean_accepted_per_pass": round(stats.mean_accepted_per_pass, 4),
-            "mean_tree_size": round(stats.mean_tree_size, 2),
-            "tokens_per_second": round(len(tokens) / seconds, 2) if seconds > 0 else 0.0,
-            "generation_seconds": round(seconds, 4),
-            "queue_seconds": round(started - queued_at, 4),
-            "acceptance": stats.acceptance,
-            "heads": engine.heads_note,
-        })
+        return ids, self.max_tokens_for(spec, len(ids))
 
+    def submit(self, spec: DecodeSpec, ids: list[int], max_tokens: int, sink) -> RequestHandle:
+        handle = self.engine.submit(EngineRequest(ids, max_tokens, spec.sampling, sink, spec.stop, spec.tree_fields,
+                                                  self.request_timeout))
+        self.engine.start()
+        return handle
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes gets 413 before any of it is parsed."""
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(scope, receive, send)
+        chunks, size = [], 0
+        while True:  # read it all (chunked bodies have no declared length), then hand it on
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body = message.get("body", b"")
+            size += len(body)
+            if size > self.limit:
+                return await self._refuse(scope, receive, send)
+            chunks.append(body)
+            if not message.get("more_body"):
+                break
+        pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay():
+            return pending.pop() if pending else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send):
+        response = error_response(413, f"the request body is larger than {self.limit} bytes")
+        await response(scope, receive, send)
+
+
+class StatusCounter:
+    """ASGI middleware: counts every HTTP answer by path (the served ones; others as "other") and status."""
+
+    def __init__(self, app, counter: Counter, paths: set[str]):
+        self.app = app
+        self.counter = counter
+        self.paths = paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = {"code": 500}  # an exception no handler answered
+
+        async def counting(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting)
+        finally:
+            path = scope.get("path", "")
+            self.counter.labels(path if path in self.paths else "other", str(status["code"])).inc()
 
 # -- response bodies -----------------------------------------------------------------------------------------
 def error_body(message: str, kind: str = "invalid_request_error", code: str | None = None) -> dict:
@@ -378,6 +441,23 @@ def error_response(status: int, message: str, kind: str = "invalid_request_error
     return JSONResponse(error_body(message, kind, code), status_code=status)
 
 
+def refusal_response(exc: EngineRefusal) -> JSONResponse:
+    kind = {429: "rate_limit_exceeded", 504: "timeout"}.get(exc.status, "server_error")
+    response = error_response(exc.status, str(exc), kind)
+    if exc.retry_after is not None:
+        response.headers["Retry-After"] = str(exc.retry_after)
+    return response
+
+
+def failure_response(exc: Exception) -> JSONResponse:
+    """An engine's error event as an answer: refusals keep their status, bad input 400, a bug 500."""
+    if isinstance(exc, EngineRefusal):
+        return refusal_response(exc)
+    if isinstance(exc, DynTreeError):
+        return error_response(400, str(exc))
+    return error_response(500, f"internal error ({type(exc).__name__}); see the server log", "server_error")
+
+
 def usage(outcome: Outcome) -> dict:
     prompt, completion = len(outcome.prompt_ids), len(outcome.token_ids)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
@@ -387,17 +467,34 @@ def sse(payload) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def create_app(dt: DynTree, served_model_name: str | None = None,
-               default_max_tokens: int = DEFAULT_MAX_TOKENS) -> FastAPI:
-    """A FastAPI app serving `dt`; requests run one at a time on a worker thread owned by the app.
+def create_app(dt: DynTree, served_model_name: str | None = None, default_max_tokens: int = DEFAULT_MAX_TOKENS,
+               max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAULT_MAX_QUEUE,
+               request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
+               shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT, max_model_len: int | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES, tree_size_for=None) -> FastAPI:
+    """A FastAPI app serving `dt` by continuous batching on an engine thread owned by the app.
 
     served_model_name: the name in `/v1/models` and responses (default: the model's own name).
     default_max_tokens: completion length when a request gives no max_tokens (capped by the context).
+    max_batch, max_queue: requests decoded at once, and waiting beyond those (then 429).
+    request_timeout: seconds a request may take from arrival to its last token (None: no limit; then 504).
+    shutdown_timeout: seconds requests in flight get after `drain()` (SIGTERM) before they are failed (503).
+    max_model_len: prompt + completion tokens per request (default: the model's context); bounds the cache.
+    max_body_bytes: larger request bodies get 413.
+    tree_size_for: nodes per row by batch size (`engine.default_tree_size_for` by default).
     """
     if default_max_tokens < 1:
         raise DynTreeError(f"the default max_tokens must be at least 1, got {default_max_tokens}")
+    if request_timeout is not None and not request_timeout > 0:
+        raise DynTreeError(f"the request timeout must be positive (or None for none), got {request_timeout}")
+    if not shutdown_timeout >= 0:
+        raise DynTreeError(f"the shutdown timeout must be >= 0, got {shutdown_timeout}")
+    if max_body_bytes < 1024:
+        raise DynTreeError(f"the body limit must be at least 1024 bytes, got {max_body_bytes}")
     name = served_model_name or served_name(dt)
-    service = DecodingService(dt, name, default_max_tokens, torch.get_num_threads())
+    service = DecodingService(dt, name, default_max_tokens, torch.get_num_threads(), max_batch, max_queue,
+                              request_timeout, shutdown_timeout, max_model_len, tree_size_for)
+    dt.encode("warm up", chat=False)  # the tokenizer's settings are made once, before threads share it
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -408,6 +505,13 @@ def create_app(dt: DynTree, served_model_name: str | None = None,
                   lifespan=lifespan)
     app.state.service = service
     created = int(time.time())
+    paths = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(StatusCounter, counter=service.metrics.requests, paths=paths)  # outermost: sees 413s too
+
+    @app.exception_handler(EngineRefusal)
+    async def _refused(_request: Request, exc: EngineRefusal):
+        return refusal_response(exc)
 
     @app.exception_handler(DynTreeError)
     async def _bad_request(_request: Request, exc: DynTreeError):
@@ -426,7 +530,10 @@ def create_app(dt: DynTree, served_model_name: str | None = None,
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException):
-        return error_response(exc.status_code, str(exc.detail))
+        detail = str(exc.detail)
+        if exc.status_code == 400 and detail == "There was an error parsing the body":
+            detail = "the request body is not valid JSON in UTF-8"
+        return error_response(exc.status_code, detail)
 
     @app.exception_handler(Exception)
     async def _internal(_request: Request, exc: Exception):
@@ -443,51 +550,72 @@ def create_app(dt: DynTree, served_model_name: str | None = None,
 
     @app.get("/health")
     async def health():
+        if not service.engine.accepting:
+            return JSONResponse({"status": "draining", "model": name}, status_code=503)
         return {"status": "ok", "model": name}
 
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [model_card()]}
 
-    async def complete(spec: DecodeSpec, build_body: Callable[[Outcome], dict]):
+    @app.get("/metrics")
+    async def metrics():
+        return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    async def submit(spec: DecodeSpec) -> tuple[RequestHandle, asyncio.Queue]:
+        """Tokenise off the event loop, then queue the request; its events arrive on the returned queue."""
+        if not service.engine.accepting:  # before spending time on the prompt
+            raise EngineRefusal("the server is shutting down", 503)
         loop = asyncio.get_running_loop()
-        cancel = threading.Event()
-        outcome = await loop.run_in_executor(service.executor, service.decode, spec, cancel, time.perf_counter())
-        if outcome is None:
-            return error_response(503, "the server is shutting down", "server_error")
-        return build_body(outcome)
+        ids, max_tokens = await loop.run_in_executor(service.tokenizer_pool, service.prepare, spec)
+        events: asyncio.Queue = asyncio.Queue()
 
-    async def stream(spec: DecodeSpec, chunk: Callable[[dict, str | None], dict], delta_of: Callable[[str], dict],
-                     first_delta: dict | None, include_usage: bool, with_ids: bool):
-        """Start decoding; answer 400 if it fails before any text, else stream one event per pass."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
-        service.active.add(cancel)
+        def sink(event):  # on the engine thread
+            loop.call_soon_threadsafe(events.put_nowait, event)
 
-        def put(item):
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+        return service.submit(spec, ids, max_tokens, sink), events
 
-        def work():
+    async def next_event(events: asyncio.Queue, request: Request, handle: RequestHandle):
+        """The engine's next event for this request, or None once its client has gone (the row is then freed
+        at the next step)."""
+        while True:
             try:
-                put(("done", service.decode(spec, cancel, time.perf_counter(),
-                                            lambda text, ids: put(("text", text, ids)))))
-            except DynTreeError as exc:
-                put(("error", exc))
-            except Exception as exc:  # a bug: log it, end the stream with an error event
-                log.exception("internal error while streaming")
-                put(("error", exc))
+                return await asyncio.wait_for(events.get(), DISCONNECT_POLL_SECONDS)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    handle.cancel()
+                    return None
 
-        service.executor.submit(work)
-        first = await queue.get()
+    async def complete(request: Request, spec: DecodeSpec, build_body: Callable[[Outcome], dict]):
+        handle, events = await submit(spec)
+        try:
+            while True:
+                event = await next_event(events, request, handle)
+                if event is None or event[0] == "cancelled":
+                    return error_response(499, "the client closed the request", "client_closed")
+                if event[0] == "done":
+                    return build_body(event[1])
+                if event[0] == "error":
+                    return failure_response(event[1])
+        finally:
+            handle.cancel()  # no-op once it finished; frees the row if this handler is cancelled
+
+    async def stream(request: Request, spec: DecodeSpec, chunk: Callable[[dict, str | None], dict],
+                     delta_of: Callable[[str], dict], first_delta: dict | None, include_usage: bool,
+                     with_ids: bool):
+        """Queue the request; answer an error status if it fails before any text, else stream one event per pass."""
+        handle, events = await submit(spec)
+        try:
+            first = await next_event(events, request, handle)
+        except BaseException:
+            handle.cancel()
+            raise
+        if first is None or first[0] == "cancelled":
+            return error_response(499, "the client closed the request", "client_closed")
         if first[0] == "error":
-            service.active.discard(cancel)
-            if isinstance(first[1], DynTreeError):
-                return error_response(400, str(first[1]))
-            return error_response(500, f"internal error ({type(first[1]).__name__}); see the server log",
-                                  "server_error")
+            return failure_response(first[1])
 
-        async def events():
+        async def body():
             item = first
             try:
                 if first_delta is not None:
@@ -501,27 +629,26 @@ def create_app(dt: DynTree, served_model_name: str | None = None,
                         yield sse(chunk(delta, None))
                     elif kind == "done":
                         outcome = item[1]
-                        if outcome is None:  # cancelled: the server is shutting down
-                            break
                         final = chunk(delta_of("") if first_delta is None else {}, outcome.finish_reason)
                         final["dyntree"] = outcome.stats
                         yield sse(final)
                         if include_usage:
                             yield sse(dict(chunk({}, None), choices=[], usage=usage(outcome)))
                         break
-                    else:
+                    elif kind == "error":
                         exc = item[1]
                         message = str(exc) if isinstance(exc, DynTreeError) else \
                             f"internal error ({type(exc).__name__}); see the server log"
                         yield sse(error_body(message, "server_error"))
                         break
-                    item = await queue.get()
+                    else:  # cancelled
+                        break
+                    item = await events.get()
                 yield "data: [DONE]\n\n"
             finally:
-                cancel.set()  # a client that went away stops the decoding at the next pass
-                service.active.discard(cancel)
+                handle.cancel()  # a client that went away leaves the batch at the next step
 
-        return StreamingResponse(events(), media_type="text/event-stream",
+        return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     def response_body(ident: str, kind: str, created: int, choice: dict, outcome: Outcome,
@@ -535,7 +662,7 @@ def create_app(dt: DynTree, served_model_name: str | None = None,
         return out
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest):
+    async def chat_completions(req: ChatRequest, request: Request):
         check_model(req.model)
         spec = chat_spec(req)
         ident, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -545,18 +672,18 @@ def create_app(dt: DynTree, served_model_name: str | None = None,
                         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
 
             include = bool(req.stream_options and req.stream_options.include_usage)
-            return await stream(spec, chunk, lambda text: {"content": text}, {"role": "assistant", "content": ""},
-                                include, req.return_token_ids)
+            return await stream(request, spec, chunk, lambda text: {"content": text},
+                                {"role": "assistant", "content": ""}, include, req.return_token_ids)
 
         def body(outcome: Outcome) -> dict:
             choice = {"index": 0, "message": {"role": "assistant", "content": outcome.text}, "logprobs": None,
                       "finish_reason": outcome.finish_reason}
             return response_body(ident, "chat.completion", now, choice, outcome, req.return_token_ids)
 
-        return await complete(spec, body)
+        return await complete(request, spec, body)
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
         spec = completion_spec(req)
         ident, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -566,12 +693,30 @@ def create_app(dt: DynTree, served_model_name: str | None = None,
                         "choices": [dict(index=0, **delta, logprobs=None, finish_reason=finish)]}
 
             include = bool(req.stream_options and req.stream_options.include_usage)
-            return await stream(spec, chunk, lambda text: {"text": text}, None, include, req.return_token_ids)
+            return await stream(request, spec, chunk, lambda text: {"text": text}, None, include,
+                                req.return_token_ids)
 
         def body(outcome: Outcome) -> dict:
             choice = {"index": 0, "text": outcome.text, "logprobs": None, "finish_reason": outcome.finish_reason}
             return response_body(ident, "text_completion", now, choice, outcome, req.return_token_ids)
 
-        return await complete(spec, body)
+        return await complete(request, spec, body)
 
     return app
+
+
+def run_server(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
+    """Serve `app` with uvicorn; SIGTERM/SIGINT first drain the engine (new requests get 503, requests in
+    flight get the app's shutdown timeout to finish), then uvicorn closes connections as they go idle."""
+    import uvicorn
+
+    service: DecodingService = app.state.service
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            service.drain()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=int(service.shutdown_timeout) + 5)
+    DrainingServer(config).run()

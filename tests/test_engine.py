@@ -221,7 +221,7 @@ def test_a_full_queue_is_refused_with_429_and_a_retry_hint(dt):
 def test_cancelled_requests_leave_at_the_next_step(dt):
     engine = BatchEngine(dt, max_batch=2, max_queue=4)
     (a, sa), (b, sb), (c, sc) = (request(p, 200) for p in prompts(3, seed=7))
-    ha, hb, hc = engine.submit(a), engine.submit(b), engine.submit(c)
+    ha, _, hc = engine.submit(a), engine.submit(b), engine.submit(c)
     engine.step()
     assert engine.batch_size == 2 and engine.queue_depth == 1
     ha.cancel()

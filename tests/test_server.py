@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from dyntree.api import DynTree
 from dyntree.cli import main
 from dyntree.sampling import SamplingConfig
-from dyntree.server import CompletionRequest, completion_spec, create_app
+from dyntree.server import create_app
 from dyntree.textstream import find_stop, held_back
 
 from test_bench import tiny_model_dir  # noqa: F401 - the tiny model with a tokenizer and a chat template
@@ -225,67 +225,59 @@ def test_stream_and_non_stream_sample_the_same_with_a_seed(client):
 
 # -- per-request trees ------------------------------------------------------------------------------------------------
 def test_tree_engines_are_built_once_per_setting(client):
-    service = client.app.state.service
-    built = len(service.engines)
+    engines = client.app.state.service.engine.engines
+    built = len(engines)
     for _ in range(2):
         assert chat(client, tree="dynamic", tree_size=6, topk=3).status_code == 200
     key = (("topk", 3), ("tree", "dynamic"), ("tree_size", 6))
-    engine = service.engines[key]
+    engine = engines[key]
     assert engine.proposer.tree_size == 6 and engine.proposer.topk == 3
     assert chat(client, tree="dynamic", tree_size=6, topk=3).json()["dyntree"]["tree"].startswith("dynamic:n6:k3")
-    assert service.engines[key] is engine and len(service.engines) == built + 1
+    assert engines[key] is engine and len(engines) == built + 1
     assert chat(client, tree="dynamic", lookup=0).status_code == 200
-    assert service.engines[(("lookup", 0), ("tree", "dynamic"))].proposer.lookup is None  # heads only
+    assert engines[(("lookup", 0), ("tree", "dynamic"))].proposer.lookup is None  # heads only
     assert chat(client, tree="static", tree_size=8).json()["dyntree"]["tree"] == "static:mc_sim_7b_63:8"
 
 
-def test_concurrent_requests_are_decoded_one_at_a_time_on_one_thread(dt, plain, monkeypatch):
-    app = create_app(dt)
-    service = app.state.service
-    threads, running, overlap = set(), [0], [0]
-    decode = service.decode
+def test_concurrent_requests_are_batched_on_one_thread_and_equal_solo_answers(dt, plain, monkeypatch):
+    """Six requests at once (three trees, streamed or not, different lengths) share decoding steps on the
+    engine's one thread, and every greedy answer is plain decoding's answer to that prompt alone."""
+    app = create_app(dt, max_batch=4)
+    engine = app.state.service.engine
+    threads, batch_sizes = set(), []
+    step = engine.step
 
-    def watched(*args, **kwargs):
+    def watched():
         threads.add(threading.current_thread().name)
-        running[0] += 1
-        overlap[0] = max(overlap[0], running[0])
-        try:
-            return decode(*args, **kwargs)
-        finally:
-            running[0] -= 1
+        batch_sizes.append(engine.batch_size)
+        time.sleep(0.002)  # let the requests pile up, so that they do share steps
+        return step()
 
-    monkeypatch.setattr(service, "decode", watched)
+    monkeypatch.setattr(engine, "step", watched)
+    prompts = [PROMPT, "w10 w11 w12 .", "w5 w6 w7", PROMPT + " w3", "w40 w41", "w9 w9 w9 w9"]
+    lengths = [MAX, 10, 30, 5, 40, 17]
 
     async def fire():
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
-            bodies = [{"prompt": PROMPT, "max_tokens": MAX, "tree": t, "stream": i % 2 == 1}
-                      for i, t in enumerate(["static", "dynamic", "ar", "static", "dynamic", "ar"])]
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as http:
+            bodies = [{"prompt": p, "max_tokens": n, "tree": t, "stream": i % 2 == 1, "return_token_ids": True}
+                      for i, (p, n, t) in enumerate(zip(prompts, lengths, ["static", "dynamic", "ar"] * 2))]
             return await asyncio.gather(*(http.post("/v1/completions", json=b) for b in bodies))
 
     try:
         responses = asyncio.run(fire())
     finally:
-        service.close()
-    ref = plain.generate(PROMPT, max_new_tokens=MAX, chat=False).text
-    for i, r in enumerate(responses):
-        assert r.status_code == 200
+        app.state.service.close()
+    for i, (r, p, n) in enumerate(zip(responses, prompts, lengths)):
+        assert r.status_code == 200, r.text
+        ref = plain.generate(p, max_new_tokens=n, chat=False)
         if i % 2:
-            assert "".join(c["choices"][0]["text"] for c in sse_events(r)[:-1]) == ref
+            chunks = sse_events(r)[:-1]
+            assert "".join(c["choices"][0]["text"] for c in chunks) == ref.text
         else:
-            assert r.json()["choices"][0]["text"] == ref
-    assert overlap[0] == 1 and len(threads) == 1 and threads.pop().startswith("dyntree-decode")
-
-
-def test_a_cancelled_stream_stops_decoding_at_the_next_pass(client):
-    """What happens when a streaming client goes away: its event is set and the worker stops."""
-    service = client.app.state.service
-    spec = completion_spec(CompletionRequest(prompt=PROMPT, max_tokens=MAX, tree="ar"))
-    cancel = threading.Event()
-    passes = []
-    outcome = service.decode(spec, cancel, time.perf_counter(), lambda text, ids: (passes.append(ids), cancel.set()))
-    assert len(passes) == 1 and outcome.finish_reason == "cancelled" and len(outcome.token_ids) == 1
-    assert service.decode(spec, cancel, time.perf_counter()) is None  # cancelled while queued: never starts
+            assert r.json()["choices"][0]["token_ids"] == ref.token_ids
+    assert max(batch_sizes) > 1, "requests never shared a step"
+    assert threads == {"dyntree-engine"}
 
 
 # -- bad input: 400 with one line ----------------------------------------------------------------------------------
@@ -368,15 +360,24 @@ def test_health_and_models(client, name):
 
 def test_cli_serve_builds_the_app_and_runs_uvicorn(tiny_model_dir, monkeypatch, capsys):  # noqa: F811
     seen = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda server: seen.update(config=server.config, server=server))
     assert main(["serve", "--model", str(tiny_model_dir), "--heads", "random", "--tree", "dynamic",
-                 "--tree-size", "5", "--port", "8123", "--served-model-name", "tiny", "--threads", "1"]) == 0
-    assert seen["host"] == "127.0.0.1" and seen["port"] == 8123
-    assert "one request decodes at a time" in capsys.readouterr().out
-    with TestClient(seen["app"]) as c:
+                 "--tree-size", "5", "--port", "8123", "--served-model-name", "tiny", "--threads", "1",
+                 "--max-batch", "3", "--max-queue", "5", "--shutdown-timeout", "7"]) == 0
+    config = seen["config"]
+    assert config.host == "127.0.0.1" and config.port == 8123 and config.timeout_graceful_shutdown == 12
+    assert "up to 3 requests decode together, 5 more may wait" in capsys.readouterr().out
+    service = config.app.state.service
+    assert (service.engine.max_batch, service.engine.max_queue, service.request_timeout) == (3, 5, 300.0)
+    with TestClient(config.app) as c:
         r = c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4})
         assert r.status_code == 200 and r.json()["dyntree"]["tree"].startswith("dynamic:n5")
         assert r.json()["model"] == "tiny"
+        seen["server"].handle_exit(15, None)  # SIGTERM: the app stops taking requests before uvicorn stops
+        assert not service.engine.accepting and seen["server"].should_exit
+        r = c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4})
+        assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
+        assert c.get("/health").status_code == 503
 
 
 def test_cli_serve_without_fastapi_says_what_to_install(tiny_model_dir, monkeypatch, capsys):  # noqa: F811
@@ -389,7 +390,9 @@ def test_cli_serve_without_fastapi_says_what_to_install(tiny_model_dir, monkeypa
 def test_cli_serve_rejects_bad_options(tiny_model_dir, capsys):  # noqa: F811
     assert main(["serve", "--model", str(tiny_model_dir), "--port", "70000"]) == 2
     assert main(["serve", "--model", str(tiny_model_dir), "--max-tokens", "0"]) == 2
-    assert capsys.readouterr().err.count("error:") == 2
+    assert main(["serve", "--model", str(tiny_model_dir), "--max-batch", "0"]) == 2
+    assert main(["serve", "--model", str(tiny_model_dir), "--max-queue", "-1"]) == 2
+    assert capsys.readouterr().err.count("error:") == 4
 
 
 @pytest.mark.slow

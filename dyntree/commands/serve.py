@@ -7,7 +7,7 @@ from ..cli import add_model_args, tree_config
 
 def add_command(subparsers) -> None:
     p = subparsers.add_parser("serve", help="serve the model over HTTP (OpenAI-compatible /v1/chat/completions "
-                                            "and /v1/completions, streaming)")
+                                            "and /v1/completions, streaming, continuous batching, /metrics)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
                                                         "only; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000)
@@ -15,6 +15,17 @@ def add_command(subparsers) -> None:
                    help="the model name clients see in /v1/models and responses (default: the model's own)")
     p.add_argument("--max-tokens", type=int, default=256,
                    help="completion length when a request gives no max_tokens (capped by the context)")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="requests decoded together in each forward pass (continuous batching; 1 = one at a time)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests that may wait for a free batch row; beyond that the server answers 429")
+    p.add_argument("--request-timeout", type=float, default=300.0,
+                   help="seconds a request may take from arrival to its last token, then 504 (0 = no limit)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM: seconds requests in flight get to finish before they are failed with 503")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="prompt + completion tokens per request (default: the model's context); with "
+                        "--max-batch it bounds the KV cache's memory")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     add_model_args(p)
     p.set_defaults(func=run)
@@ -25,20 +36,30 @@ def run(args) -> int:
     from ..extras import require_extra
 
     require_extra("server", "dyntree serve")  # before the model loads
-    import uvicorn
 
     if not 0 <= args.port <= 65535:
         raise DynTreeError(f"--port must be in 0..65535, got {args.port}")
     if args.max_tokens < 1:
         raise DynTreeError("--max-tokens must be at least 1")
+    if args.max_batch < 1:
+        raise DynTreeError("--max-batch must be at least 1")
+    if args.max_queue < 0:
+        raise DynTreeError("--max-queue must be at least 0")
+    if args.request_timeout < 0 or args.shutdown_timeout < 0:
+        raise DynTreeError("--request-timeout and --shutdown-timeout must be >= 0")
 
     from ..api import DynTree
-    from ..server import create_app
+    from ..server import create_app, run_server
 
     dt = DynTree.from_pretrained(args.model, heads=args.heads, tree=tree_config(args), device=args.device,
                                  dtype=args.dtype)
-    app = create_app(dt, served_model_name=args.served_model_name, default_max_tokens=args.max_tokens)
-    print(f"dyntree serve: {app.state.service.model_name} (tree {dt.proposer.name}; heads: {dt.heads_note}) "
-          f"on http://{args.host}:{args.port}; one request decodes at a time", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    app = create_app(dt, served_model_name=args.served_model_name, default_max_tokens=args.max_tokens,
+                     max_batch=args.max_batch, max_queue=args.max_queue,
+                     request_timeout=args.request_timeout or None, shutdown_timeout=args.shutdown_timeout,
+                     max_model_len=args.max_model_len)
+    service = app.state.service
+    print(f"dyntree serve: {service.model_name} (tree {dt.proposer.name}; heads: {dt.heads_note}) "
+          f"on http://{args.host}:{args.port}; up to {args.max_batch} requests decode together, "
+          f"{args.max_queue} more may wait", flush=True)
+    run_server(app, args.host, args.port, args.log_level)
     return 0
