@@ -39,7 +39,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .api import DynTree
@@ -77,32 +77,32 @@ class StreamOptions(BaseModel):
 
 class DecodingFields(BaseModel):
     """Fields shared by both endpoints. Unknown fields are kept (`model_extra`) to be refused by name, except the
-    OpenAI fields in `IGNORED_FIELDS`."""
+    OpenAI fields in `IGNORED_FIELDS`. Numbers and flags are strict: `true` or `"3"` is not a max_tokens."""
 
     model_config = ConfigDict(extra="allow")
     model: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stream: bool = False
+    max_tokens: StrictInt | None = None
+    temperature: StrictFloat | None = None
+    top_p: StrictFloat | None = None
+    seed: StrictInt | None = None
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     # OpenAI fields this server cannot honour: refused unless left at their neutral value.
-    n: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    n: StrictInt | None = None
+    presence_penalty: StrictFloat | None = None
+    frequency_penalty: StrictFloat | None = None
     logit_bias: dict | None = None
     # dyntree / vLLM extensions
-    top_k: int | None = None
+    top_k: StrictInt | None = None
     acceptance: Literal["lossless", "typical"] | None = None
-    typical_eps: float | None = None
-    typical_alpha: float | None = None
+    typical_eps: StrictFloat | None = None
+    typical_alpha: StrictFloat | None = None
     tree: str | None = None
-    tree_size: int | str | None = None
-    topk: int | None = None
-    lookup: int | None = None
-    return_token_ids: bool = False
+    tree_size: StrictInt | str | None = None
+    topk: StrictInt | None = None
+    lookup: StrictInt | None = None
+    return_token_ids: StrictBool = False
 
 
 class TextPart(BaseModel):
@@ -119,16 +119,16 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(DecodingFields):
     messages: list[ChatMessage]
-    max_completion_tokens: int | None = None
-    logprobs: bool | None = None
+    max_completion_tokens: StrictInt | None = None
+    logprobs: StrictBool | None = None
     tools: list | None = None
 
 
 class CompletionRequest(DecodingFields):
-    prompt: Union[str, list[int], list[str]]
-    echo: bool | None = None
-    logprobs: int | None = None
-    best_of: int | None = None
+    prompt: Union[str, list[StrictInt], list[str]]
+    echo: StrictBool | None = None
+    logprobs: StrictInt | None = None
+    best_of: StrictInt | None = None
     suffix: str | None = None
 
 
@@ -175,6 +175,8 @@ def stop_strings(stop) -> list[str]:
         raise DynTreeError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
     if any(not s for s in stops):
         raise DynTreeError("stop strings must not be empty")
+    for s in stops:
+        check_text(s, "stop")
     return stops
 
 
@@ -220,6 +222,7 @@ def chat_spec(req: ChatRequest) -> DecodeSpec:
             content = "".join(p.text or "" for p in m.content)
         else:
             content = m.content or ""
+        check_text(m.role + content, f"messages[{i}]")
         messages.append({"role": m.role, "content": content})
     if not any(m["content"].strip() for m in messages):
         raise DynTreeError("messages have no content")
@@ -245,6 +248,8 @@ def completion_spec(req: CompletionRequest) -> DecodeSpec:
         prompt = prompt[0]
     if isinstance(prompt, str) and not prompt.strip() or not prompt:
         raise DynTreeError("prompt must not be empty")
+    if isinstance(prompt, str):
+        check_text(prompt, "prompt")
     return DecodeSpec(prompt, False, _requested_max_tokens(req.max_tokens), sampling_from(req),
                       stop_strings(req.stop), tree_request(req))
 
@@ -431,6 +436,19 @@ class StatusCounter:
             self.counter.labels(path if path in self.paths else "other", str(status["code"])).inc()
 
 # -- response bodies -----------------------------------------------------------------------------------------
+def _type_tag(part) -> bool:
+    """A union member's name in a validation error's location (`prompt.str`): not a field, left out."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "dict", "list") or "[" in part)
+
+
+def check_text(value, where: str) -> None:
+    """Refuse strings that are not valid Unicode (JSON may escape a lone surrogate): no tokenizer takes them."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DynTreeError(f"{where} holds text that is not valid Unicode (a lone surrogate)") from None
+
+
 def error_body(message: str, kind: str = "invalid_request_error", code: str | None = None) -> dict:
     line = (str(message).strip().splitlines() or ["error"])[0]
     return {"error": {"message": line, "type": kind, "param": None, "code": code}}
@@ -525,7 +543,7 @@ def create_app(dt: DynTree, served_model_name: str | None = None, default_max_to
         first = errors[0]
         if first.get("type") == "json_invalid":
             return error_response(400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', '')})")
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "request body"
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body" and not _type_tag(p)) or "request body"
         return error_response(400, f"{where}: {first.get('msg', 'invalid value')}")
 
     @app.exception_handler(StarletteHTTPException)
