@@ -593,22 +593,29 @@ def create_app(dt: DynTree, served_model_name: str | None = None, default_max_to
 
         return service.submit(spec, ids, max_tokens, sink), events
 
-    async def next_event(events: asyncio.Queue, request: Request, handle: RequestHandle):
+    async def next_event(events: asyncio.Queue, request: Request, handle: RequestHandle, checked: list[float]):
         """The engine's next event for this request, or None once its client has gone (the row is then freed
-        at the next step)."""
+        at the next step). The client is looked at every `DISCONNECT_POLL_SECONDS` (`checked[0]`: last time),
+        whether or not events keep coming."""
+        loop = asyncio.get_running_loop()
         while True:
-            try:
-                return await asyncio.wait_for(events.get(), DISCONNECT_POLL_SECONDS)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    handle.cancel()
-                    return None
+            wait = checked[0] + DISCONNECT_POLL_SECONDS - loop.time()
+            if wait > 0:
+                try:
+                    return await asyncio.wait_for(events.get(), wait)
+                except asyncio.TimeoutError:
+                    pass
+            checked[0] = loop.time()
+            if await request.is_disconnected():
+                handle.cancel()
+                return None
 
     async def complete(request: Request, spec: DecodeSpec, build_body: Callable[[Outcome], dict]):
         handle, events = await submit(spec)
+        checked = [asyncio.get_running_loop().time()]
         try:
             while True:
-                event = await next_event(events, request, handle)
+                event = await next_event(events, request, handle, checked)
                 if event is None or event[0] == "cancelled":
                     return error_response(499, "the client closed the request", "client_closed")
                 if event[0] == "done":
@@ -624,7 +631,7 @@ def create_app(dt: DynTree, served_model_name: str | None = None, default_max_to
         """Queue the request; answer an error status if it fails before any text, else stream one event per pass."""
         handle, events = await submit(spec)
         try:
-            first = await next_event(events, request, handle)
+            first = await next_event(events, request, handle, [asyncio.get_running_loop().time()])
         except BaseException:
             handle.cancel()
             raise
