@@ -81,7 +81,9 @@ def stop(process: subprocess.Popen, seconds: float = 120.0) -> dict:
     except subprocess.TimeoutExpired:
         process.kill()
         code = process.wait()
-    return {"exit_code": code, "stop_seconds": round(time.monotonic() - start, 2)}
+    # uvicorn re-raises the signal after its graceful shutdown: -SIGTERM is the normal end.
+    return {"exit_code": code, "graceful": code in (0, -signal.SIGTERM),
+            "stop_seconds": round(time.monotonic() - start, 2)}
 
 
 def run_config(max_batch: int, args, prompts: list[str], measure_rss: bool, log_dir: Path) -> dict:

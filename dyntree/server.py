@@ -329,6 +329,9 @@ class DecodingService:
 
     def drain(self) -> None:
         """Stop taking requests (503); those in flight get `shutdown_timeout` seconds to finish."""
+        if self.engine.accepting:
+            log.warning("shutting down: new requests get 503; %d decoding and %d waiting get %g s to finish",
+                        self.engine.batch_size, self.engine.queue_depth, self.shutdown_timeout)
         self.engine.stop_accepting(self.shutdown_timeout)
 
     def close(self) -> None:

@@ -162,7 +162,7 @@ def test_drain_refuses_new_requests_and_fails_those_left_cleanly(dt):
 def test_drain_lets_requests_in_flight_finish_within_the_grace(dt):
     app = create_app(dt, shutdown_timeout=60)
     slowed(app, 0.002)
-    with TestClient(app) as client:
+    with TestClient(app):  # (its lifespan closes the engine at the end)
         async def fire():
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as http:
