@@ -569,11 +569,11 @@ class BatchEngine:
         if handle.finished.is_set():
             return
         handle.finished.set()
+        self.observer.finished(reason)  # before the request hears of it: its client may read metrics next
         if result is not None:
             _send(handle.request, ("done", result) if isinstance(result, Outcome) else ("error", result))
         elif reason == "cancelled":
             _send(handle.request, ("cancelled",))
-        self.observer.finished(reason)
 
     @torch.inference_mode()  # the cache's tensors were made in inference mode
     def _fail_everything(self, exc: Exception, reason: str, waiting: bool = True) -> None:

@@ -425,18 +425,22 @@ class StatusCounter:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        status = {"code": 500}  # an exception no handler answered
+        path = scope.get("path", "")
+        labels = (path if path in self.paths else "other",)
+        started = False
 
         async def counting(message):
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+            nonlocal started
+            if message["type"] == "http.response.start":  # counted as the answer starts: before its body
+                started = True
+                self.counter.labels(*labels, str(message["status"])).inc()
             await send(message)
 
         try:
             await self.app(scope, receive, counting)
         finally:
-            path = scope.get("path", "")
-            self.counter.labels(path if path in self.paths else "other", str(status["code"])).inc()
+            if not started:  # an exception no handler answered
+                self.counter.labels(*labels, "500").inc()
 
 # -- response bodies -----------------------------------------------------------------------------------------
 def _type_tag(part) -> bool:

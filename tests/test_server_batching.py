@@ -9,6 +9,7 @@ import contextlib
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -205,3 +206,47 @@ def test_metrics_change_as_requests_complete(dt):
     other = create_app(dt)
     assert metric(other.state.service.metrics.render().decode(), "dyntree_generated_tokens_total") == 0
     other.state.service.close()
+
+
+def test_sigterm_finishes_the_request_in_flight_then_exits(tiny_model_dir):  # noqa: F811
+    """The real command: SIGTERM while a stream is decoding; the stream still ends normally, new connections
+    are refused, and the process exits."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    process = subprocess.Popen([sys.executable, "-m", "dyntree", "serve", "--model", str(tiny_model_dir),
+                                "--heads", "none", "--port", str(port), "--threads", "1", "--log-level", "warning",
+                                "--shutdown-timeout", "60"], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_for(lambda: _healthy(url), 120), "the server did not start"
+        body = {"prompt": "the cat sat on the mat", "max_tokens": 480, "stream": True}
+        with httpx.Client(base_url=url, timeout=60) as http:
+            with http.stream("POST", "/v1/completions", json=body) as r:
+                lines = r.iter_lines()
+                next(lines)
+                process.send_signal(signal.SIGTERM)
+                rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]" and '"finish_reason": "length"' in rest[-2], rest[-2:]
+        assert process.wait(60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after a graceful stop
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(url + "/health", timeout=2)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        output = process.communicate()[0]
+    assert "shutting down: new requests get 503; 1 decoding" in output, output  # it was in flight
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
