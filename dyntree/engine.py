@@ -635,6 +635,8 @@ def _combine(groups: list[tuple[Proposer, list[int]]], proposals: list[Proposal]
     """One `[batch, n]` proposal from the groups' trees, each padded to the largest with nodes whose parent is
     -1: they attend to committed tokens and themselves only, and no verification walks to them. Also each
     row's own node count."""
+    if len(proposals) == 1:  # one tree policy for every row (the usual case): rows 0..batch-1 in order
+        return proposals[0], [proposals[0].tokens.shape[1]] * batch
     n = max(p.tokens.shape[1] for p in proposals)
     depth = max(int(p.buffers.depths.max()) for p in proposals)
     tokens = torch.zeros(batch, n, dtype=torch.long, device=device)

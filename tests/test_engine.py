@@ -282,3 +282,24 @@ def test_bad_requests_are_refused_before_queueing(dt):
     engine.submit(req)
     engine.step()
     assert sink.error is not None and "exceeds" in str(sink.error)
+
+
+@pytest.mark.slow
+def test_default_model_batched_greedy_answers_equal_solo_answers():
+    """The real model and bundled heads, its default dynamic tree: four chat prompts decoded together (then
+    three, two, one as they finish) give plain greedy decoding's tokens, and the heads do get accepted."""
+    dt = DynTree.from_pretrained("default")
+    texts = ["Name three colours of the rainbow.", "What is the capital of France? Explain briefly.",
+             "Write a haiku about the sea.", "Give two tips for learning to cook."]
+    ids = [dt.encode(t) for t in texts]
+    lengths = [20, 48, 33, 40]
+    engine = BatchEngine(dt, max_batch=4)
+    sinks = []
+    for p, n in zip(ids, lengths):
+        req, sink = request(p, n)
+        engine.submit(req)
+        sinks.append(sink)
+    drain(engine, sinks)
+    for p, n, sink in zip(ids, lengths, sinks):
+        assert sink.done.token_ids == plain(dt, p, n)
+    assert max(s.done.stats["mean_accepted_per_pass"] for s in sinks) > 1.2
