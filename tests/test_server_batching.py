@@ -83,7 +83,7 @@ def wait_for(condition, seconds: float = 10.0) -> bool:
 
 def test_full_queue_answers_429_with_retry_after_and_nothing_is_lost(dt):
     app = create_app(dt, max_batch=1, max_queue=1)
-    engine = slowed(app, 0.005)
+    engine = slowed(app, 0.01)  # each answer takes 0.4 s at least: the five requests arrive well within it
     body = {"prompt": "w5 w6 w7", "max_tokens": 40}
 
     async def fire():
@@ -96,7 +96,7 @@ def test_full_queue_answers_429_with_retry_after_and_nothing_is_lost(dt):
     finally:
         app.state.service.close()
     codes = sorted(r.status_code for r in responses)
-    assert codes.count(200) >= 2 and set(codes) <= {200, 429}, codes  # one decoding + one queued at least
+    assert codes.count(200) >= 2 and codes.count(429) >= 1 and set(codes) <= {200, 429}, codes
     texts = {r.json()["choices"][0]["text"] for r in responses if r.status_code == 200}
     assert len(texts) == 1  # the same greedy answer each time
     for r in responses:
