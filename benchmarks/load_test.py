@@ -109,52 +109,50 @@ def percentile(values: list[float], q: float) -> float | None:
 
 async def one_request(http, prompt: str, max_tokens: int, timeout: float) -> Result:
     """One streamed chat completion; every failure becomes a Result with `error`, never an exception."""
-    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}}
     result = Result()
     start = time.perf_counter()
     try:
-        async with asyncio.timeout(timeout):
-            async with http.stream("POST", "/v1/chat/completions", json=body) as response:
-                result.status = response.status_code
-                if response.status_code != 200:
-                    raw = await response.aread()
-                    try:
-                        result.error = json.loads(raw)["error"]["message"]
-                    except (ValueError, KeyError, TypeError):
-                        result.error = raw[:200].decode("utf-8", "replace")
-                    return result
-                done = False
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    payload = line[len("data: "):]
-                    if payload == "[DONE]":
-                        done = True
-                        break
-                    event = json.loads(payload)
-                    if "error" in event:
-                        result.error = event["error"].get("message", "error event")
-                        return result
-                    if event.get("usage"):
-                        result.completion_tokens = int(event["usage"]["completion_tokens"])
-                    for choice in event.get("choices") or []:
-                        text = (choice.get("delta") or {}).get("content")
-                        if text:
-                            if result.ttft_s is None:
-                                result.ttft_s = time.perf_counter() - start
-                            result.text += text
-                if not done:
-                    result.error = "the stream ended without [DONE]"
-                    return result
-    except TimeoutError:
+        await asyncio.wait_for(_stream_answer(http, prompt, max_tokens, result, start), timeout)
+    except asyncio.TimeoutError:
         result.error = f"no complete answer within {timeout:g} s"
-        return result
     except Exception as exc:  # connection refused or reset, malformed events: counted, not raised
         result.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
-        return result
-    result.latency_s = time.perf_counter() - start
+    if result.error is None and result.status == 200:
+        result.latency_s = time.perf_counter() - start
     return result
+
+
+async def _stream_answer(http, prompt: str, max_tokens: int, result: Result, start: float) -> None:
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        result.status = response.status_code
+        if response.status_code != 200:
+            raw = await response.aread()
+            try:
+                result.error = json.loads(raw)["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                result.error = raw[:200].decode("utf-8", "replace") or f"HTTP {response.status_code}"
+            return
+        async for line in response.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            payload = line[len("data: "):]
+            if payload == "[DONE]":
+                return
+            event = json.loads(payload)
+            if "error" in event:
+                result.error = event["error"].get("message", "error event")
+                return
+            if event.get("usage"):
+                result.completion_tokens = int(event["usage"]["completion_tokens"])
+            for choice in event.get("choices") or []:
+                text = (choice.get("delta") or {}).get("content")
+                if text:
+                    if result.ttft_s is None:
+                        result.ttft_s = time.perf_counter() - start
+                    result.text += text
+        result.error = "the stream ended without [DONE]"
 
 
 async def run_load(url: str, concurrency: int, requests: int, max_tokens: int, prompts: list[str],

@@ -13,7 +13,7 @@ from dyntree.api import DynTree
 from dyntree.server import create_app
 
 from test_bench import tiny_model_dir  # noqa: F401 - the tiny model with a tokenizer and a chat template
-from test_server_batching import serving
+from test_server_batching import serving, slowed
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "load_test.py"
 
@@ -51,6 +51,18 @@ def test_errors_are_counted_not_lost(load_test, tiny_model_dir, tmp_path):  # no
         summary = __import__("asyncio").run(load_test.run_load(url, 2, 4, 30, ["the cat sat on the mat"]))
     assert summary["ok"] == 0 and summary["errors"] == 4 and summary["statuses"] == {"400": 4}
     assert "context" in summary["error_messages"][0]
+
+
+def test_slow_answers_time_out_and_count_as_errors(load_test, tiny_model_dir):  # noqa: F811
+    import asyncio
+
+    dt = DynTree.from_pretrained(str(tiny_model_dir), heads=None)
+    app = create_app(dt, max_batch=2)
+    slowed(app, 0.02)
+    with serving(app) as url:
+        summary = asyncio.run(load_test.run_load(url, 2, 3, 200, ["the cat sat on the mat"], timeout=0.3))
+    assert summary["ok"] == 0 and summary["errors"] == 3
+    assert "within 0.3 s" in summary["error_messages"][0]
 
 
 @pytest.mark.parametrize("url", ["http://10.0.0.1:8000", "http://example.com", "https://8.8.8.8", "ftp://127.0.0.1",
