@@ -133,9 +133,13 @@ def test_greedy_answers_in_a_changing_batch_equal_solo_answers(dt):
         req, sink = request(p, n, tree_fields={"tree": ["small", "large", "ar"][i % 3]})
         engine.submit(req)
         sinks.append(sink)
+        if i == 1:  # a sampled request in the mix: verified alone, it must not disturb the greedy rows
+            sampled, sampled_sink = request(ps[0], 50, SamplingConfig(temperature=1.0, seed=3),
+                                            tree_fields={"tree": "large"})
+            engine.submit(sampled)
     seen_batches = set()
     for _ in range(2000):
-        if all(s.ended for s in sinks):
+        if all(s.ended for s in sinks + [sampled_sink]):
             break
         engine.step()
         seen_batches.add(engine.batch_size)
@@ -146,6 +150,7 @@ def test_greedy_answers_in_a_changing_batch_equal_solo_answers(dt):
         assert outcome.token_ids == refs[tuple(p)]
         streamed = [t for e in sink.events if e[0] == "text" for t in e[2]]
         assert streamed == outcome.token_ids[: len(streamed)]
+    assert sampled_sink.done is not None and sampled_sink.done.stats["acceptance"].startswith("lossless")
     multi = [s.done.stats for s in sinks if s.done.stats["tree"].startswith("oracle")]
     assert max(s["mean_accepted_per_pass"] for s in multi) > 1.5  # the trees did get accepted
     assert backbone.config.eos_token_ids  # (the tiny model can stop early: the references stop there too)
