@@ -129,7 +129,7 @@ class _Row:
     """A request holding a cache row: its tokens so far, the next root and the hidden state before it."""
 
     __slots__ = ("handle", "request", "engine", "generator", "tokens", "text", "last_hidden", "root", "passes",
-                 "accepted", "tree_sizes", "batch_sizes", "admitted", "decode_started", "reason")
+                 "accepted", "tree_sizes", "batch_sizes", "admitted", "reason")
 
     def __init__(self, handle: RequestHandle, engine: DynTree, admitted: float, device):
         self.handle = handle
@@ -147,7 +147,6 @@ class _Row:
         self.tree_sizes: list[int] = []
         self.batch_sizes: list[int] = []
         self.admitted = admitted
-        self.decode_started = admitted
         self.reason = ""  # why it finished: "eos", "length", "stop", "context"
 
 
@@ -474,7 +473,6 @@ class BatchEngine:
         self._cache.lengths[b] = len(prompt)
         row.last_hidden = hidden[0, -1].clone()
         row.root = int(choose_tokens(self.backbone.logits(hidden[:, -1]), request.sampling, row.generator)[0])
-        row.decode_started = time.perf_counter()
         self._emit(row, [row.root])
         self.observer.generated(1)
         return row
