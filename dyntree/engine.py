@@ -147,7 +147,7 @@ class _Row:
         self.tree_sizes: list[int] = []
         self.batch_sizes: list[int] = []
         self.admitted = admitted
-        self.reason = ""  # why it finished: "eos", "length", "stop", "context"
+        self.reason = ""  # why it finished: "eos", "length", "stop"
 
 
 class BatchEngine:
@@ -313,24 +313,17 @@ class BatchEngine:
         started = time.perf_counter()
         rows = self._rows
         k = len(rows)
-        budget = self.tree_size_for(k)
-        groups = self._groups(budget)
-        proposals = []
-        for proposer, idx in groups:
-            hidden = torch.stack([rows[i].last_hidden for i in idx])
-            root = torch.tensor([rows[i].root for i in idx], dtype=torch.long, device=self.backbone.device)
-            proposals.append(propose(self.heads, proposer, self.backbone, hidden, root,
-                                     lambda idx=idx: [rows[i].request.prompt_ids + rows[i].tokens for i in idx]))
-        combined, sizes = _combine(groups, proposals, k, self.backbone.device)
-        n = combined.tokens.shape[1]
         limit = min(self._cache.max_len, self.backbone.config.max_position_embeddings)
-        lengths = self._cache.lengths[:k].tolist()
-        full = [b for b in range(k) if lengths[b] + n > limit]
-        if full:  # a tree would run past the cache: those rows end here, as a solo run's would
-            for b in full:
-                rows[b].reason = "context"
-            self._retire(full)
-            return True
+        room = limit - max(self._cache.lengths[:k].tolist())
+        if room < 1:  # (cannot happen: admission checks prompt + max_tokens against the context)
+            raise RuntimeError("a row has no room left in the cache")
+        budget = self.tree_size_for(k)
+        groups, proposals = self._propose(budget)
+        if max(p.tokens.shape[1] for p in proposals) > room:
+            # Near the end of the context the largest tree no longer fits one row: plain decoding for this
+            # step (greedy answers are the same; the request still gets all its max_tokens).
+            groups, proposals = self._propose(1)
+        combined, sizes = _combine(groups, proposals, k, self.backbone.device)
         view = _rows_view(self._cache, k)
         hidden = forward_tree(self.backbone, combined, view)
         accepted, next_tokens, last_nodes = self._verify(hidden, combined, sizes)
@@ -357,6 +350,18 @@ class BatchEngine:
         self.observer.step(k, time.perf_counter() - started, added)
         self._retire(done)
         return True
+
+    def _propose(self, budget: int | None) -> tuple[list[tuple[Proposer, list[int]]], list[Proposal]]:
+        """Each group's proposal for this step (rows grouped by proposer within the node budget)."""
+        rows = self._rows
+        groups = self._groups(budget)
+        proposals = []
+        for proposer, idx in groups:
+            hidden = torch.stack([rows[i].last_hidden for i in idx])
+            root = torch.tensor([rows[i].root for i in idx], dtype=torch.long, device=self.backbone.device)
+            proposals.append(propose(self.heads, proposer, self.backbone, hidden, root,
+                                     lambda idx=idx: [rows[i].request.prompt_ids + rows[i].tokens for i in idx]))
+        return groups, proposals
 
     def _groups(self, budget: int | None) -> list[tuple[Proposer, list[int]]]:
         """Rows sharing a proposer, in row order: one `propose` call each."""

@@ -308,3 +308,20 @@ def test_default_model_batched_greedy_answers_equal_solo_answers():
     for p, n, sink in zip(ids, lengths, sinks):
         assert sink.done.token_ids == plain(dt, p, n)
     assert max(s.done.stats["mean_accepted_per_pass"] for s in sinks) > 1.2
+
+
+def test_a_request_filling_the_context_gets_all_its_tokens(dt):
+    """Prompt + max_tokens = the whole context, beside a request with a 63-node tree: near the end the trees
+    no longer fit, the step falls back to plain decoding, and the answer is still plain decoding's, in full."""
+    context = dt.model.config.max_position_embeddings
+    prompt = prompts(1, seed=9)[0]
+    n = context - len(prompt)
+    engine = BatchEngine(dt, max_batch=2)
+    (a, sa), (b, sb) = request(prompt, n, tree_fields={"tree": "static"}), request([5, 6, 7], 30)
+    engine.submit(a)
+    engine.submit(b)
+    drain(engine, [sa, sb])
+    reference = plain(dt, prompt, n)
+    assert len(reference) == n  # no end of sequence before the context's end: the test reaches it
+    assert sa.done.token_ids == reference
+    assert sb.done.token_ids == plain(dt, [5, 6, 7], 30)
