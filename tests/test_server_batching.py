@@ -250,3 +250,13 @@ def _healthy(url: str) -> bool:
         return httpx.get(url + "/health", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+@pytest.mark.parametrize("kwargs,words", [({"max_batch": 0}, "max batch"), ({"max_queue": -1}, "max queue"),
+                                          ({"request_timeout": 0}, "timeout"), ({"shutdown_timeout": -1}, "shutdown"),
+                                          ({"max_model_len": 100000}, "context"), ({"max_body_bytes": 10}, "body")])
+def test_bad_server_settings_are_one_line_errors(dt, kwargs, words):
+    from dyntree.errors import DynTreeError
+
+    with pytest.raises(DynTreeError, match=words):
+        create_app(dt, **kwargs)
