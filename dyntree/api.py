@@ -80,7 +80,8 @@ class DynTree:
         self.heads_note = heads_note
         self.tree_profile = tree_profile
         self.config = config if heads is not None else TreeConfig(kind="ar")
-        self.proposer = build_proposer(self.config, heads.num_heads if heads is not None else None, latency)
+        self.proposer = build_proposer(self.config, heads.num_heads if heads is not None else None, latency,
+                                       conditional=heads is not None and heads.conditional)
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike = DEFAULT_MODEL, heads: str | os.PathLike | None = "auto",

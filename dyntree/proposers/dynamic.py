@@ -18,6 +18,7 @@ from ..config import TreeConfig
 from ..errors import DynTreeError
 from ..trees import buffers_from_parents
 from ..trees.acceptance import AcceptanceStats
+from ..trees.conditional import select_by_depth
 from ..trees.latency import LatencyModel, choose_tree_size
 from ..trees.lookup import LookupBranch, merge_chain
 from ..trees.recycle import SuccessorTable
@@ -37,7 +38,7 @@ class DynamicTreeProposer(Proposer):
     uses_heads = True
 
     def __init__(self, num_heads: int, config: TreeConfig | None = None, latency=None, recycle: int = 0,
-                 recycle_k: int = 2, **fields):
+                 recycle_k: int = 2, conditional: bool = False, **fields):
         if config is None:
             config = TreeConfig(kind="dynamic", **fields)
         elif fields:
@@ -63,7 +64,12 @@ class DynamicTreeProposer(Proposer):
         self.latency: LatencyModel | None = latency
         self.temperature = config.resolved_tree_temperature
         self.score = config.resolved_score
-        self.learn = config.resolved_learn
+        # Path-conditional (hydra) heads: the tree is chosen depth by depth through `draft.expand`; their
+        # path probabilities are used as they are (the per-(head, rank) acceptance table models marginals).
+        self.conditional = bool(conditional)
+        if self.conditional:  # a node never gets more children than the budget can hold
+            self.topk = max(1, min(topk, size - 1))
+        self.learn = config.resolved_learn and not self.conditional
         self.stats = _acceptance_table(config.calibration, num_heads, topk)
         lookup = config.resolved_lookup
         self.lookup = LookupBranch(lookup, config.lookup_ngram, config.lookup_merge) if lookup else None
@@ -76,14 +82,19 @@ class DynamicTreeProposer(Proposer):
         self._last = None  # the latest proposal and its node lists, for `observe`
         size_label = f"auto{size}" if latency is not None else f"n{size}"
         self.name = f"dynamic:{size_label}:k{topk}" + ("" if self.score == "prob" else f":{self.score}") + (
-            f":lookup{lookup}" if lookup else "") + (f":recycle{self.recycle}" if self.recycle else "")
+            f":lookup{lookup}" if lookup else "") + (f":recycle{self.recycle}" if self.recycle else "") + (
+            ":hydra" if self.conditional else "")
 
     @property
     def max_nodes(self) -> int:
         return self.tree_size
 
-    def propose(self, root: torch.Tensor, head_ids: torch.Tensor, head_probs: torch.Tensor,
-                context: list[list[int]] | None = None) -> Proposal:
+    def propose(self, root: torch.Tensor, head_ids: torch.Tensor | None, head_probs: torch.Tensor | None,
+                context: list[list[int]] | None = None, draft=None) -> Proposal:
+        if self.conditional:
+            if draft is None:
+                raise DynTreeError("a tree over path-conditional heads needs their draft (`decoding.PathDraft`)")
+            return self._propose_conditional(root, draft, context)
         depth = min(self.num_heads, head_ids.shape[1])
         ids = head_ids[:, :depth, : self.topk]
         probs = marginals(head_probs[:, :depth, : self.topk], self.temperature, self.config.renormalize)
@@ -123,32 +134,53 @@ class DynamicTreeProposer(Proposer):
             return self.tree_size
         return choose_tree_size(score_rows, self.latency, self.tree_size)
 
+    def _propose_conditional(self, root: torch.Tensor, draft, context) -> Proposal:
+        """Depth by depth over path-conditional heads (`trees.conditional.select_by_depth`), then the same
+        merge with the lookup chain and recycled paths as the Medusa trees."""
+        budget = self.tree_size - 1
+        chosen = select_by_depth(draft.expand, root.shape[0], budget, self.num_heads)
+        rows = []
+        for row, row_choice in enumerate(chosen):
+            meta = {}
+            for path, score in row_choice:
+                rank, prob = draft.rank_of(row, path)
+                meta[path] = (score, rank, prob)
+            rows.append(([path for path, _ in row_choice], meta))
+        return self._merged_proposal(root, rows, context, self.num_heads)
+
     def _propose_with_lookup(self, root, ids, probs, chosen, chosen_scores, context) -> Proposal:
-        """The tree from the heads' best nodes and each sequence's lookup chain.
+        """The tree from the heads' best nodes and each sequence's lookup chain."""
+        id_rows, prob_rows = ids.tolist(), probs.tolist()
+        rows = [_head_paths(nodes, node_scores, id_rows[row], prob_rows[row])
+                for row, (nodes, node_scores) in enumerate(zip(chosen, chosen_scores))]
+        return self._merged_proposal(root, rows, context, ids.shape[1])
+
+    def _merged_proposal(self, root, rows, context, head_depth: int) -> Proposal:
+        """The tree of each row's head paths (selection order, with their meta) merged with its lookup chain
+        and recycled paths inside the node budget.
 
         With a latency model the size is chosen on the merged order (chain first), whose prefixes are trees,
         so a step with a trusted chain can afford more nodes than the heads alone would justify.
         """
-        id_rows, prob_rows = ids.tolist(), probs.tolist()
         if self.lookup is not None and context is not None:
             chains = [self.lookup.chain(ctx) for ctx in context]
         else:
-            chains = [[] for _ in id_rows]
+            chains = [[] for _ in rows]
         roots = root.tolist()
+        budget = self.tree_size - 1
         merged = []
-        for row, (nodes, node_scores) in enumerate(zip(chosen, chosen_scores)):
-            paths, meta = _head_paths(nodes, node_scores, id_rows[row], prob_rows[row])
+        for row, (paths, meta) in enumerate(rows):
             # Recycled paths (only where no lookup chain was found: measured better than always) go before
             # the heads' paths; score 0 puts them last with lookup_merge "score".
             if self.successors is not None and not chains[row]:
-                recycled = self.successors.tree(roots[row], min(self.recycle, len(nodes)))
+                recycled = self.successors.tree(roots[row], min(self.recycle, budget))
                 for path in recycled:
                     meta.setdefault(path, (0.0, -1, 0.0))
                 paths = recycled + paths  # duplicates are merged below
             if self.lookup is not None:
-                merged.append((self.lookup.merge_into(paths, meta, chains[row], len(nodes)), meta))
+                merged.append((self.lookup.merge_into(paths, meta, chains[row], budget), meta))
             else:
-                merged.append((merge_chain(paths, [], len(nodes)), meta))
+                merged.append((merge_chain(paths, [], budget), meta))
         if self.latency is not None:
             keep = self._size_for([[meta[p][0] for p in paths] for paths, meta in merged]) - 1
             merged = [(paths[:keep], meta) for paths, meta in merged]
@@ -164,7 +196,7 @@ class DynamicTreeProposer(Proposer):
             node_probs.append(row_probs)
             self._chains.append(chain_nodes)
         device = root.device
-        max_depth = max([ids.shape[1]] + [len(p) for paths, _ in merged for p in paths])
+        max_depth = max([head_depth] + [len(p) for paths, _ in merged for p in paths])
         buffers = buffers_from_parents(torch.tensor(parents, dtype=torch.long, device=device), max_depth)
         proposal = Proposal(tokens=torch.tensor(tokens, dtype=torch.long, device=device), buffers=buffers,
                             scores=torch.tensor(scores, dtype=torch.float64),

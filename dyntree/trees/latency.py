@@ -130,7 +130,7 @@ def measure_latency(backbone, heads=None, sizes=DEFAULT_SIZES, context: int = 12
             sync()
             start = time.perf_counter()
             if heads is not None:
-                heads.topk(last, backbone.lm_head, topk)
+                draft_once(heads, backbone, last, prefix[:, -1], topk, n)
             hidden = backbone.forward(tokens, cache, block_mask=block, depths=depths)
             backbone.logits(hidden[0, : min(n, 2)]).argmax(-1)
             sync()
@@ -141,6 +141,19 @@ def measure_latency(backbone, heads=None, sizes=DEFAULT_SIZES, context: int = 12
     note = {"device": str(device), "threads": torch.get_num_threads(), "context": context, "repeats": repeats,
             "heads": heads is not None}
     return LatencyModel(sizes, seconds, note)
+
+
+def draft_once(heads, backbone, last_hidden: torch.Tensor, root: torch.Tensor, topk: int, size: int) -> None:
+    """The heads' work of one step: Medusa heads' top-k once; path-conditional heads, a tree of `size` nodes
+    chosen depth by depth (their cost grows with the tree)."""
+    if not heads.conditional:
+        heads.topk(last_hidden, backbone.lm_head, topk)
+        return
+    from ..decoding import PathDraft  # noqa: PLC0415 - decoding imports the proposers, which import this module
+    from .conditional import select_by_depth  # noqa: PLC0415
+
+    draft = PathDraft(heads, backbone, last_hidden, root, min(topk, max(size - 1, 1)))
+    select_by_depth(draft.expand, root.shape[0], size - 1, heads.num_heads)
 
 
 def machine_latency(backbone, heads, sizes, topk: int, cache_dir: str | os.PathLike | None = None) -> LatencyModel:
@@ -159,7 +172,7 @@ def machine_latency(backbone, heads, sizes, topk: int, cache_dir: str | os.PathL
            "model": [config.model_type, config.num_layers, config.hidden_size, config.intermediate_size,
                      config.vocab_size],
            "heads": None if heads is None else [heads.num_heads, heads.config.num_layers,
-                                              heads.config.vocab_subset or 0],
+                                              heads.config.vocab_subset or 0, heads.config.head_type],
            "topk": topk, "sizes": sorted({int(s) for s in sizes})}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) if cache_dir is not None else cache_root() / "latency"
