@@ -36,6 +36,14 @@ def add_command(subparsers) -> None:
     p.add_argument("--init-heads", default=None, metavar="DIR",
                    help="continue from trained heads (same --num-heads/--num-layers/projection), e.g. after "
                         "distilling more data; the vocabulary subset is chosen anew and rows move with tokens")
+    p.add_argument("--head-type", choices=["medusa", "hydra"], default=d.head_type,
+                   help="medusa: each head reads the hidden state; hydra: also the embeddings of the drafted path "
+                        "(trained teacher-forced; --init-heads may be Medusa heads of the same shape)")
+    p.add_argument("--soft-targets", type=float, default=d.soft_targets, metavar="A",
+                   help="weight in [0, 1] of the backbone's whole distribution in the loss (0 = its argmax only)")
+    p.add_argument("--hidden-noise", type=float, default=d.hidden_noise,
+                   help="Gaussian noise on the heads' input state, relative to its RMS (regularises)")
+    p.add_argument("--dropout", type=float, default=d.dropout, help="dropout on the heads' input state")
     p.add_argument("--fp16-blocks", action="store_true", help="store the heads' blocks in fp16 (half the size)")
     p.add_argument("--int8-projection", action="store_true",
                    help="store the own projections as int8 with a scale per row (half the size again)")
@@ -66,7 +74,9 @@ def run(args) -> int:
         vocab_subset=args.vocab_subset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, decay=args.decay,
         val_fraction=args.val_fraction, seed=args.seed, checkpoint_every=args.checkpoint_every,
-        eval_every=args.eval_every, use_stored_hidden=not args.no_stored_hidden, init_heads=args.init_heads)
+        eval_every=args.eval_every, use_stored_hidden=not args.no_stored_hidden, init_heads=args.init_heads,
+        head_type=args.head_type, soft_targets=args.soft_targets, hidden_noise=args.hidden_noise,
+        dropout=args.dropout)
     import torch
     from accelerate import Accelerator
 
