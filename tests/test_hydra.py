@@ -160,3 +160,22 @@ def test_hydra_path_weights_change_guesses(tiny_backbone):
     paths = torch.tensor([[3, 4], [50, 60]])
     logits = heads.path_logits(hidden, paths, tiny_backbone.embed_tokens, tiny_backbone.lm_head.weight_t)
     assert not torch.allclose(logits[0], logits[1])
+
+
+@pytest.mark.parametrize("lookup", [0, 6])
+def test_hydra_replay_matches_decoding(tiny_backbone, lookup):
+    """Offline replay with recorded states reproduces every pass of live decoding with hydra heads."""
+    from dyntree.eval.replay import replay
+
+    heads = HydraHeads.random(tiny_backbone.config, num_heads=3, scale=0.2)
+    for prompt in ([1, 5, 9, 3, 1, 5, 9, 3, 1, 5], [2, 7, 7, 7, 7, 11, 4]):
+        def make():
+            return DynamicTreeProposer(3, size=9, topk=4, lookup=lookup, conditional=True)
+        live = Decoder(tiny_backbone, heads, make()).run([prompt], 40, stop_at_eos=False).consume()
+        seq = prompt + live.tokens[0]
+        with torch.inference_mode():
+            cache = tiny_backbone.new_cache(1, len(seq) + 1)
+            hidden = tiny_backbone.forward(torch.tensor([seq]), cache)[0, len(prompt) - 1 : -1]
+        record = {"tokens": seq, "prompt_len": len(prompt), "hidden": hidden}
+        got = replay(make(), record, heads=heads, backbone=tiny_backbone)
+        assert got.accepted_lengths == live.stats.accepted_lengths

@@ -274,3 +274,32 @@ def test_hydra_training_warm_start_resume_and_reload(setup, tmp_path):
     with pytest.raises(DynTreeError, match="can only start from medusa"):
         train(loaded, root / "data", tmp_path / "back", replace(medusa_cfg, init_heads=str(tmp_path / "full")),
               progress=False)
+
+
+def test_teacher_forced_text_matches_a_forward_pass_and_mixes(setup, tmp_path, capsys):
+    """`distill --text`: the stored states are those of one forward pass over prompt + answer; the dataset
+    trains mixed with a self-distilled one."""
+    from dyntree.training.distill import chat_ids
+
+    root, model_dir, loaded = setup
+    text = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"w{10 + i} w{20 + i}", "response": " ".join(f"w{(7 * i + j) % 80 + 10}" for j in range(9))}
+            for i in range(6)]
+    text.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli_main(["distill", "--model", str(model_dir), "--out", str(tmp_path / "tf"), "--text", str(text),
+                     "--batch-size", "4", "--dtype", "float32"]) == 0
+    ds = DistillDataset.open(tmp_path / "tf")
+    examples, _, counts = load_examples(ds, 2, 0.0)
+    assert counts["sequences"] == 6
+    stored, _, _ = load_examples(ds, 2, 0.0, backbone=loaded.backbone)  # recomputed one sequence at a time
+    assert torch.allclose(examples.hidden.float(), stored.hidden.float(), atol=2e-2)
+    ids = chat_ids(loaded.tokenizer, rows[0]["prompt"])
+    assert len(ids) > 0
+    config = TrainConfig(num_heads=2, vocab_subset=0, epochs=1, batch_size=16, val_fraction=0.0,
+                         checkpoint_every=0, soft_targets=1.0)
+    report = train(loaded, [root / "data", tmp_path / "tf"], tmp_path / "mixed", config, progress=False)
+    assert report["data"]["sequences"] == 24 + 6
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "w9 w10"}\n')
+    assert cli_main(["distill", "--model", str(model_dir), "--out", str(tmp_path / "b"), "--text", str(bad)]) == 2
+    assert "no response text" in capsys.readouterr().err

@@ -11,7 +11,9 @@ def add_command(subparsers) -> None:
     d = TrainConfig()
     p = subparsers.add_parser("train", help="train Medusa heads on a self-distilled dataset",
                               description="Multi-process: accelerate launch --num_processes N -m dyntree.cli train ...")
-    p.add_argument("--data", required=True, help="dataset directory written by `dyntree distill`")
+    p.add_argument("--data", required=True, nargs="+",
+                   help="dataset directories written by `dyntree distill` (several train as one mixed set, e.g. "
+                        "self-distilled + teacher-forced)")
     p.add_argument("--out", required=True, help="output directory: heads.json + heads.safetensors, checkpoints/, report")
     p.add_argument("--num-heads", type=int, default=d.num_heads, help="K heads (>= the trees' depth)")
     p.add_argument("--num-layers", type=int, default=d.num_layers, help="residual blocks per head")
@@ -83,7 +85,7 @@ def run(args) -> int:
     # One process per device under `accelerate launch`; CPU unless a GPU is asked for or auto-detected.
     accelerator = Accelerator(cpu=args.device == "cpu" or (args.device is None and not torch.cuda.is_available()))
     loaded = load_model(args.model, device=accelerator.device)
-    report = train(loaded, args.data, args.out, config, resume=not args.no_resume, stop_after=args.stop_after,
+    report = train(loaded, args.data if len(args.data) > 1 else args.data[0], args.out, config, resume=not args.no_resume, stop_after=args.stop_after,
                    block_dtype=torch.float16 if args.fp16_blocks else torch.float32, accelerator=accelerator,
                    int8_projection=args.int8_projection)
     from accelerate.state import PartialState

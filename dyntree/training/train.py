@@ -120,8 +120,10 @@ def load_examples(ds: DistillDataset, num_heads: int, val_fraction: float, backb
     parts = {False: ([], [], [], []), True: ([], [], [], [])}
     rows_in = {False: 0, True: 0}
     counts = {"sequences": 0, "response_tokens": 0, "val_sequences": 0}
-    for path in tqdm(ds.shard_paths(), desc="loading shards", disable=not progress):
-        shard = ds.read_shard(path, with_hidden=backbone is None)
+    datasets = ds if isinstance(ds, (list, tuple)) else [ds]  # several datasets train as one (mixed data)
+    shards = [(d, path) for d in datasets for path in d.shard_paths()]
+    for source, path in tqdm(shards, desc="loading shards", disable=not progress):
+        shard = source.read_shard(path, with_hidden=backbone is None)
         if backbone is None and shard.hidden is None:
             raise DynTreeError(f"{path} holds no hidden states: train with --no-stored-hidden to recompute them")
         for i, key in enumerate(shard.keys):
@@ -147,7 +149,8 @@ def load_examples(ds: DistillDataset, num_heads: int, val_fraction: float, backb
             counts["response_tokens"] += response.numel()
             counts["val_sequences"] += int(val)
     if not parts[False][0]:
-        raise DynTreeError(f"dataset {ds.directory} holds no usable sequences")
+        names = ", ".join(str(d.directory) for d in datasets)
+        raise DynTreeError(f"dataset {names} holds no usable sequences")
 
     def stack(val: bool) -> Examples:
         hs, ts, ps, rs = parts[val]
@@ -319,9 +322,11 @@ def train(loaded, dataset_dir, out_dir, config: TrainConfig, resume: bool = True
     accelerator = accelerator or Accelerator(cpu=loaded.backbone.device.type == "cpu")
     started = time.perf_counter()
     out_dir = Path(out_dir).expanduser()
-    ds = DistillDataset.open(dataset_dir)
+    dirs = dataset_dir if isinstance(dataset_dir, (list, tuple)) else [dataset_dir]
+    ds = [DistillDataset.open(d) for d in dirs]
     fingerprint = model_fingerprint(loaded)
-    ds.check_fingerprint(fingerprint, need_hidden=config.use_stored_hidden)
+    for one in ds:
+        one.check_fingerprint(fingerprint, need_hidden=config.use_stored_hidden)
     if config.num_heads < 1 or config.num_layers < 0 or config.batch_size < 1 or config.epochs <= 0:
         raise DynTreeError("num_heads >= 1, num_layers >= 0, batch_size >= 1 and epochs > 0 are required")
     if config.head_type not in ("medusa", "hydra"):
@@ -452,7 +457,7 @@ def train(loaded, dataset_dir, out_dir, config: TrainConfig, resume: bool = True
     accelerator.unwrap_model(objective).heads.round_to_storage(block_dtype, int8_projection)
     final = evaluate(accelerator, objective, val_rows)  # of the heads as saved
     report = {
-        "dataset": str(ds.directory), "model": loaded.name, "config": asdict(config), "data": counts,
+        "dataset": [str(d.directory) for d in ds] if len(ds) > 1 else str(ds[0].directory), "model": loaded.name, "config": asdict(config), "data": counts,
         "vocab_subset_coverage": coverage, "steps": step, "processes": world,
         "wall_seconds": time.perf_counter() - started, "validation": final, "history": history,
     }
