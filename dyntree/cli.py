@@ -44,6 +44,9 @@ def add_model_args(parser: argparse.ArgumentParser, tree: bool = True) -> None:
                             help="dynamic trees: up to N tokens copied from the prompt / text so far where its "
                                  "last tokens occurred before, as one branch of the same node budget "
                                  "(default: the measured best; 0 = heads only)")
+        parser.add_argument("--recycle", type=int, default=None, metavar="N",
+                            help="dynamic trees: up to N recycled candidates per tree (each token's successors "
+                                 "seen in verified text so far) inside the same node budget (default: off; 0 = off)")
         parser.add_argument("--tree-calibration", default=None, metavar="FILE",
                             help="acceptance statistics (JSON, from `dyntree calibrate`) to start the "
                                  "dynamic tree's scores from")
@@ -83,7 +86,7 @@ def tree_config(args):
 
     return TreeConfig.parse(args.tree, args.tree_size, topk=args.topk, score=args.tree_score,
                             tree_temperature=args.tree_temperature, lookup=args.lookup,
-                            calibration=args.tree_calibration, latency=args.latency)
+                            calibration=args.tree_calibration, latency=args.latency, recycle=args.recycle)
 
 
 def build_parser() -> argparse.ArgumentParser:

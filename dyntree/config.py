@@ -30,11 +30,12 @@ AUTO_MAX_SIZE = 32  # the largest tree `size="auto"` may choose
 # as calibrated scores do, with no calibration data (docs/dynamic-trees.md). Calibrated scores use T=1.
 PROB_TREE_TEMPERATURE = 2.0
 DEFAULT_LOOKUP = 6  # lookup-chain tokens per tree (docs/dynamic-trees.md); 0 = heads only
+DEFAULT_RECYCLE = 0  # recycled candidates per tree; off: measured within noise of the default (docs/dynamic-trees.md)
 SCORE_MODES = ("prob", "rank", "binned")
 LOOKUP_MERGES = ("first", "score")
 
 # Settings that only a dynamic tree reads (a static or no tree refuses them rather than ignore them).
-DYNAMIC_ONLY = ("auto", "score", "tree_temperature", "lookup", "calibration", "latency", "learn")
+DYNAMIC_ONLY = ("auto", "score", "tree_temperature", "lookup", "calibration", "latency", "learn", "recycle")
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ class TreeConfig:
     calibration:      dynamic: acceptance statistics (`AcceptanceStats` or its JSON file) to start from.
     latency:          auto only: a `LatencyModel` or its JSON file (None: measured once per machine, cached).
     learn:            dynamic: update acceptance statistics online (None: when the score is calibrated).
+    recycle:          dynamic: up to this many recycled candidates per tree (token recycling: each token's
+                      verified successors, learnt online), inside the same budget (None: DEFAULT_RECYCLE).
     renormalize, lookup_ngram, lookup_merge: dynamic-tree details for experiments (docs/dynamic-trees.md).
     """
 
@@ -70,6 +73,7 @@ class TreeConfig:
     calibration: object = None
     latency: object = None
     learn: bool | None = None
+    recycle: int | None = None
     renormalize: bool = True
     lookup_ngram: tuple[int, int] = (3, 2)
     lookup_merge: str = "first"
@@ -98,6 +102,7 @@ class TreeConfig:
                                                       and 0 < self.tree_temperature < float("inf")):
             raise DynTreeError(f"tree temperature must be a positive number, got {self.tree_temperature!r}")
         _check_int("lookup", self.lookup, 0, "(tokens copied from the context)")
+        _check_int("recycle", self.recycle, 0, "(recycled candidates per tree; 0 = off)")
         if self.latency is not None and not self.auto:
             raise DynTreeError("a latency model only applies to tree size 'auto'")
         ngram = tuple(self.lookup_ngram)
@@ -175,6 +180,10 @@ class TreeConfig:
         return DEFAULT_LOOKUP if self.lookup is None else self.lookup
 
     @property
+    def resolved_recycle(self) -> int:
+        return DEFAULT_RECYCLE if self.recycle is None else self.recycle
+
+    @property
     def resolved_learn(self) -> bool:
         return (self.resolved_score != "prob") if self.learn is None else bool(self.learn)
 
@@ -197,6 +206,8 @@ class TreeConfig:
             return out
         out.update(size="auto" if self.auto else self.resolved_size, score=self.resolved_score,
                    tree_temperature=self.resolved_tree_temperature, lookup=self.resolved_lookup)
+        if self.resolved_recycle:
+            out["recycle"] = self.resolved_recycle
         if self.auto:
             out["max_size"] = self.resolved_size
         for name in ("calibration", "latency"):

@@ -381,10 +381,10 @@ def _static(context, spec):
 
 
 @register_method("dynamic", f"our engine with the dynamic tree (options: n=NODES or n=auto[:max=N], topk=K, "
-                            f"tree_temperature=, lookup=N, score=prob|rank|binned, calibration=FILE, "
+                            f"tree_temperature=, lookup=N, recycle=N, score=prob|rank|binned, calibration=FILE, "
                             f"latency=FILE, heads=DIR (other heads), {TREE_SAMPLING_HELP})",
                  options={"n": (int, str), "max": int, "topk": int, "tree_temperature": float, "lookup": int,
-                          "score": str, "calibration": str, "latency": str, "learn": bool, "heads": str,
+                          "recycle": int, "score": str, "calibration": str, "latency": str, "learn": bool, "heads": str,
                           "dtype": str},
                  sampling=TREE_SAMPLING)
 def _dynamic(context, spec):

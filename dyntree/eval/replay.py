@@ -66,6 +66,8 @@ def replay(proposer, record: dict, max_new_tokens: int | None = None, heads=None
         from ..decoding import PathDraft  # noqa: PLC0415 - decoding imports the proposers
 
         states = record["hidden"]
+    elif heads is not None:  # Medusa heads given with recorded states: their guesses, all at once
+        head_ids, head_probs = heads.topk(record["hidden"].float(), backbone.lm_head, proposer.topk)
     else:
         head_ids, head_probs = record["head_ids"], record["head_probs"]
     lengths, sizes = [], []

@@ -37,7 +37,7 @@ class DynamicTreeProposer(Proposer):
 
     uses_heads = True
 
-    def __init__(self, num_heads: int, config: TreeConfig | None = None, latency=None, recycle: int = 0,
+    def __init__(self, num_heads: int, config: TreeConfig | None = None, latency=None, recycle: int | None = None,
                  recycle_k: int = 2, conditional: bool = False, **fields):
         if config is None:
             config = TreeConfig(kind="dynamic", **fields)
@@ -74,9 +74,10 @@ class DynamicTreeProposer(Proposer):
         lookup = config.resolved_lookup
         self.lookup = LookupBranch(lookup, config.lookup_ngram, config.lookup_merge) if lookup else None
         self.uses_context = self.lookup is not None
-        if recycle < 0:
-            raise DynTreeError("recycle must be >= 0 (0 = off)")
-        self.recycle = int(recycle)
+        if recycle is not None:  # the keyword overrides the config's (experiments, replay)
+            config = config.replace(recycle=recycle)
+            self.config = config
+        self.recycle = config.resolved_recycle
         self.successors = SuccessorTable(recycle_k) if self.recycle else None
         self._chains: list[list[int]] = []  # per row: the lookup chain's node indices in the latest tree
         self._last = None  # the latest proposal and its node lists, for `observe`
