@@ -105,8 +105,8 @@ def save_vllm_medusa(heads: MedusaHeads, directory: str | os.PathLike, lm_head_w
 
     A vocabulary subset becomes `truncated_vocab_size` + `token_map` (vLLM scores the subset and gives every
     other token -inf, exactly our subset semantics). Heads that share the backbone's lm_head get a copy of it
-    per head, or, with `share_lm_head`, one copy and `original_lm_head: true` (vLLM >= 0.6.5; older versions
-    ignore that field and would leave heads 1.. without a projection).
+    per head, or, with `share_lm_head`, one copy and `original_lm_head: true` (vLLM since PR #10454, late
+    2024; older versions ignore that field and would leave heads 1.. without a projection).
     """
     from safetensors.torch import save_file
 
@@ -153,12 +153,12 @@ def expand_to_vocabulary(rows: torch.Tensor, vocab_ids: torch.Tensor, vocab_size
     FasterDecoding ranks each head's raw logits with `torch.topk(medusa_logits, TOPK)` (no softmax, no
     mask), and its projection is `nn.Linear(H, V, bias=False)`: without a bias no row can give a constant
     "minus infinity" logit, and a huge negative row is no answer either (its logit is +huge whenever the
-    head state points the other way; inf weights give NaN or +inf; fp16, the dtype Medusa casts heads to,
-    overflows at 65504). The rows outside the subset are therefore each head's *mean* subset row: its
-    logit is the mean of the subset's logits, which can never exceed the best one (equal only when every
-    subset logit is equal), so an outside token is never a head's top guess, and in practice it ranks far
-    below the top 10 Medusa's trees take (about half the subset scores above the mean). Never being
-    right, such a guess only wastes a tree node; verification keeps the output exact either way.
+    head state points the other way; inf weights give NaN or +inf; fp16, the backbone dtype Medusa usually
+    casts heads to, overflows at 65504). The rows outside the subset are therefore each head's *mean* subset
+    row: its logit is the mean of the subset's logits, which can never exceed the best one (equal only when
+    every subset logit is equal), so an outside token is never a head's top guess, and with thousands of
+    subset tokens it ranks far below the top 10 Medusa's trees take. Never being right, such a guess only
+    wastes a tree node; verification keeps the output exact either way.
     """
     k, _, h = rows.shape
     filler = rows.mean(dim=1, keepdim=True)  # [K, 1, H]

@@ -23,7 +23,7 @@ def add_command(subparsers) -> None:
                    help="medusa format: base_model_name_or_path to write (default: the --model directory)")
     p.add_argument("--share-lm-head", action="store_true",
                    help="vllm-medusa with heads that use the backbone's lm_head: write it once with "
-                        "original_lm_head: true (vLLM >= 0.6.5) instead of once per head")
+                        "original_lm_head: true (vLLM since PR #10454, late 2024) instead of once per head")
     p.add_argument("--pt", action="store_true",
                    help="medusa format: also write medusa_lm_head.pt (FasterDecoding's loader reads only that)")
     p.add_argument("--force", action="store_true",
@@ -83,11 +83,12 @@ def run(args) -> int:
     console = Console(stderr=True)
     cfg = heads.config
     subset = f", vocabulary subset of {cfg.vocab_subset}" if cfg.vocab_subset else ""
-    console.print(f"wrote {cfg.num_heads} heads x {cfg.num_layers} layers{subset} as {args.format} to {written}")
+    layers = f"{cfg.num_layers} block{'s' if cfg.num_layers != 1 else ''}"
+    console.print(f"wrote {cfg.num_heads} heads of {layers}{subset} as {args.format} to {written}", soft_wrap=True)
     if args.format == "medusa" and not base_model:
         console.print("[dim]base_model_name_or_path is empty: pass --base-model (or --model) for "
-                      "FasterDecoding to find the backbone[/dim]")
+                      "FasterDecoding to find the backbone[/dim]", soft_wrap=True)
     if args.format == "vllm-medusa":
         console.print(f"[dim]vLLM: speculative_config={{\"method\": \"medusa\", \"model\": \"{written}\", "
-                      f"\"num_speculative_tokens\": {cfg.num_heads}}}[/dim]")
+                      f"\"num_speculative_tokens\": {cfg.num_heads}}}[/dim]", soft_wrap=True)
     return 0
