@@ -17,8 +17,8 @@ def add_model_args(parser: argparse.ArgumentParser, tree: bool = True) -> None:
     parser.add_argument("--model", default="default",
                         help="'default' (SmolLM2-135M-Instruct, embedded) or a local Hugging Face model directory")
     parser.add_argument("--heads", default="auto",
-                        help="'auto' (bundled heads of the default model), a heads directory (dyntree or Medusa "
-                             "v0.1 format), 'random' (untrained, shows losslessness only) or 'none'")
+                        help="'auto' (bundled heads of the default model), a heads directory (dyntree, Medusa "
+                             "v0.1 or vLLM Medusa layout), 'random' (untrained, shows losslessness only) or 'none'")
     if tree:
         parser.add_argument("--tree", default="dynamic",
                             help="'dynamic' (default: built every step from the heads and a context lookup, 8 nodes; "

@@ -9,20 +9,17 @@ its own matrix or the backbone's lm_head ("shared"), optionally restricted to a 
 Hydra heads (`HydraHeads`, head_type "hydra", arXiv 2402.05109) also read the embeddings of the tokens on the
 drafted path: head k sees the hidden state and the k+1 tokens from the root down to the node it extends, so a
 deep node's probability is conditional on its own path instead of a product of independent marginals. Trees
-are then built depth by depth (`proposers.conditional`), one batched head evaluation per depth.
+are then built depth by depth (`trees.conditional`), one batched head evaluation per depth.
 
-Two on-disk formats:
-- ours: `heads.safetensors` + `heads.json` (shape and the backbone fingerprint it was trained for);
-- Medusa v0.1: `config.json` (`medusa_num_heads`, ...) + `medusa_lm_head.pt` with keys
-  `{h}.{l}.linear.weight|bias` and `{h}.{L}.weight`. Its configs often state a wrong head count, so the
-  count is read from the weights.
+On disk: ours is `heads.safetensors` + `heads.json` (shape, head type and the backbone fingerprint it was
+trained for); `load_heads` also reads FasterDecoding's Medusa v0.1 and vLLM's Medusa layouts, which
+`dyntree.interop` reads and writes (Medusa heads only).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -316,7 +313,8 @@ def quantize_rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def load_heads(path: str | os.PathLike, backbone_config=None) -> MedusaHeads:
-    """Load heads saved by `MedusaHeads.save` or in Medusa v0.1 format; check they fit the backbone."""
+    """Load heads saved by `MedusaHeads.save`, or in FasterDecoding's Medusa v0.1 or vLLM's Medusa layout;
+    check they fit the backbone."""
     path = Path(path).expanduser()
     if not path.exists():
         raise DynTreeError(f"no heads at {path}")
@@ -324,10 +322,10 @@ def load_heads(path: str | os.PathLike, backbone_config=None) -> MedusaHeads:
         path = path.parent
     if (path / HEADS_CONFIG).is_file():
         heads = _load_ours(path)
-    elif (path / MEDUSA_FILE).is_file():
-        heads = _load_medusa(path, backbone_config)
     else:
-        raise DynTreeError(f"{path} holds no heads ({HEADS_CONFIG} or {MEDUSA_FILE})")
+        from .interop import load_foreign_heads
+
+        heads = load_foreign_heads(path, backbone_config)
     if backbone_config is not None:
         heads.config.check_fits(backbone_config)
     return heads.eval()
@@ -374,74 +372,14 @@ def _parameter(heads: MedusaHeads, name: str) -> torch.Tensor:
     return getattr(heads, name)
 
 
-_MEDUSA_KEY = re.compile(r"^(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)$")
-
-
-def _load_medusa(path: Path, backbone_config) -> MedusaHeads:
-    try:
-        state = torch.load(path / MEDUSA_FILE, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise DynTreeError(f"corrupt Medusa checkpoint {path / MEDUSA_FILE}: {exc}".splitlines()[0]) from exc
-    if not isinstance(state, dict) or not state:
-        raise DynTreeError(f"corrupt Medusa checkpoint {path / MEDUSA_FILE}: not a state dict")
-    blocks: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-    projections: dict[int, torch.Tensor] = {}
-    for key, tensor in state.items():
-        m = _MEDUSA_KEY.match(key)
-        if not m:
-            raise DynTreeError(f"unexpected key {key!r} in {path / MEDUSA_FILE}")
-        h, idx, kind = int(m[1]), int(m[2]), m[3]
-        if kind == "weight":
-            projections[h] = (idx, tensor)
-        else:
-            blocks.setdefault((h, idx), {})[kind.split(".")[1]] = tensor
-    num_heads = max(h for h, _ in blocks) + 1 if blocks else max(projections) + 1  # the config may lie
-    num_layers = max(i for _, i in blocks) + 1 if blocks else 0
-    if set(projections) != set(range(num_heads)):
-        raise DynTreeError(f"Medusa checkpoint {path / MEDUSA_FILE} lacks a projection for some heads")
-    hidden = next(iter(projections.values()))[1].shape[1]
-    vocab = next(iter(projections.values()))[1].shape[0]
-    config = HeadsConfig(num_heads, num_layers, hidden, vocab, shared_projection=False)
-    cfg_file = path / "config.json"
-    if cfg_file.is_file():
-        try:
-            json.loads(cfg_file.read_text())
-        except ValueError as exc:
-            raise DynTreeError(f"corrupt Medusa config {cfg_file}: {exc}") from exc
-    if backbone_config is not None:
-        config.check_fits(backbone_config)
-    heads = MedusaHeads(config)
-    with torch.no_grad():
-        for h in range(num_heads):
-            idx, weight = projections[h]
-            if idx != num_layers or tuple(weight.shape) != (vocab, hidden):
-                raise DynTreeError(f"Medusa checkpoint: head {h} projection is {tuple(weight.shape)} at index {idx}")
-            heads.projection[h].copy_(weight.float())
-            for layer in range(num_layers):
-                block = blocks.get((h, layer))
-                if block is None or set(block) != {"weight", "bias"}:
-                    raise DynTreeError(f"Medusa checkpoint: head {h} block {layer} is incomplete")
-                heads.block_weight[h, layer].copy_(block["weight"].float())
-                heads.block_bias[h, layer].copy_(block["bias"].float())
-    return heads
-
-
 def save_medusa(heads: MedusaHeads, directory: str | os.PathLike, base_model: str = "") -> Path:
-    """Write heads in Medusa v0.1 format (needs an own, full-vocabulary projection)."""
+    """Write heads with own projections as FasterDecoding's Medusa v0.1 `medusa_lm_head.pt` (the file its
+    loader reads); `dyntree.interop` writes the other layouts."""
     if heads.conditional:
         raise DynTreeError(f"Medusa v0.1 cannot express {heads.config.head_type} heads (their guesses read the path)")
-    if heads.projection is None or heads.vocab_ids is not None:
-        raise DynTreeError("Medusa v0.1 format needs heads with an own full-vocabulary projection")
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {}
-    for h in range(heads.num_heads):
-        for layer in range(heads.config.num_layers):
-            state[f"{h}.{layer}.linear.weight"] = heads.block_weight[h, layer].detach().clone()
-            state[f"{h}.{layer}.linear.bias"] = heads.block_bias[h, layer].detach().clone()
-        state[f"{h}.{heads.config.num_layers}.weight"] = heads.projection[h].detach().clone()
-    torch.save(state, out / MEDUSA_FILE)
-    (out / "config.json").write_text(json.dumps({
-        "medusa_num_heads": heads.num_heads, "medusa_num_layers": heads.config.num_layers,
-        "base_model_name_or_path": base_model}, indent=2) + "\n")
-    return out
+    if heads.projection is None:
+        raise DynTreeError("Medusa v0.1 format needs heads with an own projection (or the backbone's lm_head: "
+                           "see dyntree.interop)")
+    from .interop import save_fasterdecoding_medusa
+
+    return save_fasterdecoding_medusa(heads, directory, base_model=base_model, safetensors=False, torch_file=True)
