@@ -27,12 +27,16 @@ from dyntree.proposers import DynamicTreeProposer
 from dyntree.training.train import head_paths, head_targets, IGNORE
 
 
-def policy(name: str, heads) -> callable:
+def policy(name: str, heads, seed_table=None) -> callable:
     """default: the default dynamic tree (lookup chain included); heads-only: no lookup; recycle[R]: the
-    default plus up to R recycled candidates; sizeN suffix (e.g. heads-only:16) changes the node budget."""
+    default plus up to R recycled candidates; seeded-recycle[R]: the same, its table seeded from --seed-data;
+    a :N suffix (e.g. heads-only:16) changes the node budget."""
+    import copy
+
     base, _, size = name.partition(":")
     fields = {"size": int(size)} if size else {}
-    recycle = 0
+    recycle, seeded = 0, base.startswith("seeded-")
+    base = base.removeprefix("seeded-")
     if base == "heads-only":
         fields["lookup"] = 0
     elif base.startswith("recycle"):
@@ -40,7 +44,13 @@ def policy(name: str, heads) -> callable:
     elif base != "default":
         raise SystemExit(f"unknown policy {name!r}")
     config = TreeConfig.parse("dynamic", **fields)
-    return lambda: DynamicTreeProposer(heads.num_heads, config, recycle=recycle, conditional=heads.conditional)
+
+    def make():
+        proposer = DynamicTreeProposer(heads.num_heads, config, recycle=recycle, conditional=heads.conditional)
+        if seeded:
+            proposer.successors = copy.deepcopy(seed_table)
+        return proposer
+    return make
 
 
 @torch.inference_mode()
@@ -74,8 +84,22 @@ def main() -> None:
     ap.add_argument("--policies", default="default,heads-only")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--seed-data", default=None, help="distilled dataset whose responses seed the recycling table")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    seed_table = None
+    if args.seed_data:
+        from dyntree.trees.recycle import SuccessorTable
+        from dyntree.training.dataset import DistillDataset
+
+        ds = DistillDataset.open(args.seed_data)
+        responses = []
+        for path in ds.shard_paths():
+            shard = ds.read_shard(path, with_hidden=False)
+            for i in range(len(shard.keys)):
+                start, end = int(shard.offsets[i]), int(shard.offsets[i + 1])
+                responses.append(shard.tokens[start + int(shard.prompt_lens[i]) : end].tolist())
+        seed_table = SuccessorTable.from_sequences(responses)
     loaded = load_model("default", dtype=args.dtype)
     backbone = loaded.backbone
     data = torch.load(args.records, weights_only=False)
@@ -93,7 +117,7 @@ def main() -> None:
               flush=True)
         for pol in args.policies.split(","):
             start = time.time()
-            res = replay_many(policy(pol, heads), records, heads=heads, backbone=backbone)
+            res = replay_many(policy(pol, heads, seed_table), records, heads=heads, backbone=backbone)
             out[pol] = {"tokens_per_pass": res.mean_accepted, "passes": len(res.accepted_lengths),
                         "mean_nodes": sum(res.tree_sizes) / len(res.tree_sizes)}
             print(f"  {pol}: {res.mean_accepted:.3f} tokens/pass ({time.time() - start:.0f} s)", flush=True)

@@ -67,6 +67,9 @@ class DynamicTreeProposer(Proposer):
         # Path-conditional (hydra) heads: the tree is chosen depth by depth through `draft.expand`; their
         # path probabilities are used as they are (the per-(head, rank) acceptance table models marginals).
         self.conditional = bool(conditional)
+        if self.conditional and (config.score not in (None, "prob") or config.calibration is not None):
+            raise DynTreeError("path-conditional (hydra) heads score nodes by path probability: calibrated scores "
+                               "(rank, binned, a calibration table) model Medusa heads only")
         if self.conditional:  # a node never gets more children than the budget can hold
             self.topk = max(1, min(topk, size - 1))
         self.learn = config.resolved_learn and not self.conditional
