@@ -122,9 +122,14 @@ def prefill(backbone: Transformer, cache, prompts: list[list[int]]) -> torch.Ten
 
 
 def propose(heads: MedusaHeads | None, proposer: Proposer, backbone: Transformer, last_hidden: torch.Tensor,
-            root: torch.Tensor, context: Callable[[], list[list[int]]]) -> Proposal:
+            root: torch.Tensor, context: Callable[[], list[list[int]]],
+            active: torch.Tensor | None = None, plain: Proposer | None = None) -> Proposal:
     """The step's tree over `root` `[B]`: the heads' guesses from `last_hidden` `[B, H]` (when the proposer
-    reads them) turned into a proposal; `context()` gives each sequence's tokens so far, root last."""
+    reads them) turned into a proposal; `context()` gives each sequence's tokens so far, root last. With
+    `active` (the rows still decoding) the proposer may choose a plain step first (`Proposer.plan_step`), whose
+    root-only tree comes from `plain` (a `RootOnlyProposer`, which keeps its buffers)."""
+    if active is not None and not proposer.plan_step(active):
+        return (plain or RootOnlyProposer()).propose(root)
     head_ids = head_probs = None
     if proposer.uses_heads:
         head_ids, head_probs = heads.topk(last_hidden, backbone.lm_head, proposer.topk)
@@ -210,6 +215,7 @@ class DecodeRun:
         yield StepEvent(0, first, list(finished))
 
         clock = _Clock(device, stats)
+        plain = RootOnlyProposer()  # the tree of steps the proposer makes plain (`Proposer.plan_step`)
         decode_start = time.perf_counter()
         step = 0
         while not all(finished):
@@ -217,7 +223,7 @@ class DecodeRun:
             active = torch.tensor([not f for f in finished], device=device)
             clock.lap(None)
             proposal = propose(heads, proposer, backbone, last_hidden, root,
-                               lambda: [self.prompts[b] + self.tokens[b] for b in range(batch)])
+                               lambda: [self.prompts[b] + self.tokens[b] for b in range(batch)], active, plain)
             stats.tree_nodes = max(stats.tree_nodes, proposal.tokens.shape[1])
             stats.tree_sizes.append(proposal.tokens.shape[1])
             clock.lap("proposal")

@@ -52,6 +52,11 @@ class Proposer(ABC):
                 context: list[list[int]] | None = None) -> Proposal:
         ...
 
+    def plan_step(self, active: torch.Tensor) -> bool:
+        """Called by the loop before each step with the rows still decoding (`[B]` bool). False: this step
+        is plain decoding (the heads are not run and the tree is the root alone). Default: always a tree."""
+        return True
+
     def observe(self, proposal: Proposal, verification, active: torch.Tensor | None = None) -> None:
         """Called after each verification of `proposal` (`verify.Verification`); rows where `active` is False
         belong to finished sequences. Default: nothing to learn."""
