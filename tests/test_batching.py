@@ -240,3 +240,67 @@ def test_finished_rows_get_no_nodes(tiny):  # noqa: F811
     parents = proposal.buffers.parents
     assert (parents[0, 1:] >= 0).sum() == 7 and (parents[1, 1:] < 0).all()
     assert proposal.tokens[1].tolist() == [6] * 8  # padding repeats the root
+
+
+# -- the API ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_dyntree(tiny_model_dir):
+    from dyntree.api import DynTree
+
+    return DynTree.from_pretrained(str(tiny_model_dir), heads="random", tree="dynamic", dtype="float32")
+
+
+def test_generate_a_list_equals_one_prompt_at_a_time(tiny_dyntree):
+    prompts = ["w5 w6 w7", [9, 10, 11, 12, 13, 14, 15, 16, 17], "w40 w41 w42 w43 w44"]
+    free = tiny_dyntree.generate(prompts[1], max_new_tokens=20, chat=False, stop_at_eos=False).token_ids
+    eos = free[4]
+    tiny_dyntree.model.backbone.config.eos_token_ids = (eos,)  # sequence 1 (at least) finishes early
+    try:
+        single = [tiny_dyntree.generate(p, max_new_tokens=20, chat=False) for p in prompts]
+        batch = tiny_dyntree.generate(prompts, max_new_tokens=20, chat=False)
+        plain = tiny_dyntree.with_tree("ar").generate(prompts, max_new_tokens=20, chat=False)
+    finally:
+        tiny_dyntree.model.backbone.config.eos_token_ids = (2,)
+    assert isinstance(batch, list) and [r.index for r in batch] == [0, 1, 2]
+    assert [r.token_ids for r in batch] == [r.token_ids for r in single] == [r.token_ids for r in plain]
+    assert [r.text for r in batch] == [r.text for r in single]
+    assert len(batch[1].token_ids) == free.index(eos) + 1 < 20 and batch[1].stats.stop_reasons[1] == "eos"
+    assert batch[0].stats is batch[2].stats and batch[0].stats.batch_size == 3
+
+
+def test_stream_a_list_tags_chunks_with_their_prompt(tiny_dyntree):
+    prompts = ["w5 w6 w7", "w40 w41 w42 w43 w44 w45 w46"]
+    results = tiny_dyntree.generate(prompts, max_new_tokens=12, chat=False, stop_at_eos=False)
+    stats = []
+    chunks = list(tiny_dyntree.stream(prompts, max_new_tokens=12, chat=False, stop_at_eos=False, stats_out=stats))
+    for b, result in enumerate(results):
+        mine = [c for c in chunks if c.index == b]
+        assert [t for c in mine for t in c.token_ids] == result.token_ids
+        assert "".join(c.text for c in mine) == result.text
+    assert {c.index for c in chunks} == {0, 1} and stats[0].batch_size == 2
+    one = list(tiny_dyntree.stream(prompts[0], max_new_tokens=12, chat=False, stop_at_eos=False))
+    assert all(c.index == 0 for c in one) and [t for c in one for t in c.token_ids] == results[0].token_ids
+
+
+def test_sampling_a_batch_is_reproducible_with_a_seed(tiny_dyntree):
+    prompts = ["w5 w6 w7", "w40 w41 w42"]
+    sampling = SamplingConfig.from_options(temperature=0.9, seed=11)
+    first = tiny_dyntree.generate(prompts, max_new_tokens=15, chat=False, sampling=sampling)
+    again = tiny_dyntree.generate(prompts, max_new_tokens=15, chat=False, sampling=sampling)
+    other = tiny_dyntree.generate(prompts, max_new_tokens=15, chat=False,
+                                  sampling=SamplingConfig.from_options(temperature=0.9, seed=12))
+    assert [r.token_ids for r in first] == [r.token_ids for r in again]
+    assert [r.token_ids for r in first] != [r.token_ids for r in other]
+
+
+def test_prompt_lists_and_bad_input(tiny_dyntree):
+    from dyntree.api import is_prompt_list
+    from dyntree.errors import DynTreeError
+
+    assert not is_prompt_list("text") and not is_prompt_list([1, 2, 3])
+    assert not is_prompt_list([{"role": "user", "content": "hi"}])
+    assert is_prompt_list(["a", "b"]) and is_prompt_list([[1, 2], [3]]) and is_prompt_list([[{"role": "user"}]])
+    with pytest.raises(DynTreeError, match="no prompt"):
+        tiny_dyntree.generate([])
+    with pytest.raises(DynTreeError, match="empty prompt"):
+        tiny_dyntree.generate(["w5", ""], chat=False)
