@@ -45,6 +45,7 @@ class GenerationStats:
     phase_seconds: dict[str, float] = field(default_factory=lambda: {p: 0.0 for p in PHASES})
     # One entry per (decode step, active sequence): tokens that pass added to that sequence.
     accepted_lengths: list[int] = field(default_factory=list)
+    sequence_accepted: list[list[int]] = field(default_factory=list)  # the same per sequence (batch order)
     decode_passes: int = 0
     tree_sizes: list[int] = field(default_factory=list)  # nodes verified by each pass (varies with auto size)
     stop_reasons: list[str] = field(default_factory=list)
@@ -200,6 +201,7 @@ class DecodeRun:
         batch = len(self.prompts)
         stats = self.stats
         stats.stop_reasons = ["" for _ in range(batch)]
+        stats.sequence_accepted = [[] for _ in range(batch)]
         lengths = [len(p) for p in self.prompts]
         cache = backbone.new_cache(batch, max(lengths) + self.max_new_tokens + proposer.max_nodes + 1)
 
@@ -248,6 +250,7 @@ class DecodeRun:
                 candidates = proposal.tokens[b, nodes[1:]].tolist() + [int(result.next_tokens[b])]
                 new_tokens[b] = self._emit(b, candidates, finished)
                 stats.accepted_lengths.append(len(new_tokens[b]))
+                stats.sequence_accepted[b].append(len(new_tokens[b]))
             stats.new_tokens += sum(len(t) for t in new_tokens)
             stats.decode_passes += 1
             last_hidden = tree_hidden[torch.arange(batch, device=device), result.last_nodes]
