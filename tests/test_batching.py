@@ -304,3 +304,16 @@ def test_prompt_lists_and_bad_input(tiny_dyntree):
         tiny_dyntree.generate([])
     with pytest.raises(DynTreeError, match="empty prompt"):
         tiny_dyntree.generate(["w5", ""], chat=False)
+
+
+def test_float16_is_a_dtype_and_batches_stay_exact_in_it(tiny_model_dir):
+    from dyntree.api import DynTree
+    from dyntree.precision import resolve_dtype
+
+    assert resolve_dtype("fp16") is torch.float16 and resolve_dtype(torch.float16) is torch.float16
+    dt = DynTree.from_pretrained(str(tiny_model_dir), heads="random", tree="static", dtype="float16")
+    assert dt.model.backbone.dtype is torch.float16
+    prompts = ["w5 w6 w7", "w40 w41 w42 w43"]
+    batch = dt.generate(prompts, max_new_tokens=10, chat=False, stop_at_eos=False)
+    plain = [dt.with_tree("ar").generate(p, max_new_tokens=10, chat=False, stop_at_eos=False) for p in prompts]
+    assert [r.token_ids for r in batch] == [r.token_ids for r in plain]
