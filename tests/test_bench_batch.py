@@ -72,7 +72,7 @@ def test_sweep_table_has_a_row_per_batch_size(runs):
     assert [r["batch_size"] for r in rows] == [1, 2]
     md = sweep_markdown(results, "dyntree bench --batch-size 1,2")
     lines = [line for line in md.splitlines() if line.startswith("| ")]
-    assert lines[0].startswith("| batch | ar tok/s") and len(lines) == 3
+    assert lines[0].startswith("| batch | ar tok/s | static tok/s (vs ar)") and len(lines) == 3
     assert lines[2].startswith("| 2 |") and "100% of 5" in lines[2]
     speedup = rows[1]["methods"]["static"]["speedup_vs_ar"]
     assert f"({speedup:.2f}x)" in lines[2]

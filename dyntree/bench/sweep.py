@@ -64,7 +64,7 @@ def sweep_markdown(runs: list[dict], command: str) -> str:
     names = list(rows[0]["methods"])
     first = runs[0]
     settings, env = first["settings"], first["environment"]
-    header = ["batch"] + [f"{n} tok/s (vs ar)" for n in names] + [f"{n} acc/pass" for n in names if n != "ar"] + [
+    header = ["batch"] + [f"{n} tok/s" if n == "ar" else f"{n} tok/s (vs ar)" for n in names] + [f"{n} acc/pass" for n in names if n != "ar"] + [
         "exact"]
     lines = [f"Batch sweep: {first['prompts']['count']} prompts x {settings['turns']} turn(s), "
              f"{settings['max_new_tokens']} new tokens, {env['device']}"

@@ -83,6 +83,8 @@ def _command_line(args, methods: str, out: Path, batch_size: str | None = None) 
         parts += ["--batch-size", str(batch_size)]
     if args.no_chat:
         parts.append("--no-chat")
+    if args.dtype != "auto":
+        parts += ["--dtype", args.dtype]
     if args.device:
         parts += ["--device", args.device]
     if args.threads:
