@@ -317,3 +317,17 @@ def test_float16_is_a_dtype_and_batches_stay_exact_in_it(tiny_model_dir):
     batch = dt.generate(prompts, max_new_tokens=10, chat=False, stop_at_eos=False)
     plain = [dt.with_tree("ar").generate(p, max_new_tokens=10, chat=False, stop_at_eos=False) for p in prompts]
     assert [r.token_ids for r in batch] == [r.token_ids for r in plain]
+
+
+def test_prepare_measures_a_batch_size_before_any_step(tiny):  # noqa: F811
+    measured = []
+
+    def measure(batch):
+        measured.append(batch)
+        return LatencyModel([1, 16], [0.01, 0.0101]), 0.011
+
+    proposer = DynamicTreeProposer(4, topk=6, size=8, latency=BatchLatency({}, measure=measure))
+    proposer.prepare(3)
+    proposer.prepare(3)
+    assert measured == [3]
+    RootOnlyProposer().prepare(3)  # the contract's default: nothing to do

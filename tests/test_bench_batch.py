@@ -119,3 +119,14 @@ def test_methods_without_batches_are_refused(tiny_model_dir, prompts_file, tmp_p
 
 def test_parse_batch_sizes():
     assert parse_batch_sizes("4") == [4] and parse_batch_sizes("1, 2,4") == [1, 2, 4] and parse_batch_sizes(8) == [8]
+
+
+def test_batch_latency_is_measured_before_the_timed_runs(tiny_model_dir, prompts_file):  # noqa: F811
+    context = BenchContext(model=str(tiny_model_dir), heads="random")
+    (method,) = build_methods(parse_method_list("dynamic:n=auto:max=6"), context)
+    calls = []
+    real = method.prepare_batch
+    method.prepare_batch = lambda size: calls.append(size) or real(size)
+    settings = BenchSettings(max_new_tokens=6, turns=1, warmup=0, kl_samples=0, batch_size=3)
+    run_benchmark([method], load_prompts(prompts_file), context, settings)
+    assert calls == [3] and 3 in method.engine.proposer._batch_latency.tree

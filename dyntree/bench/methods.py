@@ -298,6 +298,10 @@ class DynTreeMethod:
         decode.stats.heads_note = self.engine.heads_note
         return decode.tokens[0], decode.stats
 
+    def prepare_batch(self, batch_size: int) -> None:
+        """One-off work for runs of `batch_size` sequences (a latency model to measure), before any timing."""
+        self.engine.proposer.prepare(batch_size)
+
     def run_batch(self, prompts: list[list[int]], max_new_tokens: int):
         """Decode `prompts` together (`--batch-size`): per-sequence tokens and the batch's stats. When sampling,
         the batch's generator is seeded from the method's seed and all its prompts."""

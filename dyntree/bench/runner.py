@@ -339,8 +339,10 @@ def _run_batched(methods: list[BenchMethod], prompts: list[BenchPrompt], context
         seconds = time.perf_counter() - start
         return outputs, stats, seconds, probe.stop()
 
-    # Warm-up on a full batch (the first prompt repeated): kernels see the batch's shapes, and a tree sized by
-    # a latency model measures this batch size here rather than inside a timed run.
+    for method in methods:  # e.g. a tree sized by a latency model measures this batch size now, untimed
+        if hasattr(method, "prepare_batch"):
+            method.prepare_batch(size)
+    # Warm-up on a full batch (the first prompt repeated): kernels and allocators see the batch's shapes.
     first_ids = _encode(context, prompts[0], 0, [], settings.chat)
     for _ in range(settings.warmup):
         for method in methods:

@@ -92,6 +92,11 @@ class DynamicTreeProposer(Proposer):
     def max_nodes(self) -> int:
         return self.tree_size
 
+    def prepare(self, batch_size: int) -> None:
+        """Measure (or read from the cache) this batch size's latency now, not inside a run's first step."""
+        if self._batch_latency is not None:
+            self._batch_latency.model(batch_size)
+
     def plan_step(self, active: torch.Tensor) -> bool:
         """Remember the rows still decoding (finished rows get no nodes); False while backing off to plain
         decoding because trees were expected to be slower than it at this batch size."""
