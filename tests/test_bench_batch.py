@@ -76,6 +76,11 @@ def test_sweep_table_has_a_row_per_batch_size(runs):
     assert lines[2].startswith("| 2 |") and "100% of 5" in lines[2]
     speedup = rows[1]["methods"]["static"]["speedup_vs_ar"]
     assert f"({speedup:.2f}x)" in lines[2]
+    assert lines[2].endswith("| 15/15 |")  # 3 greedy methods x 5 sequences, each equal to ar alone (batch 1)
+    assert rows[1]["methods"]["ar"]["equal_to_ar_batch1"] == 5
+    broken = json.loads(json.dumps(results))
+    broken[0]["runs"][0]["token_ids"] = broken[0]["runs"][0]["token_ids"][:-1]  # one batched sequence differs
+    assert sweep_markdown(broken, "x").splitlines()[5].endswith("| 14/15 |")
 
 
 def test_cli_sweep_writes_every_run_and_the_table(tiny_model_dir, prompts_file, tmp_path, capsys):  # noqa: F811

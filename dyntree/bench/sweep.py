@@ -37,9 +37,21 @@ def check_batch_sizes(sizes: list[int], prompts: int) -> None:
                            "(choose more with --prompts/--limit/--per-category)")
 
 
+def _first_tokens(results: dict, method: str) -> dict[tuple[str, int], list[int]]:
+    """A method's tokens per prompt turn (first repeat) from a results.json's raw runs."""
+    out: dict[tuple[str, int], list[int]] = {}
+    for run in results.get("runs", []):
+        if run["method"] == method:
+            out.setdefault((run["prompt_id"], run["turn"]), run["token_ids"])
+    return out
+
+
 def sweep_rows(runs: list[dict]) -> list[dict]:
-    """One row per batch size: per method tokens/s, speedup over ar (same batch size), tokens per pass and the
-    greedy exact-match rate against plain decoding (per sequence)."""
+    """One row per batch size: per method tokens/s, speedup over ar (same batch size), tokens per pass, the
+    greedy exact-match rate against plain decoding at the same batch size (per sequence) and, when the sweep
+    has batch 1, how many of its sequences equal `ar`'s at batch 1 (each prompt's own plain decoding)."""
+    single = next((r for r in runs if r["settings"].get("batch_size", 1) == 1), None)
+    alone = _first_tokens(single, "ar") if single is not None else {}
     rows = []
     for results in runs:
         methods = {}
@@ -48,7 +60,14 @@ def sweep_rows(runs: list[dict]) -> list[dict]:
                              "speedup_vs_ar": m.get("speedup_vs_ar"),
                              "mean_accepted_per_pass": m.get("mean_accepted_per_pass"),
                              "exact_match_rate": m.get("exact_match_rate"),
-                             "exact_compared": m.get("exact_compared")}
+                             "exact_compared": m.get("exact_compared"),
+                             "equal_to_ar_batch1": None, "compared_to_ar_batch1": 0}
+            if alone and m.get("greedy", True) and m.get("settings", {}).get("dtype") == \
+                    single["methods"].get("ar", {}).get("settings", {}).get("dtype"):
+                mine = _first_tokens(results, name)
+                keys = [k for k in mine if k in alone]
+                methods[name]["equal_to_ar_batch1"] = sum(mine[k] == alone[k] for k in keys)
+                methods[name]["compared_to_ar_batch1"] = len(keys)
         rows.append({"batch_size": results["settings"].get("batch_size", 1), "methods": methods})
     return sorted(rows, key=lambda r: r["batch_size"])
 
@@ -64,8 +83,8 @@ def sweep_markdown(runs: list[dict], command: str) -> str:
     names = list(rows[0]["methods"])
     first = runs[0]
     settings, env = first["settings"], first["environment"]
-    header = ["batch"] + [f"{n} tok/s" if n == "ar" else f"{n} tok/s (vs ar)" for n in names] + [f"{n} acc/pass" for n in names if n != "ar"] + [
-        "exact"]
+    header = ["batch"] + [f"{n} tok/s" if n == "ar" else f"{n} tok/s (vs ar)" for n in names] + [
+        f"{n} acc/pass" for n in names if n != "ar"] + ["exact", "= ar at batch 1"]
     lines = [f"Batch sweep: {first['prompts']['count']} prompts x {settings['turns']} turn(s), "
              f"{settings['max_new_tokens']} new tokens, {env['device']}"
              + (f" ({env['gpu']})" if env.get("gpu") else f" ({env.get('cpu') or 'cpu'})")
@@ -86,10 +105,14 @@ def sweep_markdown(runs: list[dict], command: str) -> str:
         exact = [(m["exact_match_rate"], m["exact_compared"]) for n, m in row["methods"].items()
                  if n != "ar" and m["exact_match_rate"] is not None]
         cells.append(", ".join(f"{100 * r:.0f}% of {c}" for r, c in exact) if exact else "n/a")
+        alone = [(m["equal_to_ar_batch1"], m["compared_to_ar_batch1"]) for m in row["methods"].values()
+                 if m["compared_to_ar_batch1"]]
+        cells.append(f"{sum(e for e, _ in alone)}/{sum(c for _, c in alone)}" if alone else "n/a")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "tok/s: new tokens of all sequences over wall time, prompts decoded batch-size at a time; vs ar: "
               "over plain decoding at the same batch size; exact: greedy sequences equal to plain decoding's, "
-              "token for token (per method, in column order).", "", f"Command: `{command}`"]
+              "token for token (per method, in column order); = ar at batch 1: sequences of all greedy methods (ar "
+              "included) equal to plain decoding of their prompt alone, in the same dtype.", "", f"Command: `{command}`"]
     return "\n".join(lines) + "\n"
 
 
