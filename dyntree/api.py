@@ -1,4 +1,9 @@
-"""The Python entry point: `DynTree.from_pretrained(...)`, then `.generate(...)` or `.stream(...)`."""
+"""The Python entry point: `DynTree.from_pretrained(...)`, then `.generate(...)` or `.stream(...)`.
+
+Both take one prompt, or a list of prompts decoded together as one batch (docs/batching.md): `generate`
+then returns one `GenerationResult` per prompt, in order, and `stream` tags each `TextChunk` with the index
+of its prompt.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from .loading import DEFAULT_MODEL, LoadedModel, load_model
 from .proposers import Proposer, build_proposer
 from .sampling import SamplingConfig
 from .textstream import TextStream
-from .trees.latency import DEFAULT_SIZES, machine_latency
+from .trees.latency import DEFAULT_SIZES, machine_batch_latency, machine_latency
 from .trees.sizing import TreeProfile, best_fixed_size, find_profile
 
 RANDOM_HEADS = "random"
@@ -31,17 +36,23 @@ def bundled_heads_dir() -> Path | None:
 
 @dataclass
 class GenerationResult:
+    """One prompt's output. `stats` covers the whole run: with a batch, every result of it shares one
+    `GenerationStats` (per-sequence entries such as `stop_reasons[index]` are in prompt order)."""
+
     token_ids: list[int]
     text: str
     stats: GenerationStats
+    index: int = 0  # the prompt's position in the batch (0 for a single prompt)
 
 
 @dataclass
 class TextChunk:
-    """A streamed piece: the tokens one forward pass accepted and the text they add."""
+    """A streamed piece: the tokens one forward pass accepted and the text they add; `index` says which
+    prompt of a batch they belong to (always 0 for a single prompt)."""
 
     token_ids: list[int]
     text: str
+    index: int = 0
 
 
 def step_latency(model: LoadedModel, heads: MedusaHeads | None, config: TreeConfig):
@@ -51,7 +62,8 @@ def step_latency(model: LoadedModel, heads: MedusaHeads | None, config: TreeConf
         return None
     largest = config.resolved_size
     sizes = [s for s in DEFAULT_SIZES if s < largest] + [largest]
-    return machine_latency(model.backbone, heads, sizes, config.resolved_topk)
+    # Batch 1 now; each other batch size the first time a run decodes that many prompts together.
+    return machine_batch_latency(model.backbone, heads, sizes, config.resolved_topk, batches=(1,))
 
 
 def sized_for_machine(model: LoadedModel, heads: MedusaHeads | None, config: TreeConfig,
@@ -154,33 +166,62 @@ class DynTree:
         return list(ids)
 
     # -- generation ------------------------------------------------------------------------------------
+    def encode_batch(self, prompts, chat: bool | None = None) -> tuple[list[list[int]], bool]:
+        """Token ids of one prompt or of a list of prompts, and whether it was a list (`is_prompt_list`)."""
+        if is_prompt_list(prompts):
+            if not prompts:
+                raise DynTreeError("no prompt given (an empty list)")
+            return [self.encode(p, chat) for p in prompts], True
+        return [self.encode(prompts, chat)], False
+
     def generate(self, prompt, max_new_tokens: int = 128, chat: bool | None = None, stop_at_eos: bool = True,
-                 proposer: Proposer | None = None, sampling: SamplingConfig | None = None) -> GenerationResult:
-        """Decode one prompt. `sampling`: None/temperature 0 = greedy (exactly plain greedy's output); else
-        lossless tree speculative sampling (the model's own distribution) or typical acceptance."""
-        ids = self.encode(prompt, chat)
-        run = self.decoder(proposer, sampling).run([ids], max_new_tokens, stop_at_eos).consume()
+                 proposer: Proposer | None = None, sampling: SamplingConfig | None = None):
+        """Decode one prompt (-> a `GenerationResult`), or a list of prompts together as one batch (-> a list
+        of them, in order; each sequence stops on its own). `sampling`: None/temperature 0 = greedy (exactly
+        plain greedy's output, sequence by sequence); else lossless tree speculative sampling (the model's own
+        distribution) or typical acceptance, one seeded generator for the whole batch."""
+        ids, many = self.encode_batch(prompt, chat)
+        run = self.decoder(proposer, sampling).run(ids, max_new_tokens, stop_at_eos).consume()
         run.stats.heads_note = self.heads_note
-        tokens = run.tokens[0]
-        return GenerationResult(tokens, self.tokenizer.decode(tokens, skip_special_tokens=True), run.stats)
+        results = [GenerationResult(tokens, self.tokenizer.decode(tokens, skip_special_tokens=True), run.stats, b)
+                   for b, tokens in enumerate(run.tokens)]
+        return results if many else results[0]
 
     def stream(self, prompt, max_new_tokens: int = 128, chat: bool | None = None, stop_at_eos: bool = True,
                proposer: Proposer | None = None, stats_out: list | None = None,
                sampling: SamplingConfig | None = None) -> Iterator[TextChunk]:
-        """Yield text as each forward pass accepts tokens; `stats_out` receives the run's stats at the end."""
-        ids = self.encode(prompt, chat)
-        run = self.decoder(proposer, sampling).run([ids], max_new_tokens, stop_at_eos)
-        text = TextStream(self.tokenizer)
+        """Yield text as each forward pass accepts tokens; `stats_out` receives the run's stats at the end.
+        With a list of prompts (one batch) every chunk carries its prompt's `index`; within a pass, chunks
+        come in prompt order."""
+        ids, _ = self.encode_batch(prompt, chat)
+        run = self.decoder(proposer, sampling).run(ids, max_new_tokens, stop_at_eos)
+        texts = [TextStream(self.tokenizer) for _ in ids]
+        done = [False] * len(ids)
         for event in run:
-            delta = text.push(event.new_tokens[0], finished=event.finished[0])
+            for b, text in enumerate(texts):
+                if done[b]:
+                    continue  # a finished sequence adds nothing more
+                done[b] = event.finished[b]
+                delta = text.push(event.new_tokens[b], finished=event.finished[b])
+                if delta is not None and (delta.text or delta.token_ids):
+                    yield TextChunk(delta.token_ids, delta.text, b)
+        for b, text in enumerate(texts):
+            delta = text.push([], finished=True)  # a run cut short (context limit) may still hold text back
             if delta is not None and (delta.text or delta.token_ids):
-                yield TextChunk(delta.token_ids, delta.text)
-        delta = text.push([], finished=True)  # a run cut short (context limit) may still hold text back
-        if delta is not None and (delta.text or delta.token_ids):
-            yield TextChunk(delta.token_ids, delta.text)
+                yield TextChunk(delta.token_ids, delta.text, b)
         run.stats.heads_note = self.heads_note
         if stats_out is not None:
             stats_out.append(run.stats)
+
+
+def is_prompt_list(prompt) -> bool:
+    """Whether `prompt` is several prompts: a list of texts, of token-id lists or of chat-message lists (one
+    prompt is a text, a list of token ids or a list of chat messages)."""
+    if not isinstance(prompt, (list, tuple)):
+        return False
+    if not prompt:
+        return True
+    return all(isinstance(p, str) or (isinstance(p, (list, tuple)) and not isinstance(p, str)) for p in prompt)
 
 
 def resolve_heads(heads, loaded: LoadedModel) -> tuple[MedusaHeads | None, str]:

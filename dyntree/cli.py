@@ -52,7 +52,7 @@ def add_model_args(parser: argparse.ArgumentParser, tree: bool = True) -> None:
                                  "dynamic tree's scores from")
     parser.add_argument("--dtype", default="auto",
                         help="'auto' (default: bfloat16 where this machine multiplies faster in it, measured once "
-                             "and cached; else float32), 'float32' or 'bfloat16'")
+                             "and cached; else float32), 'float32', 'bfloat16' or 'float16' (GPUs)")
     parser.add_argument("--device", default=None, help="cpu (default) or cuda")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
 

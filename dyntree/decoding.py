@@ -45,6 +45,7 @@ class GenerationStats:
     phase_seconds: dict[str, float] = field(default_factory=lambda: {p: 0.0 for p in PHASES})
     # One entry per (decode step, active sequence): tokens that pass added to that sequence.
     accepted_lengths: list[int] = field(default_factory=list)
+    sequence_accepted: list[list[int]] = field(default_factory=list)  # the same per sequence (batch order)
     decode_passes: int = 0
     tree_sizes: list[int] = field(default_factory=list)  # nodes verified by each pass (varies with auto size)
     stop_reasons: list[str] = field(default_factory=list)
@@ -122,9 +123,14 @@ def prefill(backbone: Transformer, cache, prompts: list[list[int]]) -> torch.Ten
 
 
 def propose(heads: MedusaHeads | None, proposer: Proposer, backbone: Transformer, last_hidden: torch.Tensor,
-            root: torch.Tensor, context: Callable[[], list[list[int]]]) -> Proposal:
+            root: torch.Tensor, context: Callable[[], list[list[int]]],
+            active: torch.Tensor | None = None, plain: Proposer | None = None) -> Proposal:
     """The step's tree over `root` `[B]`: the heads' guesses from `last_hidden` `[B, H]` (when the proposer
-    reads them) turned into a proposal; `context()` gives each sequence's tokens so far, root last."""
+    reads them) turned into a proposal; `context()` gives each sequence's tokens so far, root last. With
+    `active` (the rows still decoding) the proposer may choose a plain step first (`Proposer.plan_step`), whose
+    root-only tree comes from `plain` (a `RootOnlyProposer`, which keeps its buffers)."""
+    if active is not None and not proposer.plan_step(active):
+        return (plain or RootOnlyProposer()).propose(root)
     head_ids = head_probs = draft = None
     if proposer.uses_heads and heads.conditional:
         draft = PathDraft(heads, backbone, last_hidden, root, proposer.topk)
@@ -231,6 +237,7 @@ class DecodeRun:
         batch = len(self.prompts)
         stats = self.stats
         stats.stop_reasons = ["" for _ in range(batch)]
+        stats.sequence_accepted = [[] for _ in range(batch)]
         lengths = [len(p) for p in self.prompts]
         cache = backbone.new_cache(batch, max(lengths) + self.max_new_tokens + proposer.max_nodes + 1)
 
@@ -246,6 +253,7 @@ class DecodeRun:
         yield StepEvent(0, first, list(finished))
 
         clock = _Clock(device, stats)
+        plain = RootOnlyProposer()  # the tree of steps the proposer makes plain (`Proposer.plan_step`)
         decode_start = time.perf_counter()
         step = 0
         while not all(finished):
@@ -253,7 +261,7 @@ class DecodeRun:
             active = torch.tensor([not f for f in finished], device=device)
             clock.lap(None)
             proposal = propose(heads, proposer, backbone, last_hidden, root,
-                               lambda: [self.prompts[b] + self.tokens[b] for b in range(batch)])
+                               lambda: [self.prompts[b] + self.tokens[b] for b in range(batch)], active, plain)
             stats.tree_nodes = max(stats.tree_nodes, proposal.tokens.shape[1])
             stats.tree_sizes.append(proposal.tokens.shape[1])
             clock.lap("proposal")
@@ -278,6 +286,7 @@ class DecodeRun:
                 candidates = proposal.tokens[b, nodes[1:]].tolist() + [int(result.next_tokens[b])]
                 new_tokens[b] = self._emit(b, candidates, finished)
                 stats.accepted_lengths.append(len(new_tokens[b]))
+                stats.sequence_accepted[b].append(len(new_tokens[b]))
             stats.new_tokens += sum(len(t) for t in new_tokens)
             stats.decode_passes += 1
             last_hidden = tree_hidden[torch.arange(batch, device=device), result.last_nodes]

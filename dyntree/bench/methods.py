@@ -298,6 +298,22 @@ class DynTreeMethod:
         decode.stats.heads_note = self.engine.heads_note
         return decode.tokens[0], decode.stats
 
+    def prepare_batch(self, batch_size: int) -> None:
+        """One-off work for runs of `batch_size` sequences (a latency model to measure), before any timing."""
+        self.engine.proposer.prepare(batch_size)
+
+    def run_batch(self, prompts: list[list[int]], max_new_tokens: int):
+        """Decode `prompts` together (`--batch-size`): per-sequence tokens and the batch's stats. When sampling,
+        the batch's generator is seeded from the method's seed and all its prompts."""
+        sampling = None
+        if self.sampling is not None:
+            sampling = replace(self.sampling, seed=prompt_seed(self.sampling.seed or 0,
+                                                               [t for ids in prompts for t in [-1, *ids]]))
+        decode = self._decoder.run([list(p) for p in prompts], max_new_tokens, stop_at_eos=True,
+                                   sampling=sampling).consume()
+        decode.stats.heads_note = self.engine.heads_note
+        return decode.tokens, decode.stats
+
     def first_token_kl(self, prompts: list[list[int]], num_samples: int):
         """The first-tree-token KL estimate (dyntree/quality.py) of this method's sampling on `prompts`:
         each prompt + its greedy next token is a fixed context; the method's verification is replayed

@@ -56,6 +56,15 @@ class Proposer(ABC):
                 context: list[list[int]] | None = None, draft=None) -> Proposal:
         ...
 
+    def prepare(self, batch_size: int) -> None:
+        """Do now any one-off work a run of `batch_size` sequences would otherwise do in its first step (a
+        benchmark calls it before timing). Default: nothing."""
+
+    def plan_step(self, active: torch.Tensor) -> bool:
+        """Called by the loop before each step with the rows still decoding (`[B]` bool). False: this step
+        is plain decoding (the heads are not run and the tree is the root alone). Default: always a tree."""
+        return True
+
     def observe(self, proposal: Proposal, verification, active: torch.Tensor | None = None) -> None:
         """Called after each verification of `proposal` (`verify.Verification`); rows where `active` is False
         belong to finished sequences. Default: nothing to learn."""

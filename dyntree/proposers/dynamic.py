@@ -4,8 +4,12 @@ It composes four parts, each replaceable and tested on its own:
 - node selection (`trees.selection`): the exact best-first choice of the step's best nodes;
 - acceptance statistics (`trees.acceptance`): measured rates that replace raw probabilities as node scores;
 - the lookup branch (`trees.lookup.LookupBranch`): a chain copied from the context, inside the same budget;
-- the size policy (`trees.latency.choose_tree_size`): with a latency model, the size with the most
-  expected tokens per second (ProPD's dynamic tree generation), else the configured size.
+- the size policy (`trees.allocation.allocate_nodes`): with a latency model, one node budget for the whole
+  batch, chosen by expected tokens per second and given out by one ranking across the batch (ProPD's dynamic
+  tree generation), else the configured size. Rows may then hold different numbers of real nodes; the step's
+  block is padded with nodes that can never be accepted (`trees.buffers.pad_parents`). When even the best
+  tree is expected to be slower than plain decoding (a measured plain step, no heads), the next steps skip the
+  heads and decode plainly, probing again after a back-off that doubles while trees keep losing.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ from ..config import TreeConfig
 from ..errors import DynTreeError
 from ..trees import buffers_from_parents
 from ..trees.acceptance import AcceptanceStats
+from ..trees.allocation import allocate_nodes
+from ..trees.buffers import pad_parents
 from ..trees.conditional import select_by_depth
-from ..trees.latency import LatencyModel, choose_tree_size
+from ..trees.latency import BatchLatency, LatencyModel
 from ..trees.lookup import LookupBranch, merge_chain
 from ..trees.recycle import SuccessorTable
 from ..trees.selection import Node, canonical_order, marginals, select_nodes
@@ -30,7 +36,8 @@ class DynamicTreeProposer(Proposer):
     """Builds each step's tree from the heads' current top-m guesses (and the context lookup branch).
 
     `config` is a dynamic `TreeConfig` (or its fields as keywords, e.g. `DynamicTreeProposer(4, size=16)`);
-    `latency` overrides `config.latency` for a size chosen per step. `recycle` (prototype, 0 = off): up to
+    `latency` (a `LatencyModel` measured at batch 1, or a `BatchLatency`) overrides `config.latency` for a
+    size chosen per step. `recycle` (prototype, 0 = off): up to
     that many recycled candidates (`trees.recycle.SuccessorTable`, fed by the verified tokens) join each
     tree that has no lookup chain, before the heads' nodes, inside the same node budget.
     """
@@ -61,7 +68,10 @@ class DynamicTreeProposer(Proposer):
         self.num_heads = num_heads
         self.topk = topk
         self.tree_size = size
-        self.latency: LatencyModel | None = latency
+        self.latency: LatencyModel | BatchLatency | None = latency
+        self._batch_latency = BatchLatency.from_model(latency) if latency is not None else None
+        self._active: list[bool] | None = None  # rows still decoding this step (`plan_step`)
+        self._backoff: dict[int, list[int]] = {}  # batch size -> [plain steps left, next back-off]
         self.temperature = config.resolved_tree_temperature
         self.score = config.resolved_score
         # Path-conditional (hydra) heads: the tree is chosen depth by depth through `draft.expand`; their
@@ -93,6 +103,21 @@ class DynamicTreeProposer(Proposer):
     def max_nodes(self) -> int:
         return self.tree_size
 
+    def prepare(self, batch_size: int) -> None:
+        """Measure (or read from the cache) this batch size's latency now, not inside a run's first step."""
+        if self._batch_latency is not None:
+            self._batch_latency.model(batch_size)
+
+    def plan_step(self, active: torch.Tensor) -> bool:
+        """Remember the rows still decoding (finished rows get no nodes); False while backing off to plain
+        decoding because trees were expected to be slower than it at this batch size."""
+        self._active = [bool(a) for a in active.tolist()]
+        state = self._backoff.get(len(self._active))
+        if state is not None and state[0] > 0:
+            state[0] -= 1
+            return False
+        return True
+
     def propose(self, root: torch.Tensor, head_ids: torch.Tensor | None, head_probs: torch.Tensor | None,
                 context: list[list[int]] | None = None, draft=None) -> Proposal:
         if self.conditional:
@@ -106,9 +131,9 @@ class DynamicTreeProposer(Proposer):
         chosen, chosen_scores = select_nodes(factors, self.tree_size)
         if self.recycle or (self.lookup is not None and context is not None):
             return self._propose_with_lookup(root, ids, probs, chosen, chosen_scores, context)
-        keep = self._size_for(chosen_scores) - 1
-        chosen = [nodes[:keep] for nodes in chosen]  # selection order: every prefix is a tree
-        chosen_scores = [row[:keep] for row in chosen_scores]
+        counts = self._counts_for(chosen_scores)
+        chosen = [nodes[:k] for nodes, k in zip(chosen, counts)]  # selection order: every prefix is a tree
+        chosen_scores = [row[:k] for row, k in zip(chosen_scores, counts)]
         batch, m = root.shape[0], ids.shape[2]
         prob_rows = probs.tolist() if self.learn else None
         parents, flat, scores, ranks, node_probs = [], [], [], [], []
@@ -121,22 +146,41 @@ class DynamicTreeProposer(Proposer):
             if prob_rows is not None:
                 node_probs.append([1.0] + [prob_rows[row][d - 1][r] for _, d, r in nodes])
         device = root.device
-        flat_t = torch.tensor(flat, dtype=torch.long, device=device)
+        width = 1 + max(counts, default=0)
+        flat_t = torch.tensor([f + [0] * (width - 1 - len(f)) for f in flat], dtype=torch.long, device=device)
+        parents_t = torch.tensor(pad_parents(parents, width), dtype=torch.long, device=device)
         tokens = torch.cat([root[:, None], torch.gather(ids.reshape(batch, -1), 1, flat_t)], dim=1)
-        buffers = buffers_from_parents(torch.tensor(parents, dtype=torch.long, device=device), depth)
-        proposal = Proposal(tokens=tokens, buffers=buffers, scores=torch.tensor(scores, dtype=torch.float64),
-                            ranks=torch.tensor(ranks, dtype=torch.long, device=device),
-                            node_probs=torch.tensor(node_probs, dtype=torch.float64) if node_probs else None)
+        tokens = torch.where(parents_t < 0, root[:, None], tokens)  # padding nodes repeat the root
+        buffers = buffers_from_parents(parents_t, depth)
+        proposal = Proposal(tokens=tokens, buffers=buffers,
+                            scores=torch.tensor(_pad(scores, width, 0.0), dtype=torch.float64),
+                            ranks=torch.tensor(_pad(ranks, width, -1), dtype=torch.long, device=device),
+                            node_probs=torch.tensor(_pad(node_probs, width, 0.0), dtype=torch.float64)
+                            if node_probs else None)
         # What `observe` needs, kept as Python lists (no tensor work per node later).
         self._chains = []
         self._last = (proposal, parents, ranks, node_probs) if self.learn else None
         return proposal
 
-    def _size_for(self, score_rows: list[list[float]]) -> int:
-        """This step's tree size: the configured one, or with a latency model the fastest expected one."""
-        if self.latency is None:
-            return self.tree_size
-        return choose_tree_size(score_rows, self.latency, self.tree_size)
+    def _counts_for(self, score_rows: list[list[float]]) -> list[int]:
+        """Nodes per row this step (root excluded): the configured size, or with a latency model the batch's
+        allocation with the most expected tokens per second (`allocate_nodes`)."""
+        active, self._active = self._active, None  # set by `plan_step` for this step only
+        if self._batch_latency is None:
+            return [min(len(row), self.tree_size - 1) for row in score_rows]
+        batch = len(score_rows)
+        active = active if active is not None and len(active) == batch else [True] * batch
+        latency = self._batch_latency
+        allocation = allocate_nodes(score_rows, active, lambda n: latency.cost(batch, n), self.tree_size)
+        plain = latency.plain_cost(batch)
+        if plain is not None:
+            state = self._backoff.setdefault(batch, [0, 0])
+            if allocation.rate < sum(active) / plain:  # plain decoding is expected to be faster
+                state[1] = min(max(2 * state[1], 4), 64)
+                state[0] = state[1]
+            else:
+                state[1] = 0
+        return allocation.counts
 
     def _propose_conditional(self, root: torch.Tensor, draft, context) -> Proposal:
         """Depth by depth over path-conditional heads (`trees.conditional.select_by_depth`), then the same
@@ -185,9 +229,8 @@ class DynamicTreeProposer(Proposer):
                 merged.append((self.lookup.merge_into(paths, meta, chains[row], budget), meta))
             else:
                 merged.append((merge_chain(paths, [], budget), meta))
-        if self.latency is not None:
-            keep = self._size_for([[meta[p][0] for p in paths] for paths, meta in merged]) - 1
-            merged = [(paths[:keep], meta) for paths, meta in merged]
+        counts = self._counts_for([[meta[p][0] for p in paths] for paths, meta in merged])
+        merged = [(paths[:k], meta) for (paths, meta), k in zip(merged, counts)]
         parents, tokens, scores, ranks, node_probs = [], [], [], [], []
         self._chains = []
         for row, (paths, meta) in enumerate(merged):
@@ -201,11 +244,14 @@ class DynamicTreeProposer(Proposer):
             self._chains.append(chain_nodes)
         device = root.device
         max_depth = max([head_depth] + [len(p) for paths, _ in merged for p in paths])
-        buffers = buffers_from_parents(torch.tensor(parents, dtype=torch.long, device=device), max_depth)
+        width = max(len(row) for row in parents)
+        tokens = [row + [row[0]] * (width - len(row)) for row in tokens]  # padding nodes repeat the root
+        buffers = buffers_from_parents(torch.tensor(pad_parents(parents, width), dtype=torch.long, device=device),
+                                       max_depth)
         proposal = Proposal(tokens=torch.tensor(tokens, dtype=torch.long, device=device), buffers=buffers,
-                            scores=torch.tensor(scores, dtype=torch.float64),
-                            ranks=torch.tensor(ranks, dtype=torch.long, device=device),
-                            node_probs=torch.tensor(node_probs, dtype=torch.float64))
+                            scores=torch.tensor(_pad(scores, width, 0.0), dtype=torch.float64),
+                            ranks=torch.tensor(_pad(ranks, width, -1), dtype=torch.long, device=device),
+                            node_probs=torch.tensor(_pad(node_probs, width, 0.0), dtype=torch.float64))
         self._last = (proposal, parents, ranks, node_probs)
         return proposal
 
@@ -241,6 +287,11 @@ class DynamicTreeProposer(Proposer):
             if active_rows is not None and not active_rows[b]:
                 continue
             self.successors.observe_sequence([tokens[b][i] for i in nodes.tolist()] + [nexts[b]])
+
+
+def _pad(rows: list[list], width: int, fill) -> list[list]:
+    """Per-node lists padded to the step's width (the padding nodes' values: never read for a decision)."""
+    return [list(row) + [fill] * (width - len(row)) for row in rows]
 
 
 def _acceptance_table(calibration, num_heads: int, topk: int) -> AcceptanceStats:
