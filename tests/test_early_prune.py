@@ -1,0 +1,260 @@
+"""Early pruning (ProPD): pure pruning decisions against brute force, survivors' states bit-identical to the
+unpruned pass, decoding token-exact, and the option's validation at every front door."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from test_decoding import OracleProposer, plain
+
+from dyntree.config import TreeConfig
+from dyntree.decoding import Decoder
+from dyntree.early import EarlyPruner, LensHead, build_pruner, summarize_prune
+from dyntree.errors import DynTreeError
+from dyntree.heads import MedusaHeads
+from dyntree.proposers import DynamicTreeProposer, Proposal
+from dyntree.trees import buffers_from_parents
+from dyntree.trees.pruning import (ancestor_closed, equal_counts, pruned_children_hit, subset_buffers,
+                                   survivor_index, within_topk)
+
+
+def random_parents(rng: random.Random, batch: int, n: int) -> torch.Tensor:
+    return torch.tensor([[-1] + [rng.randrange(i) for i in range(1, n)] for _ in range(batch)])
+
+
+def brute_survivors(parents: list[int], ok: list[bool]) -> list[bool]:
+    def alive(i: int) -> bool:
+        return i == 0 or (ok[i] and alive(parents[i]))
+
+    return [alive(i) for i in range(len(parents))]
+
+
+# -- pure decisions ------------------------------------------------------------------------------------------
+def test_survivors_are_the_nodes_whose_whole_path_passed():
+    rng = random.Random(0)
+    for trial in range(40):
+        n = rng.randint(1, 14)
+        parents = random_parents(rng, 3, n)
+        buffers = buffers_from_parents(parents, n)
+        ok = torch.rand(3, n, generator=torch.Generator().manual_seed(trial)) < 0.6
+        keep = ancestor_closed(buffers.tree_mask, ok)
+        for b in range(3):
+            assert keep[b].tolist() == brute_survivors(parents[b].tolist(), ok[b].tolist())
+
+
+def test_equal_counts_pads_rows_with_earliest_dropped_nodes_and_stays_a_tree():
+    rng = random.Random(1)
+    for trial in range(40):
+        n = rng.randint(2, 14)
+        parents = random_parents(rng, 4, n)
+        buffers = buffers_from_parents(parents, n)
+        ok = torch.rand(4, n, generator=torch.Generator().manual_seed(trial)) < 0.5
+        keep = ancestor_closed(buffers.tree_mask, ok)
+        equal = equal_counts(keep)
+        counts = equal.sum(1)
+        assert int(counts.min()) == int(counts.max()) == int(keep.sum(1).max())
+        assert bool((equal | ~keep).all())  # survivors stay survivors
+        for b in range(4):
+            kept = equal[b].tolist()
+            for i in range(1, n):
+                if kept[i]:
+                    assert kept[int(parents[b, i])], "ancestor-closed"
+            extra = [i for i in range(n) if kept[i] and not bool(keep[b, i])]
+            dropped = [i for i in range(n) if not bool(keep[b, i])]
+            assert extra == dropped[: len(extra)]  # the earliest dropped nodes come back first
+
+
+def test_subset_buffers_are_the_original_buffers_reindexed():
+    rng = random.Random(2)
+    for trial in range(30):
+        n = rng.randint(2, 12)
+        parents = random_parents(rng, 2, n)
+        buffers = buffers_from_parents(parents, n)
+        ok = torch.rand(2, n, generator=torch.Generator().manual_seed(trial)) < 0.6
+        index = survivor_index(equal_counts(ancestor_closed(buffers.tree_mask, ok)))
+        sub = subset_buffers(buffers, index)
+        rows = torch.arange(2)[:, None]
+        assert torch.equal(sub.depths, buffers.depths.gather(1, index))
+        assert torch.equal(sub.tree_mask, buffers.tree_mask[rows[:, :, None], index[:, :, None], index[:, None, :]])
+        for b in range(2):
+            for new, old in enumerate(index[b].tolist()):
+                p = int(sub.parents[b, new])
+                assert (p == -1) == (old == 0)
+                if p >= 0:
+                    assert int(index[b, p]) == int(parents[b, old])
+
+
+def test_within_topk_is_a_rank_test_and_a_vocabulary_subset_keeps_more():
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(50, 40, generator=gen).round(decimals=1)  # rounding makes ties
+    child_tok = torch.randint(0, 40, (50,), generator=gen)
+    child = logits[torch.arange(50), child_tok]
+    for k in (1, 3, 8, 40, 41):
+        rank = torch.tensor([int(((logits[i] > child[i]) & (torch.arange(40) != child_tok[i])).sum())
+                             for i in range(50)])
+        assert torch.equal(within_topk(logits, child, k), rank < k)
+        subset = torch.arange(0, 40, 3)
+        assert bool((within_topk(logits[:, subset], child, k) | ~within_topk(logits, child, k)).all())
+
+
+def test_a_pruned_child_holding_the_next_token_counts_as_a_miss():
+    parents = torch.tensor([[-1, 0, 0, 1]])
+    tokens = torch.tensor([[5, 6, 7, 8]])
+    keep = torch.tensor([[True, True, False, False]])
+    assert pruned_children_hit(parents, tokens, keep, torch.tensor([0]), torch.tensor([7])).tolist() == [True]
+    assert pruned_children_hit(parents, tokens, keep, torch.tensor([0]), torch.tensor([6])).tolist() == [False]
+    assert pruned_children_hit(parents, tokens, keep, torch.tensor([1]), torch.tensor([8])).tolist() == [True]
+
+
+# -- the pass ------------------------------------------------------------------------------------------------
+def prefilled(backbone, prompt):
+    cache = backbone.new_cache(1, len(prompt) + 40)
+    backbone.forward(torch.tensor([prompt]), cache)
+    cache.lengths.fill_(len(prompt))
+    return cache
+
+
+@pytest.mark.parametrize("layer,k", [(1, 1), (2, 2), (1, 6)])
+def test_survivors_hidden_states_equal_the_unpruned_pass(tiny_backbone, layer, k):
+    bb = tiny_backbone
+    rng = random.Random(layer * 10 + k)
+    pruned_any = False
+    for trial in range(6):
+        n = rng.randint(6, 20)
+        prompt = [rng.randrange(3, 128) for _ in range(rng.randint(3, 70))]
+        parents = random_parents(rng, 1, n)
+        proposal = Proposal(tokens=torch.tensor([[rng.randrange(128) for _ in range(n)]]),
+                            buffers=buffers_from_parents(parents, n))
+        full = bb.forward(proposal.tokens, prefilled(bb, prompt), block_mask=proposal.buffers.tree_mask,
+                          depths=proposal.buffers.depths)
+        pruner = EarlyPruner(bb, layer, k)
+        stats = pruner.new_stats()
+        out = pruner.forward(bb, proposal, prefilled(bb, prompt), stats)
+        assert out.hidden.shape[1] == out.index.shape[1] == int(out.keep.sum())
+        assert torch.equal(out.hidden[0], full[0, out.index[0]]), "bit-identical survivors"
+        assert torch.equal(out.proposal.tokens, proposal.tokens.gather(1, out.index))
+        assert stats.pruned == n - out.index.shape[1]
+        pruned_any |= stats.pruned > 0
+    assert pruned_any  # k this small on a random model really prunes
+
+
+def test_lens_on_a_vocabulary_subset_keeps_a_superset(tiny_backbone):
+    bb = tiny_backbone
+    rng = random.Random(4)
+    n = 16
+    proposal = Proposal(tokens=torch.tensor([[rng.randrange(128) for _ in range(n)]]),
+                        buffers=buffers_from_parents(random_parents(rng, 1, n), n))
+    cache = prefilled(bb, [5, 6, 7, 8])
+    hidden = torch.randn(1, n, bb.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    full = LensHead(bb).children_ok(hidden, proposal, 4)
+    sub = LensHead(bb, torch.arange(0, 128, 4)).children_ok(hidden, proposal, 4)
+    assert bool((sub | ~full).all()) and not bool(full.all())
+    del cache
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("layer,k", [(1, 1), (2, 3)])
+def test_greedy_decoding_with_early_pruning_is_token_exact(tiny_backbone, seed, layer, k):
+    gen = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(3, 128, (int(torch.randint(2, 20, (1,), generator=gen)),), generator=gen).tolist()
+    ref = plain(tiny_backbone, prompt, 30)
+    pruner = EarlyPruner(tiny_backbone, layer, k, measure=True)
+    proposer = OracleProposer(ref.tokens[0], 128, seed)
+    run = Decoder(tiny_backbone, proposer=proposer, eos_token_ids=(), pruner=pruner).run([prompt], 30).consume()
+    assert run.tokens[0] == ref.tokens[0]
+    s = run.stats.early_prune
+    assert s.passes == run.stats.decode_passes == s.measured_passes == s.lost_counted
+    assert s.lost_tokens >= s.misses >= 0  # a miss loses at least one token
+    assert run.stats.method.endswith(f":prune{layer}:{k}")
+    figures = run.stats.as_dict()["early_prune"]
+    assert figures["pruned_nodes_per_pass"] == s.pruned / s.passes and figures["saved_ms_per_pass"] is not None
+
+
+def test_pruning_the_true_path_loses_tokens_and_says_so(tiny_backbone):
+    # k=1 on a random 3-layer model: the lens rarely agrees with the full model, so the oracle's true
+    # continuation is often pruned: fewer tokens per pass, each loss seen by measure mode, output unchanged.
+    prompt = [7, 8, 9, 10]
+    ref = plain(tiny_backbone, prompt, 40)
+    runs = {}
+    for pruner in (None, EarlyPruner(tiny_backbone, 1, 1, measure=True)):
+        proposer = OracleProposer(ref.tokens[0], 128, 0)
+        runs[pruner is None] = Decoder(tiny_backbone, proposer=proposer, eos_token_ids=(),
+                                       pruner=pruner).run([prompt], 40).consume()
+    assert runs[False].tokens[0] == runs[True].tokens[0] == ref.tokens[0]
+    s = runs[False].stats.early_prune
+    assert s.lost_tokens > 0 and s.misses > 0
+    assert runs[False].stats.mean_accepted_per_pass < runs[True].stats.mean_accepted_per_pass
+
+
+def test_batched_decoding_with_pruning_equals_single_runs(tiny_backbone):
+    heads = MedusaHeads.random(tiny_backbone.config, num_heads=3, scale=0.5)
+    prompts = [torch.randint(3, 128, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (3, 11, 6)]
+    pruner = EarlyPruner(tiny_backbone, 1, 2)
+    proposer = DynamicTreeProposer(3, size=12, lookup=0)
+    batch = Decoder(tiny_backbone, heads, proposer, eos_token_ids=(), pruner=pruner).run(prompts, 20).consume()
+    assert batch.stats.early_prune.pruned > 0
+    for b, prompt in enumerate(prompts):
+        assert batch.tokens[b] == plain(tiny_backbone, prompt, 20).tokens[0]
+
+
+def test_sampling_with_pruning_runs_and_is_reproducible(tiny_backbone):
+    from dyntree.sampling import SamplingConfig
+
+    heads = MedusaHeads.random(tiny_backbone.config, num_heads=3, scale=0.5)
+    sampling = SamplingConfig.from_options(temperature=0.8, seed=3)
+    outs = []
+    for _ in range(2):
+        dec = Decoder(tiny_backbone, heads, DynamicTreeProposer(3, size=10, lookup=0), eos_token_ids=(),
+                      pruner=EarlyPruner(tiny_backbone, 2, 2))
+        outs.append(dec.run([[4, 5, 6]], 15, sampling=sampling).consume().tokens[0])
+    assert outs[0] == outs[1] and len(outs[0]) == 15
+
+
+def test_summaries_add_up_across_runs():
+    totals = {"passes": 4, "nodes": 40, "pruned": 10, "misses": 1, "overhead_seconds": 0.004,
+              "late_seconds": 0.02, "measured_passes": 0, "full_late_seconds": 0.0, "lost_tokens": 0,
+              "lost_counted": 0}
+    figures = summarize_prune(totals)
+    assert figures["pruned_nodes_per_pass"] == 2.5 and figures["pruned_share"] == 0.25
+    assert figures["saved_ms_per_pass"] is None and figures["lost_tokens_per_pass"] is None
+    measured = summarize_prune(dict(totals, measured_passes=4, full_late_seconds=0.032, lost_tokens=2,
+                                    lost_counted=4))
+    assert measured["saved_ms_per_pass"] == pytest.approx(1000 * (0.032 - 0.02 - 0.004) / 4)
+    assert measured["lost_tokens_per_pass"] == 0.5
+
+
+# -- the option ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("value,expected", [("8:4", (8, 4)), ((3, 1), (3, 1)), ("off", None), (None, None),
+                                            (" 2:16 ", (2, 16))])
+def test_early_prune_option_parses(value, expected):
+    assert TreeConfig.parse("dynamic", early_prune=value).early_prune == expected
+
+
+@pytest.mark.parametrize("value", ["8", "8:0", "0:4", "a:b", "8:4:2", "-1:3", (8,), 8, "8:4.5", True])
+def test_bad_early_prune_values_are_one_line_errors(value):
+    with pytest.raises(DynTreeError) as info:
+        TreeConfig.parse("dynamic", early_prune=value)
+    assert "\n" not in str(info.value) and "early" in str(info.value)
+
+
+def test_early_prune_does_not_apply_to_plain_decoding():
+    with pytest.raises(DynTreeError, match="plain decoding"):
+        TreeConfig.parse("ar", early_prune="2:4")
+    assert TreeConfig.parse("ar", early_prune="off").early_prune is None
+
+
+def test_layer_is_checked_against_the_model(tiny_backbone):
+    for layer in (3, 9):  # the tiny model has 3 layers: 1 and 2 are the only valid ones
+        with pytest.raises(DynTreeError, match="between 1 and 2"):
+            build_pruner((layer, 4), tiny_backbone)
+    assert build_pruner(None, tiny_backbone) is None
+    assert build_pruner((2, 4), tiny_backbone).label == "prune2:4"
+
+
+def test_one_node_trees_skip_the_pruner(tiny_backbone):
+    pruner = EarlyPruner(tiny_backbone, 1, 1)
+    assert Decoder(tiny_backbone, pruner=pruner).pruner is None
+    heads = MedusaHeads.random(tiny_backbone.config, num_heads=2)
+    assert Decoder(tiny_backbone, heads, DynamicTreeProposer(2, size=4), pruner=pruner).pruner is pruner
