@@ -10,6 +10,7 @@ from typing import Iterator, Sequence
 
 from .config import TreeConfig
 from .decoding import Decoder, GenerationStats
+from .early import build_pruner
 from .errors import DynTreeError
 from .heads import MedusaHeads, load_heads
 from .loading import DEFAULT_MODEL, LoadedModel, load_model
@@ -81,6 +82,8 @@ class DynTree:
         self.tree_profile = tree_profile
         self.config = config if heads is not None else TreeConfig(kind="ar")
         self.proposer = build_proposer(self.config, heads.num_heads if heads is not None else None, latency)
+        # ProPD early pruning (None: off); its layer is checked against this model here.
+        self.pruner = build_pruner(self.config.early_prune, model.backbone, heads)
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike = DEFAULT_MODEL, heads: str | os.PathLike | None = "auto",
@@ -93,7 +96,8 @@ class DynTree:
         dtype: "auto" (bf16 where this machine multiplies faster in it, measured once and cached), "float32",
         "bfloat16" or a torch dtype; greedy output is token-exact with plain decoding in the same dtype.
         tree, tree_fields: a `TreeConfig`, or what `TreeConfig.parse` takes (tree="static:8",
-        tree_size="auto", topk=, lookup=, ...). Checked before the model loads. A dynamic tree left at its
+        tree_size="auto", topk=, lookup=, early_prune="8:4" (ProPD pruning after layer 8 to the early
+        top-4), ...). Checked before the model loads. A dynamic tree left at its
         default size is sized for this machine when the heads ship a profile (`sized_for_machine`).
         """
         config = _tree_config(tree, tree_fields)
@@ -126,7 +130,8 @@ class DynTree:
         return self.model.tokenizer
 
     def decoder(self, proposer: Proposer | None = None, sampling: SamplingConfig | None = None) -> Decoder:
-        return Decoder(self.model.backbone, self.heads, proposer or self.proposer, sampling=sampling)
+        return Decoder(self.model.backbone, self.heads, proposer or self.proposer, sampling=sampling,
+                       pruner=self.pruner)
 
     # -- prompts ---------------------------------------------------------------------------------------
     def encode(self, prompt: str | Sequence[int] | list[dict], chat: bool | None = None) -> list[int]:

@@ -44,6 +44,11 @@ def add_model_args(parser: argparse.ArgumentParser, tree: bool = True) -> None:
                             help="dynamic trees: up to N tokens copied from the prompt / text so far where its "
                                  "last tokens occurred before, as one branch of the same node budget "
                                  "(default: the measured best; 0 = heads only)")
+        parser.add_argument("--early-prune", default=None, metavar="LAYER:K",
+                            help="ProPD early pruning: after LAYER layers, drop the tree nodes whose token is not "
+                                 "in their parent's early top-K (the model's own lm_head on that layer's state), "
+                                 "and run the later layers on the rest only; lossless. 'off' (default): it "
+                                 "pays only where a tree pass is compute-bound (large trees on GPUs)")
         parser.add_argument("--tree-calibration", default=None, metavar="FILE",
                             help="acceptance statistics (JSON, from `dyntree calibrate`) to start the "
                                  "dynamic tree's scores from")
@@ -83,7 +88,8 @@ def tree_config(args):
 
     return TreeConfig.parse(args.tree, args.tree_size, topk=args.topk, score=args.tree_score,
                             tree_temperature=args.tree_temperature, lookup=args.lookup,
-                            calibration=args.tree_calibration, latency=args.latency)
+                            calibration=args.tree_calibration, latency=args.latency,
+                            early_prune=args.early_prune)
 
 
 def build_parser() -> argparse.ArgumentParser:

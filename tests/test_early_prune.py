@@ -3,6 +3,7 @@ unpruned pass, decoding token-exact, and the option's validation at every front 
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -258,3 +259,106 @@ def test_one_node_trees_skip_the_pruner(tiny_backbone):
     assert Decoder(tiny_backbone, pruner=pruner).pruner is None
     heads = MedusaHeads.random(tiny_backbone.config, num_heads=2)
     assert Decoder(tiny_backbone, heads, DynamicTreeProposer(2, size=4), pruner=pruner).pruner is pruner
+
+
+# -- front doors: CLI, API, server, bench (the tiny 2-layer bench model: layer 1 is the only valid one) ------
+from test_bench import prompts_file, tiny_model_dir  # noqa: E402,F401 - fixtures: tiny model with a tokenizer
+
+
+def test_api_takes_early_prune_and_stays_exact(tiny_model_dir):  # noqa: F811
+    from dyntree.api import DynTree
+
+    dt = DynTree.from_pretrained(str(tiny_model_dir), heads="random", tree="dynamic", tree_size=10,
+                                 early_prune="1:1")
+    assert dt.pruner is not None and dt.config.settings()["early_prune"] == "1:1"
+    result = dt.generate("write a short story about the cat .", 16)
+    assert result.token_ids == dt.with_tree("ar").generate("write a short story about the cat .", 16).token_ids
+    assert result.stats.early_prune.passes == result.stats.decode_passes
+    assert dt.with_tree(early_prune="off").pruner is None
+    with pytest.raises(DynTreeError, match="between 1 and 1"):
+        dt.with_tree(early_prune="2:4")
+
+
+def test_cli_generate_with_early_pruning(tiny_model_dir, capsys):  # noqa: F811
+    from dyntree.cli import main
+
+    code = main(["generate", "--model", str(tiny_model_dir), "--heads", "random", "--prompt", "the cat sat",
+                 "--max-new-tokens", "10", "--early-prune", "1:2", "--compare"])
+    err = capsys.readouterr().err
+    assert code == 0 and "identical output: yes" in err and "early pruning after layer 1" in err
+
+
+@pytest.mark.parametrize("value,words", [("x", "early prune must be LAYER:K"), ("1:0", "early prune must be"),
+                                         ("4:2", "between 1 and 1")])
+def test_cli_bad_early_prune_is_one_line(tiny_model_dir, capsys, value, words):  # noqa: F811
+    from dyntree.cli import main
+
+    code = main(["generate", "--model", str(tiny_model_dir), "--heads", "random", "--prompt", "the cat",
+                 "--early-prune", value])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and words in err and "\n" not in err
+
+
+def test_bench_methods_with_early_pruning_and_propd(tiny_model_dir, prompts_file, tmp_path):  # noqa: F811
+    from dyntree.cli import main
+
+    out = tmp_path / "out"
+    methods = "ar,dynamic:n=8:early_prune=1:1,propd,propd:early_prune=1:2:max=6"
+    code = main(["bench", "--methods", methods, "--model", str(tiny_model_dir), "--heads", "random", "--prompts",
+                 str(prompts_file), "--limit", "2", "--max-new-tokens", "10", "--warmup", "0", "--no-plots",
+                 "--kl-samples", "0", "--out", str(out)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    pruned = results["methods"]["dynamic:n=8:early_prune=1:1"]
+    assert pruned["exact_match_rate"] == 1.0 and pruned["settings"]["early_prune"] == "1:1"
+    figures = pruned["early_prune"]
+    assert figures["passes"] == pruned["decode_passes"] and figures["layer"] == 1 and figures["k"] == 1
+    assert figures["pruned_nodes_per_pass"] == figures["pruned"] / figures["passes"]
+    runs = [r for r in results["runs"] if r["method"] == "dynamic:n=8:early_prune=1:1"]
+    assert sum(r["early_prune"]["pruned"] for r in runs) == figures["pruned"]
+    # On a CPU propd leaves pruning off unless told; sized every step either way.
+    assert "early_prune" not in results["methods"]["propd"]["settings"]
+    assert results["methods"]["propd"]["settings"]["size"] == "auto"
+    forced = results["methods"]["propd:early_prune=1:2:max=6"]
+    assert forced["settings"]["early_prune"] == "1:2" and forced["settings"]["max_size"] == 6
+    assert forced["exact_match_rate"] == 1.0 and forced["early_prune"]["k"] == 2
+
+
+@pytest.mark.parametrize("methods,words", [("dynamic:early_prune=1", "early prune must be LAYER:K"),
+                                           ("dynamic:early_prune=3:2", "between 1 and 1"),
+                                           ("dynamic:early_prune=1:2:3", "bad option '3'"),
+                                           ("ar:early_prune=1:2", "has no option 'early_prune'")])
+def test_bench_bad_early_prune_is_one_line(tiny_model_dir, prompts_file, tmp_path, capsys, methods,
+                                           words):  # noqa: F811
+    from dyntree.cli import main
+
+    code = main(["bench", "--methods", methods, "--model", str(tiny_model_dir), "--heads", "random",
+                 "--prompts", str(prompts_file), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and words in err and "\n" not in err
+
+
+def test_bench_global_early_prune_flag_is_checked_before_loading(tmp_path, capsys):
+    from dyntree.cli import main
+
+    assert main(["bench", "--early-prune", "0:4", "--out", str(tmp_path / "o")]) == 2
+    assert "early prune must be" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_server_requests_can_prune_and_bad_values_are_400s(tiny_model_dir):  # noqa: F811
+    from fastapi.testclient import TestClient
+
+    from dyntree.api import DynTree
+    from dyntree.server import create_app
+
+    dt = DynTree.from_pretrained(str(tiny_model_dir), heads="random", tree="dynamic", tree_size=8)
+    body = {"prompt": "write a short story about the cat .", "max_tokens": 12}
+    with TestClient(create_app(dt, default_max_tokens=8)) as client:
+        plain_text = client.post("/v1/completions", json=dict(body, tree="ar")).json()["choices"][0]["text"]
+        r = client.post("/v1/completions", json=dict(body, early_prune="1:1"))
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == plain_text
+        assert r.json()["dyntree"]["early_prune"]["layer"] == 1
+        for value, words in (("5:2", "between 1 and 1"), ("nope", "early prune must be")):
+            r = client.post("/v1/completions", json=dict(body, early_prune=value))
+            assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
