@@ -362,3 +362,31 @@ def test_server_requests_can_prune_and_bad_values_are_400s(tiny_model_dir):  # n
         for value, words in (("5:2", "between 1 and 1"), ("nope", "early prune must be")):
             r = client.post("/v1/completions", json=dict(body, early_prune=value))
             assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+
+
+def test_sweep_script_measures_every_configuration_on_the_same_trees(tiny_model_dir, prompts_file,
+                                                                     tmp_path):  # noqa: F811
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "early_prune_sweep.py"
+    spec = importlib.util.spec_from_file_location("early_prune_sweep", path)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    out = tmp_path / "sweep.json"
+    code = sweep.main(["--model", str(tiny_model_dir), "--heads", "random", "--prompts", str(prompts_file),
+                       "--per-category", "1", "--max-new-tokens", "10", "--sizes", "4,8", "--prune", "1:1,1:1000",
+                       "--dtype", "float32", "--out", str(out)])
+    assert code == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["size"], r["layer"], r["k"]) for r in rows] == [(4, 1, 1), (4, 1, 1000), (8, 1, 1), (8, 1, 1000)]
+    for r in rows:
+        assert r["passes"] > 0 and r["exact_share"] == 1.0
+        assert r["lost_tokens_per_pass"] >= 0  # a subtree's greedy path is a prefix of the whole tree's
+        assert r["nodes_per_pass"] <= r["size"]
+    by = {(r["size"], r["k"]): r for r in rows}
+    for size in (4, 8):  # the same trees for both configurations; top-1000 of a small vocabulary prunes nothing
+        assert by[(size, 1)]["passes"] == by[(size, 1000)]["passes"]
+        assert by[(size, 1000)]["pruned_per_pass"] == 0 and by[(size, 1000)]["lost_tokens_per_pass"] == 0
+        assert by[(size, 1)]["pruned_per_pass"] > 0
+    assert sweep.main(["--prune", "0:3"]) == 2
