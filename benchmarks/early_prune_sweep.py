@@ -4,8 +4,9 @@ several sizes and, on every step's tree, run the unpruned pass and one pruned pa
   python benchmarks/early_prune_sweep.py --prompts mtbench --per-category 3 --max-new-tokens 128 \
       --sizes 8,16,32 --prune 4:4,4:8,8:4,8:8,8:16,15:8,15:16 --out early-prune-sweep.json
 
-Decoding follows the unpruned tree (greedy), so every configuration is measured on the very same trees. Per
-step: the pruned passes (each timed: layers [0, l), the early head, layers [l, L) on the survivors, then
+Decoding follows the unpruned tree (greedy), so every configuration is measured on the very same trees. The
+early head is the logit lens, or the trained one found beside the heads for its layer (`dyntree train
+--early-layer L --out HEADS_DIR`; `--lens-only` ignores it). Per step: the pruned passes (each timed: layers [0, l), the early head, layers [l, L) on the survivors, then
 verification of the survivors), then the unpruned pass (timed, then verified), whose result is committed.
 The unpruned pass runs last so the cache always holds its keys and values; that order can only flatter the
 unpruned pass (warmer caches), so the savings reported are, if anything, low. Per configuration it reports
@@ -32,7 +33,7 @@ import torch
 from dyntree.api import DynTree
 from dyntree.bench.prompts import load_prompts
 from dyntree.decoding import forward_tree, prefill, propose
-from dyntree.early import EarlyPruner
+from dyntree.early import EarlyPruner, build_pruner
 from dyntree.errors import DynTreeError
 from dyntree.verify import verify_tree
 
@@ -146,6 +147,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--device", default=None)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--lens-only", action="store_true",
+                    help="rank with the logit lens even where the heads directory holds a trained early head for "
+                         "the layer (`dyntree train --early-layer L --out HEADS_DIR`)")
     ap.add_argument("--out", default=None, help="JSON file for the figures")
     args = ap.parse_args(argv)
     if args.threads:
@@ -159,7 +163,8 @@ def main(argv=None) -> int:
         if base.heads is None:
             raise DynTreeError(f"the sweep needs heads ({base.heads_note})")
         backbone = base.model.backbone
-        pruners = [EarlyPruner(backbone, layer, k, getattr(base.heads, "vocab_ids", None)) for layer, k in pairs]
+        early_head = None if args.lens_only else base.early_head
+        pruners = [build_pruner(pair, backbone, base.heads, early_head=early_head) for pair in pairs]
     except DynTreeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -170,17 +175,18 @@ def main(argv=None) -> int:
         for size in sizes:
             dt = base.with_tree(tree_size=size)
             tallies = {(p.layer, p.k): Tally() for p in pruners}
+            kinds = {(p.layer, p.k): p.head.kind for p in pruners}
             for i, prompt in enumerate(ids):
                 replay(dt, prompt, args.max_new_tokens, pruners, tallies)
                 print(f"size {size}: prompt {i + 1}/{len(ids)}", file=sys.stderr, flush=True)
             for (layer, k), tally in tallies.items():
-                rows.append({"size": size, "layer": layer, "k": k, **tally.row()})
-    print("| size | prune | pruned/pass | acc/pass unpruned | acc/pass | lost/pass | fwd ms unpruned | fwd ms | "
+                rows.append({"size": size, "layer": layer, "k": k, "head": kinds[(layer, k)], **tally.row()})
+    print("| size | prune | head | pruned/pass | acc/pass unpruned | acc/pass | lost/pass | fwd ms unpruned | fwd ms | "
           "saved ms | predicted speedup | exact |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         speedup = f"{r['predicted_speedup']:.3f}" if r["predicted_speedup"] is not None else "n/a"
-        print(f"| {r['size']} | {r['layer']}:{r['k']} | {r['pruned_per_pass']:.2f} | "
+        print(f"| {r['size']} | {r['layer']}:{r['k']} | {r['head']} | {r['pruned_per_pass']:.2f} | "
               f"{r['accepted_per_pass_unpruned']:.3f} | {r['accepted_per_pass']:.3f} | "
               f"{r['lost_tokens_per_pass']:.3f} | {r['forward_ms_unpruned']:.2f} | {r['forward_ms']:.2f} | "
               f"{r['saved_ms_per_pass']:.2f} | {speedup} | {r['exact_share']:.2f} |")

@@ -35,9 +35,15 @@ from .verify import Verification, verify_greedy
 class LensHead:
     """The early head: final norm + lm_head (or its rows for `vocab_ids`) on the layer-l residual stream."""
 
-    def __init__(self, backbone: Transformer, vocab_ids: torch.Tensor | None = None):
+    def __init__(self, backbone: Transformer, vocab_ids: torch.Tensor | None = None,
+                 adapter: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """`adapter`: a trained block's (weight `[H, H]`, bias `[H]`) applied as `x + SiLU(W x + b)` before the
+        norm (`training.early_head`); None: the plain lens."""
         self.backbone = backbone
         self.weight = backbone.lm_head.weight
+        self.adapter = None if adapter is None else Dense(*(t.to(device=backbone.device, dtype=backbone.dtype)
+                                                             for t in adapter))
+        self.kind = "lens" if adapter is None else "trained"
         if vocab_ids is None:
             self.dense, self.position = backbone.lm_head, None
         else:
@@ -62,7 +68,10 @@ class LensHead:
         ok = torch.ones(batch, n, dtype=torch.bool, device=device)
         if b_idx.numel() == 0:
             return ok
-        normed = self.backbone.final_norm(hidden[b_idx, p_idx])  # [m, H]
+        states = hidden[b_idx, p_idx]
+        if self.adapter is not None:
+            states = states + torch.nn.functional.silu(self.adapter(states))
+        normed = self.backbone.final_norm(states)  # [m, H]
         row_logits = self.dense(normed).float()  # [m, S]
         floor = topk_floor(row_logits, k)
         row_of = torch.zeros(batch, n, dtype=torch.long, device=device)
@@ -87,6 +96,7 @@ class PruneStats:
     layer: int
     k: int
     vocab: int
+    head: str = "lens"  # the early head: "lens" (final norm + lm_head) or "trained" (an adapter before them)
     passes: int = 0
     nodes: int = 0  # tree nodes proposed, active rows
     pruned: int = 0  # of those, not run through layers [l, L)
@@ -148,13 +158,13 @@ class EarlyPruner:
     analysis mode, twice the later layers' work, so its tokens per second mean nothing."""
 
     def __init__(self, backbone: Transformer, layer: int, k: int, vocab_ids: torch.Tensor | None = None,
-                 measure: bool = False):
+                 measure: bool = False, adapter: tuple[torch.Tensor, torch.Tensor] | None = None):
         num_layers = backbone.config.num_layers
         if not 0 < layer < num_layers:
             raise DynTreeError(f"early prune layer must be between 1 and {num_layers - 1} for this model "
                                f"({num_layers} layers), got {layer}")
         self.layer, self.k, self.measure = int(layer), int(k), bool(measure)
-        self.head = LensHead(backbone, vocab_ids)
+        self.head = LensHead(backbone, vocab_ids, adapter)
         self._sync = torch.cuda.synchronize if backbone.device.type == "cuda" else (lambda: None)
 
     @property
@@ -162,7 +172,7 @@ class EarlyPruner:
         return f"prune{self.layer}:{self.k}"
 
     def new_stats(self) -> PruneStats:
-        return PruneStats(self.layer, self.k, self.head.vocab)
+        return PruneStats(self.layer, self.k, self.head.vocab, self.head.kind)
 
     def _now(self) -> float:
         self._sync()
@@ -237,11 +247,13 @@ def _subset(values: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | 
 
 
 def build_pruner(early_prune: tuple[int, int] | None, backbone: Transformer, heads=None,
-                 measure: bool = False) -> EarlyPruner | None:
+                 measure: bool = False, early_head: tuple | None = None) -> EarlyPruner | None:
     """The pruner a `TreeConfig.early_prune` asks for on this backbone (None: off). It ranks over the heads'
-    vocabulary subset when they have one. The layer is checked against the model here, where it is known."""
+    vocabulary subset when they have one, through `early_head` (layer, weight, bias; `training.early_head`)
+    when one was trained for this layer, else the plain lens. The layer is checked against the model here."""
     if early_prune is None:
         return None
     layer, k = early_prune
     vocab_ids = getattr(heads, "vocab_ids", None) if heads is not None else None
-    return EarlyPruner(backbone, layer, k, vocab_ids, measure)
+    adapter = early_head[1:] if early_head is not None and early_head[0] == layer else None
+    return EarlyPruner(backbone, layer, k, vocab_ids, measure, adapter)

@@ -189,6 +189,20 @@ def test_pruning_the_true_path_loses_tokens_and_says_so(tiny_backbone):
     assert runs[False].stats.mean_accepted_per_pass < runs[True].stats.mean_accepted_per_pass
 
 
+def test_a_lens_after_the_last_layer_is_the_model_itself_and_loses_nothing(tiny_backbone):
+    # Pruning "after" all layers ranks with the final logits: top-1 keeps exactly the greedy children, so the
+    # accepted path survives whole while everything else is pruned. Checks the lens reads the right node.
+    prompt = [11, 12, 13]
+    ref = plain(tiny_backbone, prompt, 30)
+    pruner = EarlyPruner(tiny_backbone, 1, 1, measure=True)
+    pruner.layer = tiny_backbone.config.num_layers  # past the check on purpose: layers [L, L) are no layers
+    run = Decoder(tiny_backbone, proposer=OracleProposer(ref.tokens[0], 128, 1), eos_token_ids=(),
+                  pruner=pruner).run([prompt], 30).consume()
+    s = run.stats.early_prune
+    assert run.tokens[0] == ref.tokens[0] and run.stats.mean_accepted_per_pass > 1.2
+    assert s.pruned > 0 and s.lost_tokens == 0 and s.misses == 0
+
+
 def test_batched_decoding_with_pruning_equals_single_runs(tiny_backbone):
     heads = MedusaHeads.random(tiny_backbone.config, num_heads=3, scale=0.5)
     prompts = [torch.randint(3, 128, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (3, 11, 6)]
@@ -390,3 +404,43 @@ def test_sweep_script_measures_every_configuration_on_the_same_trees(tiny_model_
         assert by[(size, 1000)]["pruned_per_pass"] == 0 and by[(size, 1000)]["lost_tokens_per_pass"] == 0
         assert by[(size, 1)]["pruned_per_pass"] > 0
     assert sweep.main(["--prune", "0:3"]) == 2
+
+
+# -- a trained early head ------------------------------------------------------------------------------------
+def test_trained_early_head_learns_the_models_next_token_and_is_used_for_pruning(tmp_path):
+    from training_support import write_model_dir, write_prompt_file
+
+    from dyntree.api import DynTree
+    from dyntree.cli import main
+    from dyntree.loading import load_model
+    from dyntree.training.dataset import DistillDataset
+    from dyntree.training.early_head import EarlyObjective, agreement, early_examples, load_early_head
+
+    model_dir = write_model_dir(tmp_path / "model")
+    prompts = write_prompt_file(tmp_path / "prompts.jsonl", 16)
+    data = tmp_path / "data"
+    assert main(["distill", "--model", str(model_dir), "--out", str(data), "--prompts", str(prompts),
+                 "--max-new-tokens", "12", "--batch-size", "8", "--shard-size", "8"]) == 0
+    loaded = load_model(model_dir)
+    heads_dir = tmp_path / "heads"
+    MedusaHeads.random(loaded.config, num_heads=3).save(heads_dir)
+    assert main(["train", "--early-layer", "1", "--data", str(data), "--out", str(heads_dir), "--model",
+                 str(model_dir), "--epochs", "30", "--lr", "3e-3", "--batch-size", "32", "--val-fraction", "0"]) == 0
+    layer, weight, bias = load_early_head(heads_dir, loaded.config)
+    assert layer == 1 and weight.abs().sum() > 0
+    # It fits what the model chose next better than the lens it started from.
+    x, y, _, _ = early_examples(DistillDataset.open(data), loaded.backbone, 1, 0.0)
+    lens, trained = EarlyObjective(loaded.backbone), EarlyObjective(loaded.backbone)
+    trained.weight.data.copy_(weight)
+    trained.bias.data.copy_(bias)
+    assert y.numel() > 50 and agreement(trained, x, y)["top1"] > agreement(lens, x, y)["top1"]
+    # Found beside the heads and used by pruning at its layer; decoding stays exact.
+    dt = DynTree.from_pretrained(str(model_dir), heads=str(heads_dir), tree="dynamic", tree_size=8,
+                                 early_prune="1:2")
+    assert dt.pruner.head.kind == "trained"
+    result = dt.generate("w9 w10 w11", 12, chat=False)
+    assert result.token_ids == dt.with_tree("ar").generate("w9 w10 w11", 12, chat=False).token_ids
+    assert result.stats.as_dict()["early_prune"]["head"] == "trained"
+    # A bad layer is one line.
+    assert main(["train", "--early-layer", "5", "--data", str(data), "--out", str(tmp_path / "x"),
+                 "--model", str(model_dir)]) == 2

@@ -183,7 +183,8 @@ def _early_prune(records: list[RunRecord]) -> dict | None:
     if not pruned:
         return None
     totals = {key: sum(p[key] for p in pruned) for key in PRUNE_TOTALS}
-    return {"layer": pruned[0]["layer"], "k": pruned[0]["k"], "vocab": pruned[0]["vocab"], **totals,
+    return {"layer": pruned[0]["layer"], "k": pruned[0]["k"], "vocab": pruned[0]["vocab"],
+            "head": pruned[0].get("head", "lens"), **totals,
             **summarize_prune(totals)}
 
 

@@ -40,6 +40,11 @@ def add_command(subparsers) -> None:
     p.add_argument("--int8-projection", action="store_true",
                    help="store the own projections as int8 with a scale per row (half the size again)")
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out and start over")
+    p.add_argument("--early-layer", type=int, default=None, metavar="L",
+                   help="instead of heads: train ProPD's early head for pruning after layer L (an adapter before "
+                        "the frozen final norm + lm_head, on layer-L states recomputed from the token ids); "
+                        "--out: the heads directory it serves (writes early_head.json/.safetensors there); uses "
+                        "--epochs, --lr, --batch-size, --val-fraction, --seed")
     p.add_argument("--model", default="default", help="'default' or a local Hugging Face model directory")
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (per process)")
@@ -58,6 +63,14 @@ def run(args) -> int:
         raise DynTreeError("--val-fraction must be in [0, 1)")
     if args.vocab_subset < 0:
         raise DynTreeError("--vocab-subset must be >= 0")
+    if args.early_layer is not None:
+        from ..training.early_head import train_early_head
+
+        loaded = load_model(args.model, device=args.device)
+        report = train_early_head(loaded, args.data, args.out, args.early_layer, epochs=args.epochs, lr=args.lr,
+                                  batch_size=args.batch_size, val_fraction=args.val_fraction, seed=args.seed)
+        print(json.dumps(report, indent=2))
+        return 0
     if args.int8_projection and not args.own_projection:
         raise DynTreeError("--int8-projection stores own projections: add --own-projection (the shared lm_head "
                            "is not saved with the heads)")
