@@ -338,6 +338,26 @@ def test_bench_methods_with_early_pruning_and_propd(tiny_model_dir, prompts_file
     assert forced["exact_match_rate"] == 1.0 and forced["early_prune"]["k"] == 2
 
 
+def test_bench_measure_mode_reports_exact_savings_and_losses(tiny_model_dir, prompts_file):  # noqa: F811
+    from dyntree.bench import BenchContext, BenchSettings, build_methods, collect_results, load_prompts, \
+        parse_method_list, run_benchmark
+    from dyntree.bench.report import notes
+
+    context = BenchContext(model=str(tiny_model_dir), heads="random")
+    methods = build_methods(parse_method_list("ar,dynamic:n=8:early_prune=1:1:measure_prune=true"), context)
+    bench = run_benchmark(methods, load_prompts(prompts_file)[:2], context,
+                          BenchSettings(max_new_tokens=10, turns=1, seed=0, warmup=0, repeats=1, kl_samples=0))
+    results = collect_results(bench, context, "dyntree bench (test)", str(prompts_file))
+    method = results["methods"]["dynamic:n=8:early_prune=1:1:measure_prune=true"]
+    figures = method["early_prune"]
+    assert method["exact_match_rate"] == 1.0 and method["settings"]["measure_prune"] is True
+    assert figures["measured_passes"] == figures["passes"] == figures["lost_counted"] > 0
+    assert figures["saved_ms_per_pass"] is not None and figures["lost_tokens_per_pass"] >= 0
+    assert any("measured against the unpruned pass" in line for line in notes(results))
+    with pytest.raises(DynTreeError, match="measure_prune needs early_prune"):
+        build_methods(parse_method_list("dynamic:measure_prune=true"), context)
+
+
 @pytest.mark.parametrize("methods,words", [("dynamic:early_prune=1", "early prune must be LAYER:K"),
                                            ("dynamic:early_prune=3:2", "between 1 and 1"),
                                            ("dynamic:early_prune=1:2:3", "bad option '3'"),

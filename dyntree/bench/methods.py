@@ -367,6 +367,7 @@ def _tree_method(context: BenchContext, spec: MethodSpec, tree: str) -> DynTreeM
         options["early_prune"] = context.early_prune
     if "early_prune" in options:
         options["early_prune"] = str(options["early_prune"])  # `early_prune=8` (no K) is refused as text
+    measure_prune = options.pop("measure_prune", False)
     tree = options.pop("tree", tree)  # `static:tree=FILE`
     size = options.pop("n", None)  # `static:n=8` (first 8 nodes), `dynamic:n=16`, `dynamic:n=auto:max=24`
     if "max" in options:
@@ -381,7 +382,13 @@ def _tree_method(context: BenchContext, spec: MethodSpec, tree: str) -> DynTreeM
         engine = base.with_tree(config)
     except DynTreeError as exc:  # e.g. an early-prune layer past this model's last layer
         raise DynTreeError(f"method {spec.text!r}: {exc}") from None
+    if measure_prune:  # analysis: also the unpruned later layers every pass (exact ms saved and tokens lost)
+        if engine.pruner is None:
+            raise DynTreeError(f"method {spec.text!r}: measure_prune needs early_prune=LAYER:K")
+        engine.pruner.measure = True
     settings = dict(config.settings(), dtype=str(engine.model.backbone.dtype).removeprefix("torch."))
+    if measure_prune:
+        settings["measure_prune"] = True
     return DynTreeMethod(spec.text, engine, settings, sampling)
 
 
@@ -398,7 +405,8 @@ def _ar(context, spec):
 
 @register_method("static", f"our engine with Medusa's static tree (options: tree=NAME|FILE, n=NODES (the "
                            f"tree's first N nodes), topk=K, heads=DIR (other heads), {TREE_SAMPLING_HELP})",
-                 options={"tree": str, "topk": int, "n": int, "heads": str, "dtype": str, "early_prune": (str, int)},
+                 options={"tree": str, "topk": int, "n": int, "heads": str, "dtype": str, "early_prune": (str, int),
+                          "measure_prune": bool},
                  sampling=TREE_SAMPLING)
 def _static(context, spec):
     return _tree_method(context, spec, "static")
@@ -406,12 +414,13 @@ def _static(context, spec):
 
 DYNAMIC_OPTIONS = {"n": (int, str), "max": int, "topk": int, "tree_temperature": float, "lookup": int,
                    "score": str, "calibration": str, "latency": str, "learn": bool, "heads": str, "dtype": str,
-                   "early_prune": (str, int)}
+                   "early_prune": (str, int), "measure_prune": bool}
 
 
 @register_method("dynamic", f"our engine with the dynamic tree (options: n=NODES or n=auto[:max=N], topk=K, "
                             f"tree_temperature=, lookup=N, score=prob|rank|binned, calibration=FILE, "
-                            f"latency=FILE, early_prune=LAYER:K|off, heads=DIR (other heads), "
+                            f"latency=FILE, early_prune=LAYER:K|off, measure_prune=true (analysis: also the unpruned "
+                            f"pass, for exact ms saved and tokens lost), heads=DIR (other heads), "
                             f"{TREE_SAMPLING_HELP})",
                  options=DYNAMIC_OPTIONS, sampling=TREE_SAMPLING)
 def _dynamic(context, spec):
@@ -419,10 +428,10 @@ def _dynamic(context, spec):
 
 
 def propd_early_prune(backbone) -> str:
-    """ProPD's pruning where none is given: on where a tree pass is compute-bound (a GPU), after the first
-    quarter of the layers to the early top-8; off on CPUs, where a pass costs about the same for 8 or 32 rows
-    and the early head's projection is pure overhead (docs/dynamic-trees.md; benchmarks/early_prune_sweep.py
-    measures it on a machine)."""
+    """ProPD's pruning where none is given: on a GPU, where large trees are cheap and the later layers of many
+    rows are what a pass saves, after the first quarter of the layers to the early top-8; off on CPUs, where
+    the measured losses of the logit lens (15-38% of the accepted tokens on SmolLM2-135M) outweigh the rows
+    saved (docs/dynamic-trees.md; benchmarks/early_prune_sweep.py measures both on a machine)."""
     if backbone.device.type != "cuda":
         return "off"
     return f"{max(1, backbone.config.num_layers // 4)}:{PROPD_TOPK}"
