@@ -464,3 +464,31 @@ def test_trained_early_head_learns_the_models_next_token_and_is_used_for_pruning
     # A bad layer is one line.
     assert main(["train", "--early-layer", "5", "--data", str(data), "--out", str(tmp_path / "x"),
                  "--model", str(model_dir)]) == 2
+
+
+def test_early_head_targets_map_onto_a_vocabulary_subset():
+    from dyntree.training.early_head import subset_targets
+
+    targets = torch.tensor([5, 7, 9, 2])
+    mapped, inside = subset_targets(targets, torch.tensor([9, 2, 5]), 12)
+    assert inside.tolist() == [True, False, True, True] and mapped[inside].tolist() == [2, 0, 1]
+    same, everywhere = subset_targets(targets, None, 12)
+    assert torch.equal(same, targets) and bool(everywhere.all())
+
+
+def test_early_head_trains_over_a_vocabulary_subset(tmp_path):
+    from training_support import write_model_dir, write_prompt_file
+
+    from dyntree.cli import main
+    from dyntree.loading import load_model
+    from dyntree.training.early_head import load_early_head, train_early_head
+
+    model_dir = write_model_dir(tmp_path / "model")
+    data = tmp_path / "data"
+    assert main(["distill", "--model", str(model_dir), "--out", str(data), "--prompts",
+                 str(write_prompt_file(tmp_path / "p.jsonl", 8)), "--max-new-tokens", "10"]) == 0
+    loaded = load_model(model_dir)
+    report = train_early_head(loaded, data, tmp_path / "out", 1, epochs=5, batch_size=16, val_fraction=0.0,
+                              vocab_ids=torch.arange(0, 96, 2))
+    assert report["vocab"] == 48 and 0 < report["train_rows"]
+    assert load_early_head(tmp_path / "out", loaded.config)[0] == 1

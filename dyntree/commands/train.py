@@ -43,8 +43,9 @@ def add_command(subparsers) -> None:
     p.add_argument("--early-layer", type=int, default=None, metavar="L",
                    help="instead of heads: train ProPD's early head for pruning after layer L (an adapter before "
                         "the frozen final norm + lm_head, on layer-L states recomputed from the token ids); "
-                        "--out: the heads directory it serves (writes early_head.json/.safetensors there); uses "
-                        "--epochs, --lr, --batch-size, --val-fraction, --seed")
+                        "--out: the heads directory it serves (writes early_head.json/.safetensors there; ranks "
+                        "over those heads' vocabulary subset, as pruning does); uses --epochs, --lr, --batch-size, "
+                        "--val-fraction, --seed")
     p.add_argument("--model", default="default", help="'default' or a local Hugging Face model directory")
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (per process)")
