@@ -15,6 +15,7 @@ from typing import Iterator, Sequence
 
 from .config import TreeConfig
 from .decoding import Decoder, GenerationStats
+from .early import build_pruner
 from .errors import DynTreeError
 from .heads import MedusaHeads, load_heads
 from .loading import DEFAULT_MODEL, LoadedModel, load_model
@@ -82,18 +83,24 @@ class DynTree:
     """A backbone with (optional) Medusa heads and a tree policy (`TreeConfig`)."""
 
     def __init__(self, model: LoadedModel, heads: MedusaHeads | None, heads_note: str = "",
-                 tree: TreeConfig | str | None = None, latency=None, tree_profile: TreeProfile | None = None):
+                 tree: TreeConfig | str | None = None, latency=None, tree_profile: TreeProfile | None = None,
+                 early_head: tuple | None = None):
         """`tree`: a `TreeConfig` or the name `TreeConfig.parse` reads; without heads, plain decoding.
         `latency`: the step-latency model for a tree of size "auto" (see `step_latency`).
-        `tree_profile`: the heads' acceptance by tree size (`from_pretrained` sizes default trees with it)."""
+        `tree_profile`: the heads' acceptance by tree size (`from_pretrained` sizes default trees with it).
+        `early_head`: a trained early head (layer, weight, bias) that pruning at that layer ranks with
+        (`training.early_head`; `from_pretrained` finds it in the heads directory), else the logit lens."""
         config = tree if isinstance(tree, TreeConfig) else TreeConfig.parse(tree)
         self.model = model
         self.heads = heads
         self.heads_note = heads_note
         self.tree_profile = tree_profile
+        self.early_head = early_head
         self.config = config if heads is not None else TreeConfig(kind="ar")
         self.proposer = build_proposer(self.config, heads.num_heads if heads is not None else None, latency,
                                        conditional=heads is not None and heads.conditional)
+        # ProPD early pruning (None: off); its layer is checked against this model here.
+        self.pruner = build_pruner(self.config.early_prune, model.backbone, heads, early_head=early_head)
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike = DEFAULT_MODEL, heads: str | os.PathLike | None = "auto",
@@ -106,22 +113,25 @@ class DynTree:
         dtype: "auto" (bf16 where this machine multiplies faster in it, measured once and cached), "float32",
         "bfloat16" or a torch dtype; greedy output is token-exact with plain decoding in the same dtype.
         tree, tree_fields: a `TreeConfig`, or what `TreeConfig.parse` takes (tree="static:8",
-        tree_size="auto", topk=, lookup=, ...). Checked before the model loads. A dynamic tree left at its
+        tree_size="auto", topk=, lookup=, early_prune="8:4" (ProPD pruning after layer 8 to the early
+        top-4), ...). Checked before the model loads. A dynamic tree left at its
         default size is sized for this machine when the heads ship a profile (`sized_for_machine`).
         """
         config = _tree_config(tree, tree_fields)
         loaded = load_model(model, device=device, dtype=dtype)
         heads_obj, note = resolve_heads(heads, loaded)
-        profile = None
+        profile = early = None
         if heads_obj is not None:
             heads_obj = heads_obj.to(loaded.backbone.device)
             profile = find_profile(heads_directory(heads, loaded))
-        return cls._build(loaded, heads_obj, note, config, profile)
+            early = _early_head_in(heads_directory(heads, loaded), loaded)
+        return cls._build(loaded, heads_obj, note, config, profile, early)
 
     @classmethod
-    def _build(cls, model: LoadedModel, heads, heads_note: str, config: TreeConfig, profile) -> "DynTree":
+    def _build(cls, model: LoadedModel, heads, heads_note: str, config: TreeConfig, profile,
+               early_head=None) -> "DynTree":
         config = sized_for_machine(model, heads, config, profile)
-        return cls(model, heads, heads_note, config, step_latency(model, heads, config), profile)
+        return cls(model, heads, heads_note, config, step_latency(model, heads, config), profile, early_head)
 
     def with_tree(self, tree: TreeConfig | str | None = None, **tree_fields) -> "DynTree":
         """The same model and heads with another tree (no reload). A tree of the current kind keeps the
@@ -132,14 +142,15 @@ class DynTree:
             changes = dict(tree_fields) if tree is None else dict(tree_fields, tree=tree)
             config = self.config.replace(**changes) if self.heads is not None else TreeConfig.parse(
                 tree, **tree_fields)
-        return self._build(self.model, self.heads, self.heads_note, config, self.tree_profile)
+        return self._build(self.model, self.heads, self.heads_note, config, self.tree_profile, self.early_head)
 
     @property
     def tokenizer(self):
         return self.model.tokenizer
 
     def decoder(self, proposer: Proposer | None = None, sampling: SamplingConfig | None = None) -> Decoder:
-        return Decoder(self.model.backbone, self.heads, proposer or self.proposer, sampling=sampling)
+        return Decoder(self.model.backbone, self.heads, proposer or self.proposer, sampling=sampling,
+                       pruner=self.pruner)
 
     # -- prompts ---------------------------------------------------------------------------------------
     def encode(self, prompt: str | Sequence[int] | list[dict], chat: bool | None = None) -> list[int]:
@@ -246,6 +257,15 @@ def heads_directory(heads, loaded: LoadedModel) -> Path | None:
     if heads in (None, NO_HEADS, RANDOM_HEADS):
         return None
     return Path(heads).expanduser()
+
+
+def _early_head_in(directory: Path | None, loaded: LoadedModel):
+    """The trained early head saved beside the heads (`dyntree train --early-layer`), if any."""
+    if directory is None:
+        return None
+    from .training.early_head import load_early_head
+
+    return load_early_head(directory, loaded.config)
 
 
 def _tree_config(tree, tree_fields: dict) -> TreeConfig:

@@ -47,6 +47,11 @@ def add_model_args(parser: argparse.ArgumentParser, tree: bool = True) -> None:
         parser.add_argument("--recycle", type=int, default=None, metavar="N",
                             help="dynamic trees: up to N recycled candidates per tree (each token's successors "
                                  "seen in verified text so far) inside the same node budget (default: off; 0 = off)")
+        parser.add_argument("--early-prune", default=None, metavar="LAYER:K",
+                            help="ProPD early pruning: after LAYER layers, drop the tree nodes whose token is not "
+                                 "in their parent's early top-K (the model's own lm_head on that layer's state), "
+                                 "and run the later layers on the rest only; lossless. 'off' (default): it "
+                                 "pays only where a tree pass is compute-bound (large trees on GPUs)")
         parser.add_argument("--tree-calibration", default=None, metavar="FILE",
                             help="acceptance statistics (JSON, from `dyntree calibrate`) to start the "
                                  "dynamic tree's scores from")
@@ -86,7 +91,8 @@ def tree_config(args):
 
     return TreeConfig.parse(args.tree, args.tree_size, topk=args.topk, score=args.tree_score,
                             tree_temperature=args.tree_temperature, lookup=args.lookup,
-                            calibration=args.tree_calibration, latency=args.latency, recycle=args.recycle)
+                            calibration=args.tree_calibration, latency=args.latency, recycle=args.recycle,
+                            early_prune=args.early_prune)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -59,6 +59,10 @@ class TreeConfig:
     learn:            dynamic: update acceptance statistics online (None: when the score is calibrated).
     recycle:          dynamic: up to this many recycled candidates per tree (token recycling: each token's
                       verified successors, learnt online), inside the same budget (None: DEFAULT_RECYCLE).
+    early_prune:      static or dynamic: (LAYER, K) ProPD early pruning inside the tree pass, from "LAYER:K";
+                      None or "off": no pruning (the default: it pays only where a pass is compute-bound,
+                      docs/dynamic-trees.md). LAYER < the model's layer count is checked where the model is
+                      known (`early.build_pruner`).
     renormalize, lookup_ngram, lookup_merge: dynamic-tree details for experiments (docs/dynamic-trees.md).
     """
 
@@ -77,10 +81,14 @@ class TreeConfig:
     renormalize: bool = True
     lookup_ngram: tuple[int, int] = (3, 2)
     lookup_merge: str = "first"
+    early_prune: tuple[int, int] | str | None = None
 
     def __post_init__(self):
         if self.kind not in TREE_KINDS:
             raise DynTreeError(f"unknown tree kind {self.kind!r}: choose from {', '.join(TREE_KINDS)}")
+        object.__setattr__(self, "early_prune", parse_early_prune(self.early_prune))
+        if self.kind == "ar" and self.early_prune is not None:
+            raise DynTreeError("early pruning does not apply to plain decoding (tree 'ar'): it prunes a tree")
         if self.kind != "dynamic":
             given = [name for name in DYNAMIC_ONLY if getattr(self, name) not in (None, False)]
             if given:
@@ -201,6 +209,8 @@ class TreeConfig:
         if self.kind == "ar":
             return out
         out.update(topk=self.resolved_topk)
+        if self.early_prune is not None:
+            out["early_prune"] = "{}:{}".format(*self.early_prune)
         if self.kind == "static":
             out.update(static_tree=str(self.static_tree or DEFAULT_STATIC_TREE), size=self.size)
             return out
@@ -218,6 +228,22 @@ class TreeConfig:
 
 
 _FIELD_NAMES = {f.name for f in dataclasses.fields(TreeConfig)} - {"kind", "static_tree", "size", "auto"}
+
+
+def parse_early_prune(value) -> tuple[int, int] | None:
+    """"LAYER:K" (or a (LAYER, K) pair) -> (LAYER, K) with LAYER >= 1 and K >= 1; None or "off" -> None."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "off"):
+        return None
+    parts = value.strip().split(":") if isinstance(value, str) else value
+    try:
+        layer, k = parts
+        layer, k = (int(p) if isinstance(p, str) and p.strip().isdigit() else p for p in (layer, k))
+    except (TypeError, ValueError):
+        layer = k = None
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (layer, k)):
+        raise DynTreeError(f"early prune must be LAYER:K (the layer after which to prune, >= 1, and the early "
+                           f"top-k kept, >= 1) or 'off', got {value!r}")
+    return layer, k
 
 
 def _check_int(what: str, value, minimum: int, why: str = "") -> None:

@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from .early import EarlyPruner, PruneStats
 from .errors import DynTreeError
 from .heads import MedusaHeads
 from .model import Transformer
@@ -51,6 +52,7 @@ class GenerationStats:
     stop_reasons: list[str] = field(default_factory=list)
     heads_note: str = ""
     acceptance: str = "greedy"  # SamplingConfig.label: greedy, lossless(T=..), typical(T=..)
+    early_prune: PruneStats | None = None  # with early pruning: nodes pruned, time, tokens lost (early.py)
 
     @property
     def wall_seconds(self) -> float:
@@ -82,6 +84,7 @@ class GenerationStats:
             "accepted_lengths": self.accepted_lengths, "mean_tree_size": self.mean_tree_size,
             "phase_seconds": dict(self.phase_seconds),
             "stop_reasons": self.stop_reasons, "heads_note": self.heads_note, "acceptance": self.acceptance,
+            "early_prune": self.early_prune.as_dict() if self.early_prune is not None else None,
         }
 
 
@@ -193,10 +196,11 @@ class DecodeRun:
         self.max_new_tokens = max_new_tokens
         self.stop_at_eos = stop_at_eos
         self.tokens: list[list[int]] = [[] for _ in prompts]
-        proposer = decoder.proposer
-        self.stats = GenerationStats(method=proposer.name, batch_size=len(prompts),
-                                     prompt_tokens=[len(p) for p in prompts], tree_nodes=0,
-                                     acceptance=sampling.label if sampling is not None else "greedy")
+        proposer, pruner = decoder.proposer, decoder.pruner
+        self.stats = GenerationStats(method=proposer.name + (f":{pruner.label}" if pruner else ""),
+                                     batch_size=len(prompts), prompt_tokens=[len(p) for p in prompts],
+                                     tree_nodes=0, acceptance=sampling.label if sampling is not None else "greedy",
+                                     early_prune=pruner.new_stats() if pruner else None)
         self._iter = self._run()
 
     def __iter__(self) -> Iterator[StepEvent]:
@@ -271,9 +275,19 @@ class DecodeRun:
                         finished[b] = True
                         stats.stop_reasons[b] = "context"
                 break
-            tree_hidden = forward_tree(backbone, proposal, cache)
+            pruned = None
+            if dec.pruner is not None:  # ProPD: later layers and verification on the survivors only
+                pruned = dec.pruner.forward(backbone, proposal, cache, stats.early_prune, active)
+                tree_hidden, verified = pruned.hidden, pruned.proposal
+            else:
+                tree_hidden, verified = forward_tree(backbone, proposal, cache), proposal
             clock.lap("forward")
-            result = verify_tree(backbone.logits, tree_hidden, proposal, active, self.sampling, self.generator)
+            result = verify_tree(backbone.logits, tree_hidden, verified, active, self.sampling, self.generator)
+            last_hidden = tree_hidden[torch.arange(batch, device=device), result.last_nodes]
+            if pruned is not None:  # back to the proposal's own node indices (slots, proposer feedback)
+                result = pruned.to_original(result)
+                dec.pruner.account(backbone, pruned, proposal, result, active, self.generator is None,
+                                   stats.early_prune)
             clock.lap("verification")
             proposer.observe(proposal, result, active)
             clock.lap("proposal")  # learning from the outcome is part of building trees
@@ -289,7 +303,6 @@ class DecodeRun:
                 stats.sequence_accepted[b].append(len(new_tokens[b]))
             stats.new_tokens += sum(len(t) for t in new_tokens)
             stats.decode_passes += 1
-            last_hidden = tree_hidden[torch.arange(batch, device=device), result.last_nodes]
             root = result.next_tokens
             clock.lap("cache")
             yield StepEvent(step, new_tokens, list(finished))
@@ -300,13 +313,16 @@ class Decoder:
     """Binds a backbone, optional heads and a proposer; `run` starts a generation."""
 
     def __init__(self, backbone: Transformer, heads: MedusaHeads | None = None, proposer: Proposer | None = None,
-                 eos_token_ids: tuple[int, ...] | None = None, sampling: SamplingConfig | None = None):
+                 eos_token_ids: tuple[int, ...] | None = None, sampling: SamplingConfig | None = None,
+                 pruner: EarlyPruner | None = None):
+        """`pruner`: early pruning inside each tree pass (`early.EarlyPruner`); unused by a 1-node tree."""
         self.backbone = backbone
         self.sampling = sampling  # None = greedy; `run` may override it per call
         self.proposer = proposer or RootOnlyProposer()
         if self.proposer.uses_heads and heads is None:
             raise DynTreeError(f"the {self.proposer.name} tree needs heads")
         self.heads = heads
+        self.pruner = pruner if self.proposer.max_nodes > 1 else None
         self.eos_token_ids = set(eos_token_ids if eos_token_ids is not None else backbone.config.eos_token_ids)
 
     def check_prompts(self, prompts: list[list[int]], max_new_tokens: int) -> None:

@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .api import DynTree
-from .config import TreeConfig
+from .config import TreeConfig, parse_early_prune
 from .errors import DynTreeError
 from .loading import DEFAULT_GGUF_FILE, DEFAULT_MODEL
 from .sampling import SamplingConfig
@@ -88,6 +88,7 @@ class DecodingFields(BaseModel):
     tree_size: int | str | None = None
     topk: int | None = None
     lookup: int | None = None
+    early_prune: str | None = None  # "LAYER:K" or "off" (ProPD early pruning inside the tree pass)
     return_token_ids: bool = False
 
 
@@ -172,12 +173,15 @@ def stop_strings(stop) -> list[str]:
 
 
 def tree_request(req: DecodingFields) -> dict:
-    """The request's tree extension fields (`tree`, `tree_size`, `topk`, `lookup`) that it sets, within what
-    one request may make the server build; the engine checks them against its tree (`TreeConfig`)."""
+    """The request's tree extension fields (`tree`, `tree_size`, `topk`, `lookup`, `early_prune`) that it
+    sets, within what one request may make the server build; the engine checks them against its tree
+    (`TreeConfig`) and the model (the early-prune layer)."""
     if req.tree is not None and req.tree not in REQUEST_TREES:
         raise DynTreeError(f"unknown tree {req.tree!r}: choose from {', '.join(REQUEST_TREES)}")
-    fields = {name: getattr(req, name) for name in ("tree", "tree_size", "topk", "lookup")
+    fields = {name: getattr(req, name) for name in ("tree", "tree_size", "topk", "lookup", "early_prune")
               if getattr(req, name) is not None}
+    if "early_prune" in fields:
+        fields["early_prune"] = parse_early_prune(fields["early_prune"])  # hashable, and checked here
     if "tree_size" in fields:
         probe = TreeConfig.parse("dynamic", fields["tree_size"])
         if not 2 <= probe.resolved_size <= MAX_REQUEST_TREE_SIZE:
@@ -364,7 +368,15 @@ class DecodingService:
             "queue_seconds": round(started - queued_at, 4),
             "acceptance": stats.acceptance,
             "heads": engine.heads_note,
+            **({"early_prune": _prune_figures(stats.early_prune)} if stats.early_prune is not None else {}),
         })
+
+
+def _prune_figures(prune) -> dict:
+    """What a response says of early pruning: where it pruned and what it dropped per pass."""
+    figures = prune.as_dict()
+    return {"layer": prune.layer, "k": prune.k, "pruned_nodes_per_pass": round(figures["pruned_nodes_per_pass"], 2),
+            "pruned_share": round(figures["pruned_share"], 4), "miss_share": round(figures["miss_share"], 4)}
 
 
 # -- response bodies -----------------------------------------------------------------------------------------

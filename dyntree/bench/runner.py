@@ -195,6 +195,7 @@ class RunRecord:
     reference_exact: bool = True  # False: other numerics than ar (llama.cpp), so not checked token for token
     group: int | None = None  # batch runs: which group of `batch_size` prompt turns this sequence ran in
     group_wall_seconds: float | None = None  # batch runs: the whole group's time (wall_seconds is this run's share)
+    early_prune: dict | None = None  # early pruning's totals for this run (`early.PruneStats`), if it pruned
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -227,7 +228,8 @@ def _stats_record(method: BenchMethod, prompt: BenchPrompt, turn: int, repeat: i
         tree_nodes=getattr(stats, "tree_nodes", None) or None,
         stop_reason=(getattr(stats, "stop_reasons", None) or [None])[0],
         peak_memory_bytes=memory[0], run_memory_bytes=memory[1],
-        reference_exact=getattr(method, "reference_exact", True))
+        reference_exact=getattr(method, "reference_exact", True),
+        early_prune=stats.early_prune.as_dict() if getattr(stats, "early_prune", None) is not None else None)
 
 
 def _encode(context: BenchContext, prompt: BenchPrompt, turn: int, answers: list[str], chat: bool) -> list[int]:

@@ -60,6 +60,9 @@ def add_command(subparsers) -> None:
                    help="decode prompts B at a time with every method (our methods only; default 1); a list such "
                         "as 1,2,4,8,16 runs once per size into OUT/batch<B>/ and writes the speedup-by-batch-size "
                         "table and plot (batch_sweep.md/.json/.png) to OUT")
+    p.add_argument("--early-prune", default=None, metavar="LAYER:K",
+                   help="ProPD early pruning for every tree method that sets no early_prune= of its own "
+                        "(e.g. 8:4; 'off'); per method: dynamic:early_prune=8:4")
     p.add_argument("--no-chat", action="store_true", help="feed prompts as raw text, without the chat template")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--out", default=None, help="output folder (default: bench-out/<UTC time>)")
@@ -81,6 +84,8 @@ def _command_line(args, methods: str, out: Path, batch_size: str | None = None) 
     batch_size = batch_size if batch_size is not None else getattr(args, "batch_size", "1")
     if str(batch_size) != "1":
         parts += ["--batch-size", str(batch_size)]
+    if args.early_prune is not None:
+        parts += ["--early-prune", args.early_prune]
     if args.no_chat:
         parts.append("--no-chat")
     if args.dtype != "auto":
@@ -129,13 +134,17 @@ def run(args) -> int:
                              warmup=args.warmup, repeats=args.repeats, chat=not args.no_chat,
                              kl_samples=args.kl_samples, kl_contexts=args.kl_contexts)
     settings.validate()
+    from ..config import parse_early_prune
+
+    parse_early_prune(args.early_prune)  # a bad value fails before the model loads
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else Path("bench-out") / stamp
     if out.exists() and not out.is_dir():
         raise DynTreeError(f"--out {out} exists and is not a folder")
 
     heads = None if args.heads == "none" else args.heads
-    context = BenchContext(model=args.model, heads=heads, device=args.device, dtype=args.dtype, seed=args.seed)
+    context = BenchContext(model=args.model, heads=heads, device=args.device, dtype=args.dtype, seed=args.seed,
+                           early_prune=args.early_prune)
     settings.dtype = str(context.resolved_dtype()).removeprefix("torch.")  # a bad --dtype fails before loading
     with err.status("loading model and methods"):
         if args.methods is None and context.dyntree().heads is None:

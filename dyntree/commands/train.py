@@ -50,6 +50,12 @@ def add_command(subparsers) -> None:
     p.add_argument("--int8-projection", action="store_true",
                    help="store the own projections as int8 with a scale per row (half the size again)")
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out and start over")
+    p.add_argument("--early-layer", type=int, default=None, metavar="L",
+                   help="instead of heads: train ProPD's early head for pruning after layer L (an adapter before "
+                        "the frozen final norm + lm_head, on layer-L states recomputed from the token ids); "
+                        "--out: the heads directory it serves (writes early_head.json/.safetensors there; ranks "
+                        "over those heads' vocabulary subset, as pruning does); uses --epochs, --lr, --batch-size, "
+                        "--val-fraction, --seed")
     p.add_argument("--model", default="default", help="'default' or a local Hugging Face model directory")
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (per process)")
@@ -68,6 +74,17 @@ def run(args) -> int:
         raise DynTreeError("--val-fraction must be in [0, 1)")
     if args.vocab_subset < 0:
         raise DynTreeError("--vocab-subset must be >= 0")
+    data = args.data if len(args.data) > 1 else args.data[0]
+    if args.early_layer is not None:
+        if len(args.data) > 1:
+            raise DynTreeError("--early-layer trains on one dataset: give one --data directory")
+        from ..training.early_head import train_early_head
+
+        loaded = load_model(args.model, device=args.device)
+        report = train_early_head(loaded, data, args.out, args.early_layer, epochs=args.epochs, lr=args.lr,
+                                  batch_size=args.batch_size, val_fraction=args.val_fraction, seed=args.seed)
+        print(json.dumps(report, indent=2))
+        return 0
     if args.int8_projection and not args.own_projection:
         raise DynTreeError("--int8-projection stores own projections: add --own-projection (the shared lm_head "
                            "is not saved with the heads)")
@@ -85,7 +102,7 @@ def run(args) -> int:
     # One process per device under `accelerate launch`; CPU unless a GPU is asked for or auto-detected.
     accelerator = Accelerator(cpu=args.device == "cpu" or (args.device is None and not torch.cuda.is_available()))
     loaded = load_model(args.model, device=accelerator.device)
-    report = train(loaded, args.data if len(args.data) > 1 else args.data[0], args.out, config, resume=not args.no_resume, stop_after=args.stop_after,
+    report = train(loaded, data, args.out, config, resume=not args.no_resume, stop_after=args.stop_after,
                    block_dtype=torch.float16 if args.fp16_blocks else torch.float32, accelerator=accelerator,
                    int8_projection=args.int8_projection)
     from accelerate.state import PartialState
