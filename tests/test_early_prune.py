@@ -330,9 +330,10 @@ def test_bench_methods_with_early_pruning_and_propd(tiny_model_dir, prompts_file
     assert figures["pruned_nodes_per_pass"] == figures["pruned"] / figures["passes"]
     runs = [r for r in results["runs"] if r["method"] == "dynamic:n=8:early_prune=1:1"]
     assert sum(r["early_prune"]["pruned"] for r in runs) == figures["pruned"]
-    # On a CPU propd leaves pruning off unless told; sized every step either way.
+    # On a CPU propd leaves pruning off unless told, and sizes its tree once per machine (no profile for random
+    # heads: the default size); max= asks for per-step sizing.
     assert "early_prune" not in results["methods"]["propd"]["settings"]
-    assert results["methods"]["propd"]["settings"]["size"] == "auto"
+    assert results["methods"]["propd"]["settings"]["size"] == 8
     forced = results["methods"]["propd:early_prune=1:2:max=6"]
     assert forced["settings"]["early_prune"] == "1:2" and forced["settings"]["max_size"] == 6
     assert forced["exact_match_rate"] == 1.0 and forced["early_prune"]["k"] == 2

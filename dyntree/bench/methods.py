@@ -456,16 +456,20 @@ def propd_early_prune(backbone) -> str:
 PROPD_TOPK = 8
 
 
-@register_method("propd", f"ProPD: the dynamic tree sized every step from this machine's latency (n=auto) with "
-                          f"early pruning inside the tree pass (default: after a quarter of the layers to the early "
-                          f"top-{PROPD_TOPK} on a GPU, off on a CPU; options: early_prune=LAYER:K|off, max=N, and "
-                          f"the dynamic tree's others)",
+@register_method("propd", f"ProPD: the dynamic tree sized from this machine's measured latency and the heads' "
+                          f"acceptance, with early pruning inside the tree pass (defaults: on a GPU, sized every "
+                          f"step (n=auto) and pruned after a quarter of the layers to the early top-{PROPD_TOPK}; on "
+                          f"a CPU, sized once per machine from the heads' profile (per-step sizing and pruning "
+                          f"measured slower there); options: early_prune=LAYER:K|off, n=, max=N, and the dynamic "
+                          f"tree's others)",
                  options=DYNAMIC_OPTIONS, sampling=TREE_SAMPLING)
 def _propd(context, spec):
     options = dict(spec.options)
-    options.setdefault("n", "auto")
+    backbone = context.dyntree(options.get("dtype")).model.backbone
+    if backbone.device.type == "cuda" or "max" in options:
+        options.setdefault("n", "auto")
     if "early_prune" not in options and context.early_prune is None:
-        options["early_prune"] = propd_early_prune(context.dyntree(options.get("dtype")).model.backbone)
+        options["early_prune"] = propd_early_prune(backbone)
     return _tree_method(context, MethodSpec(spec.text, spec.name, options), "dynamic")
 
 
