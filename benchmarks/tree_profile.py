@@ -30,6 +30,10 @@ SIZES = (2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32)
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--records", required=True, help="recorded continuations (never MT-Bench)")
+    ap.add_argument("--heads", default=None,
+                    help="heads directory to profile (default: the guesses stored in the records, i.e. the heads "
+                         "they were recorded with); the states are then recomputed in --dtype")
+    ap.add_argument("--dtype", default="auto")
     ap.add_argument("--num-heads", type=int, default=4)
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)))
     ap.add_argument("--out", required=True)
@@ -37,10 +41,26 @@ def main() -> None:
     data = torch.load(args.records, weights_only=False)
     if any(str(tag).startswith("mt") for tag in data["tags"]):
         ap.error("these records hold MT-Bench prompts: profile on other prompts")
+    heads = backbone = None
+    if args.heads:
+        from dyntree.api import resolve_heads
+        from dyntree.loading import load_model
+
+        loaded = load_model("default", dtype=args.dtype)
+        backbone = loaded.backbone
+        heads, _ = resolve_heads(args.heads, loaded)
+        args.num_heads = heads.num_heads
+        with torch.inference_mode():
+            for rec in data["records"]:
+                seq = torch.tensor([rec["tokens"]])
+                cache = backbone.new_cache(1, seq.shape[1] + 1)
+                rec["hidden"] = backbone.forward(seq, cache)[0, rec["prompt_len"] - 1 : -1].float()
+    conditional = heads is not None and heads.conditional
     profile = {}
     for size in (int(s) for s in args.sizes.split(",")):
         config = TreeConfig.parse("dynamic", size)
-        result = replay_many(lambda c=config: DynamicTreeProposer(args.num_heads, c), data["records"])
+        result = replay_many(lambda c=config: DynamicTreeProposer(args.num_heads, c, conditional=conditional),
+                             data["records"], heads=heads, backbone=backbone)
         profile[size] = sum(result.accepted_lengths) / len(result.accepted_lengths)
         print(f"size {size}: {profile[size]:.3f} tokens per pass", flush=True)
     policy = {k: v for k, v in TreeConfig.parse("dynamic").settings().items() if k != "size"}

@@ -1,4 +1,9 @@
-"""The Python entry point: `DynTree.from_pretrained(...)`, then `.generate(...)` or `.stream(...)`."""
+"""The Python entry point: `DynTree.from_pretrained(...)`, then `.generate(...)` or `.stream(...)`.
+
+Both take one prompt, or a list of prompts decoded together as one batch (docs/batching.md): `generate`
+then returns one `GenerationResult` per prompt, in order, and `stream` tags each `TextChunk` with the index
+of its prompt.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +15,14 @@ from typing import Iterator, Sequence
 
 from .config import TreeConfig
 from .decoding import Decoder, GenerationStats
+from .early import build_pruner
 from .errors import DynTreeError
 from .heads import MedusaHeads, load_heads
 from .loading import DEFAULT_MODEL, LoadedModel, load_model
 from .proposers import Proposer, build_proposer
 from .sampling import SamplingConfig
 from .textstream import TextStream
-from .trees.latency import DEFAULT_SIZES, machine_latency
+from .trees.latency import DEFAULT_SIZES, machine_batch_latency, machine_latency
 from .trees.sizing import TreeProfile, best_fixed_size, find_profile
 
 RANDOM_HEADS = "random"
@@ -31,17 +37,23 @@ def bundled_heads_dir() -> Path | None:
 
 @dataclass
 class GenerationResult:
+    """One prompt's output. `stats` covers the whole run: with a batch, every result of it shares one
+    `GenerationStats` (per-sequence entries such as `stop_reasons[index]` are in prompt order)."""
+
     token_ids: list[int]
     text: str
     stats: GenerationStats
+    index: int = 0  # the prompt's position in the batch (0 for a single prompt)
 
 
 @dataclass
 class TextChunk:
-    """A streamed piece: the tokens one forward pass accepted and the text they add."""
+    """A streamed piece: the tokens one forward pass accepted and the text they add; `index` says which
+    prompt of a batch they belong to (always 0 for a single prompt)."""
 
     token_ids: list[int]
     text: str
+    index: int = 0
 
 
 def step_latency(model: LoadedModel, heads: MedusaHeads | None, config: TreeConfig):
@@ -51,7 +63,8 @@ def step_latency(model: LoadedModel, heads: MedusaHeads | None, config: TreeConf
         return None
     largest = config.resolved_size
     sizes = [s for s in DEFAULT_SIZES if s < largest] + [largest]
-    return machine_latency(model.backbone, heads, sizes, config.resolved_topk)
+    # Batch 1 now; each other batch size the first time a run decodes that many prompts together.
+    return machine_batch_latency(model.backbone, heads, sizes, config.resolved_topk, batches=(1,))
 
 
 def sized_for_machine(model: LoadedModel, heads: MedusaHeads | None, config: TreeConfig,
@@ -70,17 +83,24 @@ class DynTree:
     """A backbone with (optional) Medusa heads and a tree policy (`TreeConfig`)."""
 
     def __init__(self, model: LoadedModel, heads: MedusaHeads | None, heads_note: str = "",
-                 tree: TreeConfig | str | None = None, latency=None, tree_profile: TreeProfile | None = None):
+                 tree: TreeConfig | str | None = None, latency=None, tree_profile: TreeProfile | None = None,
+                 early_head: tuple | None = None):
         """`tree`: a `TreeConfig` or the name `TreeConfig.parse` reads; without heads, plain decoding.
         `latency`: the step-latency model for a tree of size "auto" (see `step_latency`).
-        `tree_profile`: the heads' acceptance by tree size (`from_pretrained` sizes default trees with it)."""
+        `tree_profile`: the heads' acceptance by tree size (`from_pretrained` sizes default trees with it).
+        `early_head`: a trained early head (layer, weight, bias) that pruning at that layer ranks with
+        (`training.early_head`; `from_pretrained` finds it in the heads directory), else the logit lens."""
         config = tree if isinstance(tree, TreeConfig) else TreeConfig.parse(tree)
         self.model = model
         self.heads = heads
         self.heads_note = heads_note
         self.tree_profile = tree_profile
+        self.early_head = early_head
         self.config = config if heads is not None else TreeConfig(kind="ar")
-        self.proposer = build_proposer(self.config, heads.num_heads if heads is not None else None, latency)
+        self.proposer = build_proposer(self.config, heads.num_heads if heads is not None else None, latency,
+                                       conditional=heads is not None and heads.conditional)
+        # ProPD early pruning (None: off); its layer is checked against this model here.
+        self.pruner = build_pruner(self.config.early_prune, model.backbone, heads, early_head=early_head)
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike = DEFAULT_MODEL, heads: str | os.PathLike | None = "auto",
@@ -93,22 +113,25 @@ class DynTree:
         dtype: "auto" (bf16 where this machine multiplies faster in it, measured once and cached), "float32",
         "bfloat16" or a torch dtype; greedy output is token-exact with plain decoding in the same dtype.
         tree, tree_fields: a `TreeConfig`, or what `TreeConfig.parse` takes (tree="static:8",
-        tree_size="auto", topk=, lookup=, ...). Checked before the model loads. A dynamic tree left at its
+        tree_size="auto", topk=, lookup=, early_prune="8:4" (ProPD pruning after layer 8 to the early
+        top-4), ...). Checked before the model loads. A dynamic tree left at its
         default size is sized for this machine when the heads ship a profile (`sized_for_machine`).
         """
         config = _tree_config(tree, tree_fields)
         loaded = load_model(model, device=device, dtype=dtype)
         heads_obj, note = resolve_heads(heads, loaded)
-        profile = None
+        profile = early = None
         if heads_obj is not None:
             heads_obj = heads_obj.to(loaded.backbone.device)
             profile = find_profile(heads_directory(heads, loaded))
-        return cls._build(loaded, heads_obj, note, config, profile)
+            early = _early_head_in(heads_directory(heads, loaded), loaded)
+        return cls._build(loaded, heads_obj, note, config, profile, early)
 
     @classmethod
-    def _build(cls, model: LoadedModel, heads, heads_note: str, config: TreeConfig, profile) -> "DynTree":
+    def _build(cls, model: LoadedModel, heads, heads_note: str, config: TreeConfig, profile,
+               early_head=None) -> "DynTree":
         config = sized_for_machine(model, heads, config, profile)
-        return cls(model, heads, heads_note, config, step_latency(model, heads, config), profile)
+        return cls(model, heads, heads_note, config, step_latency(model, heads, config), profile, early_head)
 
     def with_tree(self, tree: TreeConfig | str | None = None, **tree_fields) -> "DynTree":
         """The same model and heads with another tree (no reload). A tree of the current kind keeps the
@@ -119,14 +142,15 @@ class DynTree:
             changes = dict(tree_fields) if tree is None else dict(tree_fields, tree=tree)
             config = self.config.replace(**changes) if self.heads is not None else TreeConfig.parse(
                 tree, **tree_fields)
-        return self._build(self.model, self.heads, self.heads_note, config, self.tree_profile)
+        return self._build(self.model, self.heads, self.heads_note, config, self.tree_profile, self.early_head)
 
     @property
     def tokenizer(self):
         return self.model.tokenizer
 
     def decoder(self, proposer: Proposer | None = None, sampling: SamplingConfig | None = None) -> Decoder:
-        return Decoder(self.model.backbone, self.heads, proposer or self.proposer, sampling=sampling)
+        return Decoder(self.model.backbone, self.heads, proposer or self.proposer, sampling=sampling,
+                       pruner=self.pruner)
 
     # -- prompts ---------------------------------------------------------------------------------------
     def encode(self, prompt: str | Sequence[int] | list[dict], chat: bool | None = None) -> list[int]:
@@ -153,33 +177,62 @@ class DynTree:
         return list(ids)
 
     # -- generation ------------------------------------------------------------------------------------
+    def encode_batch(self, prompts, chat: bool | None = None) -> tuple[list[list[int]], bool]:
+        """Token ids of one prompt or of a list of prompts, and whether it was a list (`is_prompt_list`)."""
+        if is_prompt_list(prompts):
+            if not prompts:
+                raise DynTreeError("no prompt given (an empty list)")
+            return [self.encode(p, chat) for p in prompts], True
+        return [self.encode(prompts, chat)], False
+
     def generate(self, prompt, max_new_tokens: int = 128, chat: bool | None = None, stop_at_eos: bool = True,
-                 proposer: Proposer | None = None, sampling: SamplingConfig | None = None) -> GenerationResult:
-        """Decode one prompt. `sampling`: None/temperature 0 = greedy (exactly plain greedy's output); else
-        lossless tree speculative sampling (the model's own distribution) or typical acceptance."""
-        ids = self.encode(prompt, chat)
-        run = self.decoder(proposer, sampling).run([ids], max_new_tokens, stop_at_eos).consume()
+                 proposer: Proposer | None = None, sampling: SamplingConfig | None = None):
+        """Decode one prompt (-> a `GenerationResult`), or a list of prompts together as one batch (-> a list
+        of them, in order; each sequence stops on its own). `sampling`: None/temperature 0 = greedy (exactly
+        plain greedy's output, sequence by sequence); else lossless tree speculative sampling (the model's own
+        distribution) or typical acceptance, one seeded generator for the whole batch."""
+        ids, many = self.encode_batch(prompt, chat)
+        run = self.decoder(proposer, sampling).run(ids, max_new_tokens, stop_at_eos).consume()
         run.stats.heads_note = self.heads_note
-        tokens = run.tokens[0]
-        return GenerationResult(tokens, self.tokenizer.decode(tokens, skip_special_tokens=True), run.stats)
+        results = [GenerationResult(tokens, self.tokenizer.decode(tokens, skip_special_tokens=True), run.stats, b)
+                   for b, tokens in enumerate(run.tokens)]
+        return results if many else results[0]
 
     def stream(self, prompt, max_new_tokens: int = 128, chat: bool | None = None, stop_at_eos: bool = True,
                proposer: Proposer | None = None, stats_out: list | None = None,
                sampling: SamplingConfig | None = None) -> Iterator[TextChunk]:
-        """Yield text as each forward pass accepts tokens; `stats_out` receives the run's stats at the end."""
-        ids = self.encode(prompt, chat)
-        run = self.decoder(proposer, sampling).run([ids], max_new_tokens, stop_at_eos)
-        text = TextStream(self.tokenizer)
+        """Yield text as each forward pass accepts tokens; `stats_out` receives the run's stats at the end.
+        With a list of prompts (one batch) every chunk carries its prompt's `index`; within a pass, chunks
+        come in prompt order."""
+        ids, _ = self.encode_batch(prompt, chat)
+        run = self.decoder(proposer, sampling).run(ids, max_new_tokens, stop_at_eos)
+        texts = [TextStream(self.tokenizer) for _ in ids]
+        done = [False] * len(ids)
         for event in run:
-            delta = text.push(event.new_tokens[0], finished=event.finished[0])
+            for b, text in enumerate(texts):
+                if done[b]:
+                    continue  # a finished sequence adds nothing more
+                done[b] = event.finished[b]
+                delta = text.push(event.new_tokens[b], finished=event.finished[b])
+                if delta is not None and (delta.text or delta.token_ids):
+                    yield TextChunk(delta.token_ids, delta.text, b)
+        for b, text in enumerate(texts):
+            delta = text.push([], finished=True)  # a run cut short (context limit) may still hold text back
             if delta is not None and (delta.text or delta.token_ids):
-                yield TextChunk(delta.token_ids, delta.text)
-        delta = text.push([], finished=True)  # a run cut short (context limit) may still hold text back
-        if delta is not None and (delta.text or delta.token_ids):
-            yield TextChunk(delta.token_ids, delta.text)
+                yield TextChunk(delta.token_ids, delta.text, b)
         run.stats.heads_note = self.heads_note
         if stats_out is not None:
             stats_out.append(run.stats)
+
+
+def is_prompt_list(prompt) -> bool:
+    """Whether `prompt` is several prompts: a list of texts, of token-id lists or of chat-message lists (one
+    prompt is a text, a list of token ids or a list of chat messages)."""
+    if not isinstance(prompt, (list, tuple)):
+        return False
+    if not prompt:
+        return True
+    return all(isinstance(p, str) or (isinstance(p, (list, tuple)) and not isinstance(p, str)) for p in prompt)
 
 
 def resolve_heads(heads, loaded: LoadedModel) -> tuple[MedusaHeads | None, str]:
@@ -204,6 +257,15 @@ def heads_directory(heads, loaded: LoadedModel) -> Path | None:
     if heads in (None, NO_HEADS, RANDOM_HEADS):
         return None
     return Path(heads).expanduser()
+
+
+def _early_head_in(directory: Path | None, loaded: LoadedModel):
+    """The trained early head saved beside the heads (`dyntree train --early-layer`), if any."""
+    if directory is None:
+        return None
+    from .training.early_head import load_early_head
+
+    return load_early_head(directory, loaded.config)
 
 
 def _tree_config(tree, tree_fields: dict) -> TreeConfig:

@@ -17,8 +17,8 @@ def add_model_args(parser: argparse.ArgumentParser, tree: bool = True) -> None:
     parser.add_argument("--model", default="default",
                         help="'default' (SmolLM2-135M-Instruct, embedded) or a local Hugging Face model directory")
     parser.add_argument("--heads", default="auto",
-                        help="'auto' (bundled heads of the default model), a heads directory (dyntree or Medusa "
-                             "v0.1 format), 'random' (untrained, shows losslessness only) or 'none'")
+                        help="'auto' (bundled heads of the default model), a heads directory (dyntree, Medusa "
+                             "v0.1 or vLLM Medusa layout), 'random' (untrained, shows losslessness only) or 'none'")
     if tree:
         parser.add_argument("--tree", default="dynamic",
                             help="'dynamic' (default: built every step from the heads and a context lookup, 8 nodes; "
@@ -44,12 +44,20 @@ def add_model_args(parser: argparse.ArgumentParser, tree: bool = True) -> None:
                             help="dynamic trees: up to N tokens copied from the prompt / text so far where its "
                                  "last tokens occurred before, as one branch of the same node budget "
                                  "(default: the measured best; 0 = heads only)")
+        parser.add_argument("--recycle", type=int, default=None, metavar="N",
+                            help="dynamic trees: up to N recycled candidates per tree (each token's successors "
+                                 "seen in verified text so far) inside the same node budget (default: off; 0 = off)")
+        parser.add_argument("--early-prune", default=None, metavar="LAYER:K",
+                            help="ProPD early pruning: after LAYER layers, drop the tree nodes whose token is not "
+                                 "in their parent's early top-K (the model's own lm_head on that layer's state), "
+                                 "and run the later layers on the rest only; lossless. 'off' (default): it "
+                                 "pays only where a tree pass is compute-bound (large trees on GPUs)")
         parser.add_argument("--tree-calibration", default=None, metavar="FILE",
                             help="acceptance statistics (JSON, from `dyntree calibrate`) to start the "
                                  "dynamic tree's scores from")
     parser.add_argument("--dtype", default="auto",
                         help="'auto' (default: bfloat16 where this machine multiplies faster in it, measured once "
-                             "and cached; else float32), 'float32' or 'bfloat16'")
+                             "and cached; else float32), 'float32', 'bfloat16' or 'float16' (GPUs)")
     parser.add_argument("--device", default=None, help="cpu (default) or cuda")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
 
@@ -83,7 +91,8 @@ def tree_config(args):
 
     return TreeConfig.parse(args.tree, args.tree_size, topk=args.topk, score=args.tree_score,
                             tree_temperature=args.tree_temperature, lookup=args.lookup,
-                            calibration=args.tree_calibration, latency=args.latency)
+                            calibration=args.tree_calibration, latency=args.latency, recycle=args.recycle,
+                            early_prune=args.early_prune)
 
 
 def build_parser() -> argparse.ArgumentParser:

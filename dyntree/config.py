@@ -30,11 +30,12 @@ AUTO_MAX_SIZE = 32  # the largest tree `size="auto"` may choose
 # as calibrated scores do, with no calibration data (docs/dynamic-trees.md). Calibrated scores use T=1.
 PROB_TREE_TEMPERATURE = 2.0
 DEFAULT_LOOKUP = 6  # lookup-chain tokens per tree (docs/dynamic-trees.md); 0 = heads only
+DEFAULT_RECYCLE = 0  # recycled candidates per tree; off: measured within noise of the default (docs/dynamic-trees.md)
 SCORE_MODES = ("prob", "rank", "binned")
 LOOKUP_MERGES = ("first", "score")
 
 # Settings that only a dynamic tree reads (a static or no tree refuses them rather than ignore them).
-DYNAMIC_ONLY = ("auto", "score", "tree_temperature", "lookup", "calibration", "latency", "learn")
+DYNAMIC_ONLY = ("auto", "score", "tree_temperature", "lookup", "calibration", "latency", "learn", "recycle")
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,12 @@ class TreeConfig:
     calibration:      dynamic: acceptance statistics (`AcceptanceStats` or its JSON file) to start from.
     latency:          auto only: a `LatencyModel` or its JSON file (None: measured once per machine, cached).
     learn:            dynamic: update acceptance statistics online (None: when the score is calibrated).
+    recycle:          dynamic: up to this many recycled candidates per tree (token recycling: each token's
+                      verified successors, learnt online), inside the same budget (None: DEFAULT_RECYCLE).
+    early_prune:      static or dynamic: (LAYER, K) ProPD early pruning inside the tree pass, from "LAYER:K";
+                      None or "off": no pruning (the default: it pays only where a pass is compute-bound,
+                      docs/dynamic-trees.md). LAYER < the model's layer count is checked where the model is
+                      known (`early.build_pruner`).
     renormalize, lookup_ngram, lookup_merge: dynamic-tree details for experiments (docs/dynamic-trees.md).
     """
 
@@ -70,13 +77,18 @@ class TreeConfig:
     calibration: object = None
     latency: object = None
     learn: bool | None = None
+    recycle: int | None = None
     renormalize: bool = True
     lookup_ngram: tuple[int, int] = (3, 2)
     lookup_merge: str = "first"
+    early_prune: tuple[int, int] | str | None = None
 
     def __post_init__(self):
         if self.kind not in TREE_KINDS:
             raise DynTreeError(f"unknown tree kind {self.kind!r}: choose from {', '.join(TREE_KINDS)}")
+        object.__setattr__(self, "early_prune", parse_early_prune(self.early_prune))
+        if self.kind == "ar" and self.early_prune is not None:
+            raise DynTreeError("early pruning does not apply to plain decoding (tree 'ar'): it prunes a tree")
         if self.kind != "dynamic":
             given = [name for name in DYNAMIC_ONLY if getattr(self, name) not in (None, False)]
             if given:
@@ -98,6 +110,7 @@ class TreeConfig:
                                                       and 0 < self.tree_temperature < float("inf")):
             raise DynTreeError(f"tree temperature must be a positive number, got {self.tree_temperature!r}")
         _check_int("lookup", self.lookup, 0, "(tokens copied from the context)")
+        _check_int("recycle", self.recycle, 0, "(recycled candidates per tree; 0 = off)")
         if self.latency is not None and not self.auto:
             raise DynTreeError("a latency model only applies to tree size 'auto'")
         ngram = tuple(self.lookup_ngram)
@@ -175,6 +188,10 @@ class TreeConfig:
         return DEFAULT_LOOKUP if self.lookup is None else self.lookup
 
     @property
+    def resolved_recycle(self) -> int:
+        return DEFAULT_RECYCLE if self.recycle is None else self.recycle
+
+    @property
     def resolved_learn(self) -> bool:
         return (self.resolved_score != "prob") if self.learn is None else bool(self.learn)
 
@@ -192,11 +209,15 @@ class TreeConfig:
         if self.kind == "ar":
             return out
         out.update(topk=self.resolved_topk)
+        if self.early_prune is not None:
+            out["early_prune"] = "{}:{}".format(*self.early_prune)
         if self.kind == "static":
             out.update(static_tree=str(self.static_tree or DEFAULT_STATIC_TREE), size=self.size)
             return out
         out.update(size="auto" if self.auto else self.resolved_size, score=self.resolved_score,
                    tree_temperature=self.resolved_tree_temperature, lookup=self.resolved_lookup)
+        if self.resolved_recycle:
+            out["recycle"] = self.resolved_recycle
         if self.auto:
             out["max_size"] = self.resolved_size
         for name in ("calibration", "latency"):
@@ -207,6 +228,22 @@ class TreeConfig:
 
 
 _FIELD_NAMES = {f.name for f in dataclasses.fields(TreeConfig)} - {"kind", "static_tree", "size", "auto"}
+
+
+def parse_early_prune(value) -> tuple[int, int] | None:
+    """"LAYER:K" (or a (LAYER, K) pair) -> (LAYER, K) with LAYER >= 1 and K >= 1; None or "off" -> None."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "off"):
+        return None
+    parts = value.strip().split(":") if isinstance(value, str) else value
+    try:
+        layer, k = parts
+        layer, k = (int(p) if isinstance(p, str) and p.strip().isdigit() else p for p in (layer, k))
+    except (TypeError, ValueError):
+        layer = k = None
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (layer, k)):
+        raise DynTreeError(f"early prune must be LAYER:K (the layer after which to prune, >= 1, and the early "
+                           f"top-k kept, >= 1) or 'off', got {value!r}")
+    return layer, k
 
 
 def _check_int(what: str, value, minimum: int, why: str = "") -> None:

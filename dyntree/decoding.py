@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from .early import EarlyPruner, PruneStats
 from .errors import DynTreeError
 from .heads import MedusaHeads
 from .model import Transformer
@@ -45,11 +46,13 @@ class GenerationStats:
     phase_seconds: dict[str, float] = field(default_factory=lambda: {p: 0.0 for p in PHASES})
     # One entry per (decode step, active sequence): tokens that pass added to that sequence.
     accepted_lengths: list[int] = field(default_factory=list)
+    sequence_accepted: list[list[int]] = field(default_factory=list)  # the same per sequence (batch order)
     decode_passes: int = 0
     tree_sizes: list[int] = field(default_factory=list)  # nodes verified by each pass (varies with auto size)
     stop_reasons: list[str] = field(default_factory=list)
     heads_note: str = ""
     acceptance: str = "greedy"  # SamplingConfig.label: greedy, lossless(T=..), typical(T=..)
+    early_prune: PruneStats | None = None  # with early pruning: nodes pruned, time, tokens lost (early.py)
 
     @property
     def wall_seconds(self) -> float:
@@ -81,6 +84,7 @@ class GenerationStats:
             "accepted_lengths": self.accepted_lengths, "mean_tree_size": self.mean_tree_size,
             "phase_seconds": dict(self.phase_seconds),
             "stop_reasons": self.stop_reasons, "heads_note": self.heads_note, "acceptance": self.acceptance,
+            "early_prune": self.early_prune.as_dict() if self.early_prune is not None else None,
         }
 
 
@@ -122,13 +126,54 @@ def prefill(backbone: Transformer, cache, prompts: list[list[int]]) -> torch.Ten
 
 
 def propose(heads: MedusaHeads | None, proposer: Proposer, backbone: Transformer, last_hidden: torch.Tensor,
-            root: torch.Tensor, context: Callable[[], list[list[int]]]) -> Proposal:
+            root: torch.Tensor, context: Callable[[], list[list[int]]],
+            active: torch.Tensor | None = None, plain: Proposer | None = None) -> Proposal:
     """The step's tree over `root` `[B]`: the heads' guesses from `last_hidden` `[B, H]` (when the proposer
-    reads them) turned into a proposal; `context()` gives each sequence's tokens so far, root last."""
-    head_ids = head_probs = None
-    if proposer.uses_heads:
+    reads them) turned into a proposal; `context()` gives each sequence's tokens so far, root last. With
+    `active` (the rows still decoding) the proposer may choose a plain step first (`Proposer.plan_step`), whose
+    root-only tree comes from `plain` (a `RootOnlyProposer`, which keeps its buffers)."""
+    if active is not None and not proposer.plan_step(active):
+        return (plain or RootOnlyProposer()).propose(root)
+    head_ids = head_probs = draft = None
+    if proposer.uses_heads and heads.conditional:
+        draft = PathDraft(heads, backbone, last_hidden, root, proposer.topk)
+    elif proposer.uses_heads:
         head_ids, head_probs = heads.topk(last_hidden, backbone.lm_head, proposer.topk)
-    return propose_step(proposer, root, head_ids, head_probs, context)
+    return propose_step(proposer, root, head_ids, head_probs, context, draft)
+
+
+class PathDraft:
+    """One step's path-conditional guesses: `expand` runs the heads once per depth for all requested nodes.
+
+    A request (row, path) asks for the top children of the node reached from row's root by `path`; head
+    `len(path)` reads the row's state `last_hidden[row]` and the tokens root + path. All requests of one call
+    have the same depth (`trees.conditional.select_by_depth` asks depth by depth).
+    """
+
+    def __init__(self, heads, backbone: Transformer, last_hidden: torch.Tensor, root: torch.Tensor, topk: int):
+        self.heads, self.backbone, self.topk = heads, backbone, topk
+        self.last_hidden = last_hidden
+        self.roots = root.tolist()
+        self._children: dict[tuple[int, tuple[int, ...]], tuple[int, float]] = {}  # node -> (rank, prob)
+
+    def expand(self, requests: list[tuple[int, tuple[int, ...]]]) -> list[list[tuple[int, float]]]:
+        depth = len(requests[0][1])
+        if any(len(path) != depth for _, path in requests):
+            raise ValueError("one expand call serves one depth")
+        rows = torch.tensor([b for b, _ in requests], device=self.last_hidden.device)
+        path_ids = torch.tensor([[self.roots[b], *path] for b, path in requests], device=rows.device)
+        ids, probs = self.heads.topk_given_path(depth, self.last_hidden[rows], path_ids,
+                                                self.backbone.embed_tokens, self.backbone.lm_head, self.topk)
+        out = []
+        for (b, path), row_ids, row_probs in zip(requests, ids.tolist(), probs.tolist()):
+            out.append(list(zip(row_ids, row_probs)))
+            for rank, (token, prob) in enumerate(zip(row_ids, row_probs)):
+                self._children[(b, path + (token,))] = (rank, prob)
+        return out
+
+    def rank_of(self, row: int, path: tuple[int, ...]) -> tuple[int, float]:
+        """A proposed node's rank among its parent's guesses and its conditional probability."""
+        return self._children[(row, path)]
 
 
 def forward_tree(backbone: Transformer, proposal: Proposal, cache) -> torch.Tensor:
@@ -151,10 +196,11 @@ class DecodeRun:
         self.max_new_tokens = max_new_tokens
         self.stop_at_eos = stop_at_eos
         self.tokens: list[list[int]] = [[] for _ in prompts]
-        proposer = decoder.proposer
-        self.stats = GenerationStats(method=proposer.name, batch_size=len(prompts),
-                                     prompt_tokens=[len(p) for p in prompts], tree_nodes=0,
-                                     acceptance=sampling.label if sampling is not None else "greedy")
+        proposer, pruner = decoder.proposer, decoder.pruner
+        self.stats = GenerationStats(method=proposer.name + (f":{pruner.label}" if pruner else ""),
+                                     batch_size=len(prompts), prompt_tokens=[len(p) for p in prompts],
+                                     tree_nodes=0, acceptance=sampling.label if sampling is not None else "greedy",
+                                     early_prune=pruner.new_stats() if pruner else None)
         self._iter = self._run()
 
     def __iter__(self) -> Iterator[StepEvent]:
@@ -195,6 +241,7 @@ class DecodeRun:
         batch = len(self.prompts)
         stats = self.stats
         stats.stop_reasons = ["" for _ in range(batch)]
+        stats.sequence_accepted = [[] for _ in range(batch)]
         lengths = [len(p) for p in self.prompts]
         cache = backbone.new_cache(batch, max(lengths) + self.max_new_tokens + proposer.max_nodes + 1)
 
@@ -210,6 +257,7 @@ class DecodeRun:
         yield StepEvent(0, first, list(finished))
 
         clock = _Clock(device, stats)
+        plain = RootOnlyProposer()  # the tree of steps the proposer makes plain (`Proposer.plan_step`)
         decode_start = time.perf_counter()
         step = 0
         while not all(finished):
@@ -217,7 +265,7 @@ class DecodeRun:
             active = torch.tensor([not f for f in finished], device=device)
             clock.lap(None)
             proposal = propose(heads, proposer, backbone, last_hidden, root,
-                               lambda: [self.prompts[b] + self.tokens[b] for b in range(batch)])
+                               lambda: [self.prompts[b] + self.tokens[b] for b in range(batch)], active, plain)
             stats.tree_nodes = max(stats.tree_nodes, proposal.tokens.shape[1])
             stats.tree_sizes.append(proposal.tokens.shape[1])
             clock.lap("proposal")
@@ -227,9 +275,19 @@ class DecodeRun:
                         finished[b] = True
                         stats.stop_reasons[b] = "context"
                 break
-            tree_hidden = forward_tree(backbone, proposal, cache)
+            pruned = None
+            if dec.pruner is not None:  # ProPD: later layers and verification on the survivors only
+                pruned = dec.pruner.forward(backbone, proposal, cache, stats.early_prune, active)
+                tree_hidden, verified = pruned.hidden, pruned.proposal
+            else:
+                tree_hidden, verified = forward_tree(backbone, proposal, cache), proposal
             clock.lap("forward")
-            result = verify_tree(backbone.logits, tree_hidden, proposal, active, self.sampling, self.generator)
+            result = verify_tree(backbone.logits, tree_hidden, verified, active, self.sampling, self.generator)
+            last_hidden = tree_hidden[torch.arange(batch, device=device), result.last_nodes]
+            if pruned is not None:  # back to the proposal's own node indices (slots, proposer feedback)
+                result = pruned.to_original(result)
+                dec.pruner.account(backbone, pruned, proposal, result, active, self.generator is None,
+                                   stats.early_prune)
             clock.lap("verification")
             proposer.observe(proposal, result, active)
             clock.lap("proposal")  # learning from the outcome is part of building trees
@@ -242,9 +300,9 @@ class DecodeRun:
                 candidates = proposal.tokens[b, nodes[1:]].tolist() + [int(result.next_tokens[b])]
                 new_tokens[b] = self._emit(b, candidates, finished)
                 stats.accepted_lengths.append(len(new_tokens[b]))
+                stats.sequence_accepted[b].append(len(new_tokens[b]))
             stats.new_tokens += sum(len(t) for t in new_tokens)
             stats.decode_passes += 1
-            last_hidden = tree_hidden[torch.arange(batch, device=device), result.last_nodes]
             root = result.next_tokens
             clock.lap("cache")
             yield StepEvent(step, new_tokens, list(finished))
@@ -255,13 +313,16 @@ class Decoder:
     """Binds a backbone, optional heads and a proposer; `run` starts a generation."""
 
     def __init__(self, backbone: Transformer, heads: MedusaHeads | None = None, proposer: Proposer | None = None,
-                 eos_token_ids: tuple[int, ...] | None = None, sampling: SamplingConfig | None = None):
+                 eos_token_ids: tuple[int, ...] | None = None, sampling: SamplingConfig | None = None,
+                 pruner: EarlyPruner | None = None):
+        """`pruner`: early pruning inside each tree pass (`early.EarlyPruner`); unused by a 1-node tree."""
         self.backbone = backbone
         self.sampling = sampling  # None = greedy; `run` may override it per call
         self.proposer = proposer or RootOnlyProposer()
         if self.proposer.uses_heads and heads is None:
             raise DynTreeError(f"the {self.proposer.name} tree needs heads")
         self.heads = heads
+        self.pruner = pruner if self.proposer.max_nodes > 1 else None
         self.eos_token_ids = set(eos_token_ids if eos_token_ids is not None else backbone.config.eos_token_ids)
 
     def check_prompts(self, prompts: list[list[int]], max_new_tokens: int) -> None:

@@ -325,8 +325,18 @@ class BatchEngine:
             groups, proposals = self._propose(1)
         combined, sizes = _combine(groups, proposals, k, self.backbone.device)
         view = _rows_view(self._cache, k)
-        hidden = forward_tree(self.backbone, combined, view)
-        accepted, next_tokens, last_nodes = self._verify(hidden, combined, sizes)
+        pruner = self._pruner_for(groups)
+        if pruner is not None:  # ProPD: later layers and verification on the survivors only
+            pruned = pruner.forward(self.backbone, combined, view)
+            hidden, verified = pruned.hidden, pruned.proposal
+            accepted, next_tokens, state_nodes = self._verify(hidden, verified, [verified.tokens.shape[1]] * k)
+            original = pruned.to_original(Verification(accepted, torch.tensor(next_tokens),
+                                                       torch.tensor(state_nodes, device=hidden.device)))
+            accepted, last_nodes = original.accepted_nodes, original.last_nodes.tolist()
+        else:
+            hidden = forward_tree(self.backbone, combined, view)
+            accepted, next_tokens, last_nodes = self._verify(hidden, combined, sizes)
+            state_nodes = last_nodes  # where each row's next hidden state is read
         for (proposer, idx), proposal in zip(groups, proposals):
             proposer.observe(proposal, Verification(
                 [accepted[i] for i in idx], torch.tensor([next_tokens[i] for i in idx], dtype=torch.long),
@@ -343,7 +353,7 @@ class BatchEngine:
             emitted = self._emit(row, new)
             row.accepted.append(emitted)
             added.append(emitted)
-            row.last_hidden = hidden[b, last_nodes[b]].clone()
+            row.last_hidden = hidden[b, state_nodes[b]].clone()
             row.root = next_tokens[b]
             if row.reason:
                 done.append(b)
@@ -362,6 +372,20 @@ class BatchEngine:
             proposals.append(propose(self.heads, proposer, self.backbone, hidden, root,
                                      lambda idx=idx: [rows[i].request.prompt_ids + rows[i].tokens for i in idx]))
         return groups, proposals
+
+    def _pruner_for(self, groups: list[tuple[Proposer, list[int]]]):
+        """The early pruner (`DynTree.pruner`) of this step: only when every row decodes with one engine's
+        own tree (pruning keeps the same number of nodes in every row, so it cannot mix trees); else None."""
+        if len(groups) != 1:
+            return None
+        proposer, idx = groups[0]
+        engine = self._rows[idx[0]].engine
+        pruner = getattr(engine, "pruner", None)
+        if pruner is None or proposer is not engine.proposer or proposer.max_nodes <= 1:
+            return None
+        if any(self._rows[i].engine is not engine for i in idx):
+            return None
+        return pruner
 
     def _groups(self, budget: int | None) -> list[tuple[Proposer, list[int]]]:
         """Rows sharing a proposer, in row order: one `propose` call each."""
@@ -554,7 +578,8 @@ class BatchEngine:
         self._request_seconds = seconds if not self._request_seconds else 0.8 * self._request_seconds + 0.2 * seconds
         passes = row.accepted
         outcome = Outcome(row.text.text, row.text.tokens, row.request.prompt_ids, finish, {
-            "tree": row.engine.proposer.name,
+            "tree": row.engine.proposer.name + (f":{row.engine.pruner.label}"
+                                                if getattr(row.engine, "pruner", None) else ""),
             "forward_passes": row.passes + 1,  # the prefill pass yields the first token
             "mean_accepted_per_pass": round(sum(passes) / len(passes), 4) if passes else 0.0,
             "mean_tree_size": round(sum(row.tree_sizes) / len(row.tree_sizes), 2) if row.tree_sizes else 0.0,

@@ -6,18 +6,20 @@ its own matrix or the backbone's lm_head ("shared"), optionally restricted to a 
 (`vocab_ids`): on a CPU the projection dominates the heads' cost, and a 8k-token subset is ~7x cheaper than
 49k while the heads are rarely right about rare tokens anyway. Losslessness never depends on the heads.
 
-Two on-disk formats:
-- ours: `heads.safetensors` + `heads.json` (shape and the backbone fingerprint it was trained for);
-- Medusa v0.1: `config.json` (`medusa_num_heads`, ...) + `medusa_lm_head.pt` with keys
-  `{h}.{l}.linear.weight|bias` and `{h}.{L}.weight`. Its configs often state a wrong head count, so the
-  count is read from the weights.
+Hydra heads (`HydraHeads`, head_type "hydra", arXiv 2402.05109) also read the embeddings of the tokens on the
+drafted path: head k sees the hidden state and the k+1 tokens from the root down to the node it extends, so a
+deep node's probability is conditional on its own path instead of a product of independent marginals. Trees
+are then built depth by depth (`trees.conditional`), one batched head evaluation per depth.
+
+On disk: ours is `heads.safetensors` + `heads.json` (shape, head type and the backbone fingerprint it was
+trained for); `load_heads` also reads FasterDecoding's Medusa v0.1 and vLLM's Medusa layouts, which
+`dyntree.interop` reads and writes (Medusa heads only).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -76,6 +78,9 @@ class MedusaHeads(nn.Module):
         self.projection = None if config.shared_projection else nn.Parameter(torch.zeros(k, width, h))
         self._shared_cache: tuple[tuple, torch.Tensor] | None = None
         self._projection_t_cache: tuple[tuple[int, int], torch.Tensor] | None = None
+
+    # Whether a head's guess depends on the drafted path (trees are then built depth by depth).
+    conditional = False
 
     @property
     def num_heads(self) -> int:
@@ -173,6 +178,10 @@ class MedusaHeads(nn.Module):
             else:
                 self.projection.copy_(self.projection.to(torch.float16).float())
 
+    def extra_tensors(self, block_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Tensors a subclass stores beside the Medusa ones (none here)."""
+        return {}
+
     def save(self, directory: str | os.PathLike, block_dtype: torch.dtype = torch.float32,
              int8_projection: bool = False) -> Path:
         """`block_dtype=torch.float16` halves the blocks; `int8_projection` halves the projection again
@@ -190,12 +199,110 @@ class MedusaHeads(nn.Module):
             tensors["projection"] = self.projection.detach().to(torch.float16).contiguous()
         if self.vocab_ids is not None:
             tensors["vocab_ids"] = self.vocab_ids.to(torch.int32).contiguous()
+        tensors.update(self.extra_tensors(block_dtype))
         tmp = out / (HEADS_FILE + ".tmp")
         save_file(tensors, str(tmp))
         os.replace(tmp, out / HEADS_FILE)
         meta = {"format": "dyntree-heads", "version": FORMAT_VERSION, **asdict(self.config)}
         (out / HEADS_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
         return out
+
+
+class HydraHeads(MedusaHeads):
+    """Path-conditional heads: head k's first block is `x = h + SiLU(A_k h + P_k [e_0; ...; e_k] + b_k)`, where
+    e_0..e_k are the (fp32) embeddings of the root and the k drafted tokens after it, then the Medusa blocks and
+    projection. With P = 0 a head is exactly the Medusa head with blocks A, b: Medusa heads are a warm start.
+
+    `path_weights[k]` is `[H, (k+1) H]`; the path tokens are read through the backbone's embedding table,
+    passed in (`embed`, `[V, H]`) like the lm_head, so the heads store no copy of it.
+    """
+
+    conditional = True
+
+    def __init__(self, config: HeadsConfig, vocab_ids: torch.Tensor | None = None):
+        config.head_type = "hydra"
+        if config.num_layers < 1:
+            raise DynTreeError("hydra heads need at least one block (the block that reads the path)")
+        super().__init__(config, vocab_ids)
+        h = config.hidden_size
+        self.path_weights = nn.ParameterList(
+            [nn.Parameter(torch.zeros(h, (k + 1) * h)) for k in range(config.num_heads)])
+
+    @classmethod
+    def random(cls, backbone_config, num_heads: int = 4, num_layers: int = 1, seed: int = 0, scale: float = 0.05):
+        cfg = HeadsConfig(num_heads, num_layers, backbone_config.hidden_size, backbone_config.vocab_size,
+                          shared_projection=True, model_type=backbone_config.model_type, head_type="hydra")
+        heads = cls(cfg)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in (heads.block_weight, heads.block_bias, *heads.path_weights):
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+        return heads
+
+    @classmethod
+    def from_medusa(cls, medusa: MedusaHeads) -> "HydraHeads":
+        """Hydra heads that guess exactly as `medusa` does until trained (path weights zero)."""
+        config = HeadsConfig(**{**asdict(medusa.config), "head_type": "hydra"})
+        heads = cls(config, medusa.vocab_ids)
+        with torch.no_grad():
+            heads.block_weight.copy_(medusa.block_weight)
+            heads.block_bias.copy_(medusa.block_bias)
+            if heads.projection is not None:
+                heads.projection.copy_(medusa.projection)
+        return heads
+
+    def head_logits(self, head: int, hidden: torch.Tensor, path_ids: torch.Tensor, embed: torch.Tensor,
+                    lm_head_weight_t: torch.Tensor) -> torch.Tensor:
+        """Logits `[N, V']` of head `head` for N nodes: their sequence's state `hidden` `[N, H]` and the token
+        path from the root to the node `path_ids` `[N, head + 1]`."""
+        dtype = self.block_weight.dtype
+        hidden = hidden.to(dtype)
+        path = F.embedding(path_ids, embed).to(dtype).flatten(1)  # [N, (head+1) H]
+        pre = torch.addmm(self.block_bias[head, 0], hidden, self.block_weight[head, 0].t())
+        x = hidden + F.silu(pre + path @ self.path_weights[head].t())
+        for layer in range(1, self.config.num_layers):
+            x = x + F.silu(torch.addmm(self.block_bias[head, layer], x, self.block_weight[head, layer].t()))
+        if self.projection is None:
+            return x @ self._shared_weight_t(lm_head_weight_t)
+        weight_t = self.projection[head].t() if torch.is_grad_enabled() else self._projection_t()[head]
+        return x @ weight_t
+
+    def path_logits(self, hidden: torch.Tensor, path_ids: torch.Tensor, embed: torch.Tensor,
+                    lm_head_weight_t: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits of every head `[N, K, V']`: `path_ids` `[N, K]` holds the root and the next
+        K-1 tokens of each row's true continuation (head k reads the first k+1)."""
+        return torch.stack([self.head_logits(k, hidden, path_ids[:, : k + 1], embed, lm_head_weight_t)
+                            for k in range(self.num_heads)], dim=1)
+
+    def logits(self, hidden, lm_head_weight_t):  # noqa: D102 - Medusa's interface has no path
+        raise DynTreeError("hydra heads guess from a path: use path_logits / head_logits")
+
+    @torch.inference_mode()
+    def topk_given_path(self, head: int, hidden: torch.Tensor, path_ids: torch.Tensor, embed: torch.Tensor,
+                        lm_head: Dense, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k guesses `[N, k]` (token ids, probabilities) of head `head` for N paths."""
+        logits = self.head_logits(head, hidden, path_ids, embed, lm_head.weight_t)
+        probs, idx = torch.softmax(logits.float(), dim=-1).topk(k, dim=-1)
+        if self.vocab_ids is not None:
+            idx = self.vocab_ids[idx]
+        return idx, probs
+
+    @torch.no_grad()
+    def round_to_storage(self, block_dtype: torch.dtype = torch.float32, int8_projection: bool = False) -> None:
+        super().round_to_storage(block_dtype, int8_projection)
+        for p in self.path_weights:
+            p.copy_(p.to(block_dtype).float())
+
+    def extra_tensors(self, block_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        return {f"path_weight.{k}": p.detach().to(block_dtype).contiguous() for k, p in enumerate(self.path_weights)}
+
+
+def heads_class(head_type: str):
+    """The class for a heads.json `head_type`."""
+    classes = {"medusa": MedusaHeads, "hydra": HydraHeads}
+    if head_type not in classes:
+        raise DynTreeError(f"unknown head type {head_type!r} (dyntree knows {', '.join(classes)})")
+    return classes[head_type]
 
 
 def quantize_rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,7 +313,8 @@ def quantize_rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def load_heads(path: str | os.PathLike, backbone_config=None) -> MedusaHeads:
-    """Load heads saved by `MedusaHeads.save` or in Medusa v0.1 format; check they fit the backbone."""
+    """Load heads saved by `MedusaHeads.save`, or in FasterDecoding's Medusa v0.1 or vLLM's Medusa layout;
+    check they fit the backbone."""
     path = Path(path).expanduser()
     if not path.exists():
         raise DynTreeError(f"no heads at {path}")
@@ -214,10 +322,10 @@ def load_heads(path: str | os.PathLike, backbone_config=None) -> MedusaHeads:
         path = path.parent
     if (path / HEADS_CONFIG).is_file():
         heads = _load_ours(path)
-    elif (path / MEDUSA_FILE).is_file():
-        heads = _load_medusa(path, backbone_config)
     else:
-        raise DynTreeError(f"{path} holds no heads ({HEADS_CONFIG} or {MEDUSA_FILE})")
+        from .interop import load_foreign_heads
+
+        heads = load_foreign_heads(path, backbone_config)
     if backbone_config is not None:
         heads.config.check_fits(backbone_config)
     return heads.eval()
@@ -236,8 +344,10 @@ def _load_ours(path: Path) -> MedusaHeads:
     except Exception as exc:
         raise DynTreeError(f"corrupt heads checkpoint in {path}: {exc}".splitlines()[0]) from exc
     vocab_ids = tensors.get("vocab_ids")
-    heads = MedusaHeads(config, None if vocab_ids is None else vocab_ids.long())
+    heads = heads_class(config.head_type)(config, None if vocab_ids is None else vocab_ids.long())
     expected = {"block_weight": tuple(heads.block_weight.shape), "block_bias": tuple(heads.block_bias.shape)}
+    for name, tensor in heads.extra_tensors(torch.float32).items():
+        expected[name] = tuple(tensor.shape)
     if heads.projection is not None and "projection_int8" in tensors:
         q, scale = tensors["projection_int8"], tensors.get("projection_scale")
         shape = tuple(heads.projection.shape)
@@ -251,76 +361,25 @@ def _load_ours(path: Path) -> MedusaHeads:
         if name not in tensors or tuple(tensors[name].shape) != shape:
             got = tuple(tensors[name].shape) if name in tensors else "missing"
             raise DynTreeError(f"corrupt heads checkpoint in {path}: {name} is {got}, expected {shape}")
-        getattr(heads, name).data.copy_(tensors[name].float())
+        _parameter(heads, name).data.copy_(tensors[name].float())
     return heads
 
 
-_MEDUSA_KEY = re.compile(r"^(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)$")
-
-
-def _load_medusa(path: Path, backbone_config) -> MedusaHeads:
-    try:
-        state = torch.load(path / MEDUSA_FILE, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise DynTreeError(f"corrupt Medusa checkpoint {path / MEDUSA_FILE}: {exc}".splitlines()[0]) from exc
-    if not isinstance(state, dict) or not state:
-        raise DynTreeError(f"corrupt Medusa checkpoint {path / MEDUSA_FILE}: not a state dict")
-    blocks: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-    projections: dict[int, torch.Tensor] = {}
-    for key, tensor in state.items():
-        m = _MEDUSA_KEY.match(key)
-        if not m:
-            raise DynTreeError(f"unexpected key {key!r} in {path / MEDUSA_FILE}")
-        h, idx, kind = int(m[1]), int(m[2]), m[3]
-        if kind == "weight":
-            projections[h] = (idx, tensor)
-        else:
-            blocks.setdefault((h, idx), {})[kind.split(".")[1]] = tensor
-    num_heads = max(h for h, _ in blocks) + 1 if blocks else max(projections) + 1  # the config may lie
-    num_layers = max(i for _, i in blocks) + 1 if blocks else 0
-    if set(projections) != set(range(num_heads)):
-        raise DynTreeError(f"Medusa checkpoint {path / MEDUSA_FILE} lacks a projection for some heads")
-    hidden = next(iter(projections.values()))[1].shape[1]
-    vocab = next(iter(projections.values()))[1].shape[0]
-    config = HeadsConfig(num_heads, num_layers, hidden, vocab, shared_projection=False)
-    cfg_file = path / "config.json"
-    if cfg_file.is_file():
-        try:
-            json.loads(cfg_file.read_text())
-        except ValueError as exc:
-            raise DynTreeError(f"corrupt Medusa config {cfg_file}: {exc}") from exc
-    if backbone_config is not None:
-        config.check_fits(backbone_config)
-    heads = MedusaHeads(config)
-    with torch.no_grad():
-        for h in range(num_heads):
-            idx, weight = projections[h]
-            if idx != num_layers or tuple(weight.shape) != (vocab, hidden):
-                raise DynTreeError(f"Medusa checkpoint: head {h} projection is {tuple(weight.shape)} at index {idx}")
-            heads.projection[h].copy_(weight.float())
-            for layer in range(num_layers):
-                block = blocks.get((h, layer))
-                if block is None or set(block) != {"weight", "bias"}:
-                    raise DynTreeError(f"Medusa checkpoint: head {h} block {layer} is incomplete")
-                heads.block_weight[h, layer].copy_(block["weight"].float())
-                heads.block_bias[h, layer].copy_(block["bias"].float())
-    return heads
+def _parameter(heads: MedusaHeads, name: str) -> torch.Tensor:
+    """A stored tensor's parameter: `block_weight`, or `path_weight.{k}` for a hydra head."""
+    if name.startswith("path_weight."):
+        return heads.path_weights[int(name.split(".")[1])]
+    return getattr(heads, name)
 
 
 def save_medusa(heads: MedusaHeads, directory: str | os.PathLike, base_model: str = "") -> Path:
-    """Write heads in Medusa v0.1 format (needs an own, full-vocabulary projection)."""
-    if heads.projection is None or heads.vocab_ids is not None:
-        raise DynTreeError("Medusa v0.1 format needs heads with an own full-vocabulary projection")
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {}
-    for h in range(heads.num_heads):
-        for layer in range(heads.config.num_layers):
-            state[f"{h}.{layer}.linear.weight"] = heads.block_weight[h, layer].detach().clone()
-            state[f"{h}.{layer}.linear.bias"] = heads.block_bias[h, layer].detach().clone()
-        state[f"{h}.{heads.config.num_layers}.weight"] = heads.projection[h].detach().clone()
-    torch.save(state, out / MEDUSA_FILE)
-    (out / "config.json").write_text(json.dumps({
-        "medusa_num_heads": heads.num_heads, "medusa_num_layers": heads.config.num_layers,
-        "base_model_name_or_path": base_model}, indent=2) + "\n")
-    return out
+    """Write heads with own projections as FasterDecoding's Medusa v0.1 `medusa_lm_head.pt` (the file its
+    loader reads); `dyntree.interop` writes the other layouts."""
+    if heads.conditional:
+        raise DynTreeError(f"Medusa v0.1 cannot express {heads.config.head_type} heads (their guesses read the path)")
+    if heads.projection is None:
+        raise DynTreeError("Medusa v0.1 format needs heads with an own projection (or the backbone's lm_head: "
+                           "see dyntree.interop)")
+    from .interop import save_fasterdecoding_medusa
+
+    return save_fasterdecoding_medusa(heads, directory, base_model=base_model, safetensors=False, torch_file=True)

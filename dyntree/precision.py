@@ -19,8 +19,9 @@ import torch
 
 from .errors import DynTreeError
 
-DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-ALLOWED = "auto, float32, bfloat16"
+DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+               "float16": torch.float16, "fp16": torch.float16}  # fp16: for GPUs (a CPU runs it slowly)
+ALLOWED = "auto, float32, bfloat16, float16"
 BF16_WIN = 0.85  # bf16 must cost at most this share of fp32's time: it also costs precision
 MEASURED_ROWS = (1, 8)  # plain decoding and a typical tree pass
 MEASURED_SHAPES = ((3072, 576), (576, 1536))  # SmolLM2-135M's gate_up and down: wide and deep products
@@ -28,11 +29,12 @@ COPIES = 6  # distinct weights per shape, so the timed products stream from memo
 
 
 def resolve_dtype(value, device=None) -> torch.dtype:
-    """A torch dtype from "auto" | "float32" | "bfloat16" (also "fp32"/"bf16"), a torch dtype, or None (fp32)."""
+    """A torch dtype from "auto" | "float32" | "bfloat16" | "float16" (also "fp32"/"bf16"/"fp16"), a torch dtype,
+    or None (fp32)."""
     if value is None:
         return torch.float32
     if isinstance(value, torch.dtype):
-        if value in (torch.float32, torch.bfloat16):
+        if value in (torch.float32, torch.bfloat16, torch.float16):
             return value
         raise DynTreeError(f"unsupported dtype {value}: use one of {ALLOWED}")
     name = str(value).strip().lower().removeprefix("torch.")

@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .api import DynTree
-from .config import TreeConfig
+from .config import TreeConfig, parse_early_prune
 from .engine import BatchEngine, EngineObserver, EngineRefusal, EngineRequest, Outcome, RequestHandle
 from .errors import DynTreeError
 from .loading import DEFAULT_GGUF_FILE, DEFAULT_MODEL
@@ -102,6 +102,7 @@ class DecodingFields(BaseModel):
     tree_size: StrictInt | str | None = None
     topk: StrictInt | None = None
     lookup: StrictInt | None = None
+    early_prune: str | None = None  # "LAYER:K" or "off" (ProPD early pruning inside the tree pass)
     return_token_ids: StrictBool = False
 
 
@@ -181,12 +182,15 @@ def stop_strings(stop) -> list[str]:
 
 
 def tree_request(req: DecodingFields) -> dict:
-    """The request's tree extension fields (`tree`, `tree_size`, `topk`, `lookup`) that it sets, within what
-    one request may make the server build; the engine checks them against its tree (`TreeConfig`)."""
+    """The request's tree extension fields (`tree`, `tree_size`, `topk`, `lookup`, `early_prune`) that it
+    sets, within what one request may make the server build; the engine checks them against its tree
+    (`TreeConfig`) and the model (the early-prune layer)."""
     if req.tree is not None and req.tree not in REQUEST_TREES:
         raise DynTreeError(f"unknown tree {req.tree!r}: choose from {', '.join(REQUEST_TREES)}")
-    fields = {name: getattr(req, name) for name in ("tree", "tree_size", "topk", "lookup")
+    fields = {name: getattr(req, name) for name in ("tree", "tree_size", "topk", "lookup", "early_prune")
               if getattr(req, name) is not None}
+    if "early_prune" in fields:
+        fields["early_prune"] = parse_early_prune(fields["early_prune"])  # hashable, and checked here
     if "tree_size" in fields:
         probe = TreeConfig.parse("dynamic", fields["tree_size"])
         if not 2 <= probe.resolved_size <= MAX_REQUEST_TREE_SIZE:

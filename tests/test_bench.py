@@ -388,7 +388,7 @@ def test_dtype_is_global_and_per_method_and_recorded(tiny_model_dir, prompts_fil
     assert main(["bench", "--methods", "ar", "--dtype", "half", "--model", str(tiny_model_dir), "--prompts",
                  str(prompts_file), "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "error: unknown dtype 'half': use one of auto, float32, bfloat16"
+    assert err == "error: unknown dtype 'half': use one of auto, float32, bfloat16, float16"
     assert main(["bench", "--methods", "ar:dtype=half", "--dtype", "float32", "--model", str(tiny_model_dir),
                  "--prompts", str(prompts_file), "--out", str(tmp_path / "bad2")]) == 2
     assert "unknown dtype 'half'" in capsys.readouterr().err

@@ -325,3 +325,25 @@ def test_a_request_filling_the_context_gets_all_its_tokens(dt):
     assert len(reference) == n  # no end of sequence before the context's end: the test reaches it
     assert sa.done.token_ids == reference
     assert sb.done.token_ids == plain(dt, [5, 6, 7], 30)
+
+
+def test_early_pruning_applies_when_every_row_shares_the_tree(tiny_dir):
+    """ProPD early pruning (`early_prune="LAYER:K"`) on a batch: greedy answers stay plain decoding's."""
+    pruned = DynTree.from_pretrained(str(tiny_dir), heads="random", tree="dynamic", dtype="float32",
+                                     early_prune="1:2")
+    assert pruned.pruner is not None
+    ps = prompts(3, seed=10)
+    engine = BatchEngine(pruned, max_batch=3)
+    calls = []
+    forward = pruned.pruner.forward
+    pruned.pruner.forward = lambda *a, **kw: calls.append(1) or forward(*a, **kw)
+    sinks = []
+    for p in ps:
+        req, sink = request(p, 25)
+        engine.submit(req)
+        sinks.append(sink)
+    drain(engine, sinks)
+    for p, sink in zip(ps, sinks):
+        assert sink.done.token_ids == plain(pruned, p, 25)
+        assert sink.done.stats["tree"].endswith(":prune1:2")
+    assert calls  # the pruned pass did run

@@ -11,12 +11,13 @@ from dyntree.errors import DynTreeError
 
 @pytest.mark.parametrize("value, expected", [("float32", torch.float32), ("bf16", torch.bfloat16),
                                              ("BFloat16", torch.bfloat16), (torch.bfloat16, torch.bfloat16),
-                                             ("torch.float32", torch.float32), (None, torch.float32)])
+                                             ("torch.float32", torch.float32), (None, torch.float32),
+                                             ("float16", torch.float16), ("fp16", torch.float16)])
 def test_names_and_dtypes_resolve(value, expected):
     assert precision.resolve_dtype(value) == expected
 
 
-@pytest.mark.parametrize("value", ["float16", "half", "", torch.int8])
+@pytest.mark.parametrize("value", ["half", "", torch.int8])
 def test_bad_values_are_one_line_errors_naming_the_choices(value):
     with pytest.raises(DynTreeError, match="auto, float32, bfloat16") as err:
         precision.resolve_dtype(value)

@@ -112,3 +112,27 @@ def test_recycle_decoding_is_lossless_and_replay_matches_decoding(tiny_model, lo
     assert len(proposer.successors) > 0
     assert_replay_matches_decoding(backbone, heads, prompts, expected,
                                    lambda: DynamicTreeProposer(4, topk=6, size=12, lookup=lookup, recycle=recycle))
+
+
+def test_table_memory_is_bounded_by_vocabulary_and_k():
+    """However long the text, the table holds at most one entry of at most k ids per distinct token."""
+    rng = random.Random(0)
+    table = SuccessorTable(k=3)
+    vocab = 50
+    for _ in range(200):
+        table.observe_sequence([rng.randrange(vocab) for _ in range(100)])
+    assert len(table) <= vocab
+    assert all(len(v) <= 3 and len(set(v)) == len(v) for v in table.next.values())
+
+
+def test_recycle_is_a_validated_tree_setting():
+    from dyntree.config import TreeConfig
+
+    config = TreeConfig.parse("dynamic", recycle=3)
+    assert config.resolved_recycle == 3 and config.settings()["recycle"] == 3
+    assert DynamicTreeProposer(4, config).recycle == 3
+    assert TreeConfig.parse("dynamic").resolved_recycle == 0
+    with pytest.raises(DynTreeError, match="recycle must be an integer"):
+        TreeConfig.parse("dynamic", recycle=-1)
+    with pytest.raises(DynTreeError, match="only applies to the dynamic tree"):
+        TreeConfig.parse("static", recycle=2)

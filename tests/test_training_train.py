@@ -13,9 +13,10 @@ import torch.nn.functional as F
 
 from dyntree.cli import main as cli_main
 from dyntree.errors import DynTreeError
-from dyntree.heads import HeadsConfig, MedusaHeads, load_heads
+from dyntree.heads import HeadsConfig, HydraHeads, MedusaHeads, load_heads
 from dyntree.loading import load_model
-from dyntree.training.train import IGNORE, HeadsObjective, TrainConfig, head_targets, load_examples, train
+from dyntree.training.train import (IGNORE, HeadsObjective, TrainConfig, head_paths, head_targets, load_examples,
+                                    teacher_rows, train)
 from dyntree.training.dataset import DistillDataset
 
 from training_support import write_model_dir, write_prompt_file
@@ -30,7 +31,7 @@ def setup(tmp_path_factory):
     model_dir = write_model_dir(root / "model")
     prompts = write_prompt_file(root / "prompts.jsonl", 24)
     rc = cli_main(["distill", "--model", str(model_dir), "--out", str(root / "data"), "--prompts", str(prompts),
-                   "--max-new-tokens", "16", "--batch-size", "8", "--shard-size", "8"])
+                   "--max-new-tokens", "16", "--batch-size", "8", "--shard-size", "8", "--dtype", "float32"])
     assert rc == 0
     return root, model_dir, load_model(model_dir)
 
@@ -210,3 +211,95 @@ def test_two_process_accelerate_run(setup, tmp_path):
     report = json.loads((tmp_path / "heads" / "training_report.json").read_text())
     assert report["processes"] == 2 and report["validation"]["rows"] > 0
     assert load_heads(tmp_path / "heads").num_heads == 2
+
+
+def test_paths_and_teacher_rows_brute_force():
+    response = torch.tensor([11, 12, 13, 14, 15])
+    paths, rows = head_paths(response, 3), teacher_rows(5, 3, offset=100)
+    targets = head_targets(response, 3)
+    for j in range(5):
+        for k in range(3):
+            assert paths[j, k].item() == (response[j + k].item() if j + k < 5 else 0)
+            # the state that predicted target (j, k) is row j + k + 1 of the same sequence
+            assert rows[j, k].item() == (100 + j + k + 1 if j + k + 1 < 5 else -1)
+            assert (rows[j, k].item() == -1) == (targets[j, k].item() == IGNORE)
+
+
+def test_soft_target_loss_matches_brute_force():
+    torch.manual_seed(1)
+    vocab, hidden, k = 30, 12, 2
+    heads = HydraHeads(HeadsConfig(k, 1, hidden, vocab, shared_projection=True), torch.arange(0, 20))
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_(0, 0.3)
+    lm, embed = torch.randn(hidden, vocab), torch.randn(vocab, hidden)
+    states, teacher = torch.randn(5, hidden), torch.randn(5, k, hidden)
+    targets = torch.randint(0, 20, (5, k))
+    targets[3:, 1] = IGNORE
+    paths = torch.randint(0, vocab, (5, k))
+    loss, _ = HeadsObjective(heads, lm, decay=0.5, embed=embed, soft_targets=0.25)(states, targets, paths, teacher)
+    expected = 0.0
+    for head in range(k):
+        hard, soft = [], []
+        for row in range(5):
+            if targets[row, head] == IGNORE:
+                continue
+            e = embed[paths[row, : head + 1]].flatten()
+            x = states[row]
+            x = x + F.silu(heads.block_weight[head, 0] @ x + heads.path_weights[head] @ e + heads.block_bias[head, 0])
+            log_q = torch.log_softmax(x @ lm[:, :20], -1)
+            p = torch.softmax(teacher[row, head] @ lm[:, :20], -1)
+            hard.append(-log_q[targets[row, head]])
+            soft.append(-(p * log_q).sum())
+        expected = expected + 0.5**head * (0.75 * torch.stack(hard).mean() + 0.25 * torch.stack(soft).mean())
+    assert torch.allclose(loss, expected, atol=1e-5)
+
+
+def test_hydra_training_warm_start_resume_and_reload(setup, tmp_path):
+    root, _, loaded = setup
+    medusa_cfg = TrainConfig(num_heads=2, num_layers=1, vocab_subset=40, epochs=1, batch_size=32,
+                             val_fraction=0.2, checkpoint_every=0)
+    train(loaded, root / "data", tmp_path / "medusa", medusa_cfg, progress=False)
+    config = replace(medusa_cfg, head_type="hydra", epochs=3, soft_targets=0.5, hidden_noise=0.1, dropout=0.1,
+                     init_heads=str(tmp_path / "medusa"))
+    report = train(loaded, root / "data", tmp_path / "full", config, progress=False)
+    heads = load_heads(tmp_path / "full", loaded.config)
+    assert isinstance(heads, HydraHeads) and any(p.abs().sum() > 0 for p in heads.path_weights)
+    assert len(report["validation"]["top1"]) == 2
+    # Resuming after a stop gives the same weights (noise and dropout draws included).
+    assert train(loaded, root / "data", tmp_path / "split", config, progress=False, stop_after=3)["stopped_at"] == 3
+    train(loaded, root / "data", tmp_path / "split", config, progress=False)
+    a, b = load_heads(tmp_path / "full"), load_heads(tmp_path / "split")
+    assert torch.allclose(a.path_weights[1], b.path_weights[1], atol=1e-6)
+    with pytest.raises(DynTreeError, match="can only start from medusa"):
+        train(loaded, root / "data", tmp_path / "back", replace(medusa_cfg, init_heads=str(tmp_path / "full")),
+              progress=False)
+
+
+def test_teacher_forced_text_matches_a_forward_pass_and_mixes(setup, tmp_path, capsys):
+    """`distill --text`: the stored states are those of one forward pass over prompt + answer; the dataset
+    trains mixed with a self-distilled one."""
+    from dyntree.training.distill import chat_ids
+
+    root, model_dir, loaded = setup
+    text = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"w{10 + i} w{20 + i}", "response": " ".join(f"w{(7 * i + j) % 80 + 10}" for j in range(9))}
+            for i in range(6)]
+    text.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli_main(["distill", "--model", str(model_dir), "--out", str(tmp_path / "tf"), "--text", str(text),
+                     "--batch-size", "4", "--dtype", "float32"]) == 0
+    ds = DistillDataset.open(tmp_path / "tf")
+    examples, _, counts = load_examples(ds, 2, 0.0)
+    assert counts["sequences"] == 6
+    stored, _, _ = load_examples(ds, 2, 0.0, backbone=loaded.backbone)  # recomputed one sequence at a time
+    assert torch.allclose(examples.hidden.float(), stored.hidden.float(), atol=2e-2)
+    ids = chat_ids(loaded.tokenizer, rows[0]["prompt"])
+    assert len(ids) > 0
+    config = TrainConfig(num_heads=2, vocab_subset=0, epochs=1, batch_size=16, val_fraction=0.0,
+                         checkpoint_every=0, soft_targets=1.0)
+    report = train(loaded, [root / "data", tmp_path / "tf"], tmp_path / "mixed", config, progress=False)
+    assert report["data"]["sequences"] == 24 + 6
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "w9 w10"}\n')
+    assert cli_main(["distill", "--model", str(model_dir), "--out", str(tmp_path / "b"), "--text", str(bad)]) == 2
+    assert "no response text" in capsys.readouterr().err

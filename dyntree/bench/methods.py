@@ -154,7 +154,7 @@ def parse_method_spec(text: str) -> MethodSpec:
         raise DynTreeError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
     entry = METHODS[name]
     options = {}
-    for part in parts:
+    for part in _join_colon_values(parts):
         key, sep, value = part.partition("=")
         if not sep or not key or not value:
             raise DynTreeError(f"bad option {part!r} in method {text!r}: expected key=value")
@@ -177,6 +177,21 @@ def parse_method_spec(text: str) -> MethodSpec:
     if entry.sampling:
         sampling_from_options(text, options)  # bad values fail here, before anything is loaded
     return MethodSpec(text, name, options)
+
+
+COLON_VALUED = ("early_prune",)  # options whose value itself holds a colon: `dynamic:early_prune=8:4`
+
+
+def _join_colon_values(parts: list[str]) -> list[str]:
+    """Re-join `early_prune=8` and `4` (split at the spec's colons) into `early_prune=8:4`."""
+    joined: list[str] = []
+    for part in parts:
+        if "=" not in part and joined and joined[-1].partition("=")[0] in COLON_VALUED and \
+                joined[-1].count(":") == 0:
+            joined[-1] += ":" + part
+        else:
+            joined.append(part)
+    return joined
 
 
 def parse_method_list(text: str) -> list[MethodSpec]:
@@ -208,6 +223,7 @@ class BenchContext:
     device: str | None = None
     dtype: str | torch.dtype = "auto"  # the run's dtype; a method's `dtype=` option overrides it
     seed: int = 0  # sampling seed of methods that give none (`--seed`)
+    early_prune: str | None = None  # `--early-prune`: for the tree methods that set no `early_prune=` themselves
     _engines: dict = field(default_factory=dict, repr=False)  # (dtype, heads) -> DynTree without a tree
     _hf_models: dict = field(default_factory=dict, repr=False)  # dtype -> transformers model
 
@@ -298,6 +314,22 @@ class DynTreeMethod:
         decode.stats.heads_note = self.engine.heads_note
         return decode.tokens[0], decode.stats
 
+    def prepare_batch(self, batch_size: int) -> None:
+        """One-off work for runs of `batch_size` sequences (a latency model to measure), before any timing."""
+        self.engine.proposer.prepare(batch_size)
+
+    def run_batch(self, prompts: list[list[int]], max_new_tokens: int):
+        """Decode `prompts` together (`--batch-size`): per-sequence tokens and the batch's stats. When sampling,
+        the batch's generator is seeded from the method's seed and all its prompts."""
+        sampling = None
+        if self.sampling is not None:
+            sampling = replace(self.sampling, seed=prompt_seed(self.sampling.seed or 0,
+                                                               [t for ids in prompts for t in [-1, *ids]]))
+        decode = self._decoder.run([list(p) for p in prompts], max_new_tokens, stop_at_eos=True,
+                                   sampling=sampling).consume()
+        decode.stats.heads_note = self.engine.heads_note
+        return decode.tokens, decode.stats
+
     def first_token_kl(self, prompts: list[list[int]], num_samples: int):
         """The first-tree-token KL estimate (dyntree/quality.py) of this method's sampling on `prompts`:
         each prompt + its greedy next token is a fixed context; the method's verification is replayed
@@ -347,6 +379,11 @@ def _tree_method(context: BenchContext, spec: MethodSpec, tree: str) -> DynTreeM
     if tree != "ar" and base.heads is None:
         raise DynTreeError(f"method {spec.text!r} needs Medusa heads, and none are loaded ({base.heads_note}); "
                            "pass --heads DIR (or --heads random to check exactness only)")
+    if tree != "ar" and "early_prune" not in options and context.early_prune is not None:
+        options["early_prune"] = context.early_prune
+    if "early_prune" in options:
+        options["early_prune"] = str(options["early_prune"])  # `early_prune=8` (no K) is refused as text
+    measure_prune = options.pop("measure_prune", False)
     tree = options.pop("tree", tree)  # `static:tree=FILE`
     size = options.pop("n", None)  # `static:n=8` (first 8 nodes), `dynamic:n=16`, `dynamic:n=auto:max=24`
     if "max" in options:
@@ -357,8 +394,17 @@ def _tree_method(context: BenchContext, spec: MethodSpec, tree: str) -> DynTreeM
         config = TreeConfig.parse(tree, size, **options)
     except DynTreeError as exc:
         raise DynTreeError(f"method {spec.text!r}: {exc}") from None
-    engine = base.with_tree(config)
+    try:
+        engine = base.with_tree(config)
+    except DynTreeError as exc:  # e.g. an early-prune layer past this model's last layer
+        raise DynTreeError(f"method {spec.text!r}: {exc}") from None
+    if measure_prune:  # analysis: also the unpruned later layers every pass (exact ms saved and tokens lost)
+        if engine.pruner is None:
+            raise DynTreeError(f"method {spec.text!r}: measure_prune needs early_prune=LAYER:K")
+        engine.pruner.measure = True
     settings = dict(config.settings(), dtype=str(engine.model.backbone.dtype).removeprefix("torch."))
+    if measure_prune:
+        settings["measure_prune"] = True
     return DynTreeMethod(spec.text, engine, settings, sampling)
 
 
@@ -375,20 +421,56 @@ def _ar(context, spec):
 
 @register_method("static", f"our engine with Medusa's static tree (options: tree=NAME|FILE, n=NODES (the "
                            f"tree's first N nodes), topk=K, heads=DIR (other heads), {TREE_SAMPLING_HELP})",
-                 options={"tree": str, "topk": int, "n": int, "heads": str, "dtype": str}, sampling=TREE_SAMPLING)
+                 options={"tree": str, "topk": int, "n": int, "heads": str, "dtype": str, "early_prune": (str, int),
+                          "measure_prune": bool},
+                 sampling=TREE_SAMPLING)
 def _static(context, spec):
     return _tree_method(context, spec, "static")
 
 
+DYNAMIC_OPTIONS = {"n": (int, str), "max": int, "topk": int, "tree_temperature": float, "lookup": int, "recycle": int,
+                   "score": str, "calibration": str, "latency": str, "learn": bool, "heads": str, "dtype": str,
+                   "early_prune": (str, int), "measure_prune": bool}
+
+
 @register_method("dynamic", f"our engine with the dynamic tree (options: n=NODES or n=auto[:max=N], topk=K, "
-                            f"tree_temperature=, lookup=N, score=prob|rank|binned, calibration=FILE, "
-                            f"latency=FILE, heads=DIR (other heads), {TREE_SAMPLING_HELP})",
-                 options={"n": (int, str), "max": int, "topk": int, "tree_temperature": float, "lookup": int,
-                          "score": str, "calibration": str, "latency": str, "learn": bool, "heads": str,
-                          "dtype": str},
-                 sampling=TREE_SAMPLING)
+                            f"tree_temperature=, lookup=N, recycle=N, score=prob|rank|binned, calibration=FILE, "
+                            f"latency=FILE, early_prune=LAYER:K|off, measure_prune=true (analysis: also the unpruned "
+                            f"pass, for exact ms saved and tokens lost), heads=DIR (other heads), "
+                            f"{TREE_SAMPLING_HELP})",
+                 options=DYNAMIC_OPTIONS, sampling=TREE_SAMPLING)
 def _dynamic(context, spec):
     return _tree_method(context, spec, "dynamic")
+
+
+def propd_early_prune(backbone) -> str:
+    """ProPD's pruning where none is given: on a GPU, where large trees are cheap and the later layers of many
+    rows are what a pass saves, after the first quarter of the layers to the early top-8; off on CPUs, where
+    the measured losses of the logit lens (15-38% of the accepted tokens on SmolLM2-135M) outweigh the rows
+    saved (docs/dynamic-trees.md; benchmarks/early_prune_sweep.py measures both on a machine)."""
+    if backbone.device.type != "cuda":
+        return "off"
+    return f"{max(1, backbone.config.num_layers // 4)}:{PROPD_TOPK}"
+
+
+PROPD_TOPK = 8
+
+
+@register_method("propd", f"ProPD: the dynamic tree sized from this machine's measured latency and the heads' "
+                          f"acceptance, with early pruning inside the tree pass (defaults: on a GPU, sized every "
+                          f"step (n=auto) and pruned after a quarter of the layers to the early top-{PROPD_TOPK}; on "
+                          f"a CPU, sized once per machine from the heads' profile (per-step sizing and pruning "
+                          f"measured slower there); options: early_prune=LAYER:K|off, n=, max=N, and the dynamic "
+                          f"tree's others)",
+                 options=DYNAMIC_OPTIONS, sampling=TREE_SAMPLING)
+def _propd(context, spec):
+    options = dict(spec.options)
+    backbone = context.dyntree(options.get("dtype")).model.backbone
+    if backbone.device.type == "cuda" or "max" in options:
+        options.setdefault("n", "auto")
+    if "early_prune" not in options and context.early_prune is None:
+        options["early_prune"] = propd_early_prune(backbone)
+    return _tree_method(context, MethodSpec(spec.text, spec.name, options), "dynamic")
 
 
 # -- transformers ---------------------------------------------------------------------------------------------

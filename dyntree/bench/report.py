@@ -99,7 +99,8 @@ def table_titles(results: dict) -> tuple[str, str]:
     env = results["environment"]
     return (f"Speed: {results['prompts']['count']} prompts x {settings['turns']} turn(s), "
             f"{settings['max_new_tokens']} new tokens, {env['device']}, {settings.get('dtype', 'float32')}, "
-            f"{_threads(env)}",
+            f"{_threads(env)}" + (f", batches of {settings['batch_size']}" if settings.get("batch_size", 1) > 1
+                                  else ""),
             "Where the time goes: ms per decoding pass (prefill: ms per prompt), and memory")
 
 
@@ -133,6 +134,18 @@ def notes(results: dict) -> list[str]:
                          f"token {miss['position']} ({miss['ar_token']} vs {miss['method_token']}{gap}){text}")
         if not m.get("repeats_agree", True):
             lines.append(f"{name}: repeats of the same prompt gave different tokens (non-deterministic)")
+        prune = m.get("early_prune")
+        if prune:
+            measured = ""
+            if prune.get("saved_ms_per_pass") is not None:
+                lost = prune.get("lost_tokens_per_pass")
+                measured = (f"; measured against the unpruned pass: {prune['saved_ms_per_pass']:.2f} ms saved"
+                            + (f", {lost:.3f} tokens lost per pass" if lost is not None else "")
+                            + " (measure mode: its tokens/s mean nothing)")
+            lines.append(f"{name}: early pruning after layer {prune['layer']} to the {prune['head']} head's top-"
+                         f"{prune['k']}: {prune['pruned_nodes_per_pass']:.2f} nodes pruned per pass "
+                         f"({prune['pruned_share']:.0%}); {prune['miss_share']:.1%} of passes stopped at a pruned "
+                         f"node{measured}")
     env = results["environment"]
     if env.get("load_average_start") and env.get("load_average_end"):
         lines.append(f"load average (1 min) at start {env['load_average_start'][0]:.2f}, "

@@ -4,6 +4,11 @@ Noise control on a shared machine: a warm-up pass per method first; then, for ea
 back to back in an order rotated from prompt to prompt (round robin), so a slow spell of the machine hits
 every method alike instead of whichever happened to run then. Timings are taken here, around each call,
 identically for every method, so speedups never depend on how a method times itself.
+
+Batches (`batch_size` B > 1): the prompt turns are decoded B at a time by every method (`run_batch`), first
+turns of all prompts first, then second turns; each sequence still gets its own record (tokens checked against
+plain decoding's for the same prompt), and is charged the group's wall time in proportion to the tokens it
+got, so tokens/s over the records is all sequences' tokens over the time the groups took.
 """
 
 from __future__ import annotations
@@ -148,6 +153,7 @@ class BenchSettings:
     kl_samples: int = 400  # draws per context for the first-token KL of sampling methods (0 = off)
     kl_contexts: int = 4  # fixed contexts for it: the first prompts' first turns
     dtype: str = "float32"  # the run's dtype (`--dtype`, auto resolved); a method's `dtype=` may differ
+    batch_size: int = 1  # prompt turns decoded together (`--batch-size`)
 
     def validate(self) -> None:
         """One clear error for a setting a user can get wrong (named as its command-line flag)."""
@@ -157,7 +163,8 @@ class BenchSettings:
                   (self.repeats >= 1, "--repeats must be at least 1"),
                   (self.kl_samples >= 0, "--kl-samples must be 0 (off) or more"),
                   (self.kl_contexts >= 1, "--kl-contexts must be at least 1"),
-                  (self.seed >= 0, "--seed must be 0 or more"))
+                  (self.seed >= 0, "--seed must be 0 or more"),
+                  (self.batch_size >= 1, "--batch-size must be at least 1"))
         for ok, message in checks:
             if not ok:
                 raise DynTreeError(message)
@@ -186,6 +193,9 @@ class RunRecord:
     peak_memory_bytes: int | None
     run_memory_bytes: int | None
     reference_exact: bool = True  # False: other numerics than ar (llama.cpp), so not checked token for token
+    group: int | None = None  # batch runs: which group of `batch_size` prompt turns this sequence ran in
+    group_wall_seconds: float | None = None  # batch runs: the whole group's time (wall_seconds is this run's share)
+    early_prune: dict | None = None  # early pruning's totals for this run (`early.PruneStats`), if it pruned
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -218,7 +228,8 @@ def _stats_record(method: BenchMethod, prompt: BenchPrompt, turn: int, repeat: i
         tree_nodes=getattr(stats, "tree_nodes", None) or None,
         stop_reason=(getattr(stats, "stop_reasons", None) or [None])[0],
         peak_memory_bytes=memory[0], run_memory_bytes=memory[1],
-        reference_exact=getattr(method, "reference_exact", True))
+        reference_exact=getattr(method, "reference_exact", True),
+        early_prune=stats.early_prune.as_dict() if getattr(stats, "early_prune", None) is not None else None)
 
 
 def _encode(context: BenchContext, prompt: BenchPrompt, turn: int, answers: list[str], chat: bool) -> list[int]:
@@ -228,10 +239,35 @@ def _encode(context: BenchContext, prompt: BenchPrompt, turn: int, answers: list
     return engine.encode(raw_text(prompt, turn, answers), chat=False)
 
 
+def check_batch_methods(methods: list[BenchMethod], batch_size: int) -> None:
+    """Batches are decoded by methods that can (`run_batch`); one line naming the others."""
+    if batch_size > 1:
+        single = [m.name for m in methods if not hasattr(m, "run_batch")]
+        if single:
+            raise DynTreeError(f"--batch-size {batch_size}: {', '.join(single)} cannot decode batches (our methods "
+                               "ar, static, dynamic can)")
+
+
+def batch_groups(count: int, batch_size: int) -> list[range]:
+    """Consecutive groups of `batch_size` items (the last may be smaller)."""
+    return [range(i, min(i + batch_size, count)) for i in range(0, count, batch_size)]
+
+
+def split_seconds(seconds: float, tokens: list[int]) -> list[float]:
+    """A group's wall time shared by its sequences in proportion to their new tokens (equal shares if none)."""
+    total = sum(tokens)
+    if total == 0:
+        return [seconds / len(tokens)] * len(tokens)
+    return [seconds * t / total for t in tokens]
+
+
 def run_benchmark(methods: list[BenchMethod], prompts: list[BenchPrompt], context: BenchContext,
                   settings: BenchSettings, progress: Callable[[str], None] | None = None) -> BenchRun:
     """Warm up, then run every (prompt, turn) with every method in rotated order; return the raw records."""
     settings.validate()
+    check_batch_methods(methods, settings.batch_size)
+    if settings.batch_size > 1:
+        return _run_batched(methods, prompts, context, settings, progress)
     device = context.torch_device
     probe = MemoryProbe(device)
     bench = BenchRun(methods, prompts, settings, memory_kind=probe.kind, environment=environment(device))
@@ -282,3 +318,84 @@ def run_benchmark(methods: list[BenchMethod], prompts: list[BenchPrompt], contex
     # Quality of the sampling methods' distribution: after the timed runs, so it never disturbs a timing.
     bench.kl = measure_first_token_kl(methods, bench.inputs, settings.kl_samples, settings.kl_contexts, progress)
     return bench
+
+
+def _run_batched(methods: list[BenchMethod], prompts: list[BenchPrompt], context: BenchContext,
+                 settings: BenchSettings, progress: Callable[[str], None] | None) -> BenchRun:
+    """`run_benchmark` with prompt turns grouped `settings.batch_size` at a time (see the module docstring)."""
+    device = context.torch_device
+    probe = MemoryProbe(device)
+    bench = BenchRun(methods, prompts, settings, memory_kind=probe.kind, environment=environment(device))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    tokenizer = context.tokenizer
+    names = [m.name for m in methods]
+    reference = names.index(REFERENCE_METHOD) if REFERENCE_METHOD in names else 0
+    size = settings.batch_size
+
+    def timed(method, batch_ids, max_new):
+        probe.start()
+        sync()
+        start = time.perf_counter()
+        outputs, stats = method.run_batch(batch_ids, max_new)
+        sync()
+        seconds = time.perf_counter() - start
+        return outputs, stats, seconds, probe.stop()
+
+    for method in methods:  # e.g. a tree sized by a latency model measures this batch size now, untimed
+        if hasattr(method, "prepare_batch"):
+            method.prepare_batch(size)
+    # Warm-up on a full batch (the first prompt repeated): kernels and allocators see the batch's shapes.
+    first_ids = _encode(context, prompts[0], 0, [], settings.chat)
+    for _ in range(settings.warmup):
+        for method in methods:
+            if progress:
+                progress(f"warm-up {method.name} (batch {size})")
+            torch.manual_seed(settings.seed)
+            timed(method, [first_ids] * size, min(settings.max_new_tokens, 32))
+
+    answers: dict[str, list[str]] = {p.prompt_id: [] for p in prompts}
+    round_index = 0
+    group_index = 0
+    for turn in range(settings.turns):
+        todo = [p for p in prompts if turn < len(p.turns)]
+        for group in batch_groups(len(todo), size):
+            members = [todo[i] for i in group]
+            batch_ids = []
+            for prompt in members:
+                ids = _encode(context, prompt, turn, answers[prompt.prompt_id], settings.chat)
+                bench.inputs[(prompt.prompt_id, turn + 1)] = {"token_ids": ids}
+                batch_ids.append(ids)
+            outputs: dict[str, list[list[int]]] = {}
+            for repeat in range(settings.repeats):
+                shift = round_index % len(methods)
+                order = methods[shift:] + methods[:shift]
+                round_index += 1
+                for position, method in enumerate(order):
+                    if progress:
+                        progress(f"turn {turn + 1} prompts {members[0].prompt_id}..{members[-1].prompt_id}: "
+                                 f"{method.name}")
+                    torch.manual_seed(settings.seed + round_index)
+                    tokens, stats, seconds, memory = timed(method, batch_ids, settings.max_new_tokens)
+                    outputs.setdefault(method.name, tokens)
+                    shares = split_seconds(seconds, [len(t) for t in tokens])
+                    for b, prompt in enumerate(members):
+                        record = _stats_record(method, prompt, turn, repeat, position, batch_ids[b], tokens[b],
+                                               stats, shares[b], memory)
+                        record.stop_reason = stats.stop_reasons[b] if stats.stop_reasons else None
+                        record.accepted_lengths = _sequence_lengths(stats, b)
+                        record.decode_passes = len(record.accepted_lengths) if record.accepted_lengths else 0
+                        record.group, record.group_wall_seconds = group_index, seconds
+                        bench.records.append(record)
+            group_index += 1
+            for b, prompt in enumerate(members):  # the next turn continues the reference method's answer
+                answers[prompt.prompt_id].append(tokenizer.decode(outputs[names[reference]][b],
+                                                                  skip_special_tokens=True))
+    bench.environment["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    bench.kl = measure_first_token_kl(methods, bench.inputs, settings.kl_samples, settings.kl_contexts, progress)
+    return bench
+
+
+def _sequence_lengths(stats, b: int) -> list[int] | None:
+    """Sequence b's tokens per decoding pass, from a batch's stats (`sequence_accepted` kept by the loop)."""
+    per_sequence = getattr(stats, "sequence_accepted", None)
+    return list(per_sequence[b]) if per_sequence else None

@@ -160,6 +160,7 @@ def summarize(records: list[RunRecord], method_names: list[str], greedy: dict[st
         summary["peak_memory_bytes"] = max(peaks) if peaks else None
         summary["run_memory_bytes"] = max(deltas) if deltas else None
         summary["repeats_agree"] = all(s.repeats_agree for s in mine)
+        summary["early_prune"] = _early_prune(runs)
         reference_name = references.get(name, AR_BASELINE)
         reference = {s.key: s for s in samples.get(reference_name, [])}
         summary.update(_exactness(mine, reference, greedy.get(name, True),
@@ -168,6 +169,23 @@ def summarize(records: list[RunRecord], method_names: list[str], greedy: dict[st
         summary["by_category"] = _by_category(mine, samples, method_names)
         out[name] = summary
     return out
+
+
+PRUNE_TOTALS = ("passes", "nodes", "pruned", "misses", "overhead_seconds", "late_seconds", "measured_passes",
+                "full_late_seconds", "lost_tokens", "lost_counted")
+
+
+def _early_prune(records: list[RunRecord]) -> dict | None:
+    """Early pruning's totals over a method's runs and the per-pass figures they give (None: no pruning)."""
+    from ..early import summarize_prune
+
+    pruned = [r.early_prune for r in records if r.early_prune]
+    if not pruned:
+        return None
+    totals = {key: sum(p[key] for p in pruned) for key in PRUNE_TOTALS}
+    return {"layer": pruned[0]["layer"], "k": pruned[0]["k"], "vocab": pruned[0]["vocab"],
+            "head": pruned[0].get("head", "lens"), **totals,
+            **summarize_prune(totals)}
 
 
 def _exactness(mine: list[Sample], reference: dict, is_greedy: bool, reference_exact: bool, name: str,

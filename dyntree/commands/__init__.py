@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-SUBCOMMANDS = ("generate", "serve", "bench", "quality", "distill", "train", "viz", "calibrate")
+SUBCOMMANDS = ("generate", "serve", "bench", "quality", "distill", "train", "viz", "calibrate", "export")
 
 
 def add_commands(subparsers) -> None:

@@ -56,6 +56,13 @@ def add_command(subparsers) -> None:
     p.add_argument("--warmup", type=int, default=1, help="warm-up rounds before timing (default 1)")
     p.add_argument("--repeats", type=int, default=1,
                    help="time every prompt this many times; the median time is used (default 1)")
+    p.add_argument("--batch-size", default="1", metavar="B[,B...]",
+                   help="decode prompts B at a time with every method (our methods only; default 1); a list such "
+                        "as 1,2,4,8,16 runs once per size into OUT/batch<B>/ and writes the speedup-by-batch-size "
+                        "table and plot (batch_sweep.md/.json/.png) to OUT")
+    p.add_argument("--early-prune", default=None, metavar="LAYER:K",
+                   help="ProPD early pruning for every tree method that sets no early_prune= of its own "
+                        "(e.g. 8:4; 'off'); per method: dynamic:early_prune=8:4")
     p.add_argument("--no-chat", action="store_true", help="feed prompts as raw text, without the chat template")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--out", default=None, help="output folder (default: bench-out/<UTC time>)")
@@ -63,7 +70,7 @@ def add_command(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _command_line(args, methods: str, out: Path) -> str:
+def _command_line(args, methods: str, out: Path, batch_size: str | None = None) -> str:
     """The run written out with every effective option, so it can be repeated exactly."""
     parts = ["dyntree", "bench", "--methods", methods, "--prompts", args.prompts]
     if args.per_category is not None:
@@ -74,8 +81,15 @@ def _command_line(args, methods: str, out: Path) -> str:
               "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--kl-samples", str(args.kl_samples),
               "--kl-contexts", str(args.kl_contexts), "--model", args.model,
               "--heads", str(args.heads)]
+    batch_size = batch_size if batch_size is not None else getattr(args, "batch_size", "1")
+    if str(batch_size) != "1":
+        parts += ["--batch-size", str(batch_size)]
+    if args.early_prune is not None:
+        parts += ["--early-prune", args.early_prune]
     if args.no_chat:
         parts.append("--no-chat")
+    if args.dtype != "auto":
+        parts += ["--dtype", args.dtype]
     if args.device:
         parts += ["--device", args.device]
     if args.threads:
@@ -95,11 +109,12 @@ def list_methods(console) -> None:
 
 def run(args) -> int:
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..bench import (BenchContext, BenchSettings, build_methods, collect_results, load_prompts, measures_kl,
                          parse_method_list, run_benchmark, write_outputs)
     from ..bench.report import notes, rich_tables
+    from ..bench.runner import check_batch_methods
+    from ..bench.sweep import check_batch_sizes, parse_batch_sizes, write_sweep
     from ..errors import DynTreeError
     from ..extras import require_extra
 
@@ -112,18 +127,24 @@ def run(args) -> int:
     # Check everything a user can get wrong before loading a model or writing a file.
     methods_text = args.methods or default_methods()
     specs = parse_method_list(methods_text)
+    batch_sizes = parse_batch_sizes(args.batch_size)
     prompts = load_prompts(args.prompts, args.limit, args.per_category)
+    check_batch_sizes(batch_sizes, len(prompts))
     settings = BenchSettings(max_new_tokens=args.max_new_tokens, turns=args.turns, seed=args.seed,
                              warmup=args.warmup, repeats=args.repeats, chat=not args.no_chat,
                              kl_samples=args.kl_samples, kl_contexts=args.kl_contexts)
     settings.validate()
+    from ..config import parse_early_prune
+
+    parse_early_prune(args.early_prune)  # a bad value fails before the model loads
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else Path("bench-out") / stamp
     if out.exists() and not out.is_dir():
         raise DynTreeError(f"--out {out} exists and is not a folder")
 
     heads = None if args.heads == "none" else args.heads
-    context = BenchContext(model=args.model, heads=heads, device=args.device, dtype=args.dtype, seed=args.seed)
+    context = BenchContext(model=args.model, heads=heads, device=args.device, dtype=args.dtype, seed=args.seed,
+                           early_prune=args.early_prune)
     settings.dtype = str(context.resolved_dtype()).removeprefix("torch.")  # a bad --dtype fails before loading
     with err.status("loading model and methods"):
         if args.methods is None and context.dyntree().heads is None:
@@ -134,36 +155,64 @@ def run(args) -> int:
                 err.print(f"[yellow]no heads loaded ({context.dyntree().heads_note}): skipping "
                           f"{', '.join(skipped)}; pass --heads DIR or --heads random[/yellow]")
         methods = build_methods(specs, context)
-    turns = sum(min(args.turns, len(p.turns)) for p in prompts)
-    total = (turns * args.repeats + args.warmup) * len(methods)
+        if args.methods is None and max(batch_sizes) > 1:  # the default list: time the methods that batch
+            single = [m.name for m in methods if not hasattr(m, "run_batch")]
+            methods = [m for m in methods if hasattr(m, "run_batch")]
+            if single:
+                err.print(f"[yellow]--batch-size {args.batch_size}: skipping {', '.join(single)} (no batched "
+                          "decoding)[/yellow]")
+        check_batch_methods(methods, max(batch_sizes))
+    sweep = len(batch_sizes) > 1
+    runs = []
+    for batch_size in batch_sizes:
+        settings.batch_size = batch_size
+        run_out = out / f"batch{batch_size}" if sweep else out
+        bench = _timed_run(methods, prompts, context, settings, args, err, measures_kl, run_benchmark)
+        command = _command_line(args, ",".join(s.text for s in specs), run_out, str(batch_size))
+        results = collect_results(bench, context, command, args.prompts)
+        written = write_outputs(results, run_out, plots=not args.no_plots)
+        runs.append(results)
+        if not console.is_terminal:
+            console = Console(width=160)  # a file or pipe: one line per row, however long the method names
+        for table in rich_tables(results):
+            console.print(table)
+        for line in notes(results):
+            console.print(f"[dim]{line}[/dim]")
+        console.print(f"wrote {', '.join(written)} to {run_out}/")
+    if sweep:
+        command = _command_line(args, ",".join(s.text for s in specs), out)
+        written = write_sweep(runs, out, command, plots=not args.no_plots)
+        console.print((out / written[0]).read_text())
+        console.print(f"wrote {', '.join(written)} to {out}/")
+    return 0
+
+
+def _timed_run(methods, prompts, context, settings, args, err, measures_kl, run_benchmark):
+    """One benchmark run at `settings.batch_size`, with a progress bar (terminal) or one line per run (log)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..bench.runner import batch_groups
+
+    groups = sum(len(batch_groups(sum(1 for p in prompts if turn < len(p.turns)), settings.batch_size))
+                 for turn in range(args.turns))
+    total = (groups * args.repeats + args.warmup) * len(methods)
     if args.kl_samples:
         total += sum(measures_kl(m) for m in methods)
+    label = f"benchmark (batch {settings.batch_size})"
     if err.is_terminal:
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=err, transient=True) as bar:
-            task = bar.add_task("benchmark", total=total)
+            task = bar.add_task(label, total=total)
 
             def progress(message: str) -> None:
                 bar.update(task, description=message[:60], advance=1)
 
-            bench = run_benchmark(methods, prompts, context, settings, progress)
-    else:  # a log file: one plain line per run, so a long job can be followed
-        done = 0
+            return run_benchmark(methods, prompts, context, settings, progress)
+    done = 0
 
-        def progress(message: str) -> None:
-            nonlocal done
-            done += 1
-            print(f"[{done}/{total}] {message}", file=sys.stderr, flush=True)
+    def progress(message: str) -> None:  # a log file: one plain line per run, so a long job can be followed
+        nonlocal done
+        done += 1
+        print(f"[{done}/{total}] {message}", file=sys.stderr, flush=True)
 
-        bench = run_benchmark(methods, prompts, context, settings, progress)
-    command = _command_line(args, ",".join(s.text for s in specs), out)
-    results = collect_results(bench, context, command, args.prompts)
-    written = write_outputs(results, out, plots=not args.no_plots)
-    if not console.is_terminal:
-        console = Console(width=160)  # a file or pipe: one line per row, however long the method names
-    for table in rich_tables(results):
-        console.print(table)
-    for line in notes(results):
-        console.print(f"[dim]{line}[/dim]")
-    console.print(f"wrote {', '.join(written)} to {out}/")
-    return 0
+    return run_benchmark(methods, prompts, context, settings, progress)

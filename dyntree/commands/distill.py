@@ -11,6 +11,9 @@ def add_command(subparsers) -> None:
     p.add_argument("--out", required=True, help="dataset directory (created, or resumed when it exists)")
     p.add_argument("--prompts", nargs="*", default=[],
                    help="JSONL prompt files (`turns`, `question`, `instruction`+`instances`, `prompt` or `text`)")
+    p.add_argument("--text", nargs="*", default=[], metavar="FILE",
+                   help="teacher-forced: JSONL files of existing prompt + answer text (`response`, `answer`, "
+                        "`output` or `completion`); forward passes only, no decoding (train it with --soft-targets)")
     p.add_argument("--self-prompts", type=int, default=0,
                    help="also let the model write this many user prompts itself (Magpie-style; no data needed)")
     p.add_argument("--max-prompts-per-file", type=int, default=None)
@@ -58,12 +61,16 @@ def run(args) -> int:
     # `kill` (SIGTERM) stops like Ctrl-C: the finished sequences in memory are written before exiting.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     worker, workers = _parse_worker(args.worker)
-    if not args.prompts and args.self_prompts <= 0:
-        raise DynTreeError("nothing to distill: give --prompts files and/or --self-prompts N")
+    if args.text and (args.prompts or args.self_prompts > 0):
+        raise DynTreeError("--text (teacher-forced) writes its own dataset: give it without --prompts/--self-prompts")
+    if not args.prompts and args.self_prompts <= 0 and not args.text:
+        raise DynTreeError("nothing to distill: give --prompts files and/or --self-prompts N, or --text files")
     for name, value in (("--max-new-tokens", args.max_new_tokens), ("--batch-size", args.batch_size),
                         ("--shard-size", args.shard_size)):
         if value < 1:
             raise DynTreeError(f"{name} must be at least 1")
+    if args.text:
+        return _run_teacher_forced(args, worker, workers)
     file_prompts = load_prompts(args.prompts, args.max_prompts_per_file) if args.prompts else []
     file_prompts = file_prompts[worker::workers]
     out = Path(args.out).expanduser()
@@ -95,6 +102,19 @@ def run(args) -> int:
                     shard_size=args.shard_size, sampling=sampling, store_hidden=not args.no_hidden,
                     max_response_tokens_total=args.max_tokens,
                     shard_prefix="" if workers == 1 else f"w{worker}-")
+    rate = stats["response_tokens"] / stats["seconds"] if stats["seconds"] else 0.0
+    print(json.dumps({**stats, "tokens_per_second": round(rate, 1)}))
+    return 0
+
+
+def _run_teacher_forced(args, worker: int, workers: int) -> int:
+    from ..loading import load_model
+    from ..training.distill import read_text_pairs, teacher_forced
+
+    pairs = [pair for path in args.text for pair in read_text_pairs(path)][worker::workers]
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    stats = teacher_forced(loaded, Path(args.out).expanduser(), pairs, batch_size=args.batch_size,
+                           shard_size=args.shard_size, shard_prefix="" if workers == 1 else f"w{worker}-")
     rate = stats["response_tokens"] / stats["seconds"] if stats["seconds"] else 0.0
     print(json.dumps({**stats, "tokens_per_second": round(rate, 1)}))
     return 0

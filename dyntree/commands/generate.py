@@ -52,6 +52,12 @@ def run(args) -> int:
     err.print(stats_table(rows))
     if dt.heads_note:
         err.print(f"[dim]heads: {dt.heads_note}[/dim]")
+    prune = stats_list[0].early_prune
+    if prune is not None:
+        figures = prune.as_dict()
+        err.print(f"[dim]early pruning after layer {prune.layer} to the early top-{prune.k}: "
+                  f"{figures['pruned_nodes_per_pass']:.1f} nodes pruned per pass ({figures['pruned_share']:.0%}), "
+                  f"{figures['miss_share']:.0%} of passes stopped at a pruned node (at least one token lost)[/dim]")
     err.print(f"[dim]dtype: {str(dt.model.backbone.dtype).removeprefix('torch.')} (--dtype {args.dtype})[/dim]")
     if args.compare:
         speedup = rows[0][1].tokens_per_second / max(rows[1][1].tokens_per_second, 1e-9)

@@ -11,7 +11,9 @@ def add_command(subparsers) -> None:
     d = TrainConfig()
     p = subparsers.add_parser("train", help="train Medusa heads on a self-distilled dataset",
                               description="Multi-process: accelerate launch --num_processes N -m dyntree.cli train ...")
-    p.add_argument("--data", required=True, help="dataset directory written by `dyntree distill`")
+    p.add_argument("--data", required=True, nargs="+",
+                   help="dataset directories written by `dyntree distill` (several train as one mixed set, e.g. "
+                        "self-distilled + teacher-forced)")
     p.add_argument("--out", required=True, help="output directory: heads.json + heads.safetensors, checkpoints/, report")
     p.add_argument("--num-heads", type=int, default=d.num_heads, help="K heads (>= the trees' depth)")
     p.add_argument("--num-layers", type=int, default=d.num_layers, help="residual blocks per head")
@@ -36,10 +38,24 @@ def add_command(subparsers) -> None:
     p.add_argument("--init-heads", default=None, metavar="DIR",
                    help="continue from trained heads (same --num-heads/--num-layers/projection), e.g. after "
                         "distilling more data; the vocabulary subset is chosen anew and rows move with tokens")
+    p.add_argument("--head-type", choices=["medusa", "hydra"], default=d.head_type,
+                   help="medusa: each head reads the hidden state; hydra: also the embeddings of the drafted path "
+                        "(trained teacher-forced; --init-heads may be Medusa heads of the same shape)")
+    p.add_argument("--soft-targets", type=float, default=d.soft_targets, metavar="A",
+                   help="weight in [0, 1] of the backbone's whole distribution in the loss (0 = its argmax only)")
+    p.add_argument("--hidden-noise", type=float, default=d.hidden_noise,
+                   help="Gaussian noise on the heads' input state, relative to its RMS (regularises)")
+    p.add_argument("--dropout", type=float, default=d.dropout, help="dropout on the heads' input state")
     p.add_argument("--fp16-blocks", action="store_true", help="store the heads' blocks in fp16 (half the size)")
     p.add_argument("--int8-projection", action="store_true",
                    help="store the own projections as int8 with a scale per row (half the size again)")
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out and start over")
+    p.add_argument("--early-layer", type=int, default=None, metavar="L",
+                   help="instead of heads: train ProPD's early head for pruning after layer L (an adapter before "
+                        "the frozen final norm + lm_head, on layer-L states recomputed from the token ids); "
+                        "--out: the heads directory it serves (writes early_head.json/.safetensors there; ranks "
+                        "over those heads' vocabulary subset, as pruning does); uses --epochs, --lr, --batch-size, "
+                        "--val-fraction, --seed")
     p.add_argument("--model", default="default", help="'default' or a local Hugging Face model directory")
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (per process)")
@@ -58,6 +74,17 @@ def run(args) -> int:
         raise DynTreeError("--val-fraction must be in [0, 1)")
     if args.vocab_subset < 0:
         raise DynTreeError("--vocab-subset must be >= 0")
+    data = args.data if len(args.data) > 1 else args.data[0]
+    if args.early_layer is not None:
+        if len(args.data) > 1:
+            raise DynTreeError("--early-layer trains on one dataset: give one --data directory")
+        from ..training.early_head import train_early_head
+
+        loaded = load_model(args.model, device=args.device)
+        report = train_early_head(loaded, data, args.out, args.early_layer, epochs=args.epochs, lr=args.lr,
+                                  batch_size=args.batch_size, val_fraction=args.val_fraction, seed=args.seed)
+        print(json.dumps(report, indent=2))
+        return 0
     if args.int8_projection and not args.own_projection:
         raise DynTreeError("--int8-projection stores own projections: add --own-projection (the shared lm_head "
                            "is not saved with the heads)")
@@ -66,14 +93,16 @@ def run(args) -> int:
         vocab_subset=args.vocab_subset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, decay=args.decay,
         val_fraction=args.val_fraction, seed=args.seed, checkpoint_every=args.checkpoint_every,
-        eval_every=args.eval_every, use_stored_hidden=not args.no_stored_hidden, init_heads=args.init_heads)
+        eval_every=args.eval_every, use_stored_hidden=not args.no_stored_hidden, init_heads=args.init_heads,
+        head_type=args.head_type, soft_targets=args.soft_targets, hidden_noise=args.hidden_noise,
+        dropout=args.dropout)
     import torch
     from accelerate import Accelerator
 
     # One process per device under `accelerate launch`; CPU unless a GPU is asked for or auto-detected.
     accelerator = Accelerator(cpu=args.device == "cpu" or (args.device is None and not torch.cuda.is_available()))
     loaded = load_model(args.model, device=accelerator.device)
-    report = train(loaded, args.data, args.out, config, resume=not args.no_resume, stop_after=args.stop_after,
+    report = train(loaded, data, args.out, config, resume=not args.no_resume, stop_after=args.stop_after,
                    block_dtype=torch.float16 if args.fp16_blocks else torch.float32, accelerator=accelerator,
                    int8_projection=args.int8_projection)
     from accelerate.state import PartialState

@@ -43,6 +43,9 @@ def collect_acceptance_stats(dt, prompts, max_new_tokens: int = 64, tree_size: i
 
     Use prompts that are not the benchmark's. A wide tree sees more (depth, rank) cells per step.
     """
+    if dt.heads.conditional:
+        raise DynTreeError(f"acceptance tables calibrate Medusa heads' per-rank guesses; {dt.heads.config.head_type} "
+                           "heads score nodes by their path probabilities, which need no calibration")
     # Heads only (every node then teaches the table), at tree temperature 1: the probability bins must be
     # those that the calibrated scores ("rank", "binned", tree temperature 1 by default) look up.
     proposer = DynamicTreeProposer(dt.heads.num_heads, topk=topk, size=tree_size, calibration=stats, learn=True,

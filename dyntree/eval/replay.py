@@ -10,6 +10,9 @@ sizes, scores and calibrations take seconds instead of hours of CPU decoding.
 
 A record is a dict with `tokens` (prompt + response ids), `prompt_len`, `head_ids` and `head_probs`
 (`[response_len, K, m]`: row k holds the guesses made from the state that predicted response token k).
+Path-conditional heads guess from the path as well, so their records hold the states instead (`hidden`,
+`[response_len, H]`) and `replay` evaluates the heads on the recorded state at every step (`heads`, and the
+backbone for its embeddings and lm_head).
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ def accepted_nodes(tokens: list[int], parents: list[int], depths: list[int], tru
     return path[::-1]
 
 
-def replay(proposer, record: dict, max_new_tokens: int | None = None) -> ReplayResult:
+def replay(proposer, record: dict, max_new_tokens: int | None = None, heads=None, backbone=None) -> ReplayResult:
     """Decode one recorded sequence with `proposer` (greedy) and return what each pass accepted.
 
     Proposers that learn (`observe`) learn exactly as they would while decoding; proposers that read the
@@ -58,14 +61,26 @@ def replay(proposer, record: dict, max_new_tokens: int | None = None) -> ReplayR
     tokens = list(record["tokens"])
     start = int(record["prompt_len"])
     end = len(tokens) if max_new_tokens is None else min(len(tokens), start + max_new_tokens)
-    head_ids, head_probs = record["head_ids"], record["head_probs"]
+    conditional = heads is not None and heads.conditional
+    if conditional:
+        from ..decoding import PathDraft  # noqa: PLC0415 - decoding imports the proposers
+
+        states = record["hidden"]
+    elif heads is not None:  # Medusa heads given with recorded states: their guesses, all at once
+        head_ids, head_probs = heads.topk(record["hidden"].float(), backbone.lm_head, proposer.topk)
+    else:
+        head_ids, head_probs = record["head_ids"], record["head_probs"]
     lengths, sizes = [], []
     j = start  # index of the current root (the prefill emitted it)
     while j < end - 1:
         root = torch.tensor([tokens[j]])
         k = j - start
-        proposal = propose_step(proposer, root, head_ids[k : k + 1].long(), head_probs[k : k + 1],
-                                lambda: [tokens[: j + 1]])
+        if conditional:
+            draft = PathDraft(heads, backbone, states[k : k + 1].float(), root, proposer.topk)
+            proposal = propose_step(proposer, root, None, None, lambda: [tokens[: j + 1]], draft)
+        else:
+            proposal = propose_step(proposer, root, head_ids[k : k + 1].long(), head_probs[k : k + 1],
+                                    lambda: [tokens[: j + 1]])
         node_tokens = proposal.tokens[0].tolist()
         parents = proposal.buffers.parents[0].tolist()
         depths = proposal.buffers.depths[0].tolist()
@@ -81,13 +96,14 @@ def replay(proposer, record: dict, max_new_tokens: int | None = None) -> ReplayR
     return ReplayResult(lengths, sizes)
 
 
-def replay_many(make_proposer, records: list[dict], max_new_tokens: int | None = None) -> ReplayResult:
+def replay_many(make_proposer, records: list[dict], max_new_tokens: int | None = None, heads=None,
+                backbone=None) -> ReplayResult:
     """Replay every record with one proposer (so online learning carries over between prompts, as in a
     server) and pool the passes."""
     proposer = make_proposer()
     lengths, sizes = [], []
     for record in records:
-        result = replay(proposer, record, max_new_tokens)
+        result = replay(proposer, record, max_new_tokens, heads, backbone)
         lengths += result.accepted_lengths
         sizes += result.tree_sizes
     return ReplayResult(lengths, sizes)

@@ -16,17 +16,21 @@ __all__ = ["Proposal", "Proposer", "propose_step", "RootOnlyProposer", "StaticTr
            "DynamicTreeProposer", "build_proposer"]
 
 
-def build_proposer(config: TreeConfig, num_heads: int | None, latency=None) -> Proposer:
+def build_proposer(config: TreeConfig, num_heads: int | None, latency=None, conditional: bool = False) -> Proposer:
     """The proposer `config` describes for `num_heads` heads (None: no heads, so plain decoding only).
 
     `latency`: the step-latency model a dynamic tree with `auto` size chooses by (else `config.latency`).
+    `conditional`: the heads are path-conditional (hydra), so only a dynamic tree can use them.
     """
     if config.kind == "ar":
         return RootOnlyProposer()
     if not num_heads:
         raise DynTreeError(f"the {config.kind} tree needs Medusa heads, and none are loaded")
     if config.kind == "dynamic":
-        return DynamicTreeProposer(num_heads, config, latency=latency)
+        return DynamicTreeProposer(num_heads, config, latency=latency, conditional=conditional)
+    if conditional:
+        raise DynTreeError("a static tree gathers each head's own top guesses; hydra heads guess along a path, "
+                           "so use a dynamic tree (--tree dynamic)")
     name, paths = load_tree_spec(config.static_spec)
     tree = StaticTree.build(paths, config.resolved_topk, num_heads, name)
     if tree.depth > num_heads:

@@ -47,10 +47,23 @@ class Proposer(ABC):
     def max_nodes(self) -> int:
         ...
 
+    # Whether it builds trees over path-conditional heads: the loop then passes a `draft` (see
+    # `decoding.PathDraft`) that evaluates the heads on requested paths, instead of head_ids/head_probs.
+    conditional: bool = False
+
     @abstractmethod
     def propose(self, root: torch.Tensor, head_ids: torch.Tensor | None, head_probs: torch.Tensor | None,
-                context: list[list[int]] | None = None) -> Proposal:
+                context: list[list[int]] | None = None, draft=None) -> Proposal:
         ...
+
+    def prepare(self, batch_size: int) -> None:
+        """Do now any one-off work a run of `batch_size` sequences would otherwise do in its first step (a
+        benchmark calls it before timing). Default: nothing."""
+
+    def plan_step(self, active: torch.Tensor) -> bool:
+        """Called by the loop before each step with the rows still decoding (`[B]` bool). False: this step
+        is plain decoding (the heads are not run and the tree is the root alone). Default: always a tree."""
+        return True
 
     def observe(self, proposal: Proposal, verification, active: torch.Tensor | None = None) -> None:
         """Called after each verification of `proposal` (`verify.Verification`); rows where `active` is False
@@ -58,7 +71,10 @@ class Proposer(ABC):
 
 
 def propose_step(proposer: Proposer, root: torch.Tensor, head_ids: torch.Tensor | None,
-                 head_probs: torch.Tensor | None, context: Callable[[], list[list[int]]]) -> Proposal:
+                 head_probs: torch.Tensor | None, context: Callable[[], list[list[int]]], draft=None) -> Proposal:
     """One step's proposal; `context()` is built and passed only for proposers that read it (`uses_context`),
-    so the others do not pay for the copy."""
-    return proposer.propose(root, head_ids, head_probs, context() if proposer.uses_context else None)
+    so the others do not pay for the copy. `draft`: path-conditional heads' guesses (conditional proposers)."""
+    ctx = context() if proposer.uses_context else None
+    if draft is not None:
+        return proposer.propose(root, head_ids, head_probs, ctx, draft=draft)
+    return proposer.propose(root, head_ids, head_probs, ctx)

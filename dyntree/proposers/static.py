@@ -22,7 +22,7 @@ class RootOnlyProposer(Proposer):
     def max_nodes(self) -> int:
         return 1
 
-    def propose(self, root, head_ids=None, head_probs=None, context=None) -> Proposal:
+    def propose(self, root, head_ids=None, head_probs=None, context=None, draft=None) -> Proposal:
         batch = root.shape[0]
         if batch not in self._buffers:
             self._buffers[batch] = buffers_from_parents(torch.full((batch, 1), -1, device=root.device), 0)
@@ -50,7 +50,7 @@ class StaticTreeProposer(Proposer):
                                                (b.parents, b.depths, b.tree_mask, b.retrieve_paths)))
         return self._buffers[key]
 
-    def propose(self, root, head_ids, head_probs=None, context=None) -> Proposal:
+    def propose(self, root, head_ids, head_probs=None, context=None, draft=None) -> Proposal:
         batch = root.shape[0]
         flat = head_ids[:, : self.tree.depth, : self.topk].reshape(batch, -1)
         index = self.tree.gather_index.to(root.device)

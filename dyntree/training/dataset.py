@@ -40,7 +40,9 @@ def model_fingerprint(loaded) -> dict:
     pieces = [str(tok.convert_ids_to_tokens(i)) for i in probe_ids if i < len(tok)]
     tok_hash = hashlib.sha1("\n".join([str(len(tok))] + pieces).encode("utf-8")).hexdigest()[:16]
     bb = loaded.backbone
-    weights = torch.cat([bb.norm.float().flatten(), bb.embed_tokens[:4].float().flatten()])
+    # Hashed at bf16 precision, so a model loaded in fp32 or bf16 has the same fingerprint (its states are
+    # the model's own either way; `distill --dtype` records which).
+    weights = torch.cat([bb.norm.flatten(), bb.embed_tokens[:4].flatten()]).to(torch.bfloat16).float()
     weight_hash = hashlib.sha1(weights.cpu().numpy().tobytes()).hexdigest()[:16]
     return {"model": loaded.name, "model_type": cfg.model_type, "vocab_size": cfg.vocab_size,
             "hidden_size": cfg.hidden_size, "tokenizer_hash": tok_hash, "weights_hash": weight_hash}

@@ -278,3 +278,101 @@ def distill(loaded, out_dir, prompts: list[Prompt], max_new_tokens: int = 256, b
         bar.close()
     stats["seconds"] = time.perf_counter() - start
     return stats
+
+
+# -- teacher-forced: existing prompt + answer text, forward passes only ------------------------------------
+RESPONSE_FIELDS = ("response", "answer", "output", "completion")
+
+
+@dataclass
+class TextPair:
+    """A prompt and an existing answer to it; `key` identifies the pair across resumed runs."""
+
+    prompt: str
+    response: str
+    source: str
+
+    @property
+    def key(self) -> str:
+        import hashlib
+
+        return hashlib.sha1((self.prompt + "\x00" + self.response).encode("utf-8")).hexdigest()[:16]
+
+
+def read_text_pairs(path) -> list[TextPair]:
+    """(prompt, response) pairs of a JSONL file: any prompt field `read_prompt_file` knows, plus a response in
+    one of `RESPONSE_FIELDS`. A clear error for rows without one; MT-Bench is refused like everywhere else."""
+    from pathlib import Path
+
+    from .prompts import looks_like_benchmark, prompts_from_row, read_jsonl_objects
+
+    path = Path(path).expanduser()
+    rows = read_jsonl_objects(path)
+    if looks_like_benchmark(path, [r for _, r in rows]):
+        raise DynTreeError(f"{path} looks like MT-Bench, the benchmark: refusing to train on it")
+    pairs = []
+    for number, row in rows:
+        response = next((row[f] for f in RESPONSE_FIELDS if isinstance(row.get(f), str) and row[f].strip()), None)
+        if response is None:
+            raise DynTreeError(f"{path}:{number}: no response text (one of {', '.join(RESPONSE_FIELDS)})")
+        try:
+            texts = prompts_from_row({k: v for k, v in row.items() if k not in RESPONSE_FIELDS})
+        except ValueError as exc:
+            raise DynTreeError(f"{path}:{number}: {exc}") from exc
+        pairs.append(TextPair(texts[0], response, path.stem))
+    if not pairs:
+        raise DynTreeError(f"{path} holds no prompt/response rows")
+    return pairs
+
+
+@torch.inference_mode()
+def teacher_forced(loaded, out_dir, pairs: list[TextPair], batch_size: int = 8, shard_size: int = 64,
+                   max_tokens: int = 1024, progress: bool = True, shard_prefix: str = "") -> dict:
+    """Write existing prompt + answer text as a dataset: one forward pass per batch of sequences gives the
+    state before every answer token, with no decoding. The answer tokens are the text's, not the model's
+    greedy choices, so train such data with `--soft-targets` (the backbone's own distribution at each state)
+    when it should teach the model's behaviour rather than the text's."""
+    from tqdm.auto import tqdm
+
+    tok = loaded.tokenizer
+    backbone = loaded.backbone
+    settings = {"store_hidden": True, "max_new_tokens": max_tokens, "teacher_forced": True,
+                "dtype": str(backbone.dtype).removeprefix("torch.")}
+    ds = DistillDataset.create_or_resume(out_dir, model_fingerprint(loaded), settings)
+    done = ds.done_keys()
+    eos = loaded.config.eos_token_ids[:1]
+    todo = []
+    for pair in pairs:
+        if pair.key in done:
+            continue
+        ids = chat_ids(tok, pair.prompt)
+        answer = list(tok(pair.response, add_special_tokens=False)["input_ids"]) + list(eos)
+        if len(ids) + len(answer) <= max_tokens and len(answer) >= 2:
+            todo.append((pair, ids, answer))
+    stats = {"skipped_done": len(pairs) - len(todo), "sequences": 0, "response_tokens": 0, "shards": 0}
+    start = time.perf_counter()
+    buffer: list = []
+    todo.sort(key=lambda t: len(t[1]) + len(t[2]))  # similar lengths together: little padding
+    for first in tqdm(range(0, len(todo), batch_size), desc="teacher-forced", disable=not progress):
+        group = todo[first : first + batch_size]
+        seqs = [ids + answer for _, ids, answer in group]
+        width = max(len(q) for q in seqs)
+        batch = torch.zeros(len(seqs), width, dtype=torch.long)
+        for b, q in enumerate(seqs):
+            batch[b, : len(q)] = torch.tensor(q)
+        cache = backbone.new_cache(len(seqs), width + 1)
+        hidden = backbone.forward(batch.to(backbone.device), cache)  # right padding never reaches earlier rows
+        for b, (pair, ids, answer) in enumerate(group):
+            states = hidden[b, len(ids) - 1 : len(ids) + len(answer) - 1].to(torch.float16).cpu()
+            buffer.append(Sequence(pair.key, pair.source, ids, answer, states))
+            stats["sequences"] += 1
+            stats["response_tokens"] += len(answer)
+        if len(buffer) >= shard_size:
+            ds.write_shard(buffer, shard_prefix)
+            stats["shards"] += 1
+            buffer = []
+    if buffer:
+        ds.write_shard(buffer, shard_prefix)
+        stats["shards"] += 1
+    stats["seconds"] = time.perf_counter() - start
+    return stats

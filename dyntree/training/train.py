@@ -1,8 +1,13 @@
-"""Medusa-1 head training on a self-distilled dataset: backbone frozen, only the heads learn.
+"""Head training on a self-distilled dataset: backbone frozen, only the heads learn (Medusa-1 recipe; hydra
+heads are trained teacher-forced: head k reads the true continuation's first k+1 tokens as its path).
 
 Row j of a sequence is the backbone's normed last hidden state at position `prompt_len - 1 + j` (from which the
 lm_head predicted response token j); head k (0-based) is trained to predict response token j + k + 1, i.e.
-the token k + 2 positions after the state's own. Loss: sum_k lambda^k * CE_k over response tokens only.
+the token k + 2 positions after the state's own. Loss: sum_k lambda^k * L_k over response tokens only, where
+L_k = (1 - a) * CE(argmax target) + a * CE(backbone's distribution) with a = `soft_targets`: the backbone's
+distribution of that token is recomputed from the stored state that predicted it (one projection onto the
+heads' vocabulary subset), so distilling it costs no extra data. `hidden_noise` and `dropout` perturb the
+state the heads read, against over-fitting a small data set.
 
 Runs under Hugging Face `accelerate`: the same code is one process, or N processes with
 `accelerate launch --num_processes N` (gradients all-reduced by DDP; each process takes its slice of every
@@ -25,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DynTreeError
-from ..heads import HeadsConfig, MedusaHeads
+from ..heads import HeadsConfig, HydraHeads, MedusaHeads, heads_class
 from .dataset import DistillDataset, model_fingerprint
 
 IGNORE = -1
@@ -52,6 +57,10 @@ class TrainConfig:
     eval_every: int = 0  # optimiser steps; 0 = at the end of each epoch only
     use_stored_hidden: bool = True
     init_heads: str | None = None  # continue from trained heads of the same shape (the subset is re-chosen)
+    head_type: str = "medusa"  # or "hydra" (path-conditional; --init-heads may then be Medusa heads)
+    soft_targets: float = 0.0  # weight a of the backbone's distribution in the loss (0 = argmax targets only)
+    hidden_noise: float = 0.0  # Gaussian noise on the heads' input state, relative to its RMS
+    dropout: float = 0.0  # dropout on the heads' input state
 
 
 # -- data ----------------------------------------------------------------------------------------------
@@ -59,11 +68,30 @@ class TrainConfig:
 class Examples:
     hidden: torch.Tensor  # [N, H] fp16
     targets: torch.Tensor  # [N, K] int64 (IGNORE beyond the response)
+    paths: torch.Tensor | None = None  # [N, K] the root and next tokens of the true continuation (hydra input)
+    teacher_rows: torch.Tensor | None = None  # [N, K] row of `hidden` that predicted target (n, k); -1 = none
 
 
 def is_validation(key: str, fraction: float) -> bool:
     """A fixed, content-based split: the same sequence is always on the same side."""
     return int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
+
+
+def head_paths(response: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """`[R, K]`: row j, column i -> response[j + i] (0 past the end): the root (the token row j's state
+    predicted) and the tokens after it, the path hydra head k reads (its first k+1 columns)."""
+    r = response.numel()
+    idx = torch.arange(r)[:, None] + torch.arange(num_heads)[None, :]
+    out = torch.zeros((r, num_heads), dtype=torch.long)
+    valid = idx < r
+    out[valid] = response.long()[idx[valid]]
+    return out
+
+
+def teacher_rows(count: int, num_heads: int, offset: int) -> torch.Tensor:
+    """`[R, K]`: the row (offset + j + k + 1) whose state predicted target (j, k), or -1 past the end."""
+    idx = torch.arange(count)[:, None] + torch.arange(num_heads)[None, :] + 1
+    return torch.where(idx < count, idx + offset, torch.full_like(idx, -1))
 
 
 def head_targets(response: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -89,10 +117,13 @@ def load_examples(ds: DistillDataset, num_heads: int, val_fraction: float, backb
     """Training and validation rows from every shard; states from the shards, or recomputed by `backbone`."""
     from tqdm.auto import tqdm
 
-    parts = {False: ([], []), True: ([], [])}
+    parts = {False: ([], [], [], []), True: ([], [], [], [])}
+    rows_in = {False: 0, True: 0}
     counts = {"sequences": 0, "response_tokens": 0, "val_sequences": 0}
-    for path in tqdm(ds.shard_paths(), desc="loading shards", disable=not progress):
-        shard = ds.read_shard(path, with_hidden=backbone is None)
+    datasets = ds if isinstance(ds, (list, tuple)) else [ds]  # several datasets train as one (mixed data)
+    shards = [(d, path) for d in datasets for path in d.shard_paths()]
+    for source, path in tqdm(shards, desc="loading shards", disable=not progress):
+        shard = source.read_shard(path, with_hidden=backbone is None)
         if backbone is None and shard.hidden is None:
             raise DynTreeError(f"{path} holds no hidden states: train with --no-stored-hidden to recompute them")
         for i, key in enumerate(shard.keys):
@@ -107,21 +138,26 @@ def load_examples(ds: DistillDataset, num_heads: int, val_fraction: float, backb
             else:
                 hidden = recompute_hidden(backbone, tokens, plen)
             targets = head_targets(response, num_heads)
-            keep = (targets != IGNORE).any(1)
             val = is_validation(key, val_fraction)
-            parts[val][0].append(hidden[keep])
-            parts[val][1].append(targets[keep])
+            # Every row is kept (the last has no target) so that row j + k + 1 is the teacher of (j, k).
+            parts[val][0].append(hidden)
+            parts[val][1].append(targets)
+            parts[val][2].append(head_paths(response, num_heads))
+            parts[val][3].append(teacher_rows(response.numel(), num_heads, rows_in[val]))
+            rows_in[val] += response.numel()
             counts["sequences"] += 1
             counts["response_tokens"] += response.numel()
             counts["val_sequences"] += int(val)
     if not parts[False][0]:
-        raise DynTreeError(f"dataset {ds.directory} holds no usable sequences")
+        names = ", ".join(str(d.directory) for d in datasets)
+        raise DynTreeError(f"dataset {names} holds no usable sequences")
 
     def stack(val: bool) -> Examples:
-        hs, ts = parts[val]
+        hs, ts, ps, rs = parts[val]
         if not hs:
-            return Examples(torch.zeros(0, 1, dtype=torch.float16), torch.zeros(0, num_heads, dtype=torch.long))
-        return Examples(torch.cat(hs), torch.cat(ts))
+            empty = torch.zeros(0, num_heads, dtype=torch.long)
+            return Examples(torch.zeros(0, 1, dtype=torch.float16), empty, empty, empty)
+        return Examples(torch.cat(hs), torch.cat(ts), torch.cat(ps), torch.cat(rs))
 
     train, val = stack(False), stack(True)
     counts.update(train_rows=int(train.targets.shape[0]), val_rows=int(val.targets.shape[0]))
@@ -137,12 +173,19 @@ def frequent_tokens(targets: torch.Tensor, vocab_size: int, count: int) -> torch
 
 # -- the model being trained ---------------------------------------------------------------------------
 class HeadsObjective(nn.Module):
-    """Heads + the frozen projection: `forward(hidden, targets)` -> weighted loss and per-head hit counts."""
+    """Heads + the frozen projection: `forward(hidden, targets, ...)` -> weighted loss and per-head hit counts."""
 
-    def __init__(self, heads: MedusaHeads, lm_head_weight_t: torch.Tensor, decay: float):
+    def __init__(self, heads: MedusaHeads, lm_head_weight_t: torch.Tensor, decay: float,
+                 embed: torch.Tensor | None = None, soft_targets: float = 0.0, hidden_noise: float = 0.0,
+                 dropout: float = 0.0):
         super().__init__()
         self.heads = heads
         self.lm_head_weight_t = lm_head_weight_t  # frozen and not a buffer: DDP must not broadcast it
+        self.embed = embed  # [V, H] fp32, frozen: the path embeddings of hydra heads
+        self.soft_targets, self.hidden_noise, self.dropout = soft_targets, hidden_noise, dropout
+        # The teacher's projection onto the heads' vocabulary (the subset's lm_head columns).
+        ids = heads.vocab_ids
+        self.teacher_weight_t = lm_head_weight_t if ids is None else lm_head_weight_t[:, ids].contiguous()
         self.lambdas = [decay**k for k in range(heads.num_heads)]
         vocab = heads.config.vocab_size
         remap = torch.full((vocab,), IGNORE, dtype=torch.long)  # full id -> column of the subset projection
@@ -152,19 +195,48 @@ class HeadsObjective(nn.Module):
             remap[heads.vocab_ids] = torch.arange(heads.vocab_ids.numel())
         self.remap = remap
 
-    def forward(self, hidden: torch.Tensor, targets: torch.Tensor):
-        logits = self.heads.logits(hidden.float(), self.lm_head_weight_t)  # [N, K, V']
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor, paths: torch.Tensor | None = None,
+                teacher_states: torch.Tensor | None = None):
+        """`teacher_states` `[N, K, H]`: the states that predicted each target (needed when soft_targets > 0)."""
+        state = hidden.float()
+        if self.training and self.hidden_noise > 0:
+            rms = state.pow(2).mean(-1, keepdim=True).sqrt()
+            state = state + self.hidden_noise * rms * torch.randn_like(state)
+        if self.training and self.dropout > 0:
+            state = F.dropout(state, self.dropout)
+        if self.heads.conditional:
+            logits = self.heads.path_logits(state, paths, self.embed, self.lm_head_weight_t)  # [N, K, V']
+        else:
+            logits = self.heads.logits(state, self.lm_head_weight_t)  # [N, K, V']
         valid = targets != IGNORE
         cols = torch.where(valid, self.remap[targets.clamp(min=0)], torch.full_like(targets, IGNORE))
+        soft = self.soft_targets
+        teacher = None
+        if soft > 0:
+            with torch.no_grad():
+                teacher = torch.softmax(teacher_states.float() @ self.teacher_weight_t, dim=-1)  # [N, K, V']
         loss = logits.new_zeros(())
         for k, lam in enumerate(self.lambdas):
-            if (cols[:, k] != IGNORE).any():  # targets outside the subset projection are left out of the loss
-                loss = loss + lam * F.cross_entropy(logits[:, k], cols[:, k], ignore_index=IGNORE)
+            if soft > 0 and bool(valid[:, k].any()):
+                log_q = torch.log_softmax(logits[valid[:, k], k], dim=-1)
+                loss = loss + lam * soft * -(teacher[valid[:, k], k] * log_q).sum(-1).mean()
+            if (cols[:, k] != IGNORE).any() and soft < 1:  # targets outside the subset are left out
+                loss = loss + lam * (1 - soft) * F.cross_entropy(logits[:, k], cols[:, k], ignore_index=IGNORE)
         with torch.no_grad():
             top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices  # [N, K, 5]
             hit = top5 == cols[..., None]
             stats = torch.stack([valid.sum(0), hit[..., 0].sum(0), hit.any(-1).sum(0)]).float()  # [3, K]
         return loss, stats
+
+
+def batch_inputs(rows: Examples, idx, device, soft: bool) -> tuple:
+    """The objective's inputs for rows `idx`: states, targets, hydra paths and (for soft targets) the states
+    that predicted each target."""
+    teacher = None
+    if soft:
+        teacher = rows.hidden[rows.teacher_rows[idx].clamp(min=0)].to(device)  # [n, K, H]; -1 rows are masked
+    paths = None if rows.paths is None else rows.paths[idx].to(device)
+    return rows.hidden[idx].to(device), rows.targets[idx].to(device), paths, teacher
 
 
 # -- the loop ------------------------------------------------------------------------------------------
@@ -185,7 +257,8 @@ def evaluate(accelerator, objective: HeadsObjective, val: Examples, batch_size: 
     with torch.no_grad():
         for start in range(rank * batch_size, val.targets.shape[0], world * batch_size):
             sl = slice(start, start + batch_size)
-            totals += module(val.hidden[sl], val.targets[sl])[1]
+            idx = torch.arange(start, min(start + batch_size, val.targets.shape[0]))
+            totals += module(*batch_inputs(val, idx, accelerator.device, module.soft_targets > 0))[1]
     module.train()
     totals = accelerator.reduce(totals.to(accelerator.device), "sum").cpu()
     n = totals[0].clamp(min=1)
@@ -204,6 +277,10 @@ def _initial_heads(config: TrainConfig, backbone_config) -> MedusaHeads:
     if want != have:
         diff = ", ".join(f"{k} {have[k]} (asked {want[k]})" for k in want if want[k] != have[k])
         raise DynTreeError(f"--init-heads {config.init_heads} do not match the training options: {diff}")
+    if heads.config.head_type != config.head_type and config.head_type != "hydra":
+        # Medusa heads are hydra heads with zero path weights; the converse drops what the path taught.
+        raise DynTreeError(f"--init-heads {config.init_heads} are {heads.config.head_type} heads; "
+                           f"{config.head_type} heads can only start from {config.head_type} heads")
     return heads
 
 
@@ -216,6 +293,9 @@ def _carry_over(source: MedusaHeads, target: MedusaHeads) -> None:
     """
     target.block_weight.copy_(source.block_weight)
     target.block_bias.copy_(source.block_bias)
+    if source.conditional and target.conditional:
+        for src, tgt in zip(source.path_weights, target.path_weights):
+            tgt.copy_(src)
     if source.projection is None or target.projection is None:
         return
     src_ids = source.vocab_ids if source.vocab_ids is not None else torch.arange(source.projection.shape[1])
@@ -242,11 +322,19 @@ def train(loaded, dataset_dir, out_dir, config: TrainConfig, resume: bool = True
     accelerator = accelerator or Accelerator(cpu=loaded.backbone.device.type == "cpu")
     started = time.perf_counter()
     out_dir = Path(out_dir).expanduser()
-    ds = DistillDataset.open(dataset_dir)
+    dirs = dataset_dir if isinstance(dataset_dir, (list, tuple)) else [dataset_dir]
+    ds = [DistillDataset.open(d) for d in dirs]
     fingerprint = model_fingerprint(loaded)
-    ds.check_fingerprint(fingerprint, need_hidden=config.use_stored_hidden)
+    for one in ds:
+        one.check_fingerprint(fingerprint, need_hidden=config.use_stored_hidden)
     if config.num_heads < 1 or config.num_layers < 0 or config.batch_size < 1 or config.epochs <= 0:
         raise DynTreeError("num_heads >= 1, num_layers >= 0, batch_size >= 1 and epochs > 0 are required")
+    if config.head_type not in ("medusa", "hydra"):
+        raise DynTreeError(f"unknown head type {config.head_type!r}: medusa or hydra")
+    if not 0 <= config.soft_targets <= 1 or config.hidden_noise < 0 or not 0 <= config.dropout < 1:
+        raise DynTreeError("soft_targets must be in [0, 1], hidden_noise >= 0 and dropout in [0, 1)")
+    if config.head_type == "hydra" and config.num_layers < 1:
+        raise DynTreeError("hydra heads need at least one block (--num-layers >= 1)")
     if config.num_layers == 0 and config.shared_projection:
         raise DynTreeError("heads with a shared projection need at least one residual block to learn anything")
     world = accelerator.num_processes
@@ -280,11 +368,14 @@ def train(loaded, dataset_dir, out_dir, config: TrainConfig, resume: bool = True
                                shared_projection=config.shared_projection, model_type=cfg.model_type)
     torch.manual_seed(config.seed)
     lm_weight = loaded.backbone.lm_head.weight_t.detach().float().cpu()  # [H, V]
-    heads = MedusaHeads(heads_config, vocab_ids)
+    heads = heads_class(config.head_type)(heads_config, vocab_ids)
     heads.init_projection_from(lm_weight.t())
     if start_heads is not None:
         _carry_over(start_heads, heads)
-    objective = HeadsObjective(heads, lm_weight.to(accelerator.device), config.decay)
+    embed = loaded.backbone.embed_tokens.detach().float().to(accelerator.device) if heads.conditional else None
+    objective = HeadsObjective(heads, lm_weight.to(accelerator.device), config.decay, embed=embed,
+                               soft_targets=config.soft_targets, hidden_noise=config.hidden_noise,
+                               dropout=config.dropout)
     objective.remap = objective.remap.to(accelerator.device)
 
     n_train = train_rows.targets.shape[0]
@@ -331,9 +422,7 @@ def train(loaded, dataset_dir, out_dir, config: TrainConfig, resume: bool = True
                 break
             base = s * per_process * world + rank * per_process
             idx = order[base : base + per_process]
-            hidden = train_rows.hidden[idx].to(accelerator.device)
-            targets = train_rows.targets[idx].to(accelerator.device)
-            loss, stats = objective(hidden, targets)
+            loss, stats = objective(*batch_inputs(train_rows, idx, accelerator.device, config.soft_targets > 0))
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             if config.grad_clip:
@@ -368,7 +457,7 @@ def train(loaded, dataset_dir, out_dir, config: TrainConfig, resume: bool = True
     accelerator.unwrap_model(objective).heads.round_to_storage(block_dtype, int8_projection)
     final = evaluate(accelerator, objective, val_rows)  # of the heads as saved
     report = {
-        "dataset": str(ds.directory), "model": loaded.name, "config": asdict(config), "data": counts,
+        "dataset": [str(d.directory) for d in ds] if len(ds) > 1 else str(ds[0].directory), "model": loaded.name, "config": asdict(config), "data": counts,
         "vocab_subset_coverage": coverage, "steps": step, "processes": world,
         "wall_seconds": time.perf_counter() - started, "validation": final, "history": history,
     }

@@ -20,6 +20,11 @@ class TreeBuffers:
     depths         [B, n]    0 for the root; a node's position is the cache length + its depth
     tree_mask      [B, n, n] tree_mask[b, i, j]: node i may attend to node j (j is i or an ancestor)
     retrieve_paths [B, P, D+1] node indices of every root-to-leaf path, padded with -1
+
+    Rows of a batch may hold fewer real nodes than n (`pad_parents`): the rest are padding nodes, each a
+    detached root (parent -1, depth 0). A padding node attends only to itself and the committed prefix, and
+    is nobody's child, so verification, which walks from node 0 through children, never reaches it, and the
+    cache never commits its slot.
     """
 
     parents: torch.Tensor
@@ -64,3 +69,11 @@ def buffers_from_parents(parents: torch.Tensor, max_depth: int) -> TreeBuffers:
     retrieve = torch.gather(leaf_chain, 2, (leaf_depth - column).clamp(min=0))
     retrieve = torch.where(on_path, retrieve, -1)
     return TreeBuffers(parents=parents, depths=depths, tree_mask=tree_mask, retrieve_paths=retrieve)
+
+
+def pad_parents(rows: list[list[int]], width: int) -> list[list[int]]:
+    """Parent lists of different lengths (node 0 the root) padded to `width` nodes with padding nodes (-1):
+    a batch step's rows may get different numbers of real nodes but share one `[B, width]` block."""
+    if any(len(r) > width for r in rows):
+        raise ValueError("a row has more nodes than the width it is padded to")
+    return [list(r) + [-1] * (width - len(r)) for r in rows]

@@ -5,6 +5,12 @@ forward pass costs. That trade-off depends on the hardware: on a GPU a 64-token 
 a 1-token pass, on a 2-core CPU it costs 2-4x as much. `LatencyModel` holds measured step times by number
 of verified tokens (batch x tree size) and `choose_tree_size` picks, for the current step's scored
 candidates, the size with the most expected tokens per second.
+
+Batches: a batch of B sequences verifies a `[B, n]` tree block per step, and what that costs is not the cost
+of B*n tokens at batch 1 (a GPU runs B rows nearly as fast as one; a CPU's matmuls get more efficient with
+more rows). `BatchLatency` holds one `LatencyModel` per batch size (tree width n per row), each measured on
+this machine by `machine_latency(..., batch=B)` when first needed and cached like the batch-1 model, plus the
+cost of a plain-decoding step (no heads) at the same batch size, which says when trees stop paying.
 """
 
 from __future__ import annotations
@@ -101,8 +107,11 @@ def monotone_costs(seconds: list[float]) -> list[float]:
 
 @torch.inference_mode()
 def measure_latency(backbone, heads=None, sizes=DEFAULT_SIZES, context: int = 128, repeats: int = 5,
-                    topk: int = 8) -> LatencyModel:
+                    topk: int = 8, batch: int = 1) -> LatencyModel:
     """Time one decoding step at each tree size: heads (if given), a tree forward, lm_head on two rows.
+
+    `batch`: sequences decoded together; `rows` of the result are then nodes per sequence (the tree width n
+    of a `[batch, n]` step), and lm_head runs on two rows of each sequence.
 
     A chain-shaped tree is used: the cost of a pass depends on its token count, not on the tree's shape.
     Takes a few seconds on a CPU. Shared and virtual machines add delays that only ever lengthen a run
@@ -114,37 +123,54 @@ def measure_latency(backbone, heads=None, sizes=DEFAULT_SIZES, context: int = 12
     sizes = sorted({int(s) for s in sizes if int(s) >= 1})
     if not sizes:
         raise DynTreeError("no tree sizes to measure")
-    cache = backbone.new_cache(1, context + max(sizes) + 1)
+    if batch < 1:
+        raise DynTreeError("batch size must be at least 1")
+    cache = backbone.new_cache(batch, context + max(sizes) + 1)
     vocab = backbone.config.vocab_size
-    prefix = torch.randint(0, vocab, (1, context), device=device, generator=torch.Generator().manual_seed(0)) \
-        if device.type == "cpu" else torch.randint(0, vocab, (1, context)).to(device)
+    prefix = torch.randint(0, vocab, (batch, context), generator=torch.Generator().manual_seed(0)).to(device)
     last = backbone.forward(prefix, cache)[:, -1]
     cache.lengths.fill_(context)
     seconds = []
     for n in sizes:
         tokens = prefix[:, :n]
-        block = torch.ones(n, n, dtype=torch.bool, device=device).tril()[None]
-        depths = torch.arange(n, device=device)[None]
+        block = torch.ones(n, n, dtype=torch.bool, device=device).tril().expand(batch, n, n)
+        depths = torch.arange(n, device=device).expand(batch, n)
         times = []
         for i in range(repeats + 1):
             sync()
             start = time.perf_counter()
             if heads is not None:
-                heads.topk(last, backbone.lm_head, topk)
+                draft_once(heads, backbone, last, prefix[:, -1], topk, n)
             hidden = backbone.forward(tokens, cache, block_mask=block, depths=depths)
-            backbone.logits(hidden[0, : min(n, 2)]).argmax(-1)
+            backbone.logits(hidden[:, : min(n, 2)]).argmax(-1)
             sync()
             if i > 0:  # the first run warms caches and allocators
                 times.append(time.perf_counter() - start)
         seconds.append(min(times))
     seconds = monotone_costs(seconds)
     note = {"device": str(device), "threads": torch.get_num_threads(), "context": context, "repeats": repeats,
-            "heads": heads is not None}
+            "heads": heads is not None, "batch": batch}
     return LatencyModel(sizes, seconds, note)
 
 
-def machine_latency(backbone, heads, sizes, topk: int, cache_dir: str | os.PathLike | None = None) -> LatencyModel:
+def draft_once(heads, backbone, last_hidden: torch.Tensor, root: torch.Tensor, topk: int, size: int) -> None:
+    """The heads' work of one step: Medusa heads' top-k once; path-conditional heads, a tree of `size` nodes
+    chosen depth by depth (their cost grows with the tree)."""
+    if not heads.conditional:
+        heads.topk(last_hidden, backbone.lm_head, topk)
+        return
+    from ..decoding import PathDraft  # noqa: PLC0415 - decoding imports the proposers, which import this module
+    from .conditional import select_by_depth  # noqa: PLC0415
+
+    draft = PathDraft(heads, backbone, last_hidden, root, min(topk, max(size - 1, 1)))
+    select_by_depth(draft.expand, root.shape[0], size - 1, heads.num_heads)
+
+
+def machine_latency(backbone, heads, sizes, topk: int, cache_dir: str | os.PathLike | None = None,
+                    batch: int = 1) -> LatencyModel:
     """This machine's step latency for `backbone` + `heads`: measured once (a few seconds), then read back.
+
+    `batch` > 1: the cost of a `[batch, n]` step by tree width n (see `measure_latency`), cached separately.
 
     The cache file is keyed by everything that changes the timings: the processor, the forward's code, torch
     and its thread count, the device and dtype, the model's and heads' shapes, the draft's top-k and the sizes
@@ -159,8 +185,10 @@ def machine_latency(backbone, heads, sizes, topk: int, cache_dir: str | os.PathL
            "model": [config.model_type, config.num_layers, config.hidden_size, config.intermediate_size,
                      config.vocab_size],
            "heads": None if heads is None else [heads.num_heads, heads.config.num_layers,
-                                              heads.config.vocab_subset or 0],
+                                              heads.config.vocab_subset or 0, heads.config.head_type],
            "topk": topk, "sizes": sorted({int(s) for s in sizes})}
+    if batch != 1:
+        key["batch"] = int(batch)  # batch 1 keeps the key (and cache files) it always had
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) if cache_dir is not None else cache_root() / "latency"
     path = path / f"{digest}.json"
@@ -169,7 +197,7 @@ def machine_latency(backbone, heads, sizes, topk: int, cache_dir: str | os.PathL
             return LatencyModel.load(path)
         except DynTreeError:
             pass  # a damaged cache file is measured again and overwritten
-    model = measure_latency(backbone, heads, key["sizes"], topk=topk)
+    model = measure_latency(backbone, heads, key["sizes"], topk=topk, batch=batch)
     model.note["key"] = key
     if machine_busy():
         return model  # timings taken beside other work mislead: use them now, measure again next time
@@ -177,3 +205,63 @@ def machine_latency(backbone, heads, sizes, topk: int, cache_dir: str | os.PathL
     model.save(tmp)
     os.replace(tmp, path)
     return model
+
+
+class BatchLatency:
+    """Step cost by (batch size, tree width): one `LatencyModel` per batch size, measured when first needed.
+
+    `tree[b]` is the cost of a tree step (heads included) of b sequences by nodes per sequence; `plain[b]`, if
+    known, the seconds of a plain-decoding step (no heads, the root alone) of b sequences. `measure(b)`
+    returns `(tree, plain)` for a batch size not yet known (e.g. `machine_batch_latency`); without it, an
+    unknown batch size is estimated from the batch-1 model as b * n tokens (the batch-1 rule).
+    """
+
+    def __init__(self, tree: dict[int, LatencyModel], plain: dict[int, float] | None = None, measure=None):
+        if not tree and measure is None:
+            raise DynTreeError("a batch latency model needs measured batch sizes or a way to measure them")
+        self.tree = dict(tree)
+        self.plain = dict(plain or {})
+        self._measure = measure
+
+    def model(self, batch: int) -> LatencyModel | None:
+        """The measured (or now measured) tree-step model of `batch` sequences; None if it cannot be had."""
+        if batch not in self.tree and self._measure is not None:
+            tree, plain = self._measure(batch)
+            self.tree[batch] = tree
+            if plain is not None:
+                self.plain[batch] = plain
+        return self.tree.get(batch)
+
+    def cost(self, batch: int, nodes: int) -> float:
+        """Seconds of a tree step of `batch` sequences with `nodes` nodes each (padding included)."""
+        model = self.model(batch)
+        if model is not None:
+            return model.cost(nodes)
+        base = self.tree.get(1) or next(iter(self.tree.values()))
+        return base.cost(batch * nodes)
+
+    def plain_cost(self, batch: int) -> float | None:
+        """Seconds of a plain-decoding step of `batch` sequences (no heads), if measured."""
+        self.model(batch)
+        return self.plain.get(batch)
+
+    @classmethod
+    def from_model(cls, model: "LatencyModel | BatchLatency") -> "BatchLatency":
+        """A batch-1 `LatencyModel` (e.g. a `latency=` file) as a batch model: batch b costs b * n tokens."""
+        return model if isinstance(model, BatchLatency) else cls({1: model})
+
+
+def machine_batch_latency(backbone, heads, sizes, topk: int, cache_dir: str | os.PathLike | None = None,
+                          batches=()) -> BatchLatency:
+    """This machine's `BatchLatency`: batch sizes in `batches` measured now, any other when a run first needs
+    it (each a few seconds on a CPU, then read from the cache: `machine_latency`)."""
+
+    def measure(batch: int):
+        tree = machine_latency(backbone, heads, sizes, topk, cache_dir, batch=batch)
+        plain = machine_latency(backbone, None, [1], topk, cache_dir, batch=batch)
+        return tree, plain.cost(1)
+
+    latency = BatchLatency({}, measure=measure)
+    for batch in batches:
+        latency.model(int(batch))
+    return latency

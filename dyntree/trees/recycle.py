@@ -42,6 +42,14 @@ class SuccessorTable:
         for a, b in zip(tokens, tokens[1:]):
             self.update(a, [b])
 
+    @classmethod
+    def from_sequences(cls, sequences, k: int = 2) -> "SuccessorTable":
+        """A table seeded from token sequences (e.g. a distilled dataset's responses), most recent last."""
+        table = cls(k)
+        for tokens in sequences:
+            table.observe_sequence([int(t) for t in tokens])
+        return table
+
     def chain(self, root: int, length: int) -> list[int]:
         """Up to `length` tokens following the most likely successor from `root` (stops at unknown tokens)."""
         out, token = [], int(root)

@@ -1,0 +1,94 @@
+"""`dyntree export`: write heads in vLLM's or FasterDecoding's Medusa layout (docs/interop.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_command(subparsers) -> None:
+    p = subparsers.add_parser("export", help="write heads for vLLM (vllm-medusa) or FasterDecoding Medusa (medusa)")
+    p.add_argument("--heads", required=True,
+                   help="heads directory (dyntree, Medusa v0.1 or vLLM Medusa layout), or 'auto' for the bundled "
+                        "heads of the default model")
+    p.add_argument("--format", required=True, metavar="FORMAT",
+                   help="'vllm-medusa' (config.json + model.safetensors for vLLM's speculative_config) or "
+                        "'medusa' (FasterDecoding: config.json + medusa_lm_head.safetensors)")
+    p.add_argument("--out", required=True, help="output directory (must be empty or new, unless --force)")
+    p.add_argument("--model", default=None,
+                   help="the backbone: needed when the heads use its lm_head as their projection (then "
+                        "'default' unless given); when given, also checked to fit the heads")
+    p.add_argument("--dtype", default="float32", metavar="DTYPE",
+                   help="weights' dtype in the files: float32 (default, exact), float16 or bfloat16")
+    p.add_argument("--base-model", default=None,
+                   help="medusa format: base_model_name_or_path to write (default: the --model directory)")
+    p.add_argument("--share-lm-head", action="store_true",
+                   help="vllm-medusa with heads that use the backbone's lm_head: write it once with "
+                        "original_lm_head: true (vLLM since PR #10454, late 2024) instead of once per head")
+    p.add_argument("--pt", action="store_true",
+                   help="medusa format: also write medusa_lm_head.pt (FasterDecoding's loader reads only that)")
+    p.add_argument("--force", action="store_true",
+                   help="write into a non-empty --out, replacing the heads files an export writes there")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from rich.console import Console
+
+    from ..errors import DynTreeError
+    from ..heads import load_heads
+    from ..interop import DTYPES, EXPORT_FILES, FORMATS, check_expressible, export_heads
+
+    if args.format not in FORMATS:
+        raise DynTreeError(f"unknown --format {args.format!r}: choose one of {', '.join(FORMATS)}")
+    if args.dtype not in DTYPES:
+        raise DynTreeError(f"unknown --dtype {args.dtype!r}: choose one of {', '.join(DTYPES)}")
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise DynTreeError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        raise DynTreeError(f"--out {out} is not empty (pass --force to replace the heads files in it)")
+    heads_path = args.heads
+    if heads_path == "auto":
+        from ..api import bundled_heads_dir
+
+        heads_path = bundled_heads_dir()
+        if heads_path is None:
+            raise DynTreeError("this build has no bundled heads; pass a heads directory")
+    heads = load_heads(heads_path)
+    check_expressible(heads, args.format)  # before loading a backbone for nothing
+    if args.share_lm_head and (args.format != "vllm-medusa" or heads.projection is not None):
+        raise DynTreeError("--share-lm-head applies to the vllm-medusa format and heads that use the backbone's "
+                           "lm_head")
+    if args.pt and args.format != "medusa":
+        raise DynTreeError("--pt applies to the medusa format only")
+
+    lm_head = None
+    model_dir = None
+    if heads.projection is None or args.model is not None:
+        import torch
+
+        from ..loading import load_model
+
+        loaded = load_model(args.model or "default", dtype=torch.float32)  # the heads' own precision
+        heads.config.check_fits(loaded.config)
+        lm_head = loaded.backbone.lm_head.weight
+        model_dir = loaded.model_dir
+
+    if args.force and out.is_dir():
+        for name in EXPORT_FILES:  # stale files of another layout would decide what a later load reads
+            (out / name).unlink(missing_ok=True)
+    base_model = args.base_model if args.base_model is not None else (str(model_dir) if model_dir else "")
+    written = export_heads(heads, out, args.format, lm_head_weight=lm_head, dtype=DTYPES[args.dtype],
+                           base_model=base_model, share_lm_head=args.share_lm_head, torch_file=args.pt)
+    console = Console(stderr=True)
+    cfg = heads.config
+    subset = f", vocabulary subset of {cfg.vocab_subset}" if cfg.vocab_subset else ""
+    layers = f"{cfg.num_layers} block{'s' if cfg.num_layers != 1 else ''}"
+    console.print(f"wrote {cfg.num_heads} heads of {layers}{subset} as {args.format} to {written}", soft_wrap=True)
+    if args.format == "medusa" and not base_model:
+        console.print("[dim]base_model_name_or_path is empty: pass --base-model (or --model) for "
+                      "FasterDecoding to find the backbone[/dim]", soft_wrap=True)
+    if args.format == "vllm-medusa":
+        console.print(f"[dim]vLLM: speculative_config={{\"method\": \"medusa\", \"model\": \"{written}\", "
+                      f"\"num_speculative_tokens\": {cfg.num_heads}}}[/dim]", soft_wrap=True)
+    return 0

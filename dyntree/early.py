@@ -1,0 +1,259 @@
+"""Early pruning inside the tree pass (ProPD): layers [0, l) on every node, an early head, layers [l, L) on the
+survivors only, verification on the survivors.
+
+The early head is the logit lens: the backbone's own final norm and lm_head applied to the residual stream
+after layer l (normed, as the final layer's state is before lm_head: without the norm the scale of the
+residual stream, which grows with depth, would decide the ranking). No training and no file: it is what the
+model itself would say if it stopped at layer l. With heads that project onto a vocabulary subset (the
+bundled heads: 5120 tokens) the lens ranks over that subset too, about a tenth of lm_head's cost; a child's
+own token is always scored, in the subset or not. A subset can only rank a child higher than the whole
+vocabulary would (`trees.pruning.within_topk`), so it prunes less, never more.
+
+Losslessness does not depend on the head: a pruned node just cannot be accepted, and verification reads the
+full model's logits at the survivors. The survivors' cache slots are their original ones; a dropped node is
+never an ancestor of a survivor, so the tree mask already hides its slot, and the survivors-only mask of the
+later layers does not list it at all. Their hidden states are bit-identical to those of the unpruned pass on
+this project's kernels (row-count independent; tests/test_early_prune.py checks it).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import DynTreeError
+from .kernels import Dense
+from .model import Transformer, attention_mask
+from .proposers import Proposal
+from .trees.pruning import (ancestor_closed, equal_counts, pruned_children_hit, subset_buffers, survivor_index,
+                            topk_floor)
+from .verify import Verification, verify_greedy
+
+
+class LensHead:
+    """The early head: final norm + lm_head (or its rows for `vocab_ids`) on the layer-l residual stream."""
+
+    def __init__(self, backbone: Transformer, vocab_ids: torch.Tensor | None = None,
+                 adapter: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """`adapter`: a trained block's (weight `[H, H]`, bias `[H]`) applied as `x + SiLU(W x + b)` before the
+        norm (`training.early_head`); None: the plain lens."""
+        self.backbone = backbone
+        self.weight = backbone.lm_head.weight
+        self.adapter = None if adapter is None else Dense(*(t.to(device=backbone.device, dtype=backbone.dtype)
+                                                             for t in adapter))
+        self.kind = "lens" if adapter is None else "trained"
+        if vocab_ids is None:
+            self.dense, self.position = backbone.lm_head, None
+        else:
+            vocab_ids = vocab_ids.to(device=backbone.device, dtype=torch.long)
+            self.dense = Dense(self.weight[vocab_ids])
+            self.position = torch.full((backbone.config.vocab_size,), -1, dtype=torch.long, device=backbone.device)
+            self.position[vocab_ids] = torch.arange(vocab_ids.numel(), device=backbone.device)
+
+    @property
+    def vocab(self) -> int:
+        return self.dense.out_features
+
+    def children_ok(self, hidden: torch.Tensor, proposal: Proposal, k: int) -> torch.Tensor:
+        """`[B, n]` True where a node's token is within its parent's early top-k (the root: True). Only nodes
+        that have children are projected."""
+        parents, tokens = proposal.buffers.parents, proposal.tokens
+        batch, n = parents.shape
+        device = parents.device
+        is_parent = torch.zeros(batch, n + 1, dtype=torch.bool, device=device)
+        is_parent.scatter_(1, parents + 1, True)  # the root's -1 lands in column 0, dropped below
+        b_idx, p_idx = is_parent[:, 1:].nonzero(as_tuple=True)
+        ok = torch.ones(batch, n, dtype=torch.bool, device=device)
+        if b_idx.numel() == 0:
+            return ok
+        states = hidden[b_idx, p_idx]
+        if self.adapter is not None:
+            states = states + torch.nn.functional.silu(self.adapter(states))
+        normed = self.backbone.final_norm(states)  # [m, H]
+        row_logits = self.dense(normed).float()  # [m, S]
+        floor = topk_floor(row_logits, k)
+        row_of = torch.zeros(batch, n, dtype=torch.long, device=device)
+        row_of[b_idx, p_idx] = torch.arange(b_idx.numel(), device=device)
+        cb, ci = (parents >= 0).nonzero(as_tuple=True)
+        rows = row_of[cb, parents[cb, ci]]
+        child_tokens = tokens[cb, ci]
+        if self.position is None:
+            child_logits = row_logits[rows, child_tokens]
+        else:  # scored from the subset's own product where the token is in it, else by one dot product
+            own = self.position[child_tokens]
+            direct = (normed[rows].float() * self.weight[child_tokens].float()).sum(-1)
+            child_logits = torch.where(own >= 0, row_logits[rows, own.clamp(min=0)], direct)
+        ok[cb, ci] = child_logits >= floor[rows]
+        return ok
+
+
+@dataclass
+class PruneStats:
+    """Per-run totals of early pruning (summable across runs: the bench adds them up per method)."""
+
+    layer: int
+    k: int
+    vocab: int
+    head: str = "lens"  # the early head: "lens" (final norm + lm_head) or "trained" (an adapter before them)
+    passes: int = 0
+    nodes: int = 0  # tree nodes proposed, active rows
+    pruned: int = 0  # of those, not run through layers [l, L)
+    pruned_per_pass: list[int] = field(default_factory=list)
+    misses: int = 0  # (pass, sequence) pairs whose accepted path stopped where a pruned child held the next token
+    overhead_seconds: float = 0.0  # early head + pruning decision + re-indexing
+    late_seconds: float = 0.0  # layers [l, L) on the survivors
+    measured_passes: int = 0  # measure mode: passes that also ran (and greedy-verified) the unpruned tree
+    full_late_seconds: float = 0.0  # measure mode: layers [l, L) on every node
+    lost_tokens: int = 0  # measure mode, greedy: accepted tokens the unpruned tree had and the pruned one lost
+    lost_counted: int = 0  # (pass, sequence) pairs `lost_tokens` covers
+
+    def as_dict(self) -> dict:
+        out = {k: v for k, v in self.__dict__.items() if k != "pruned_per_pass"}
+        out["pruned_per_pass"] = list(self.pruned_per_pass)
+        out.update(summarize_prune(out))
+        return out
+
+
+def summarize_prune(totals: dict) -> dict:
+    """Per-pass figures from `PruneStats` totals (also from several runs' totals added up)."""
+    passes = max(totals["passes"], 1)
+    measured = totals["measured_passes"]
+    saved = None
+    if measured:
+        saved = 1000 * (totals["full_late_seconds"] - totals["late_seconds"] - totals["overhead_seconds"]) / measured
+    return {"pruned_nodes_per_pass": totals["pruned"] / passes,
+            "pruned_share": totals["pruned"] / totals["nodes"] if totals["nodes"] else 0.0,
+            "miss_share": totals["misses"] / passes,
+            "overhead_ms_per_pass": 1000 * totals["overhead_seconds"] / passes,
+            "late_layers_ms_per_pass": 1000 * totals["late_seconds"] / passes,
+            "saved_ms_per_pass": saved,
+            "lost_tokens_per_pass": (totals["lost_tokens"] / totals["lost_counted"]
+                                     if totals["lost_counted"] else None)}
+
+
+@dataclass
+class PrunedPass:
+    """One tree pass with early pruning."""
+
+    hidden: torch.Tensor  # [B, n', H] the survivors' normed final states
+    proposal: Proposal  # the survivors' tree: what verification reads
+    keep: torch.Tensor  # [B, n] which original nodes survived
+    index: torch.Tensor  # [B, n'] original index of each survivor
+    full_hidden: torch.Tensor | None = None  # measure mode: [B, n, H] the unpruned tree's normed final states
+
+    def to_original(self, verification: Verification) -> Verification:
+        """The verification of the survivors' tree in the original tree's node indices."""
+        rows = torch.arange(self.index.shape[0], device=self.index.device)
+        return Verification(accepted_nodes=[self.index[b, nodes] for b, nodes in
+                                            enumerate(verification.accepted_nodes)],
+                            next_tokens=verification.next_tokens,
+                            last_nodes=self.index[rows, verification.last_nodes])
+
+
+class EarlyPruner:
+    """Runs a tree pass with early pruning at `layer` with top-`k` (ProPD); `measure` also runs the unpruned
+    later layers on every pass (timed, and greedy-verified) to report the time saved and the tokens lost: an
+    analysis mode, twice the later layers' work, so its tokens per second mean nothing."""
+
+    def __init__(self, backbone: Transformer, layer: int, k: int, vocab_ids: torch.Tensor | None = None,
+                 measure: bool = False, adapter: tuple[torch.Tensor, torch.Tensor] | None = None):
+        num_layers = backbone.config.num_layers
+        if not 0 < layer < num_layers:
+            raise DynTreeError(f"early prune layer must be between 1 and {num_layers - 1} for this model "
+                               f"({num_layers} layers), got {layer}")
+        self.layer, self.k, self.measure = int(layer), int(k), bool(measure)
+        self.head = LensHead(backbone, vocab_ids, adapter)
+        self._sync = torch.cuda.synchronize if backbone.device.type == "cuda" else (lambda: None)
+
+    @property
+    def label(self) -> str:
+        return f"prune{self.layer}:{self.k}"
+
+    def new_stats(self) -> PruneStats:
+        return PruneStats(self.layer, self.k, self.head.vocab, self.head.kind)
+
+    def _now(self) -> float:
+        self._sync()
+        return time.perf_counter()
+
+    def forward(self, backbone: Transformer, proposal: Proposal, cache, stats: PruneStats | None = None,
+                active: torch.Tensor | None = None) -> PrunedPass:
+        """The pass over `proposal`'s tree written after each sequence's cache (nothing committed)."""
+        tokens, buffers = proposal.tokens, proposal.buffers
+        batch, n = tokens.shape
+        device = tokens.device
+        slots = cache.lengths[:, None] + torch.arange(n, device=device)[None, :]
+        if int(slots.max()) >= min(cache.max_len, backbone.config.max_position_embeddings):
+            raise DynTreeError(f"context limit reached ({cache.max_len} tokens)")
+        positions = cache.lengths[:, None] + buffers.depths
+        mask = attention_mask(cache.lengths, slots, buffers.tree_mask)
+        hidden = backbone.run_layers(backbone.embed(tokens), positions, cache, slots, mask, 0, self.layer)
+        start = self._now()
+        keep = equal_counts(ancestor_closed(buffers.tree_mask, self.head.children_ok(hidden, proposal, self.k)))
+        index = survivor_index(keep)
+        pruned = not bool(keep.all())
+        full_hidden = None
+        if self.measure:  # the unpruned later layers first: the survivors' own pass below writes their cache last
+            full_start = self._now()
+            full_hidden = backbone.final_norm(backbone.run_layers(hidden, positions, cache, slots, mask, self.layer))
+            full_seconds = self._now() - full_start
+        if pruned:
+            rows = torch.arange(batch, device=device)[:, None]
+            sub_buffers = subset_buffers(buffers, index)
+            sub_slots = slots.gather(1, index)
+            survivors = Proposal(tokens=tokens.gather(1, index), buffers=sub_buffers,
+                                 scores=_subset(proposal.scores, index), ranks=_subset(proposal.ranks, index),
+                                 node_probs=_subset(proposal.node_probs, index))
+            sub_mask = attention_mask(cache.lengths, sub_slots, sub_buffers.tree_mask)
+            late_in, late_positions = hidden[rows, index], positions.gather(1, index)
+        else:
+            survivors, sub_slots, sub_mask, late_in, late_positions = proposal, slots, mask, hidden, positions
+        late_start = self._now()
+        out = backbone.run_layers(late_in, late_positions, cache, sub_slots, sub_mask, self.layer)
+        late_end = self._now()
+        if stats is not None:
+            live = torch.ones(batch, dtype=torch.bool, device=device) if active is None else active
+            dropped = int(((~keep).sum(1) * live).sum())
+            stats.passes += 1
+            stats.nodes += n * int(live.sum())
+            stats.pruned += dropped
+            stats.pruned_per_pass.append(dropped)
+            stats.overhead_seconds += late_start - start
+            stats.late_seconds += late_end - late_start
+            if self.measure:
+                stats.measured_passes += 1
+                stats.full_late_seconds += full_seconds
+        return PrunedPass(backbone.final_norm(out), survivors, keep, index, full_hidden)
+
+    def account(self, backbone: Transformer, pass_: PrunedPass, original: Proposal, result: Verification,
+                active: torch.Tensor, greedy: bool, stats: PruneStats) -> None:
+        """After verification (`result` in original indices): count the passes whose path ran into a pruned
+        child and, in measure mode with greedy decoding, the exact tokens lost against the unpruned tree."""
+        hit = pruned_children_hit(original.buffers.parents, original.tokens, pass_.keep, result.last_nodes,
+                                  result.next_tokens) & active
+        stats.misses += int(hit.sum())
+        if pass_.full_hidden is not None and greedy:
+            full = verify_greedy(backbone.logits, pass_.full_hidden, original, active)
+            for b, (mine, theirs) in enumerate(zip(result.accepted_len, full.accepted_len)):
+                if bool(active[b]):
+                    stats.lost_tokens += theirs - mine
+                    stats.lost_counted += 1
+
+
+def _subset(values: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
+    return None if values is None else values.gather(1, index.to(values.device))
+
+
+def build_pruner(early_prune: tuple[int, int] | None, backbone: Transformer, heads=None,
+                 measure: bool = False, early_head: tuple | None = None) -> EarlyPruner | None:
+    """The pruner a `TreeConfig.early_prune` asks for on this backbone (None: off). It ranks over the heads'
+    vocabulary subset when they have one, through `early_head` (layer, weight, bias; `training.early_head`)
+    when one was trained for this layer, else the plain lens. The layer is checked against the model here."""
+    if early_prune is None:
+        return None
+    layer, k = early_prune
+    vocab_ids = getattr(heads, "vocab_ids", None) if heads is not None else None
+    adapter = early_head[1:] if early_head is not None and early_head[0] == layer else None
+    return EarlyPruner(backbone, layer, k, vocab_ids, measure, adapter)
