@@ -325,7 +325,7 @@ class BatchEngine:
             groups, proposals = self._propose(1)
         combined, sizes = _combine(groups, proposals, k, self.backbone.device)
         view = _rows_view(self._cache, k)
-        pruner = self._pruner_for(groups)
+        pruner = self._pruner_for(groups) if combined.tokens.shape[1] > 1 else None
         if pruner is not None:  # ProPD: later layers and verification on the survivors only
             pruned = pruner.forward(self.backbone, combined, view)
             hidden, verified = pruned.hidden, pruned.proposal
@@ -366,11 +366,16 @@ class BatchEngine:
         rows = self._rows
         groups = self._groups(budget)
         proposals = []
+        device = self.backbone.device
         for proposer, idx in groups:
             hidden = torch.stack([rows[i].last_hidden for i in idx])
-            root = torch.tensor([rows[i].root for i in idx], dtype=torch.long, device=self.backbone.device)
+            root = torch.tensor([rows[i].root for i in idx], dtype=torch.long, device=device)
+            # Every row of the group is decoding; a proposer that sizes trees by batch may still choose a plain
+            # step for this many rows (`Proposer.plan_step`), whose root-only tree comes from `self._plain`.
+            active = torch.ones(len(idx), dtype=torch.bool, device=device)
             proposals.append(propose(self.heads, proposer, self.backbone, hidden, root,
-                                     lambda idx=idx: [rows[i].request.prompt_ids + rows[i].tokens for i in idx]))
+                                     lambda idx=idx: [rows[i].request.prompt_ids + rows[i].tokens for i in idx],
+                                     active, self._plain))
         return groups, proposals
 
     def _pruner_for(self, groups: list[tuple[Proposer, list[int]]]):
