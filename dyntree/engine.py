@@ -41,6 +41,7 @@ from .proposers import Proposal, Proposer, RootOnlyProposer
 from .sampling import SamplingConfig, choose_tokens
 from .textstream import TextStream
 from .trees import buffers_from_parents
+from .trees.pruning import pruned_children_hit
 from .verify import Verification, verify_greedy, verify_tree
 
 log = logging.getLogger("dyntree.engine")
@@ -129,7 +130,7 @@ class _Row:
     """A request holding a cache row: its tokens so far, the next root and the hidden state before it."""
 
     __slots__ = ("handle", "request", "engine", "generator", "tokens", "text", "last_hidden", "root", "passes",
-                 "accepted", "tree_sizes", "batch_sizes", "admitted", "reason")
+                 "accepted", "tree_sizes", "batch_sizes", "admitted", "reason", "prune")
 
     def __init__(self, handle: RequestHandle, engine: DynTree, admitted: float, device):
         self.handle = handle
@@ -147,6 +148,7 @@ class _Row:
         self.tree_sizes: list[int] = []
         self.batch_sizes: list[int] = []
         self.admitted = admitted
+        self.prune = None  # early pruning figures (`early.PruneStats`) once a step of it pruned this row
         self.reason = ""  # why it finished: "eos", "length", "stop"
 
 
@@ -333,6 +335,7 @@ class BatchEngine:
             original = pruned.to_original(Verification(accepted, torch.tensor(next_tokens),
                                                        torch.tensor(state_nodes, device=hidden.device)))
             accepted, last_nodes = original.accepted_nodes, original.last_nodes.tolist()
+            self._count_pruning(pruner, pruned, combined, original)
         else:
             hidden = forward_tree(self.backbone, combined, view)
             accepted, next_tokens, last_nodes = self._verify(hidden, combined, sizes)
@@ -377,6 +380,24 @@ class BatchEngine:
                                      lambda idx=idx: [rows[i].request.prompt_ids + rows[i].tokens for i in idx],
                                      active, self._plain))
         return groups, proposals
+
+    def _count_pruning(self, pruner, pruned, proposal: Proposal, result: Verification) -> None:
+        """Each row's own pruning figures (`early.PruneStats`): nodes dropped, and passes whose accepted path
+        ended where a dropped child held the model's next token."""
+        n = proposal.tokens.shape[1]
+        dropped = (~pruned.keep).sum(1).tolist()
+        hits = pruned_children_hit(proposal.buffers.parents, proposal.tokens, pruned.keep,
+                                   result.last_nodes.to(pruned.keep.device),
+                                   result.next_tokens.to(pruned.keep.device)).tolist()
+        for row, count, hit in zip(self._rows, dropped, hits):
+            if row.prune is None:
+                row.prune = pruner.new_stats()
+            stats = row.prune
+            stats.passes += 1
+            stats.nodes += n
+            stats.pruned += count
+            stats.pruned_per_pass.append(count)
+            stats.misses += int(hit)
 
     def _pruner_for(self, groups: list[tuple[Proposer, list[int]]]):
         """The early pruner (`DynTree.pruner`) of this step: only when every row decodes with one engine's
@@ -594,6 +615,7 @@ class BatchEngine:
             "queue_seconds": round(row.admitted - row.handle.submitted, 4),
             "acceptance": row.request.sampling.label,
             "heads": row.engine.heads_note,
+            **({"early_prune": _prune_figures(row.prune)} if row.prune is not None else {}),
         })
         self._end(row.handle, outcome, finish)
 
@@ -641,6 +663,13 @@ class BatchEngine:
         if len(self.engines) > ENGINE_CACHE_SIZE:
             self.engines.popitem(last=False)
         return engine
+
+
+def _prune_figures(prune) -> dict:
+    """What an answer says of early pruning: where it pruned and what it dropped per pass."""
+    figures = prune.as_dict()
+    return {"layer": prune.layer, "k": prune.k, "pruned_nodes_per_pass": round(figures["pruned_nodes_per_pass"], 2),
+            "pruned_share": round(figures["pruned_share"], 4), "miss_share": round(figures["miss_share"], 4)}
 
 
 def _send(request: EngineRequest, event: tuple) -> None:

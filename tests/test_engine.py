@@ -346,4 +346,6 @@ def test_early_pruning_applies_when_every_row_shares_the_tree(tiny_dir):
     for p, sink in zip(ps, sinks):
         assert sink.done.token_ids == plain(pruned, p, 25)
         assert sink.done.stats["tree"].endswith(":prune1:2")
+        figures = sink.done.stats["early_prune"]
+        assert (figures["layer"], figures["k"]) == (1, 2) and 0 <= figures["pruned_share"] <= 1
     assert calls  # the pruned pass did run
