@@ -7,8 +7,9 @@ the caller's thread). `submit(EngineRequest)` queues a request and returns a `Re
 1. drops cancelled and timed-out requests (queued or decoding) and frees their rows;
 2. admits waiting requests into free rows: prefill (alone, batch 1, exactly as a solo run does) and the
    first token;
-3. builds one tree per active row (rows grouped by their tree policy, one `propose` call per group), pads the
-   trees to one node count, runs ONE forward pass over all rows, verifies each row, commits its accepted
+3. builds one tree per active row (rows grouped by their tree policy, one `propose` call per group, within the
+   node budget `tree_size_for(batch size)`), pads the trees to one node count, runs ONE forward pass over all
+   rows (with the tree's early pruning when every row shares it), verifies each row, commits its accepted
    path, and hands each request its new text through its `sink` callback;
 4. frees the rows of finished requests (the last active row moves into the hole, so active rows are always
    cache rows 0..k-1 and a step reads a view of them, never a copy).
