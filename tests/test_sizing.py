@@ -73,3 +73,30 @@ def test_default_tree_is_sized_for_the_machine(tiny_model_dir, heads_dir_with_pr
     assert dt.with_tree(lookup=0).config.size == size  # same kind: keeps its size
     other = dt.with_tree("ar").with_tree("dynamic", lookup=0)
     assert other.config.size is None and len(measured) == 1
+
+
+def test_best_size_for_batch_is_the_fastest_rate_including_plain_decoding():
+    from dyntree.trees.sizing import TreeProfile, best_size_for_batch
+
+    profile = TreeProfile({2: 1.5, 4: 2.0, 8: 2.4}, {"tree": "dynamic"})
+    # Cheap wide passes (a GPU): the largest tree.
+    assert best_size_for_batch(profile, 0.010, lambda n: 0.010 + 0.0001 * n) == 8
+    # Cost growing with every node (a CPU at a large batch): plain decoding wins.
+    assert best_size_for_batch(profile, 0.010, lambda n: 0.010 * n) == 1
+    # In between: brute force over the candidates.
+    cost = {2: 0.012, 4: 0.016, 8: 0.030}
+    rates = {1: 1 / 0.010, **{n: profile.tokens_per_pass[n] / cost[n] for n in cost}}
+    assert best_size_for_batch(profile, 0.010, cost.__getitem__) == max(rates, key=rates.get)
+
+
+def test_batch_sizer_uses_the_nearest_measured_batch_below():
+    from dyntree.trees.latency import BatchLatency, LatencyModel
+    from dyntree.trees.sizing import TreeProfile, batch_sizer
+
+    profile = TreeProfile({2: 1.6, 4: 2.0, 8: 2.3}, {"tree": "dynamic"})
+    tree = {1: LatencyModel([1, 2, 4, 8], [0.010, 0.0105, 0.011, 0.012]),
+            4: LatencyModel([1, 2, 4, 8], [0.012, 0.020, 0.036, 0.070])}
+    sizer = batch_sizer(profile, BatchLatency(tree, {1: 0.010, 4: 0.012}), [1, 4])
+    assert sizer(1) == 8 and sizer(3) == 8  # batch 3 reads batch 1's choice
+    assert sizer(4) == 1 and sizer(16) == 1  # wide batches: plain decoding
+    assert sizer.choices == {1: 8, 4: 1}

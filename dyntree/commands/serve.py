@@ -31,6 +31,27 @@ def add_command(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def measured_tree_size_for(dt, max_batch: int):
+    """The engine's node budget by batch size from this machine's (batch, nodes) step latency and the heads'
+    tree profile (`trees.sizing.batch_sizer`), for a dynamic tree of the default, machine-chosen size; None
+    (the engine's default rule) when there is no profile or the user fixed the tree. Batch sizes 1, 2, 4, ...
+    up to `max_batch` are measured at start-up once per machine (then read from the cache)."""
+    from ..trees.latency import machine_batch_latency
+    from ..trees.sizing import batch_sizer
+
+    config, profile = dt.config, dt.tree_profile
+    if dt.heads is None or profile is None or config.kind != "dynamic" or config.auto or max_batch < 2:
+        return None
+    if not profile.matches(config.settings()):
+        return None
+    own = config.resolved_size
+    sizes = sorted(s for s in profile.tokens_per_pass if s <= own)
+    batches = sorted({1 << i for i in range(max_batch.bit_length()) if 1 << i <= max_batch} | {max_batch})
+    latency = machine_batch_latency(dt.model.backbone, dt.heads, sizes, config.resolved_topk, batches=batches)
+    capped = type(profile)({s: profile.tokens_per_pass[s] for s in sizes}, profile.policy, profile.note)
+    return batch_sizer(capped, latency, batches)
+
+
 def run(args) -> int:
     from ..errors import DynTreeError
     from ..extras import require_extra
@@ -53,10 +74,14 @@ def run(args) -> int:
 
     dt = DynTree.from_pretrained(args.model, heads=args.heads, tree=tree_config(args), device=args.device,
                                  dtype=args.dtype)
+    sizer = measured_tree_size_for(dt, args.max_batch)
     app = create_app(dt, served_model_name=args.served_model_name, default_max_tokens=args.max_tokens,
                      max_batch=args.max_batch, max_queue=args.max_queue,
                      request_timeout=args.request_timeout or None, shutdown_timeout=args.shutdown_timeout,
-                     max_model_len=args.max_model_len)
+                     max_model_len=args.max_model_len, tree_size_for=sizer)
+    if sizer is not None:
+        print("dyntree serve: nodes per sequence by batch size (measured on this machine): " + ", ".join(
+            f"{b}: {n}" for b, n in sorted(sizer.choices.items())), flush=True)
     service = app.state.service
     print(f"dyntree serve: {service.model_name} (tree {dt.proposer.name}; heads: {dt.heads_note}) "
           f"on http://{args.host}:{args.port}; up to {args.max_batch} requests decode together, "

@@ -68,3 +68,33 @@ def find_profile(heads_dir: str | os.PathLike | None) -> TreeProfile | None:
 def best_fixed_size(profile: TreeProfile, latency: LatencyModel) -> int:
     """The profiled size with the most accepted tokens per second on this machine (the smaller on ties)."""
     return max(sorted(profile.tokens_per_pass), key=lambda s: profile.tokens_per_pass[s] / latency.cost(s))
+
+
+def best_size_for_batch(profile: TreeProfile, plain_seconds: float, tree_seconds) -> int:
+    """Nodes per sequence for a step of one batch size: 1 (plain decoding: one token per sequence in
+    `plain_seconds`) or the profiled size with the most tokens per second, `tree_seconds(n)` being that batch
+    size's measured cost of n nodes per sequence (ProPD's dynamic tree generation, across batch sizes)."""
+    best, best_rate = 1, 1.0 / plain_seconds
+    for size in sorted(profile.tokens_per_pass):
+        rate = profile.tokens_per_pass[size] / tree_seconds(size)
+        if rate > best_rate:
+            best, best_rate = size, rate
+    return best
+
+
+def batch_sizer(profile: TreeProfile, latency, batches: list[int]):
+    """`tree_size_for(batch size)` for the serving engine: each batch size gets the size `best_size_for_batch`
+    picks from `latency` (a `trees.latency.BatchLatency`) measured at `batches` (now, then cached per machine);
+    a batch size between two measured ones uses the smaller one's choice (its cost per row is no lower)."""
+    measured = sorted(set(int(b) for b in batches))
+    choice = {}
+    for b in measured:
+        plain = latency.plain_cost(b)
+        choice[b] = best_size_for_batch(profile, plain if plain is not None else latency.cost(b, 1),
+                                        lambda n, b=b: latency.cost(b, n))
+
+    def tree_size_for(batch_size: int) -> int | None:
+        below = [b for b in measured if b <= batch_size]
+        return choice[below[-1] if below else measured[0]]
+    tree_size_for.choices = dict(choice)
+    return tree_size_for
