@@ -33,8 +33,17 @@ def policy(name: str, heads, seed_table=None) -> callable:
     a :N suffix (e.g. heads-only:16) changes the node budget."""
     import copy
 
-    base, _, size = name.partition(":")
-    fields = {"size": int(size)} if size else {}
+    base, *opts = name.split(":")
+    fields = {}
+    for opt in opts:  # :16 (size), :T1.5 (tree temperature), :raw (no renormalisation over the top-k), :k4
+        if opt.isdigit():
+            fields["size"] = int(opt)
+        elif opt.startswith("T"):
+            fields["tree_temperature"] = float(opt[1:])
+        elif opt == "raw":
+            fields["renormalize"] = False
+        elif opt.startswith("k"):
+            fields["topk"] = int(opt[1:])
     recycle, seeded = 0, base.startswith("seeded-")
     base = base.removeprefix("seeded-")
     if base == "heads-only":

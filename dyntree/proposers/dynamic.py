@@ -32,6 +32,9 @@ from ..trees.selection import Node, canonical_order, marginals, select_nodes
 from .base import Proposal, Proposer
 
 
+CONDITIONAL_TREE_TEMPERATURE = 1.5
+
+
 class DynamicTreeProposer(Proposer):
     """Builds each step's tree from the heads' current top-m guesses (and the context lookup branch).
 
@@ -82,6 +85,9 @@ class DynamicTreeProposer(Proposer):
                                "(rank, binned, a calibration table) model Medusa heads only")
         if self.conditional:  # a node never gets more children than the budget can hold
             self.topk = max(1, min(topk, size - 1))
+        # Hydra heads' conditional probabilities are tempered like Medusa marginals, with their own measured
+        # default (T=1.5 replayed best on MT-Bench, against 1 and 2: docs/dynamic-trees.md).
+        self.conditional_temperature = float(config.tree_temperature or CONDITIONAL_TREE_TEMPERATURE)
         self.learn = config.resolved_learn and not self.conditional
         self.stats = _acceptance_table(config.calibration, num_heads, topk)
         lookup = config.resolved_lookup
@@ -186,7 +192,19 @@ class DynamicTreeProposer(Proposer):
         """Depth by depth over path-conditional heads (`trees.conditional.select_by_depth`), then the same
         merge with the lookup chain and recycled paths as the Medusa trees."""
         budget = self.tree_size - 1
-        chosen = select_by_depth(draft.expand, root.shape[0], budget, self.num_heads)
+        temperature, renormalize = self.conditional_temperature, self.config.renormalize
+
+        def expand(requests):
+            """The children's conditional probabilities, renormalised over the top-k and tempered as the
+            Medusa marginals are (`trees.selection.marginals`)."""
+            out = []
+            for children in draft.expand(requests):
+                probs = [max(p, 1e-30) ** (1.0 / temperature) for _, p in children]
+                total = sum(probs) if renormalize else 1.0
+                out.append([(t, min(p / total, 1.0)) for (t, _), p in zip(children, probs)])
+            return out
+
+        chosen = select_by_depth(expand, root.shape[0], budget, self.num_heads)
         rows = []
         for row, row_choice in enumerate(chosen):
             meta = {}
