@@ -258,14 +258,48 @@ class HydraHeads(MedusaHeads):
         dtype = self.block_weight.dtype
         hidden = hidden.to(dtype)
         path = F.embedding(path_ids, embed).to(dtype).flatten(1)  # [N, (head+1) H]
+        if not torch.is_grad_enabled():
+            return self._fast_head_logits(head, hidden, path, lm_head_weight_t)
         pre = torch.addmm(self.block_bias[head, 0], hidden, self.block_weight[head, 0].t())
         x = hidden + F.silu(pre + path @ self.path_weights[head].t())
         for layer in range(1, self.config.num_layers):
             x = x + F.silu(torch.addmm(self.block_bias[head, layer], x, self.block_weight[head, layer].t()))
         if self.projection is None:
             return x @ self._shared_weight_t(lm_head_weight_t)
-        weight_t = self.projection[head].t() if torch.is_grad_enabled() else self._projection_t()[head]
-        return x @ weight_t
+        return x @ self.projection[head].t()
+
+    def _fast_head_logits(self, head: int, hidden: torch.Tensor, path: torch.Tensor,
+                          lm_head_weight_t: torch.Tensor) -> torch.Tensor:
+        """The same product through prepacked `Dense` layers (one per head and block, [A_k | P_k] fused into
+        one): drafting runs a few rows per depth, where the generic matmul costs several times more."""
+        first, blocks, projection = self._dense_layers()[head]
+        x = hidden + F.silu(first(torch.cat([hidden, path], dim=1)))
+        for block in blocks:
+            x = x + F.silu(block(x))
+        if projection is None:
+            return x @ self._shared_weight_t(lm_head_weight_t)
+        return projection(x)
+
+    def _dense_layers(self) -> list:
+        """Per head: (fused first block, later blocks, own projection or None) as prepacked `Dense`; made
+        again whenever a parameter changed (training bumps their versions)."""
+        params = [self.block_weight, self.block_bias, *self.path_weights] + (
+            [self.projection] if self.projection is not None else [])
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        cached = getattr(self, "_dense_cache", None)
+        if cached is None or cached[0] != key:
+            layers = []
+            for k in range(self.num_heads):
+                fused = torch.cat([self.block_weight[k, 0], self.path_weights[k]], dim=1).detach()
+                first = Dense(fused.contiguous(), self.block_bias[k, 0].detach().contiguous())
+                blocks = [Dense(self.block_weight[k, l].detach().contiguous(),
+                                self.block_bias[k, l].detach().contiguous())
+                          for l in range(1, self.config.num_layers)]
+                projection = None if self.projection is None else Dense(self.projection[k].detach().contiguous())
+                layers.append((first, blocks, projection))
+            object.__setattr__(self, "_dense_cache", (key, layers))
+            cached = self._dense_cache
+        return cached[1]
 
     def path_logits(self, hidden: torch.Tensor, path_ids: torch.Tensor, embed: torch.Tensor,
                     lm_head_weight_t: torch.Tensor) -> torch.Tensor:
