@@ -28,9 +28,9 @@ from dyntree.training.train import head_paths, head_targets, IGNORE
 
 
 def policy(name: str, heads, seed_table=None) -> callable:
-    """default: the default dynamic tree (lookup chain included); heads-only: no lookup; recycle[R]: the
-    default plus up to R recycled candidates; seeded-recycle[R]: the same, its table seeded from --seed-data;
-    a :N suffix (e.g. heads-only:16) changes the node budget."""
+    """default: the default dynamic tree (lookup chain and recycling as configured by default); heads-only: no
+    lookup; recycle[R]: the default with up to R recycled candidates; seeded-recycle[R]: the same, its table
+    seeded from --seed-data; options after colons: N (node budget), TX (tree temperature), raw, kK, recycleR."""
     import copy
 
     base, *opts = name.split(":")
@@ -44,7 +44,11 @@ def policy(name: str, heads, seed_table=None) -> callable:
             fields["renormalize"] = False
         elif opt.startswith("k"):
             fields["topk"] = int(opt[1:])
-    recycle, seeded = 0, base.startswith("seeded-")
+        elif opt.startswith("recycle"):
+            fields["recycle"] = int(opt[7:])
+        else:
+            raise SystemExit(f"unknown policy option {opt!r} in {name!r}")
+    recycle, seeded = None, base.startswith("seeded-")  # None: the tree config's default
     base = base.removeprefix("seeded-")
     if base == "heads-only":
         fields["lookup"] = 0

@@ -46,7 +46,7 @@ def add_model_args(parser: argparse.ArgumentParser, tree: bool = True) -> None:
                                  "(default: the measured best; 0 = heads only)")
         parser.add_argument("--recycle", type=int, default=None, metavar="N",
                             help="dynamic trees: up to N recycled candidates per tree (each token's successors "
-                                 "seen in verified text so far) inside the same node budget (default: off; 0 = off)")
+                                 "seen in verified text so far) inside the same node budget (default: 2; 0 = off)")
         parser.add_argument("--early-prune", default=None, metavar="LAYER:K",
                             help="ProPD early pruning: after LAYER layers, drop the tree nodes whose token is not "
                                  "in their parent's early top-K (the model's own lm_head on that layer's state), "

@@ -30,7 +30,7 @@ AUTO_MAX_SIZE = 32  # the largest tree `size="auto"` may choose
 # as calibrated scores do, with no calibration data (docs/dynamic-trees.md). Calibrated scores use T=1.
 PROB_TREE_TEMPERATURE = 2.0
 DEFAULT_LOOKUP = 6  # lookup-chain tokens per tree (docs/dynamic-trees.md); 0 = heads only
-DEFAULT_RECYCLE = 0  # recycled candidates per tree; off: measured within noise of the default (docs/dynamic-trees.md)
+DEFAULT_RECYCLE = 2  # recycled candidates per tree (docs/dynamic-trees.md: +1.6% tokens per pass, +1% tokens/s)
 SCORE_MODES = ("prob", "rank", "binned")
 LOOKUP_MERGES = ("first", "score")
 

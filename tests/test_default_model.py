@@ -55,7 +55,7 @@ def test_tree_decoding_is_token_exact(default_model, prompts, heads_kind):
     heads, _ = resolve_heads(heads_kind, default_model)
     if heads is None:
         pytest.skip("no bundled heads in this build")
-    dt = DynTree(default_model, heads, tree="static")
+    dt = DynTree(default_model, heads, tree="dynamic" if heads.conditional else "static")
     for ids in prompts:
         ref = dt.generate(ids, 48, proposer=RootOnlyProposer()).token_ids
         assert dt.generate(ids, 48).token_ids == ref

@@ -126,12 +126,13 @@ def test_table_memory_is_bounded_by_vocabulary_and_k():
 
 
 def test_recycle_is_a_validated_tree_setting():
-    from dyntree.config import TreeConfig
+    from dyntree.config import DEFAULT_RECYCLE, TreeConfig
 
     config = TreeConfig.parse("dynamic", recycle=3)
     assert config.resolved_recycle == 3 and config.settings()["recycle"] == 3
     assert DynamicTreeProposer(4, config).recycle == 3
-    assert TreeConfig.parse("dynamic").resolved_recycle == 0
+    assert TreeConfig.parse("dynamic").resolved_recycle == DEFAULT_RECYCLE
+    assert TreeConfig.parse("dynamic", recycle=0).resolved_recycle == 0
     with pytest.raises(DynTreeError, match="recycle must be an integer"):
         TreeConfig.parse("dynamic", recycle=-1)
     with pytest.raises(DynTreeError, match="only applies to the dynamic tree"):
