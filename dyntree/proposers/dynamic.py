@@ -109,6 +109,13 @@ class DynamicTreeProposer(Proposer):
     def max_nodes(self) -> int:
         return self.tree_size
 
+    def start_run(self, prompts: list[list[int]]) -> None:
+        """Recycling starts each run from a table of the prompts' own successor pairs: what a run proposes then
+        depends only on that run (a seed reproduces a sampled run), and answers that repeat their prompt get
+        candidates from the first step."""
+        if self.successors is not None:
+            self.successors = SuccessorTable.from_sequences(prompts, self.successors.k)
+
     def prepare(self, batch_size: int) -> None:
         """Measure (or read from the cache) this batch size's latency now, not inside a run's first step."""
         if self._batch_latency is not None:
