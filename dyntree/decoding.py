@@ -246,7 +246,6 @@ class DecodeRun:
         cache = backbone.new_cache(batch, max(lengths) + self.max_new_tokens + proposer.max_nodes + 1)
 
         start = time.perf_counter()
-        proposer.start_run(self.prompts)
         last_hidden = prefill(backbone, cache, self.prompts)
         root = choose_tokens(backbone.logits(last_hidden), self.sampling, self.generator)
         finished = [False] * batch

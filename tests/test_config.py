@@ -77,7 +77,7 @@ def test_replace_keeps_settings_of_the_same_kind_only():
 
 def test_settings_record_resolved_values():
     assert TreeConfig.parse("dynamic").settings() == {"tree": "dynamic", "topk": 8, "size": 8, "score": "prob",
-                                                      "tree_temperature": 2.0, "lookup": 6}
+                                                      "tree_temperature": 2.0, "lookup": 6, "recycle": 2}
     assert TreeConfig.parse("static:8").settings() == {"tree": "static", "topk": 10, "static_tree": "mc_sim_7b_63",
                                                        "size": 8}
     auto = TreeConfig.parse("dynamic", "auto:12", latency="lat.json").settings()

@@ -82,15 +82,15 @@ def test_recycled_candidates_join_the_tree_inside_the_budget():
     probs = torch.rand(1, 4, 6, generator=gen).sort(-1, descending=True).values
     ids = torch.stack([torch.randperm(50, generator=gen)[:6] for _ in range(4)])[None] + 100  # heads: 100+
     proposer = DynamicTreeProposer(4, topk=6, size=8, lookup=0, recycle=3)
-    assert proposer.name.endswith(":recycle3") and not proposer.uses_context
-    proposer.successors.observe_sequence([9, 1, 2, 3, 4, 9, 5])  # 9 -> 5, 1; 5 -> (nothing)
-    proposal = proposer.propose(torch.tensor([9]), ids, probs)
+    assert proposer.name.endswith(":recycle3") and proposer.uses_context  # the table is the sequence's text's
+    context = [9, 1, 2, 3, 4, 9, 5, 9]  # 9 -> 5, 1 (most recent first); 5 -> 9; root 9 last
+    proposal = proposer.propose(torch.tensor([9]), ids, probs, context=[context])
     tokens, parents = proposal.tokens[0].tolist(), proposal.buffers.parents[0].tolist()
     assert len(tokens) == 8
     paths = {}
     for i in range(1, len(tokens)):
         paths[i] = (paths[parents[i]] if parents[i] > 0 else ()) + (tokens[i],)
-    assert {(5,), (1,), (1, 2)} <= set(paths.values())
+    assert {(5,), (5, 9), (5, 9, 5)} <= set(paths.values())  # best-first along the most recent successors
     assert sum(t >= 100 for t in tokens[1:]) == 4  # the heads fill the rest
     with pytest.raises(DynTreeError):
         DynamicTreeProposer(4, topk=6, size=8, recycle=-1)
@@ -109,7 +109,7 @@ def test_recycle_decoding_is_lossless_and_replay_matches_decoding(tiny_model, lo
     proposer = DynamicTreeProposer(4, topk=6, size=12, lookup=lookup, recycle=recycle)
     got = Decoder(backbone, heads, proposer).run(prompts, 48, stop_at_eos=False).consume()
     assert got.tokens == expected
-    assert len(proposer.successors) > 0
+    assert len(proposer.successors.table(0, prompts[0] + got.tokens[0])) > 0
     assert_replay_matches_decoding(backbone, heads, prompts, expected,
                                    lambda: DynamicTreeProposer(4, topk=6, size=12, lookup=lookup, recycle=recycle))
 
@@ -137,3 +137,17 @@ def test_recycle_is_a_validated_tree_setting():
         TreeConfig.parse("dynamic", recycle=-1)
     with pytest.raises(DynTreeError, match="only applies to the dynamic tree"):
         TreeConfig.parse("static", recycle=2)
+
+
+def test_context_tables_extend_incrementally_and_rebuild_for_another_sequence():
+    from dyntree.trees.recycle import ContextTables
+
+    tables = ContextTables(k=2)
+    text = [1, 2, 3, 1, 4]
+    first = tables.table(0, text)
+    assert first.successors(1) == [4, 2]
+    grown = tables.table(0, text + [1, 5])  # the same sequence, grown: the same table, extended
+    assert grown is first and grown.successors(1) == [5, 4] and grown.successors(4) == [1]
+    other = tables.table(0, [7, 8, 7, 9])  # another sequence in the row: rebuilt from its own text
+    assert other is not first and other.successors(7) == [9, 8] and other.successors(1) == []
+    assert tables.table(1, text + [1, 5]).next == SuccessorTable.from_sequences([text + [1, 5]]).next

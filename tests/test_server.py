@@ -398,7 +398,7 @@ def test_cli_serve_rejects_bad_options(tiny_model_dir, capsys):  # noqa: F811
 @pytest.mark.slow
 def test_default_model_served_greedy_equals_plain_decoding():
     """The real model with its bundled heads: the served answer is plain greedy decoding's, in fewer passes."""
-    dt = DynTree.from_pretrained("default", tree="static")
+    dt = DynTree.from_pretrained("default", tree="dynamic")
     messages = [{"role": "user", "content": "Name three colours of the rainbow."}]
     with TestClient(create_app(dt)) as c:
         body = c.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 24,

@@ -71,7 +71,6 @@ def replay(proposer, record: dict, max_new_tokens: int | None = None, heads=None
     else:
         head_ids, head_probs = record["head_ids"], record["head_probs"]
     lengths, sizes = [], []
-    proposer.start_run([tokens[:start]])  # as `DecodeRun` does when a generation starts
     j = start  # index of the current root (the prefill emitted it)
     while j < end - 1:
         root = torch.tensor([tokens[j]])

@@ -65,10 +65,6 @@ class Proposer(ABC):
         is plain decoding (the heads are not run and the tree is the root alone). Default: always a tree."""
         return True
 
-    def start_run(self, prompts: list[list[int]]) -> None:
-        """Called when a generation starts, with its prompts: state that must not carry from one run to the
-        next (so that a seed reproduces a sampled run) is reset here. Default: nothing."""
-
     def observe(self, proposal: Proposal, verification, active: torch.Tensor | None = None) -> None:
         """Called after each verification of `proposal` (`verify.Verification`); rows where `active` is False
         belong to finished sequences. Default: nothing to learn."""

@@ -27,7 +27,7 @@ from ..trees.buffers import pad_parents
 from ..trees.conditional import select_by_depth
 from ..trees.latency import BatchLatency, LatencyModel
 from ..trees.lookup import LookupBranch, merge_chain
-from ..trees.recycle import SuccessorTable
+from ..trees.recycle import ContextTables
 from ..trees.selection import Node, canonical_order, marginals, select_nodes
 from .base import Proposal, Proposer
 
@@ -40,9 +40,9 @@ class DynamicTreeProposer(Proposer):
 
     `config` is a dynamic `TreeConfig` (or its fields as keywords, e.g. `DynamicTreeProposer(4, size=16)`);
     `latency` (a `LatencyModel` measured at batch 1, or a `BatchLatency`) overrides `config.latency` for a
-    size chosen per step. `recycle` (prototype, 0 = off): up to
-    that many recycled candidates (`trees.recycle.SuccessorTable`, fed by the verified tokens) join each
-    tree that has no lookup chain, before the heads' nodes, inside the same node budget.
+    size chosen per step. `recycle` (overrides `config.recycle`; 0 = off): up to that many recycled candidates
+    (each token's successors in the sequence's own text, `trees.recycle.ContextTables`) join each tree that
+    has no lookup chain, before the heads' nodes, inside the same node budget.
     """
 
     uses_heads = True
@@ -97,7 +97,9 @@ class DynamicTreeProposer(Proposer):
             config = config.replace(recycle=recycle)
             self.config = config
         self.recycle = config.resolved_recycle
-        self.successors = SuccessorTable(recycle_k) if self.recycle else None
+        # Recycling reads each sequence's own text (its successor pairs), like the lookup branch.
+        self.successors = ContextTables(recycle_k) if self.recycle else None
+        self.uses_context = self.uses_context or self.successors is not None
         self._chains: list[list[int]] = []  # per row: the lookup chain's node indices in the latest tree
         self._last = None  # the latest proposal and its node lists, for `observe`
         size_label = f"auto{size}" if latency is not None else f"n{size}"
@@ -108,13 +110,6 @@ class DynamicTreeProposer(Proposer):
     @property
     def max_nodes(self) -> int:
         return self.tree_size
-
-    def start_run(self, prompts: list[list[int]]) -> None:
-        """Recycling starts each run from a table of the prompts' own successor pairs: what a run proposes then
-        depends only on that run (a seed reproduces a sampled run), and answers that repeat their prompt get
-        candidates from the first step."""
-        if self.successors is not None:
-            self.successors = SuccessorTable.from_sequences(prompts, self.successors.k)
 
     def prepare(self, batch_size: int) -> None:
         """Measure (or read from the cache) this batch size's latency now, not inside a run's first step."""
@@ -245,8 +240,8 @@ class DynamicTreeProposer(Proposer):
         for row, (paths, meta) in enumerate(rows):
             # Recycled paths (only where no lookup chain was found: measured better than always) go before
             # the heads' paths; score 0 puts them last with lookup_merge "score".
-            if self.successors is not None and not chains[row]:
-                recycled = self.successors.tree(roots[row], min(self.recycle, budget))
+            if self.successors is not None and not chains[row] and context is not None:
+                recycled = self.successors.table(row, context[row]).tree(roots[row], min(self.recycle, budget))
                 for path in recycled:
                     meta.setdefault(path, (0.0, -1, 0.0))
                 paths = recycled + paths  # duplicates are merged below
@@ -286,12 +281,10 @@ class DynamicTreeProposer(Proposer):
 
     def observe(self, proposal, verification, active: torch.Tensor | None = None) -> None:
         """Feed one step's verification back into the acceptance table (when learning), into the lookup
-        branch's per-depth counts (when lookup is on) and into the successor table (when recycling)."""
+        branch's per-depth counts (when lookup is on)."""
         last = self._last
         if last is None or last[0] is not proposal:
             return
-        if self.successors is not None:  # recycling trees are built by `_propose_with_lookup`, which sets `_last`
-            self._observe_successors(proposal, verification, active)
         _, parents, ranks, node_probs = last
         active_rows = None if active is None else active.tolist()
         for b, nodes in enumerate(verification.accepted_nodes):
@@ -303,15 +296,7 @@ class DynamicTreeProposer(Proposer):
             if self.learn:
                 self.stats.record_tree(parents[b], ranks[b], node_probs[b], accepted)
 
-    def _observe_successors(self, proposal, verification, active) -> None:
-        """Each accepted token's successor (the next accepted token, or the bonus token) into the table."""
-        tokens = proposal.tokens.tolist()
-        nexts = verification.next_tokens.tolist()
-        active_rows = None if active is None else active.tolist()
-        for b, nodes in enumerate(verification.accepted_nodes):
-            if active_rows is not None and not active_rows[b]:
-                continue
-            self.successors.observe_sequence([tokens[b][i] for i in nodes.tolist()] + [nexts[b]])
+
 
 
 def _pad(rows: list[list], width: int, fill) -> list[list]:

@@ -5,8 +5,10 @@ Every verified step shows which token followed which. The table keeps, per token
 step's root by following it. The paths join the dynamic tree like the lookup chain, inside the same node
 budget. One table per proposer (so per server engine); a plain dict, no global state.
 
-This prototype is fed the top-1 successors that greedy decoding reveals for free (each accepted token's
-successor is the next accepted token or the bonus token), not the backbone's top-k at verified nodes.
+Each sequence has its own table, made from its own text (prompt + tokens emitted so far: the top-1 successors
+that verification revealed), not the backbone's top-k at verified nodes. Being a function of the sequence's
+text, it keeps sequences of a batch independent and a seeded run reproducible; `ContextTables` extends each
+row's table incrementally as its text grows instead of rebuilding it every step.
 """
 
 from __future__ import annotations
@@ -82,3 +84,29 @@ class SuccessorTable:
             out.append(path)
             push(path, -neg)
         return out
+
+
+class ContextTables:
+    """Per batch row, the successor table of that row's context, extended with the new pairs at each step.
+
+    A row's cached table is reused when the new context extends the one it was built from (same length at
+    least, same first token and same token at the old end); otherwise (another sequence took the row) it is
+    rebuilt. A wrong reuse could only change which candidates are proposed, never what is accepted.
+    """
+
+    def __init__(self, k: int = 2):
+        self.k = k
+        self._rows: dict[int, tuple[int, int, int, SuccessorTable]] = {}  # row -> (len, first, last, table)
+
+    def table(self, row: int, context: list[int]) -> SuccessorTable:
+        cached = self._rows.get(row)
+        n = len(context)
+        if cached is not None and cached[0] <= n and cached[0] > 0 and context[0] == cached[1] \
+                and context[cached[0] - 1] == cached[2]:
+            start, table = cached[0] - 1, cached[3]
+        else:
+            start, table = 0, SuccessorTable(self.k)
+        table.observe_sequence(context[start:])
+        if n:
+            self._rows[row] = (n, context[0], context[-1], table)
+        return table
