@@ -103,6 +103,9 @@ def run_config(max_batch: int, args, prompts: list[str], measure_rss: bool, log_
                 "latency_p95_s")}}), flush=True)
             out["levels"].append(summary)
         if measure_rss:
+            # Every prompt once first: the KV cache grows (once) to the longest prompt + completion it has to
+            # hold, which is its working size, not a leak; growth is measured from there.
+            asyncio.run(run_load(url, 8, len(prompts), args.max_tokens, prompts, timeout=args.request_timeout))
             before = rss_bytes(process.pid)
             summary = asyncio.run(run_load(url, 8, args.rss_requests, args.max_tokens, prompts,
                                            timeout=args.request_timeout, time_limit=7200))

@@ -277,13 +277,8 @@ def run_benchmark(methods: list[BenchMethod], prompts: list[BenchPrompt], contex
     reference = names.index(REFERENCE_METHOD) if REFERENCE_METHOD in names else 0
 
     def timed(method, prompt_ids, max_new):
-        probe.start()
-        sync()
-        start = time.perf_counter()
-        tokens, stats = method.run(prompt_ids, max_new)
-        sync()
-        seconds = time.perf_counter() - start
-        return tokens, stats, seconds, probe.stop()
+        (tokens, stats), seconds, memory = _timed_call(probe, sync, method.run, prompt_ids, max_new)
+        return tokens, stats, seconds, memory
 
     first_ids = _encode(context, prompts[0], 0, [], settings.chat)
     for _ in range(settings.warmup):
@@ -333,13 +328,8 @@ def _run_batched(methods: list[BenchMethod], prompts: list[BenchPrompt], context
     size = settings.batch_size
 
     def timed(method, batch_ids, max_new):
-        probe.start()
-        sync()
-        start = time.perf_counter()
-        outputs, stats = method.run_batch(batch_ids, max_new)
-        sync()
-        seconds = time.perf_counter() - start
-        return outputs, stats, seconds, probe.stop()
+        (outputs, stats), seconds, memory = _timed_call(probe, sync, method.run_batch, batch_ids, max_new)
+        return outputs, stats, seconds, memory
 
     for method in methods:  # e.g. a tree sized by a latency model measures this batch size now, untimed
         if hasattr(method, "prepare_batch"):
@@ -399,3 +389,13 @@ def _sequence_lengths(stats, b: int) -> list[int] | None:
     """Sequence b's tokens per decoding pass, from a batch's stats (`sequence_accepted` kept by the loop)."""
     per_sequence = getattr(stats, "sequence_accepted", None)
     return list(per_sequence[b]) if per_sequence else None
+
+
+def _timed_call(probe, sync, call, *args):
+    """`call(*args)`, its wall seconds (device synchronised on both sides) and the memory probe's reading."""
+    probe.start()
+    sync()
+    start = time.perf_counter()
+    out = call(*args)
+    sync()
+    return out, time.perf_counter() - start, probe.stop()
