@@ -97,6 +97,7 @@ class DynTree:
         self.tree_profile = tree_profile
         self.early_head = early_head
         self.config = config if heads is not None else TreeConfig(kind="ar")
+        self.machine_sized = False  # set by `_build` when the tree's size came from the heads' profile
         self.proposer = build_proposer(self.config, heads.num_heads if heads is not None else None, latency,
                                        conditional=heads is not None and heads.conditional)
         # ProPD early pruning (None: off); its layer is checked against this model here.
@@ -130,8 +131,10 @@ class DynTree:
     @classmethod
     def _build(cls, model: LoadedModel, heads, heads_note: str, config: TreeConfig, profile,
                early_head=None) -> "DynTree":
-        config = sized_for_machine(model, heads, config, profile)
-        return cls(model, heads, heads_note, config, step_latency(model, heads, config), profile, early_head)
+        sized = sized_for_machine(model, heads, config, profile)
+        dt = cls(model, heads, heads_note, sized, step_latency(model, heads, sized), profile, early_head)
+        dt.machine_sized = sized is not config  # the size came from the profile: batches may be sized too
+        return dt
 
     def with_tree(self, tree: TreeConfig | str | None = None, **tree_fields) -> "DynTree":
         """The same model and heads with another tree (no reload). A tree of the current kind keeps the
@@ -147,6 +150,37 @@ class DynTree:
     @property
     def tokenizer(self):
         return self.model.tokenizer
+
+    def proposer_for_batch(self, batch_size: int) -> Proposer:
+        """The proposer for `batch_size` sequences decoded together. A tree sized for this machine from the
+        heads' profile is sized again per batch size, from this machine's (batch, nodes) step latency
+        (`trees.sizing.best_size_for_batch`; measured once per batch size and machine, then cached): wide
+        batches make every node cost, so trees shrink, down to plain decoding (one node)."""
+        if batch_size <= 1 or not self.machine_sized or self.tree_profile is None:
+            return self.proposer
+        cache = self.__dict__.setdefault("_batch_proposers", {})
+        if batch_size not in cache:
+            from .proposers import RootOnlyProposer
+            from .trees.latency import machine_batch_latency
+            from .trees.sizing import best_size_for_batch
+
+            own = self.config.resolved_size
+            sizes = sorted(s for s in self.tree_profile.tokens_per_pass if s <= own)
+            latency = machine_batch_latency(self.model.backbone, self.heads, sizes, self.config.resolved_topk,
+                                            batches=[batch_size])
+            plain = latency.plain_cost(batch_size)
+            profile = type(self.tree_profile)({s: self.tree_profile.tokens_per_pass[s] for s in sizes},
+                                              self.tree_profile.policy)
+            size = best_size_for_batch(profile, plain if plain is not None else latency.cost(batch_size, 1),
+                                       lambda n: latency.cost(batch_size, n))
+            if size <= 1:
+                cache[batch_size] = RootOnlyProposer()
+            elif size >= own:
+                cache[batch_size] = self.proposer
+            else:
+                cache[batch_size] = build_proposer(self.config.replace(size=size), self.heads.num_heads,
+                                                   conditional=self.heads.conditional)
+        return cache[batch_size]
 
     def decoder(self, proposer: Proposer | None = None, sampling: SamplingConfig | None = None) -> Decoder:
         return Decoder(self.model.backbone, self.heads, proposer or self.proposer, sampling=sampling,
@@ -192,6 +226,7 @@ class DynTree:
         plain greedy's output, sequence by sequence); else lossless tree speculative sampling (the model's own
         distribution) or typical acceptance, one seeded generator for the whole batch."""
         ids, many = self.encode_batch(prompt, chat)
+        proposer = proposer or self.proposer_for_batch(len(ids))
         run = self.decoder(proposer, sampling).run(ids, max_new_tokens, stop_at_eos).consume()
         run.stats.heads_note = self.heads_note
         results = [GenerationResult(tokens, self.tokenizer.decode(tokens, skip_special_tokens=True), run.stats, b)
@@ -205,6 +240,7 @@ class DynTree:
         With a list of prompts (one batch) every chunk carries its prompt's `index`; within a pass, chunks
         come in prompt order."""
         ids, _ = self.encode_batch(prompt, chat)
+        proposer = proposer or self.proposer_for_batch(len(ids))
         run = self.decoder(proposer, sampling).run(ids, max_new_tokens, stop_at_eos)
         texts = [TextStream(self.tokenizer) for _ in ids]
         done = [False] * len(ids)

@@ -331,3 +331,27 @@ def test_prepare_measures_a_batch_size_before_any_step(tiny):  # noqa: F811
     proposer.prepare(3)
     assert measured == [3]
     RootOnlyProposer().prepare(3)  # the contract's default: nothing to do
+
+
+def test_a_machine_sized_tree_is_sized_again_per_batch_size(tiny_dyntree, tmp_path, monkeypatch):
+    """With a heads profile the default tree's size comes from this machine; a batch gets the size (or plain
+    decoding) that its own measured step latency favours, and stays token-exact."""
+    from dyntree.api import DynTree
+    from dyntree.config import TreeConfig
+    from dyntree.proposers import RootOnlyProposer
+    from dyntree.trees.sizing import TreeProfile
+
+    monkeypatch.setenv("DYNTREE_CACHE", str(tmp_path))  # latency measured here, not in the user's cache
+    policy = {k: v for k, v in TreeConfig.parse("dynamic").settings().items() if k != "size"}
+    profile = TreeProfile({2: 1.02, 4: 1.03, 8: 1.04}, policy)  # barely better than plain: batches go plain
+    dt = DynTree._build(tiny_dyntree.model, tiny_dyntree.heads, "random", TreeConfig.parse("dynamic"), profile)
+    assert dt.machine_sized and dt.proposer_for_batch(1) is dt.proposer
+    batched = dt.proposer_for_batch(4)
+    assert batched is dt.proposer_for_batch(4)  # chosen once per batch size
+    assert isinstance(batched, RootOnlyProposer) or batched.max_nodes <= dt.proposer.max_nodes
+    prompts = ["w5 w6 w7", "w40 w41 w42 w43 w44", [9, 10, 11], "w8 w9"]
+    together = dt.generate(prompts, max_new_tokens=12, chat=False, stop_at_eos=False)
+    alone = [dt.with_tree("ar").generate(p, max_new_tokens=12, chat=False, stop_at_eos=False) for p in prompts]
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    fixed = DynTree._build(tiny_dyntree.model, tiny_dyntree.heads, "random", TreeConfig.parse("dynamic", 4), profile)
+    assert not fixed.machine_sized and fixed.proposer_for_batch(4) is fixed.proposer  # a size the user set stays
