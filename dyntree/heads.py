@@ -158,7 +158,10 @@ class MedusaHeads(nn.Module):
     @torch.inference_mode()
     def topk(self, hidden: torch.Tensor, lm_head: Dense, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k guesses of every head: token ids and probabilities, each `[N, K, k]`."""
-        logits = self.logits(hidden, lm_head.weight_t)
+        return self._top_guesses(self.logits(hidden, lm_head.weight_t), k)
+
+    def _top_guesses(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top-k of logits over the projection's vocabulary, as full-vocabulary ids and probabilities."""
         probs, idx = torch.softmax(logits.float(), dim=-1).topk(k, dim=-1)
         if self.vocab_ids is not None:
             idx = self.vocab_ids[idx]
@@ -315,11 +318,7 @@ class HydraHeads(MedusaHeads):
     def topk_given_path(self, head: int, hidden: torch.Tensor, path_ids: torch.Tensor, embed: torch.Tensor,
                         lm_head: Dense, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k guesses `[N, k]` (token ids, probabilities) of head `head` for N paths."""
-        logits = self.head_logits(head, hidden, path_ids, embed, lm_head.weight_t)
-        probs, idx = torch.softmax(logits.float(), dim=-1).topk(k, dim=-1)
-        if self.vocab_ids is not None:
-            idx = self.vocab_ids[idx]
-        return idx, probs
+        return self._top_guesses(self.head_logits(head, hidden, path_ids, embed, lm_head.weight_t), k)
 
     @torch.no_grad()
     def round_to_storage(self, block_dtype: torch.dtype = torch.float32, int8_projection: bool = False) -> None:
