@@ -268,16 +268,11 @@ def run_benchmark(methods: list[BenchMethod], prompts: list[BenchPrompt], contex
     check_batch_methods(methods, settings.batch_size)
     if settings.batch_size > 1:
         return _run_batched(methods, prompts, context, settings, progress)
-    device = context.torch_device
-    probe = MemoryProbe(device)
-    bench = BenchRun(methods, prompts, settings, memory_kind=probe.kind, environment=environment(device))
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    tokenizer = context.tokenizer
-    names = [m.name for m in methods]
-    reference = names.index(REFERENCE_METHOD) if REFERENCE_METHOD in names else 0
+    session = _Session(methods, prompts, context, settings)
+    bench, tokenizer, reference = session.bench, context.tokenizer, session.reference
 
     def timed(method, prompt_ids, max_new):
-        (tokens, stats), seconds, memory = _timed_call(probe, sync, method.run, prompt_ids, max_new)
+        (tokens, stats), seconds, memory = session.timed(method.run, prompt_ids, max_new)
         return tokens, stats, seconds, memory
 
     first_ids = _encode(context, prompts[0], 0, [], settings.chat)
@@ -296,8 +291,7 @@ def run_benchmark(methods: list[BenchMethod], prompts: list[BenchPrompt], contex
             bench.inputs[(prompt.prompt_id, turn + 1)] = {"token_ids": prompt_ids}
             outputs: dict[str, list[int]] = {}
             for repeat in range(settings.repeats):
-                shift = round_index % len(methods)
-                order = methods[shift:] + methods[:shift]
+                order = _rotated(methods, round_index)
                 round_index += 1
                 for position, method in enumerate(order):
                     if progress:
@@ -308,27 +302,19 @@ def run_benchmark(methods: list[BenchMethod], prompts: list[BenchPrompt], contex
                     bench.records.append(_stats_record(method, prompt, turn, repeat, position, prompt_ids, tokens,
                                                        stats, seconds, memory))
             # The next turn continues the reference method's answer, so every method sees the same input.
-            answers.append(tokenizer.decode(outputs[names[reference]], skip_special_tokens=True))
-    bench.environment["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    # Quality of the sampling methods' distribution: after the timed runs, so it never disturbs a timing.
-    bench.kl = measure_first_token_kl(methods, bench.inputs, settings.kl_samples, settings.kl_contexts, progress)
-    return bench
+            answers.append(tokenizer.decode(outputs[reference], skip_special_tokens=True))
+    return session.finish(progress)
 
 
 def _run_batched(methods: list[BenchMethod], prompts: list[BenchPrompt], context: BenchContext,
                  settings: BenchSettings, progress: Callable[[str], None] | None) -> BenchRun:
     """`run_benchmark` with prompt turns grouped `settings.batch_size` at a time (see the module docstring)."""
-    device = context.torch_device
-    probe = MemoryProbe(device)
-    bench = BenchRun(methods, prompts, settings, memory_kind=probe.kind, environment=environment(device))
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    tokenizer = context.tokenizer
-    names = [m.name for m in methods]
-    reference = names.index(REFERENCE_METHOD) if REFERENCE_METHOD in names else 0
+    session = _Session(methods, prompts, context, settings)
+    bench, tokenizer, reference = session.bench, context.tokenizer, session.reference
     size = settings.batch_size
 
     def timed(method, batch_ids, max_new):
-        (outputs, stats), seconds, memory = _timed_call(probe, sync, method.run_batch, batch_ids, max_new)
+        (outputs, stats), seconds, memory = session.timed(method.run_batch, batch_ids, max_new)
         return outputs, stats, seconds, memory
 
     for method in methods:  # e.g. a tree sized by a latency model measures this batch size now, untimed
@@ -357,8 +343,7 @@ def _run_batched(methods: list[BenchMethod], prompts: list[BenchPrompt], context
                 batch_ids.append(ids)
             outputs: dict[str, list[list[int]]] = {}
             for repeat in range(settings.repeats):
-                shift = round_index % len(methods)
-                order = methods[shift:] + methods[:shift]
+                order = _rotated(methods, round_index)
                 round_index += 1
                 for position, method in enumerate(order):
                     if progress:
@@ -378,11 +363,9 @@ def _run_batched(methods: list[BenchMethod], prompts: list[BenchPrompt], context
                         bench.records.append(record)
             group_index += 1
             for b, prompt in enumerate(members):  # the next turn continues the reference method's answer
-                answers[prompt.prompt_id].append(tokenizer.decode(outputs[names[reference]][b],
+                answers[prompt.prompt_id].append(tokenizer.decode(outputs[reference][b],
                                                                   skip_special_tokens=True))
-    bench.environment["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    bench.kl = measure_first_token_kl(methods, bench.inputs, settings.kl_samples, settings.kl_contexts, progress)
-    return bench
+    return session.finish(progress)
 
 
 def _sequence_lengths(stats, b: int) -> list[int] | None:
@@ -391,11 +374,38 @@ def _sequence_lengths(stats, b: int) -> list[int] | None:
     return list(per_sequence[b]) if per_sequence else None
 
 
-def _timed_call(probe, sync, call, *args):
-    """`call(*args)`, its wall seconds (device synchronised on both sides) and the memory probe's reading."""
-    probe.start()
-    sync()
-    start = time.perf_counter()
-    out = call(*args)
-    sync()
-    return out, time.perf_counter() - start, probe.stop()
+class _Session:
+    """What the single and batched runners share: the run's records, the timer and the reference method."""
+
+    def __init__(self, methods, prompts, context: BenchContext, settings: BenchSettings):
+        device = context.torch_device
+        self.methods, self.settings = methods, settings
+        self.probe = MemoryProbe(device)
+        self.bench = BenchRun(methods, prompts, settings, memory_kind=self.probe.kind,
+                              environment=environment(device))
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        names = [m.name for m in methods]
+        self.reference = REFERENCE_METHOD if REFERENCE_METHOD in names else names[0]  # later turns continue it
+
+    def timed(self, call, *args):
+        """`call(*args)`, its wall seconds (device synchronised on both sides) and the memory probe's reading."""
+        self.probe.start()
+        self.sync()
+        start = time.perf_counter()
+        out = call(*args)
+        self.sync()
+        return out, time.perf_counter() - start, self.probe.stop()
+
+    def finish(self, progress) -> BenchRun:
+        bench, settings = self.bench, self.settings
+        bench.environment["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+        # Quality of the sampling methods' distribution: after the timed runs, so it never disturbs a timing.
+        bench.kl = measure_first_token_kl(self.methods, bench.inputs, settings.kl_samples, settings.kl_contexts,
+                                          progress)
+        return bench
+
+
+def _rotated(methods: list, round_index: int) -> list:
+    """The methods in this round's order: each round starts one method later, so no method always runs first."""
+    shift = round_index % len(methods)
+    return methods[shift:] + methods[:shift]
