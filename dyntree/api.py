@@ -151,32 +151,45 @@ class DynTree:
     def tokenizer(self):
         return self.model.tokenizer
 
+    def nodes_for_batch(self, batch_size: int) -> int | None:
+        """Nodes per sequence for `batch_size` sequences decoded together: the profiled size (at most this
+        tree's) with the most tokens per second under this machine's measured (batch, nodes) step cost, or 1
+        (plain decoding; `trees.sizing.best_size_for_batch`). Each batch size is measured once per machine and
+        then read from the cache. None when the heads have no profile of this tree policy."""
+        config, profile = self.config, self.tree_profile
+        if (self.heads is None or profile is None or config.kind != "dynamic" or config.auto
+                or not profile.matches(config.settings())):
+            return None
+        cache = self.__dict__.setdefault("_batch_nodes", {})
+        if batch_size not in cache:
+            from .trees.latency import machine_batch_latency
+            from .trees.sizing import best_size_for_batch
+
+            sizes = sorted(s for s in profile.tokens_per_pass if s <= config.resolved_size)
+            latency = machine_batch_latency(self.model.backbone, self.heads, sizes, config.resolved_topk,
+                                            batches=[batch_size])
+            plain = latency.plain_cost(batch_size)
+            capped = type(profile)({s: profile.tokens_per_pass[s] for s in sizes}, profile.policy)
+            cache[batch_size] = best_size_for_batch(capped, plain if plain is not None
+                                                    else latency.cost(batch_size, 1),
+                                                    lambda n: latency.cost(batch_size, n))
+        return cache[batch_size]
+
     def proposer_for_batch(self, batch_size: int) -> Proposer:
         """The proposer for `batch_size` sequences decoded together. A tree sized for this machine from the
-        heads' profile is sized again per batch size, from this machine's (batch, nodes) step latency
-        (`trees.sizing.best_size_for_batch`; measured once per batch size and machine, then cached): wide
-        batches make every node cost, so trees shrink, down to plain decoding (one node)."""
-        if batch_size <= 1 or not self.machine_sized or self.tree_profile is None:
+        heads' profile is sized again per batch size (`nodes_for_batch`): wide batches make every node cost,
+        so trees shrink, down to plain decoding (one node). A size the user set is kept."""
+        if batch_size <= 1 or not self.machine_sized:
             return self.proposer
         cache = self.__dict__.setdefault("_batch_proposers", {})
         if batch_size not in cache:
             from .proposers import RootOnlyProposer
-            from .trees.latency import machine_batch_latency
-            from .trees.sizing import best_size_for_batch
 
-            own = self.config.resolved_size
-            sizes = sorted(s for s in self.tree_profile.tokens_per_pass if s <= own)
-            latency = machine_batch_latency(self.model.backbone, self.heads, sizes, self.config.resolved_topk,
-                                            batches=[batch_size])
-            plain = latency.plain_cost(batch_size)
-            profile = type(self.tree_profile)({s: self.tree_profile.tokens_per_pass[s] for s in sizes},
-                                              self.tree_profile.policy)
-            size = best_size_for_batch(profile, plain if plain is not None else latency.cost(batch_size, 1),
-                                       lambda n: latency.cost(batch_size, n))
-            if size <= 1:
-                cache[batch_size] = RootOnlyProposer()
-            elif size >= own:
+            size = self.nodes_for_batch(batch_size)
+            if size is None or size >= self.config.resolved_size:
                 cache[batch_size] = self.proposer
+            elif size <= 1:
+                cache[batch_size] = RootOnlyProposer()
             else:
                 cache[batch_size] = build_proposer(self.config.replace(size=size), self.heads.num_heads,
                                                    conditional=self.heads.conditional)

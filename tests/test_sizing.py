@@ -91,12 +91,14 @@ def test_best_size_for_batch_is_the_fastest_rate_including_plain_decoding():
 
 def test_batch_sizer_uses_the_nearest_measured_batch_below():
     from dyntree.trees.latency import BatchLatency, LatencyModel
-    from dyntree.trees.sizing import TreeProfile, batch_sizer
+    from dyntree.trees.sizing import TreeProfile, batch_sizer, best_size_for_batch
 
     profile = TreeProfile({2: 1.6, 4: 2.0, 8: 2.3}, {"tree": "dynamic"})
     tree = {1: LatencyModel([1, 2, 4, 8], [0.010, 0.0105, 0.011, 0.012]),
             4: LatencyModel([1, 2, 4, 8], [0.012, 0.020, 0.036, 0.070])}
-    sizer = batch_sizer(profile, BatchLatency(tree, {1: 0.010, 4: 0.012}), [1, 4])
+    latency = BatchLatency(tree, {1: 0.010, 4: 0.012})
+    sizer = batch_sizer(lambda b: best_size_for_batch(profile, latency.plain_cost(b), lambda n: latency.cost(b, n)),
+                        [1, 4])
     assert sizer(1) == 8 and sizer(3) == 8  # batch 3 reads batch 1's choice
     assert sizer(4) == 1 and sizer(16) == 1  # wide batches: plain decoding
     assert sizer.choices == {1: 8, 4: 1}

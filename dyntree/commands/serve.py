@@ -32,24 +32,15 @@ def add_command(subparsers) -> None:
 
 
 def measured_tree_size_for(dt, max_batch: int):
-    """The engine's node budget by batch size from this machine's (batch, nodes) step latency and the heads'
-    tree profile (`trees.sizing.batch_sizer`), for a dynamic tree of the default, machine-chosen size; None
-    (the engine's default rule) when there is no profile or the user fixed the tree. Batch sizes 1, 2, 4, ...
-    up to `max_batch` are measured at start-up once per machine (then read from the cache)."""
-    from ..trees.latency import machine_batch_latency
+    """The engine's node budget by batch size (`DynTree.nodes_for_batch` through `trees.sizing.batch_sizer`):
+    batch sizes 1, 2, 4, ... up to `max_batch` measured at start-up, once per machine (then read from the
+    cache); None (the engine's default rule) when the heads have no profile of this tree."""
     from ..trees.sizing import batch_sizer
 
-    config, profile = dt.config, dt.tree_profile
-    if dt.heads is None or profile is None or config.kind != "dynamic" or config.auto or max_batch < 2:
+    if max_batch < 2 or dt.nodes_for_batch(1) is None:
         return None
-    if not profile.matches(config.settings()):
-        return None
-    own = config.resolved_size
-    sizes = sorted(s for s in profile.tokens_per_pass if s <= own)
     batches = sorted({1 << i for i in range(max_batch.bit_length()) if 1 << i <= max_batch} | {max_batch})
-    latency = machine_batch_latency(dt.model.backbone, dt.heads, sizes, config.resolved_topk, batches=batches)
-    capped = type(profile)({s: profile.tokens_per_pass[s] for s in sizes}, profile.policy, profile.note)
-    return batch_sizer(capped, latency, batches)
+    return batch_sizer(dt.nodes_for_batch, batches)
 
 
 def run(args) -> int:

@@ -82,16 +82,12 @@ def best_size_for_batch(profile: TreeProfile, plain_seconds: float, tree_seconds
     return best
 
 
-def batch_sizer(profile: TreeProfile, latency, batches: list[int]):
-    """`tree_size_for(batch size)` for the serving engine: each batch size gets the size `best_size_for_batch`
-    picks from `latency` (a `trees.latency.BatchLatency`) measured at `batches` (now, then cached per machine);
-    a batch size between two measured ones uses the smaller one's choice (its cost per row is no lower)."""
+def batch_sizer(choose, batches: list[int]):
+    """`tree_size_for(batch size)` for the serving engine: `choose(b)` (nodes per sequence for b sequences,
+    e.g. `DynTree.nodes_for_batch`) asked now for each of `batches`; a batch size between two of them uses
+    the smaller one's choice (its cost per row is no lower), so the engine never waits for a measurement."""
     measured = sorted(set(int(b) for b in batches))
-    choice = {}
-    for b in measured:
-        plain = latency.plain_cost(b)
-        choice[b] = best_size_for_batch(profile, plain if plain is not None else latency.cost(b, 1),
-                                        lambda n, b=b: latency.cost(b, n))
+    choice = {b: choose(b) for b in measured}
 
     def tree_size_for(batch_size: int) -> int | None:
         below = [b for b in measured if b <= batch_size]
