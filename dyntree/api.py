@@ -105,21 +105,23 @@ class DynTree:
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike = DEFAULT_MODEL, heads: str | os.PathLike | None = "auto",
-                        tree: TreeConfig | str | None = None, device=None, dtype="auto",
-                        **tree_fields) -> "DynTree":
+                        tree: TreeConfig | str | None = None, device=None, dtype=None,
+                        weights=None, **tree_fields) -> "DynTree":
         """Load a backbone and heads.
 
         heads: "auto" (the bundled trained heads for the default model, else none), a directory (ours or
         Medusa v0.1), "random" (untrained heads: shows losslessness, not speed) or None/"none".
-        dtype: "auto" (bf16 where this machine multiplies faster in it, measured once and cached), "float32",
-        "bfloat16" or a torch dtype; greedy output is token-exact with plain decoding in the same dtype.
+        weights: "auto" (default: the GGUF file's own blocks where the native kernels measure faster on this
+        machine, else bf16 where it multiplies faster, else fp32; measured once and cached), "gguf", "q4"
+        (a float checkpoint quantized to 4-bit groups: lossy), "float32", "bfloat16" or a torch dtype; greedy
+        output is token-exact with plain decoding on the same weights. `dtype` is its older name.
         tree, tree_fields: a `TreeConfig`, or what `TreeConfig.parse` takes (tree="static:8",
         tree_size="auto", topk=, lookup=, early_prune="8:4" (ProPD pruning after layer 8 to the early
         top-4), ...). Checked before the model loads. A dynamic tree left at its
         default size is sized for this machine when the heads ship a profile (`sized_for_machine`).
         """
         config = _tree_config(tree, tree_fields)
-        loaded = load_model(model, device=device, dtype=dtype)
+        loaded = load_model(model, device=device, dtype=dtype, weights=weights)
         heads_obj, note = resolve_heads(heads, loaded)
         profile = early = None
         if heads_obj is not None:

@@ -55,9 +55,12 @@ def add_model_args(parser: argparse.ArgumentParser, tree: bool = True) -> None:
         parser.add_argument("--tree-calibration", default=None, metavar="FILE",
                             help="acceptance statistics (JSON, from `dyntree calibrate`) to start the "
                                  "dynamic tree's scores from")
-    parser.add_argument("--dtype", default="auto",
-                        help="'auto' (default: bfloat16 where this machine multiplies faster in it, measured once "
-                             "and cached; else float32), 'float32', 'bfloat16' or 'float16' (GPUs)")
+    parser.add_argument("--weights", "--dtype", dest="weights", default="auto",
+                        help="how the model's weights are held: 'auto' (default: the GGUF file's own 4-bit blocks "
+                             "where dyntree's native kernels are measured faster on this machine, else bfloat16 "
+                             "where it multiplies faster, else float32; measured once and cached), 'gguf' (the "
+                             "file's blocks), 'q4' (a float checkpoint quantized to 4-bit groups: lossy), "
+                             "'float32', 'bfloat16' or 'float16' (GPUs). --dtype is the older name")
     parser.add_argument("--device", default=None, help="cpu (default) or cuda")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
 

@@ -162,10 +162,18 @@ class _Layer:
 class Transformer:
     """Weights and the forward pass of a Llama-family decoder (no autograd; inference only)."""
 
-    def __init__(self, config: ModelConfig, state_dict: dict[str, torch.Tensor], device=None, dtype=torch.float32):
+    def __init__(self, config: ModelConfig, state_dict: dict[str, torch.Tensor] | None, device=None,
+                 dtype=torch.float32, quantized=None):
+        """Float weights from `state_dict` (Hugging Face names) in `dtype`; or, with `quantized` (a
+        `quantized.QuantizedParts`), weights kept in quantized blocks and layers run by the native kernels."""
         self.config = config
         self.device = torch.device(device or "cpu")
         self.dtype = dtype
+        self.quant = None  # the native layer stack, when the weights are quantized blocks
+        self.weights = str(dtype).removeprefix("torch.")
+        if quantized is not None:
+            self._init_quantized(quantized)
+            return
         sd = {k.removeprefix("model."): v for k, v in state_dict.items()}
 
         def take(name: str) -> torch.Tensor:
@@ -209,13 +217,26 @@ class Transformer:
         else:
             head = state_dict["lm_head.weight"].to(device=self.device, dtype=dtype)
         self.lm_head = Dense(head)
+        self._init_rope()
+
+    def _init_quantized(self, parts) -> None:
+        if self.dtype != torch.float32 or self.device.type != "cpu":
+            raise DynTreeError("quantized weights run in fp32 on the CPU")
+        self.weights = parts.weights
+        self.embed_tokens, self.norm, self.lm_head = parts.embed_tokens, parts.norm, parts.lm_head
+        self.layers = []  # the stack holds them
+        self._init_rope()
+        self.quant = parts.stack(self.rope_cos, self.rope_sin)
+
+    def _init_rope(self) -> None:
+        config = self.config
         # Tables computed in fp32 and stored in the model's dtype, as transformers does.
         positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
         freqs = torch.outer(positions, config.inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)
         scale = config.rope_attention_scaling
-        self.rope_cos = (emb.cos() * scale).to(device=self.device, dtype=dtype)
-        self.rope_sin = (emb.sin() * scale).to(device=self.device, dtype=dtype)
+        self.rope_cos = (emb.cos() * scale).to(device=self.device, dtype=self.dtype)
+        self.rope_sin = (emb.sin() * scale).to(device=self.device, dtype=self.dtype)
 
     # -- pieces of the forward -------------------------------------------------------------------------
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
@@ -250,6 +271,9 @@ class Transformer:
         (`[B, 1, n, T]`, see `attention_mask`). Later layers may be run on a subset of the tokens (ProPD) as
         long as their slots and mask rows are subset the same way.
         """
+        end = self.config.num_layers if end is None else end
+        if self.quant is not None:
+            return self.quant.run(hidden, positions, cache.keys, cache.values, slots, mask, start, end)
         cfg = self.config
         batch, n, _ = hidden.shape
         nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -262,7 +286,6 @@ class Transformer:
         first_slot = int(slots[0, 0]) if contiguous else 0
         rows = torch.arange(batch, device=slots.device)[:, None]
         plan = AttentionPlan(mask, self._key_positions(cache, slots, positions, total), split, nh, nkv)
-        end = cfg.num_layers if end is None else end
         plan.prepare(batch, nh, n, hd, total, hidden.dtype, hidden.device)  # scratch shared by the layers
         padded = total > cache.max_len  # a cache not made by `new_cache` may end inside a block
         keys, values = (cache.keys, cache.values) if padded else (cache.keys[:, :, :, :total],

@@ -1,4 +1,9 @@
-"""Which dtype the backbone runs in: "float32", "bfloat16", or "auto" (bf16 only where it is faster).
+"""How the backbone holds its weights: "gguf" (the file's own 4-bit blocks), float32, bfloat16, or "auto".
+
+Weights ("--weights"): "gguf" keeps the default model's Q4_1/Q8_0 blocks and runs them with dyntree's native
+kernels in fp32 (`dyntree.quantized`); "q4" quantizes a float checkpoint to 4-bit groups of 32 (lossy,
+opt-in); float32/bfloat16/float16 de-quantize. "auto" takes the file's blocks where the native kernels are
+measured faster than the best float dtype on this machine, else that float dtype.
 
 bf16 halves the weight traffic that dominates a decoding pass, but it pays only where the CPU multiplies bf16
 natively (avx512_bf16, AMX); on AVX2-only CPUs oneDNN emulates it and it is slower than fp32. Flags alone do
@@ -19,6 +24,8 @@ import torch
 
 from .errors import DynTreeError
 
+QUANTIZED = ("gguf", "q4")  # weights kept as blocks and run by the native kernels, in fp32
+WEIGHT_CHOICES = "auto, gguf, q4, float32, bfloat16, float16"
 DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                "float16": torch.float16, "fp16": torch.float16}  # fp16: for GPUs (a CPU runs it slowly)
 ALLOWED = "auto, float32, bfloat16, float16"
@@ -43,6 +50,32 @@ def resolve_dtype(value, device=None) -> torch.dtype:
     if name not in DTYPE_NAMES:
         raise DynTreeError(f"unknown dtype {value!r}: use one of {ALLOWED}")
     return DTYPE_NAMES[name]
+
+
+def resolve_weights(value, device=None, model="default") -> str:
+    """The canonical weights name ("gguf", "q4", "float32", "bfloat16", "float16") for a user's choice.
+
+    "auto" on the CPU picks "gguf" for the default (GGUF) model where this machine's measured verdict says
+    the native kernels beat the best float dtype; "q4" is never automatic (it changes the model)."""
+    if isinstance(value, str):
+        name = value.strip().lower()
+        if name in QUANTIZED:
+            if torch.device(device or "cpu").type != "cpu":
+                raise DynTreeError(f"--weights {name} runs on the CPU only; use a float dtype on {device}")
+            return name
+        if name == "auto" and str(model) == "default" and torch.device(device or "cpu").type == "cpu":
+            verdict = cpu_verdict()
+            if verdict.get("weights") == "gguf":
+                return "gguf"
+            return verdict["dtype"]
+        if name not in DTYPE_NAMES and name != "auto":
+            raise DynTreeError(f"unknown weights {value!r}: use one of {WEIGHT_CHOICES}")
+    return str(resolve_dtype(value, device)).removeprefix("torch.")
+
+
+def weights_dtype(weights: str) -> torch.dtype:
+    """The dtype activations run in for a canonical weights name (fp32 for quantized blocks)."""
+    return torch.float32 if weights in QUANTIZED else DTYPE_NAMES[weights]
 
 
 def auto_dtype(device=None) -> torch.dtype:
@@ -70,6 +103,7 @@ def cpu_verdict(cache_dir: str | os.PathLike | None = None) -> dict:
     except (OSError, ValueError):
         pass  # missing or damaged: measure and (over)write
     verdict = {**measure_dense_speed(), "key": key}
+    verdict.update(measure_native_speed(verdict))
     if machine_busy():
         return verdict  # timings taken beside other work mislead: use them now, measure again next time
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -100,12 +134,46 @@ def measure_dense_speed(repeats: int = 5) -> dict:
             "ms": {f"{dtype}@{rows}": round(ms, 3) for (dtype, rows), ms in best.items()}}
 
 
+def measure_native_speed(float_verdict: dict, repeats: int = 5) -> dict:
+    """The native kernels' cost on the same products with Q4_1 blocks; "weights": "gguf" where they beat the
+    float dtype just chosen (summed over 1 and 8 rows), else the float dtype. Without native kernels, the
+    float dtype."""
+    from .native import load  # noqa: PLC0415
+    from .quantized import NativeDense, QuantMatrix  # noqa: PLC0415
+
+    chosen = float_verdict["dtype"]
+    lib, why = load(_cache_root())
+    if lib is None:
+        return {"weights": chosen, "native": why}
+    gen = torch.Generator().manual_seed(0)
+    layers = [NativeDense(QuantMatrix.quantize_q4_1(torch.randn(shape, generator=gen) * 0.02), lib)
+              for shape in MEASURED_SHAPES for _ in range(COPIES)]
+    best = {rows: float("inf") for rows in MEASURED_ROWS}
+    for _ in range(repeats):
+        for rows in MEASURED_ROWS:
+            inputs = [torch.randn(rows, d.in_features, generator=gen) for d in layers]
+            start = time.perf_counter()
+            for dense, x in zip(layers, inputs):
+                dense(x)
+            best[rows] = min(best[rows], (time.perf_counter() - start) * 1000)
+    native = sum(best.values())
+    floats = sum(float_verdict["ms"][f"{chosen}@{rows}"] for rows in MEASURED_ROWS)
+    ms = {f"gguf@{rows}": round(value, 3) for rows, value in best.items()}
+    return {"weights": "gguf" if native < floats else chosen, "native_ms": ms}
+
+
+def _cache_root() -> Path:
+    from .loading import cache_root  # noqa: PLC0415 - loading pulls in transformers
+
+    return cache_root()
+
+
 def kernels_version() -> str:
     """A digest of the code that timings depend on (the forward and its kernels): a cached timing of other
     code would mislead after an upgrade, so it is part of every timing cache's key."""
     here = Path(__file__).resolve().parent
     digest = hashlib.sha256()
-    for name in ("kernels.py", "model.py"):
+    for name in ("kernels.py", "model.py", "native/qkernels.c"):
         digest.update((here / name).read_bytes())
     return digest.hexdigest()[:12]
 

@@ -28,15 +28,15 @@ __all__ = [
 
 
 def exactness_references(methods: list[BenchMethod]) -> dict[str, str]:
-    """Per method, the plain greedy decoding (`ar`, or an `ar:dtype=...` in the run) of the same dtype that its
-    tokens are checked against; methods of a dtype with no such run are checked against `ar`."""
+    """Per method, the plain greedy decoding (`ar`, or an `ar:weights=...` in the run) on the same weights that
+    its tokens are checked against; methods on weights with no such run are checked against `ar`."""
     plain: dict[str, str] = {}
     for m in methods:
         if m.family == "dyntree" and m.greedy and m.name.split(":")[0] == "ar":
-            dtype = m.settings().get("dtype")
-            if m.name == "ar" or dtype not in plain:  # `ar` itself wins for its own dtype
-                plain[dtype] = m.name
-    return {m.name: plain.get(m.settings().get("dtype"), "ar") for m in methods}
+            weights = m.settings().get("weights")
+            if m.name == "ar" or weights not in plain:  # `ar` itself wins for its own weights
+                plain[weights] = m.name
+    return {m.name: plain.get(m.settings().get("weights"), "ar") for m in methods}
 
 
 def logit_gap(context: BenchContext, method: BenchMethod, reference: str, bench: BenchRun, miss: dict):
@@ -50,7 +50,7 @@ def logit_gap(context: BenchContext, method: BenchMethod, reference: str, bench:
     ref = next(r for r in bench.records if r.method == reference and r.prompt_id == miss["prompt_id"]
                and r.turn == miss["turn"])
     ids = list(bench.inputs[(miss["prompt_id"], miss["turn"])]["token_ids"]) + ref.token_ids[: miss["position"]]
-    backbone = context.dyntree(method.settings().get("dtype")).model.backbone
+    backbone = context.dyntree(method.settings().get("weights")).model.backbone
     with torch.inference_mode():
         cache = backbone.new_cache(1, len(ids) + 1)
         logits = backbone.logits(backbone.forward(torch.tensor([ids], device=backbone.device), cache)[0, -1])

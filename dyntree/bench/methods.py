@@ -216,41 +216,42 @@ def parse_method_list(text: str) -> list[MethodSpec]:
 # -- what the methods share: one loaded model, loaded lazily --------------------------------------------------
 @dataclass
 class BenchContext:
-    """The model (and heads) every method runs on, loaded once per dtype and shared."""
+    """The model (and heads) every method runs on, loaded once per weights format and shared."""
 
     model: str = "default"
     heads: str | None = "auto"
     device: str | None = None
-    dtype: str | torch.dtype = "auto"  # the run's dtype; a method's `dtype=` option overrides it
+    weights: str | torch.dtype = "auto"  # the run's weights (`--weights`); a method's `weights=` overrides it
     seed: int = 0  # sampling seed of methods that give none (`--seed`)
     early_prune: str | None = None  # `--early-prune`: for the tree methods that set no `early_prune=` themselves
-    _engines: dict = field(default_factory=dict, repr=False)  # (dtype, heads) -> DynTree without a tree
+    _engines: dict = field(default_factory=dict, repr=False)  # (weights, heads) -> DynTree without a tree
     _hf_models: dict = field(default_factory=dict, repr=False)  # dtype -> transformers model
 
-    def resolved_dtype(self, dtype=None) -> torch.dtype:
-        """The torch dtype a method runs in: its own `dtype=` option, else the run's (`auto` resolved)."""
-        from ..precision import resolve_dtype
+    def resolved_weights(self, weights=None) -> str:
+        """The weights a method runs on ("gguf", "float32", ...): its own `weights=` option, else the run's
+        (`auto` resolved)."""
+        from ..precision import resolve_weights
 
-        return resolve_dtype(self.dtype if dtype is None else dtype, self.device)
+        return resolve_weights(self.weights if weights is None else weights, self.device, self.model)
 
-    def dyntree(self, dtype=None):
-        """Our engine on the model in `dtype`, with the run's heads (if any) and no tree."""
-        key = (self.resolved_dtype(dtype), None)
+    def dyntree(self, weights=None):
+        """Our engine on the model with `weights`, with the run's heads (if any) and no tree."""
+        key = (self.resolved_weights(weights), None)
         if key not in self._engines:
             from ..api import DynTree
 
             self._engines[key] = DynTree.from_pretrained(self.model, heads=self.heads, tree="ar",
-                                                         device=self.device, dtype=key[0])
+                                                         device=self.device, weights=key[0])
         return self._engines[key]
 
-    def with_heads(self, heads: str, dtype=None):
+    def with_heads(self, heads: str, weights=None):
         """The shared model with other heads (a directory, 'auto', 'random' or 'none'); loaded once each."""
         from ..api import DynTree, heads_directory, resolve_heads
         from ..trees.sizing import find_profile
 
-        key = (self.resolved_dtype(dtype), heads)
+        key = (self.resolved_weights(weights), heads)
         if key not in self._engines:
-            base = self.dyntree(dtype)
+            base = self.dyntree(weights)
             heads_obj, note = resolve_heads(heads, base.model)
             profile = None
             if heads_obj is not None:
@@ -271,15 +272,19 @@ class BenchContext:
     def torch_device(self) -> torch.device:
         return self.dyntree().model.backbone.device
 
-    def hf_model(self, dtype=None):
-        """The same weights through transformers (what users run today), in `dtype`."""
-        dtype = self.resolved_dtype(dtype)
+    def hf_model(self, weights=None):
+        """The same weights through transformers (what users run today): in the float dtype `weights` names,
+        fp32 for quantized weights (transformers de-quantizes GGUF files)."""
+        from ..loading import resolve_model_dir
+        from ..precision import weights_dtype
+
+        dtype = weights_dtype(self.resolved_weights(weights))
         if dtype not in self._hf_models:
             from transformers import AutoModelForCausalLM
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()  # keep the terminal for our own progress and table
-            model_dir = self.dyntree().model.model_dir
+            model_dir = resolve_model_dir(self.model, float_weights=True)
             try:
                 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
             except Exception as exc:  # noqa: BLE001 - report the loader's reason in one line
@@ -373,10 +378,11 @@ def sampling_settings(sampling: SamplingConfig | None, tree: bool = True) -> dic
 
 def _tree_method(context: BenchContext, spec: MethodSpec, tree: str) -> DynTreeMethod:
     options = dict(spec.options)
-    dtype = options.pop("dtype", None)  # `ar:dtype=bfloat16`: the same model loaded in another dtype
-    base = context.dyntree(dtype)
+    # `ar:weights=float32` (older name `dtype=`): the same model with its weights held another way
+    weights = options.pop("weights", options.pop("dtype", None))
+    base = context.dyntree(weights)
     if "heads" in options:  # `dynamic:heads=DIR`: other heads on the same loaded model (compare heads in one run)
-        base = context.with_heads(str(options.pop("heads")), dtype)
+        base = context.with_heads(str(options.pop("heads")), weights)
     sampling = sampling_from_options(spec.text, {k: options.pop(k) for k in SAMPLING_OPTIONS if k in options},
                                      default_seed=context.seed)
     if tree != "ar" and base.heads is None:
@@ -411,7 +417,7 @@ def _tree_method(context: BenchContext, spec: MethodSpec, tree: str) -> DynTreeM
         if engine.pruner is None:
             raise DynTreeError(f"method {spec.text!r}: measure_prune needs early_prune=LAYER:K")
         engine.pruner.measure = True
-    settings = dict(config.settings(), dtype=str(engine.model.backbone.dtype).removeprefix("torch."))
+    settings = dict(config.settings(), weights=engine.model.weights)
     if measure_prune:
         settings["measure_prune"] = True
     return DynTreeMethod(spec.text, engine, settings, sampling)
@@ -422,15 +428,15 @@ TREE_SAMPLING_HELP = SAMPLING_HELP + ", accept=lossless|typical, eps=, alpha= (t
 
 
 @register_method("ar", f"our engine, plain decoding (no heads, no tree): the baseline; greedy unless "
-                       f"temperature > 0 (options: dtype=float32|bfloat16, {SAMPLING_HELP})",
-                 options={"dtype": str}, sampling=PLAIN_SAMPLING)
+                       f"temperature > 0 (options: weights=gguf|float32|bfloat16, {SAMPLING_HELP})",
+                 options={"weights": str, "dtype": str}, sampling=PLAIN_SAMPLING)
 def _ar(context, spec):
     return _tree_method(context, spec, "ar")
 
 
 @register_method("static", f"our engine with Medusa's static tree (options: tree=NAME|FILE, n=NODES (the "
                            f"tree's first N nodes), topk=K, heads=DIR (other heads), {TREE_SAMPLING_HELP})",
-                 options={"tree": str, "topk": int, "n": int, "heads": str, "dtype": str, "early_prune": (str, int),
+                 options={"tree": str, "topk": int, "n": int, "heads": str, "weights": str, "dtype": str, "early_prune": (str, int),
                           "measure_prune": bool},
                  sampling=TREE_SAMPLING)
 def _static(context, spec):
@@ -438,7 +444,7 @@ def _static(context, spec):
 
 
 DYNAMIC_OPTIONS = {"n": (int, str), "max": int, "topk": int, "tree_temperature": float, "lookup": int, "recycle": int,
-                   "score": str, "calibration": str, "latency": str, "learn": bool, "heads": str, "dtype": str,
+                   "score": str, "calibration": str, "latency": str, "learn": bool, "heads": str, "weights": str, "dtype": str,
                    "early_prune": (str, int), "measure_prune": bool}
 
 
@@ -474,7 +480,7 @@ PROPD_TOPK = 8
                  options=DYNAMIC_OPTIONS, sampling=TREE_SAMPLING)
 def _propd(context, spec):
     options = dict(spec.options)
-    backbone = context.dyntree(options.get("dtype")).model.backbone
+    backbone = context.dyntree(options.get("weights", options.get("dtype"))).model.backbone
     if backbone.device.type == "cuda" or "max" in options:
         options.setdefault("n", "auto")
     if "early_prune" not in options and context.early_prune is None:
@@ -494,9 +500,9 @@ class HFGenerateMethod:
     greedy = True
 
     def __init__(self, name: str, context: BenchContext, lookup_tokens: int | None = None,
-                 max_ngram: int | None = None, dtype=None):
+                 max_ngram: int | None = None, weights=None):
         self.name = name
-        self.model = context.hf_model(dtype)
+        self.model = context.hf_model(weights)
         self.device = context.torch_device
         self.eos = list(context.eos_token_ids)
         self.lookup_tokens = lookup_tokens
@@ -543,24 +549,25 @@ class HFGenerateMethod:
 
     def settings(self) -> dict:
         out = {"engine": "transformers", "generate": "greedy",
-               "dtype": str(self.model.dtype).removeprefix("torch.")}
+               "weights": str(self.model.dtype).removeprefix("torch.")}
         if self.lookup_tokens:
             out.update(prompt_lookup_num_tokens=self.lookup_tokens, max_matching_ngram_size=self.max_ngram)
         return out
 
 
-@register_method("hf", "transformers generate, greedy: what users run today (options: dtype=float32|bfloat16)",
-                 options={"dtype": str})
+@register_method("hf", "transformers generate, greedy: what users run today (options: weights=float32|bfloat16)",
+                 options={"weights": str, "dtype": str})
 def _hf(context, spec):
-    return HFGenerateMethod(spec.text, context, dtype=spec.options.get("dtype"))
+    return HFGenerateMethod(spec.text, context, weights=spec.options.get("weights", spec.options.get("dtype")))
 
 
 @register_method("hf-lookup", "transformers prompt-lookup decoding, greedy (options: n=DRAFT_TOKENS, ngram=N, "
-                              "dtype=float32|bfloat16)",
-                 options={"n": int, "ngram": int, "dtype": str})
+                              "weights=float32|bfloat16)",
+                 options={"n": int, "ngram": int, "weights": str, "dtype": str})
 def _hf_lookup(context, spec):
     return HFGenerateMethod(spec.text, context, lookup_tokens=spec.options.get("n", 10),
-                            max_ngram=spec.options.get("ngram", 2), dtype=spec.options.get("dtype"))
+                            max_ngram=spec.options.get("ngram", 2),
+                            weights=spec.options.get("weights", spec.options.get("dtype")))
 
 
 @register_method("llama-cpp", "llama.cpp (llama-cpp-python) on the GGUF file the default model comes from, greedy, "

@@ -98,7 +98,7 @@ def table_titles(results: dict) -> tuple[str, str]:
     settings = results["settings"]
     env = results["environment"]
     return (f"Speed: {results['prompts']['count']} prompts x {settings['turns']} turn(s), "
-            f"{settings['max_new_tokens']} new tokens, {env['device']}, {settings.get('dtype', 'float32')}, "
+            f"{settings['max_new_tokens']} new tokens, {env['device']}, {settings.get('weights', settings.get('dtype', 'float32'))}, "
             f"{_threads(env)}" + (f", batches of {settings['batch_size']}" if settings.get("batch_size", 1) > 1
                                   else ""),
             "Where the time goes: ms per decoding pass (prefill: ms per prompt), and memory")

@@ -152,7 +152,7 @@ class BenchSettings:
     chat: bool = True
     kl_samples: int = 400  # draws per context for the first-token KL of sampling methods (0 = off)
     kl_contexts: int = 4  # fixed contexts for it: the first prompts' first turns
-    dtype: str = "float32"  # the run's dtype (`--dtype`, auto resolved); a method's `dtype=` may differ
+    weights: str = "float32"  # the run's weights (`--weights`, auto resolved); a method's `weights=` may differ
     batch_size: int = 1  # prompt turns decoded together (`--batch-size`)
 
     def validate(self) -> None:

@@ -62,8 +62,8 @@ def sweep_rows(runs: list[dict]) -> list[dict]:
                              "exact_match_rate": m.get("exact_match_rate"),
                              "exact_compared": m.get("exact_compared"),
                              "equal_to_ar_batch1": None, "compared_to_ar_batch1": 0}
-            if alone and m.get("greedy", True) and m.get("settings", {}).get("dtype") == \
-                    single["methods"].get("ar", {}).get("settings", {}).get("dtype"):
+            if alone and m.get("greedy", True) and m.get("settings", {}).get("weights") == \
+                    single["methods"].get("ar", {}).get("settings", {}).get("weights"):
                 mine = _first_tokens(results, name)
                 keys = [k for k in mine if k in alone]
                 methods[name]["equal_to_ar_batch1"] = sum(mine[k] == alone[k] for k in keys)
@@ -88,7 +88,7 @@ def sweep_markdown(runs: list[dict], command: str) -> str:
     lines = [f"Batch sweep: {first['prompts']['count']} prompts x {settings['turns']} turn(s), "
              f"{settings['max_new_tokens']} new tokens, {env['device']}"
              + (f" ({env['gpu']})" if env.get("gpu") else f" ({env.get('cpu') or 'cpu'})")
-             + f", {settings.get('dtype', 'float32')}, {env['torch_threads']} threads",
+             + f", {settings.get('weights', settings.get('dtype', 'float32'))}, {env['torch_threads']} threads",
              "", "| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
     for row in rows:
         cells = [str(row["batch_size"])]
@@ -141,7 +141,7 @@ def plot_sweep(runs: list[dict], path: Path) -> bool:
     ax.set_ylabel("speedup over ar (tokens/s)")
     env = runs[0]["environment"]
     ax.set_title(f"Speedup by batch size ({env.get('gpu') or env['device']}, "
-                 f"{runs[0]['settings'].get('dtype', 'float32')})")
+                 f"{runs[0]['settings'].get('weights', runs[0]['settings'].get('dtype', 'float32'))})")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

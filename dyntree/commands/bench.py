@@ -88,8 +88,8 @@ def _command_line(args, methods: str, out: Path, batch_size: str | None = None) 
         parts += ["--early-prune", args.early_prune]
     if args.no_chat:
         parts.append("--no-chat")
-    if args.dtype != "auto":
-        parts += ["--dtype", args.dtype]
+    if args.weights != "auto":
+        parts += ["--weights", args.weights]
     if args.device:
         parts += ["--device", args.device]
     if args.threads:
@@ -143,9 +143,9 @@ def run(args) -> int:
         raise DynTreeError(f"--out {out} exists and is not a folder")
 
     heads = None if args.heads == "none" else args.heads
-    context = BenchContext(model=args.model, heads=heads, device=args.device, dtype=args.dtype, seed=args.seed,
+    context = BenchContext(model=args.model, heads=heads, device=args.device, weights=args.weights, seed=args.seed,
                            early_prune=args.early_prune)
-    settings.dtype = str(context.resolved_dtype()).removeprefix("torch.")  # a bad --dtype fails before loading
+    settings.weights = context.resolved_weights()  # a bad --weights fails before loading
     with err.status("loading model and methods"):
         if args.methods is None and context.dyntree().heads is None:
             # Default list without heads to run the trees on: time what can run, and say so.

@@ -30,7 +30,7 @@ def run(args) -> int:
     if args.count < 1 or args.max_new_tokens < 1:
         raise DynTreeError("--count and --max-new-tokens must be at least 1")
     prompts = read_prompts(args.prompts, args.count)
-    dt = DynTree.from_pretrained(args.model, heads=args.heads, tree="ar", device=args.device, dtype=args.dtype)
+    dt = DynTree.from_pretrained(args.model, heads=args.heads, tree="ar", device=args.device, weights=args.weights)
     if dt.heads is None:
         raise DynTreeError("calibration needs heads (pass --heads)")
     console = Console(stderr=True)

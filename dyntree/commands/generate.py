@@ -32,7 +32,7 @@ def run(args) -> int:
     sampling = sampling_config(args)
     err = Console(stderr=True, width=None if sys.stderr.isatty() else 132)
     dt = DynTree.from_pretrained(args.model, heads=args.heads, tree=tree_config(args), device=args.device,
-                                 dtype=args.dtype)
+                                 weights=args.weights)
     chat = False if args.no_chat else None
     dt.encode(args.prompt, chat)  # fail on a bad prompt before printing anything
     stats_list = []
@@ -58,7 +58,7 @@ def run(args) -> int:
         err.print(f"[dim]early pruning after layer {prune.layer} to the early top-{prune.k}: "
                   f"{figures['pruned_nodes_per_pass']:.1f} nodes pruned per pass ({figures['pruned_share']:.0%}), "
                   f"{figures['miss_share']:.0%} of passes stopped at a pruned node (at least one token lost)[/dim]")
-    err.print(f"[dim]dtype: {str(dt.model.backbone.dtype).removeprefix('torch.')} (--dtype {args.dtype})[/dim]")
+    err.print(f"[dim]weights: {dt.model.weights} (--weights {args.weights})[/dim]")
     if args.compare:
         speedup = rows[0][1].tokens_per_second / max(rows[1][1].tokens_per_second, 1e-9)
         if sampling.is_greedy:

@@ -48,7 +48,7 @@ def run(args) -> int:
         raise DynTreeError(f"cannot write {out}: no such directory")
     prompts = load_mt_bench_prompts(args.prompts, args.questions)
     err = Console(stderr=True)
-    dt = DynTree.from_pretrained(args.model, heads=args.heads, tree=tree, device=args.device, dtype=args.dtype)
+    dt = DynTree.from_pretrained(args.model, heads=args.heads, tree=tree, device=args.device, weights=args.weights)
     report = measure_quality(dt, prompts, args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed,
                              args.kl_samples, args.typical_eps, args.typical_alpha,
                              progress=lambda m: err.print(f"[dim]{m}[/dim]"))

@@ -64,7 +64,7 @@ def run(args) -> int:
     from ..server import create_app, run_server
 
     dt = DynTree.from_pretrained(args.model, heads=args.heads, tree=tree_config(args), device=args.device,
-                                 dtype=args.dtype)
+                                 weights=args.weights)
     sizer = measured_tree_size_for(dt, args.max_batch)
     app = create_app(dt, served_model_name=args.served_model_name, default_max_tokens=args.max_tokens,
                      max_batch=args.max_batch, max_queue=args.max_queue,

@@ -37,7 +37,7 @@ def run(args) -> int:
     if out.exists() and not out.is_dir():
         raise DynTreeError(f"--out {out} exists and is not a directory")
     dt = DynTree.from_pretrained(args.model, heads=args.heads, tree=tree_config(args), device=args.device,
-                                 dtype=args.dtype)
+                                 weights=args.weights)
     if dt.heads is None:
         raise DynTreeError("no heads, so no candidate trees to draw (pass --heads)")
     chat = False if args.no_chat else None
