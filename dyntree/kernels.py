@@ -22,6 +22,9 @@ import torch.nn.functional as F
 ATTENTION_BLOCK = 64  # keys are reduced in blocks of this many absolute cache slots
 
 
+MAX_BF16_ROWS = 32  # bf16 products are cut into pieces of at most this many rows (see `Dense.__call__`)
+
+
 class Dense:
     """y = x @ weight.T (+ bias) with `weight` ``[out_features, in_features]`` in the model's dtype."""
 
@@ -48,6 +51,11 @@ class Dense:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         rows = x.reshape(-1, shape[-1])
+        if rows.shape[0] > MAX_BF16_ROWS and self.weight.dtype == torch.bfloat16:
+            # On AMX CPUs (Sapphire Rapids) oneDNN's bf16 products take another kernel above 32 rows, which
+            # rounds differently: products of at most 32 rows each keep every row's bits.
+            pieces = [self(piece) for piece in rows.split(MAX_BF16_ROWS)]
+            return torch.cat(pieces).view(*shape[:-1], self.out_features)
         single = rows.shape[0] == 1
         if single:  # the 1-row kernels round differently: always take the 2+-row path
             rows = rows.expand(2, -1).contiguous()
