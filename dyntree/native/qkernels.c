@@ -231,7 +231,7 @@ static void attend_one(const float *q, const float *keys, const float *values, i
         scores[j] = expf(scores[j] - best);
         total += scores[j];
     }
-    vf acc[8];
+    vf acc[128 / VW];
     const int64_t nv = dim / VW;
     for (int64_t i = 0; i < nv; i++) acc[i] = VZERO();
     for (int64_t j = 0; j < count; j++) {
