@@ -173,7 +173,7 @@ def machine_latency(backbone, heads, sizes, topk: int, cache_dir: str | os.PathL
     `batch` > 1: the cost of a `[batch, n]` step by tree width n (see `measure_latency`), cached separately.
 
     The cache file is keyed by everything that changes the timings: the processor, the forward's code, torch
-    and its thread count, the device and dtype, the model's and heads' shapes, the draft's top-k and the sizes
+    and its thread count, the device, dtype and weights format, the model's and heads' shapes, the draft's top-k and the sizes
     measured.
     """
     from ..loading import cache_root  # noqa: PLC0415 - loading pulls in transformers
@@ -182,6 +182,7 @@ def machine_latency(backbone, heads, sizes, topk: int, cache_dir: str | os.PathL
     config = backbone.config
     key = {"cpu": list(cpu_identity()), "kernels": kernels_version(), "torch": torch.__version__,
            "threads": torch.get_num_threads(), "device": str(backbone.device), "dtype": str(backbone.dtype),
+           "weights": getattr(backbone, "weights", str(backbone.dtype)),
            "model": [config.model_type, config.num_layers, config.hidden_size, config.intermediate_size,
                      config.vocab_size],
            "heads": None if heads is None else [heads.num_heads, heads.config.num_layers,
