@@ -12,8 +12,8 @@ deep node's probability is conditional on its own path instead of a product of i
 are then built depth by depth (`trees.conditional`), one batched head evaluation per depth.
 
 On disk: ours is `heads.safetensors` + `heads.json` (shape, head type and the backbone fingerprint it was
-trained for); `load_heads` also reads FasterDecoding's Medusa v0.1 and vLLM's Medusa layouts, which
-`dyntree.interop` reads and writes (Medusa heads only).
+trained for). `dyntree.interop.load_heads` reads it and FasterDecoding's Medusa v0.1 and vLLM's Medusa
+layouts (interop also writes those, Medusa heads only).
 """
 
 from __future__ import annotations
@@ -330,6 +330,40 @@ class HydraHeads(MedusaHeads):
         return {f"path_weight.{k}": p.detach().to(block_dtype).contiguous() for k, p in enumerate(self.path_weights)}
 
 
+class PathDraft:
+    """One step's path-conditional guesses: `expand` runs the heads once per depth for all requested nodes.
+
+    A request (row, path) asks for the top children of the node reached from row's root by `path`; head
+    `len(path)` reads the row's state `last_hidden[row]` and the tokens root + path. All requests of one call
+    have the same depth (`trees.conditional.select_by_depth` asks depth by depth).
+    """
+
+    def __init__(self, heads, backbone, last_hidden: torch.Tensor, root: torch.Tensor, topk: int):
+        self.heads, self.backbone, self.topk = heads, backbone, topk
+        self.last_hidden = last_hidden
+        self.roots = root.tolist()
+        self._children: dict[tuple[int, tuple[int, ...]], tuple[int, float]] = {}  # node -> (rank, prob)
+
+    def expand(self, requests: list[tuple[int, tuple[int, ...]]]) -> list[list[tuple[int, float]]]:
+        depth = len(requests[0][1])
+        if any(len(path) != depth for _, path in requests):
+            raise ValueError("one expand call serves one depth")
+        rows = torch.tensor([b for b, _ in requests], device=self.last_hidden.device)
+        path_ids = torch.tensor([[self.roots[b], *path] for b, path in requests], device=rows.device)
+        ids, probs = self.heads.topk_given_path(depth, self.last_hidden[rows], path_ids,
+                                                self.backbone.embed_tokens, self.backbone.lm_head, self.topk)
+        out = []
+        for (b, path), row_ids, row_probs in zip(requests, ids.tolist(), probs.tolist()):
+            out.append(list(zip(row_ids, row_probs)))
+            for rank, (token, prob) in enumerate(zip(row_ids, row_probs)):
+                self._children[(b, path + (token,))] = (rank, prob)
+        return out
+
+    def rank_of(self, row: int, path: tuple[int, ...]) -> tuple[int, float]:
+        """A proposed node's rank among its parent's guesses and its conditional probability."""
+        return self._children[(row, path)]
+
+
 def heads_class(head_type: str):
     """The class for a heads.json `head_type`."""
     classes = {"medusa": MedusaHeads, "hydra": HydraHeads}
@@ -345,26 +379,8 @@ def quantize_rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return q.contiguous(), scale.contiguous()
 
 
-def load_heads(path: str | os.PathLike, backbone_config=None) -> MedusaHeads:
-    """Load heads saved by `MedusaHeads.save`, or in FasterDecoding's Medusa v0.1 or vLLM's Medusa layout;
-    check they fit the backbone."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise DynTreeError(f"no heads at {path}")
-    if path.is_file():
-        path = path.parent
-    if (path / HEADS_CONFIG).is_file():
-        heads = _load_ours(path)
-    else:
-        from .interop import load_foreign_heads
-
-        heads = load_foreign_heads(path, backbone_config)
-    if backbone_config is not None:
-        heads.config.check_fits(backbone_config)
-    return heads.eval()
-
-
-def _load_ours(path: Path) -> MedusaHeads:
+def load_own_layout(path: Path) -> MedusaHeads:
+    """Heads saved by `MedusaHeads.save` (`heads.json` + `heads.safetensors`) in `path`."""
     from safetensors.torch import load_file
 
     try:
@@ -403,16 +419,3 @@ def _parameter(heads: MedusaHeads, name: str) -> torch.Tensor:
     if name.startswith("path_weight."):
         return heads.path_weights[int(name.split(".")[1])]
     return getattr(heads, name)
-
-
-def save_medusa(heads: MedusaHeads, directory: str | os.PathLike, base_model: str = "") -> Path:
-    """Write heads with own projections as FasterDecoding's Medusa v0.1 `medusa_lm_head.pt` (the file its
-    loader reads); `dyntree.interop` writes the other layouts."""
-    if heads.conditional:
-        raise DynTreeError(f"Medusa v0.1 cannot express {heads.config.head_type} heads (their guesses read the path)")
-    if heads.projection is None:
-        raise DynTreeError("Medusa v0.1 format needs heads with an own projection (or the backbone's lm_head: "
-                           "see dyntree.interop)")
-    from .interop import save_fasterdecoding_medusa
-
-    return save_fasterdecoding_medusa(heads, directory, base_model=base_model, safetensors=False, torch_file=True)

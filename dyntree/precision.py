@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .cachedir import cache_root
 from .errors import DynTreeError
 
 DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -57,8 +58,6 @@ def auto_dtype(device=None) -> torch.dtype:
 
 def cpu_verdict(cache_dir: str | os.PathLike | None = None) -> dict:
     """The cached fp32-vs-bf16 timing of this CPU, measured on the first call."""
-    from .loading import cache_root  # noqa: PLC0415 - loading pulls in transformers
-
     name, flags = cpu_identity()
     key = {"cpu": name, "flags": flags, "torch": torch.__version__, "threads": torch.get_num_threads(),
            "kernels": kernels_version()}

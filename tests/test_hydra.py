@@ -9,7 +9,8 @@ import torch
 
 from dyntree.decoding import Decoder, PathDraft
 from dyntree.errors import DynTreeError
-from dyntree.heads import HeadsConfig, HydraHeads, MedusaHeads, load_heads, save_medusa
+from dyntree.heads import HeadsConfig, HydraHeads, MedusaHeads
+from dyntree.interop import load_heads, save_medusa
 from dyntree.proposers import DynamicTreeProposer, build_proposer
 from dyntree.config import TreeConfig
 from dyntree.trees.conditional import best_ranked, select_by_depth

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..heads import PathDraft
 from ..proposers import propose_step
 from ..verify import Verification
 
@@ -63,8 +64,6 @@ def replay(proposer, record: dict, max_new_tokens: int | None = None, heads=None
     end = len(tokens) if max_new_tokens is None else min(len(tokens), start + max_new_tokens)
     conditional = heads is not None and heads.conditional
     if conditional:
-        from ..decoding import PathDraft  # noqa: PLC0415 - decoding imports the proposers
-
         states = record["hidden"]
     elif heads is not None:  # Medusa heads given with recorded states: their guesses, all at once
         head_ids, head_probs = heads.topk(record["hidden"].float(), backbone.lm_head, proposer.topk)

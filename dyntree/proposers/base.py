@@ -48,7 +48,7 @@ class Proposer(ABC):
         ...
 
     # Whether it builds trees over path-conditional heads: the loop then passes a `draft` (see
-    # `decoding.PathDraft`) that evaluates the heads on requested paths, instead of head_ids/head_probs.
+    # `heads.PathDraft`) that evaluates the heads on requested paths, instead of head_ids/head_probs.
     conditional: bool = False
 
     @abstractmethod

@@ -9,8 +9,10 @@ sequence, which is exactly what head training needs, so it is kept (fp16) instea
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -18,7 +20,9 @@ import torch
 from ..errors import DynTreeError
 from ..model import KVCache, Transformer
 from .dataset import DistillDataset, Sequence, model_fingerprint
-from .prompts import Prompt, clean_self_prompt, interleave, read_prompt_file, user_turn_prefix
+from ..jsonl import read_jsonl_objects
+from .prompts import (Prompt, clean_self_prompt, interleave, looks_like_benchmark, prompts_from_row, read_prompt_file,
+                      user_turn_prefix)
 
 
 @dataclass
@@ -294,18 +298,12 @@ class TextPair:
 
     @property
     def key(self) -> str:
-        import hashlib
-
         return hashlib.sha1((self.prompt + "\x00" + self.response).encode("utf-8")).hexdigest()[:16]
 
 
 def read_text_pairs(path) -> list[TextPair]:
     """(prompt, response) pairs of a JSONL file: any prompt field `read_prompt_file` knows, plus a response in
     one of `RESPONSE_FIELDS`. A clear error for rows without one; MT-Bench is refused like everywhere else."""
-    from pathlib import Path
-
-    from .prompts import looks_like_benchmark, prompts_from_row, read_jsonl_objects
-
     path = Path(path).expanduser()
     rows = read_jsonl_objects(path)
     if looks_like_benchmark(path, [r for _, r in rows]):

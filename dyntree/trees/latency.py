@@ -25,7 +25,11 @@ from pathlib import Path
 
 import torch
 
+from .. import precision  # through the module: tests stand in for `precision.machine_busy`
+from ..cachedir import cache_root
 from ..errors import DynTreeError
+from ..heads import PathDraft
+from .conditional import select_by_depth
 
 DEFAULT_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 
@@ -159,9 +163,6 @@ def draft_once(heads, backbone, last_hidden: torch.Tensor, root: torch.Tensor, t
     if not heads.conditional:
         heads.topk(last_hidden, backbone.lm_head, topk)
         return
-    from ..decoding import PathDraft  # noqa: PLC0415 - decoding imports the proposers, which import this module
-    from .conditional import select_by_depth  # noqa: PLC0415
-
     draft = PathDraft(heads, backbone, last_hidden, root, min(topk, max(size - 1, 1)))
     select_by_depth(draft.expand, root.shape[0], size - 1, heads.num_heads)
 
@@ -176,12 +177,10 @@ def machine_latency(backbone, heads, sizes, topk: int, cache_dir: str | os.PathL
     and its thread count, the device and dtype, the model's and heads' shapes, the draft's top-k and the sizes
     measured.
     """
-    from ..loading import cache_root  # noqa: PLC0415 - loading pulls in transformers
-    from ..precision import cpu_identity, kernels_version, machine_busy  # noqa: PLC0415
-
     config = backbone.config
-    key = {"cpu": list(cpu_identity()), "kernels": kernels_version(), "torch": torch.__version__,
-           "threads": torch.get_num_threads(), "device": str(backbone.device), "dtype": str(backbone.dtype),
+    key = {"cpu": list(precision.cpu_identity()), "kernels": precision.kernels_version(),
+           "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(backbone.device),
+           "dtype": str(backbone.dtype),
            "model": [config.model_type, config.num_layers, config.hidden_size, config.intermediate_size,
                      config.vocab_size],
            "heads": None if heads is None else [heads.num_heads, heads.config.num_layers,
@@ -199,7 +198,7 @@ def machine_latency(backbone, heads, sizes, topk: int, cache_dir: str | os.PathL
             pass  # a damaged cache file is measured again and overwritten
     model = measure_latency(backbone, heads, key["sizes"], topk=topk, batch=batch)
     model.note["key"] = key
-    if machine_busy():
+    if precision.machine_busy():
         return model  # timings taken beside other work mislead: use them now, measure again next time
     tmp = path.with_name(path.name + ".tmp")
     model.save(tmp)
