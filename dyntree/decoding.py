@@ -23,7 +23,7 @@ import torch
 
 from .early import EarlyPruner, PruneStats
 from .errors import DynTreeError
-from .heads import MedusaHeads, PathDraft
+from .heads import MedusaHeads
 from .model import Transformer
 from .proposers import Proposal, Proposer, RootOnlyProposer, propose_step
 from .sampling import SamplingConfig, choose_tokens
@@ -128,18 +128,14 @@ def prefill(backbone: Transformer, cache, prompts: list[list[int]]) -> torch.Ten
 def propose(heads: MedusaHeads | None, proposer: Proposer, backbone: Transformer, last_hidden: torch.Tensor,
             root: torch.Tensor, context: Callable[[], list[list[int]]],
             active: torch.Tensor | None = None, plain: Proposer | None = None) -> Proposal:
-    """The step's tree over `root` `[B]`: the heads' guesses from `last_hidden` `[B, H]` (when the proposer
-    reads them) turned into a proposal; `context()` gives each sequence's tokens so far, root last. With
+    """The step's tree over `root` `[B]`: the heads' draft from `last_hidden` `[B, H]` (when the proposer
+    reads heads) turned into a proposal; `context()` gives each sequence's tokens so far, root last. With
     `active` (the rows still decoding) the proposer may choose a plain step first (`Proposer.plan_step`), whose
     root-only tree comes from `plain` (a `RootOnlyProposer`, which keeps its buffers)."""
     if active is not None and not proposer.plan_step(active):
         return (plain or RootOnlyProposer()).propose(root)
-    head_ids = head_probs = draft = None
-    if proposer.uses_heads and heads.conditional:
-        draft = PathDraft(heads, backbone, last_hidden, root, proposer.topk)
-    elif proposer.uses_heads:
-        head_ids, head_probs = heads.topk(last_hidden, backbone.lm_head, proposer.topk)
-    return propose_step(proposer, root, head_ids, head_probs, context, draft)
+    draft = heads.draft(backbone, last_hidden, root, proposer.topk) if proposer.uses_heads else None
+    return propose_step(proposer, root, draft, context)
 
 
 def forward_tree(backbone: Transformer, proposal: Proposal, cache) -> torch.Tensor:

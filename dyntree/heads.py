@@ -29,6 +29,7 @@ from torch import nn
 
 from .errors import DynTreeError
 from .kernels import Dense
+from .trees.conditional import select_by_depth
 
 FORMAT_VERSION = 1
 HEADS_FILE = "heads.safetensors"
@@ -159,6 +160,12 @@ class MedusaHeads(nn.Module):
     def topk(self, hidden: torch.Tensor, lm_head: Dense, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k guesses of every head: token ids and probabilities, each `[N, K, k]`."""
         return self._top_guesses(self.logits(hidden, lm_head.weight_t), k)
+
+    def draft(self, backbone, last_hidden: torch.Tensor, root: torch.Tensor, topk: int) -> "TopkDraft":
+        """One step's guesses for the proposer (the one way every kind of heads drafts): `last_hidden` `[B, H]`
+        are the states after which each row's `root` `[B]` comes. Medusa heads read the state alone, so every
+        head's top-`topk` is computed here, once."""
+        return TopkDraft(*self.topk(last_hidden, backbone.lm_head, topk))
 
     def _top_guesses(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The top-k of logits over the projection's vocabulary, as full-vocabulary ids and probabilities."""
@@ -320,6 +327,11 @@ class HydraHeads(MedusaHeads):
         """Top-k guesses `[N, k]` (token ids, probabilities) of head `head` for N paths."""
         return self._top_guesses(self.head_logits(head, hidden, path_ids, embed, lm_head.weight_t), k)
 
+    def draft(self, backbone, last_hidden: torch.Tensor, root: torch.Tensor, topk: int) -> "PathDraft":
+        """One step's guesses for the proposer: a node's children depend on its path, so nothing is computed
+        until the tree asks for nodes (`PathDraft.expand`, depth by depth)."""
+        return PathDraft(self, backbone, last_hidden, root, topk)
+
     @torch.no_grad()
     def round_to_storage(self, block_dtype: torch.dtype = torch.float32, int8_projection: bool = False) -> None:
         super().round_to_storage(block_dtype, int8_projection)
@@ -330,6 +342,39 @@ class HydraHeads(MedusaHeads):
         return {f"path_weight.{k}": p.detach().to(block_dtype).contiguous() for k, p in enumerate(self.path_weights)}
 
 
+# -- drafts: what `heads.draft(...)` gives the proposers ------------------------------------------------------
+# Both kinds answer the same questions: `expand` (the top children of requested nodes), `rank_of` (a node's rank
+# and probability among its parent's guesses), `rows` (the draft of some rows only) and `grow` (the heads' work
+# of a whole tree of a given size, which latency measurements time). `ids` / `probs` `[B, K, k]` are each head's
+# own top-k where the guesses do not depend on the path (Medusa heads), else None.
+class TopkDraft:
+    """Medusa heads' guesses: each head's top-k from the row's state, whatever the path above a node."""
+
+    def __init__(self, ids: torch.Tensor, probs: torch.Tensor):
+        self.ids, self.probs = ids, probs
+        self._lists = None
+
+    def _as_lists(self):
+        if self._lists is None:
+            self._lists = (self.ids.tolist(), self.probs.tolist())
+        return self._lists
+
+    def expand(self, requests: list[tuple[int, tuple[int, ...]]]) -> list[list[tuple[int, float]]]:
+        ids, probs = self._as_lists()
+        return [list(zip(ids[b][len(path)], probs[b][len(path)])) for b, path in requests]
+
+    def rank_of(self, row: int, path: tuple[int, ...]) -> tuple[int, float]:
+        ids, probs = self._as_lists()
+        rank = ids[row][len(path) - 1].index(path[-1])
+        return rank, probs[row][len(path) - 1][rank]
+
+    def rows(self, start: int, stop: int) -> "TopkDraft":
+        return TopkDraft(self.ids[start:stop], self.probs[start:stop])
+
+    def grow(self, size: int) -> None:
+        """Nothing left to compute: the heads ran once in `MedusaHeads.draft`."""
+
+
 class PathDraft:
     """One step's path-conditional guesses: `expand` runs the heads once per depth for all requested nodes.
 
@@ -337,6 +382,8 @@ class PathDraft:
     `len(path)` reads the row's state `last_hidden[row]` and the tokens root + path. All requests of one call
     have the same depth (`trees.conditional.select_by_depth` asks depth by depth).
     """
+
+    ids = probs = None  # no guess exists before its path is chosen
 
     def __init__(self, heads, backbone, last_hidden: torch.Tensor, root: torch.Tensor, topk: int):
         self.heads, self.backbone, self.topk = heads, backbone, topk
@@ -362,6 +409,16 @@ class PathDraft:
     def rank_of(self, row: int, path: tuple[int, ...]) -> tuple[int, float]:
         """A proposed node's rank among its parent's guesses and its conditional probability."""
         return self._children[(row, path)]
+
+    def rows(self, start: int, stop: int) -> "PathDraft":
+        return PathDraft(self.heads, self.backbone, self.last_hidden[start:stop],
+                         torch.tensor(self.roots[start:stop]), self.topk)
+
+    def grow(self, size: int) -> None:
+        """The heads' work of a `size`-node tree: depth by depth, at most `size - 1` children per node (a
+        dynamic tree over these heads asks no more)."""
+        self.topk = min(self.topk, max(size - 1, 1))
+        select_by_depth(self.expand, len(self.roots), size - 1, self.heads.num_heads)
 
 
 def heads_class(head_type: str):

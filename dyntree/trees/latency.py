@@ -28,8 +28,6 @@ import torch
 from .. import precision  # through the module: tests stand in for `precision.machine_busy`
 from ..cachedir import cache_root
 from ..errors import DynTreeError
-from ..heads import PathDraft
-from .conditional import select_by_depth
 
 DEFAULT_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 
@@ -143,8 +141,8 @@ def measure_latency(backbone, heads=None, sizes=DEFAULT_SIZES, context: int = 12
         for i in range(repeats + 1):
             sync()
             start = time.perf_counter()
-            if heads is not None:
-                draft_once(heads, backbone, last, prefix[:, -1], topk, n)
+            if heads is not None:  # the heads' work of an n-node tree
+                heads.draft(backbone, last, prefix[:, -1], topk).grow(n)
             hidden = backbone.forward(tokens, cache, block_mask=block, depths=depths)
             backbone.logits(hidden[:, : min(n, 2)]).argmax(-1)
             sync()
@@ -155,16 +153,6 @@ def measure_latency(backbone, heads=None, sizes=DEFAULT_SIZES, context: int = 12
     note = {"device": str(device), "threads": torch.get_num_threads(), "context": context, "repeats": repeats,
             "heads": heads is not None, "batch": batch}
     return LatencyModel(sizes, seconds, note)
-
-
-def draft_once(heads, backbone, last_hidden: torch.Tensor, root: torch.Tensor, topk: int, size: int) -> None:
-    """The heads' work of one step: Medusa heads' top-k once; path-conditional heads, a tree of `size` nodes
-    chosen depth by depth (their cost grows with the tree)."""
-    if not heads.conditional:
-        heads.topk(last_hidden, backbone.lm_head, topk)
-        return
-    draft = PathDraft(heads, backbone, last_hidden, root, min(topk, max(size - 1, 1)))
-    select_by_depth(draft.expand, root.shape[0], size - 1, heads.num_heads)
 
 
 def machine_latency(backbone, heads, sizes, topk: int, cache_dir: str | os.PathLike | None = None,
