@@ -62,14 +62,6 @@ class _Row:
         self.tag, self.prompt, self.response, self.hidden = tag, prompt, [], []
 
 
-def _cache_row(cache: KVCache, b: int) -> KVCache:
-    """A batch-1 view of row b (writes go through to the full cache)."""
-    view = KVCache.__new__(KVCache)
-    view.keys, view.values = cache.keys[:, b : b + 1], cache.values[:, b : b + 1]
-    view.lengths = torch.zeros(1, dtype=torch.long, device=cache.lengths.device)
-    return view
-
-
 @torch.inference_mode()
 def generate_batched(backbone: Transformer, prompts: Iterable[tuple[object, list[int]]], max_new_tokens: int,
                      batch_size: int = 16, sampling: Sampling | None = None, keep_hidden: bool = True,
@@ -129,7 +121,7 @@ def generate_batched(backbone: Transformer, prompts: Iterable[tuple[object, list
             tag, ids = item
             ensure_capacity(len(ids))
             rows[b] = _Row(tag, ids)
-            view = _cache_row(cache, b)
+            view = cache.rows(b, 1, fresh=True)
             hidden = backbone.forward(torch.tensor([ids], device=device), view)
             cache.lengths[b] = len(ids)
             last = hidden[0, -1]
