@@ -35,7 +35,7 @@ import torch
 
 from dyntree.api import DynTree
 from dyntree.config import DEFAULT_STATIC_TREE, TreeConfig
-from dyntree.data import mt_bench_first_turns
+from dyntree.prompts import mt_bench_first_turns
 from dyntree.errors import DynTreeError
 from dyntree.eval.calibration import collect_acceptance_stats
 from dyntree.proposers import DynamicTreeProposer, RootOnlyProposer, StaticTreeProposer, build_proposer

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from dyntree.api import DynTree
-from dyntree.bench.prompts import load_prompts
+from dyntree.prompts import load_prompts
 from dyntree.decoding import forward_tree, prefill, propose
 from dyntree.early import EarlyPruner, build_pruner
 from dyntree.errors import DynTreeError

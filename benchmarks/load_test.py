@@ -76,7 +76,7 @@ def check_loopback(url: str) -> str:
 def load_prompts(path: str | None) -> list[str]:
     if path is None:
         try:
-            from dyntree.data import mt_bench_first_turns
+            from dyntree.prompts import mt_bench_first_turns
 
             return mt_bench_first_turns()
         except ImportError:

@@ -24,7 +24,7 @@ import time
 import torch
 
 from dyntree.api import DynTree
-from dyntree.bench.prompts import load_prompts
+from dyntree.prompts import load_prompts
 from dyntree.data import mt_bench_path
 from dyntree.training.distill import chat_ids, generate_batched, self_prompts
 from dyntree.training.prompts import read_prompt_file

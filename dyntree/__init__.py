@@ -4,7 +4,8 @@ from .api import DynTree, GenerationResult, TextChunk
 from .config import TreeConfig
 from .decoding import Decoder, GenerationStats
 from .errors import DynTreeError
-from .heads import MedusaHeads, load_heads
+from .heads import MedusaHeads
+from .interop import load_heads
 from .loading import load_model
 
 __all__ = ["DynTree", "GenerationResult", "TextChunk", "TreeConfig", "Decoder", "GenerationStats", "DynTreeError",

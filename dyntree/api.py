@@ -15,15 +15,16 @@ from typing import Iterator, Sequence
 
 from .config import TreeConfig
 from .decoding import Decoder, GenerationStats
-from .early import build_pruner
+from .early import build_pruner, load_early_head
 from .errors import DynTreeError
-from .heads import MedusaHeads, load_heads
+from .heads import MedusaHeads
+from .interop import load_heads
 from .loading import DEFAULT_MODEL, LoadedModel, load_model
-from .proposers import Proposer, build_proposer
+from .proposers import Proposer, RootOnlyProposer, build_proposer
 from .sampling import SamplingConfig
 from .textstream import TextStream
 from .trees.latency import DEFAULT_SIZES, machine_batch_latency, machine_latency
-from .trees.sizing import TreeProfile, best_fixed_size, find_profile
+from .trees.sizing import TreeProfile, best_fixed_size, best_size_for_batch, find_profile
 
 RANDOM_HEADS = "random"
 NO_HEADS = "none"
@@ -164,9 +165,6 @@ class DynTree:
             return None
         cache = self.__dict__.setdefault("_batch_nodes", {})
         if batch_size not in cache:
-            from .trees.latency import machine_batch_latency
-            from .trees.sizing import best_size_for_batch
-
             sizes = sorted(s for s in profile.tokens_per_pass if s <= config.resolved_size)
             latency = machine_batch_latency(self.model.backbone, self.heads, sizes, config.resolved_topk,
                                             batches=[batch_size])
@@ -185,8 +183,6 @@ class DynTree:
             return self.proposer
         cache = self.__dict__.setdefault("_batch_proposers", {})
         if batch_size not in cache:
-            from .proposers import RootOnlyProposer
-
             size = self.nodes_for_batch(batch_size)
             if size is None or size >= self.config.resolved_size:
                 cache[batch_size] = self.proposer
@@ -314,8 +310,6 @@ def _early_head_in(directory: Path | None, loaded: LoadedModel):
     """The trained early head saved beside the heads (`dyntree train --early-layer`), if any."""
     if directory is None:
         return None
-    from .training.early_head import load_early_head
-
     return load_early_head(directory, loaded.config)
 
 

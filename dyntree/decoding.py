@@ -128,52 +128,14 @@ def prefill(backbone: Transformer, cache, prompts: list[list[int]]) -> torch.Ten
 def propose(heads: MedusaHeads | None, proposer: Proposer, backbone: Transformer, last_hidden: torch.Tensor,
             root: torch.Tensor, context: Callable[[], list[list[int]]],
             active: torch.Tensor | None = None, plain: Proposer | None = None) -> Proposal:
-    """The step's tree over `root` `[B]`: the heads' guesses from `last_hidden` `[B, H]` (when the proposer
-    reads them) turned into a proposal; `context()` gives each sequence's tokens so far, root last. With
+    """The step's tree over `root` `[B]`: the heads' draft from `last_hidden` `[B, H]` (when the proposer
+    reads heads) turned into a proposal; `context()` gives each sequence's tokens so far, root last. With
     `active` (the rows still decoding) the proposer may choose a plain step first (`Proposer.plan_step`), whose
     root-only tree comes from `plain` (a `RootOnlyProposer`, which keeps its buffers)."""
     if active is not None and not proposer.plan_step(active):
         return (plain or RootOnlyProposer()).propose(root)
-    head_ids = head_probs = draft = None
-    if proposer.uses_heads and heads.conditional:
-        draft = PathDraft(heads, backbone, last_hidden, root, proposer.topk)
-    elif proposer.uses_heads:
-        head_ids, head_probs = heads.topk(last_hidden, backbone.lm_head, proposer.topk)
-    return propose_step(proposer, root, head_ids, head_probs, context, draft)
-
-
-class PathDraft:
-    """One step's path-conditional guesses: `expand` runs the heads once per depth for all requested nodes.
-
-    A request (row, path) asks for the top children of the node reached from row's root by `path`; head
-    `len(path)` reads the row's state `last_hidden[row]` and the tokens root + path. All requests of one call
-    have the same depth (`trees.conditional.select_by_depth` asks depth by depth).
-    """
-
-    def __init__(self, heads, backbone: Transformer, last_hidden: torch.Tensor, root: torch.Tensor, topk: int):
-        self.heads, self.backbone, self.topk = heads, backbone, topk
-        self.last_hidden = last_hidden
-        self.roots = root.tolist()
-        self._children: dict[tuple[int, tuple[int, ...]], tuple[int, float]] = {}  # node -> (rank, prob)
-
-    def expand(self, requests: list[tuple[int, tuple[int, ...]]]) -> list[list[tuple[int, float]]]:
-        depth = len(requests[0][1])
-        if any(len(path) != depth for _, path in requests):
-            raise ValueError("one expand call serves one depth")
-        rows = torch.tensor([b for b, _ in requests], device=self.last_hidden.device)
-        path_ids = torch.tensor([[self.roots[b], *path] for b, path in requests], device=rows.device)
-        ids, probs = self.heads.topk_given_path(depth, self.last_hidden[rows], path_ids,
-                                                self.backbone.embed_tokens, self.backbone.lm_head, self.topk)
-        out = []
-        for (b, path), row_ids, row_probs in zip(requests, ids.tolist(), probs.tolist()):
-            out.append(list(zip(row_ids, row_probs)))
-            for rank, (token, prob) in enumerate(zip(row_ids, row_probs)):
-                self._children[(b, path + (token,))] = (rank, prob)
-        return out
-
-    def rank_of(self, row: int, path: tuple[int, ...]) -> tuple[int, float]:
-        """A proposed node's rank among its parent's guesses and its conditional probability."""
-        return self._children[(row, path)]
+    draft = heads.draft(backbone, last_hidden, root, proposer.topk) if proposer.uses_heads else None
+    return propose_step(proposer, root, draft, context)
 
 
 def forward_tree(backbone: Transformer, proposal: Proposal, cache) -> torch.Tensor:

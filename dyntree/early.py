@@ -18,8 +18,10 @@ this project's kernels (row-count independent; tests/test_early_prune.py checks 
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -30,6 +32,10 @@ from .proposers import Proposal
 from .trees.pruning import (ancestor_closed, equal_counts, pruned_children_hit, subset_buffers, survivor_index,
                             topk_floor)
 from .verify import Verification, verify_greedy
+
+EARLY_HEAD_CONFIG = "early_head.json"
+EARLY_HEAD_WEIGHTS = "early_head.safetensors"
+EARLY_HEAD_FORMAT = "dyntree-early-head"
 
 
 class LensHead:
@@ -257,3 +263,21 @@ def build_pruner(early_prune: tuple[int, int] | None, backbone: Transformer, hea
     vocab_ids = getattr(heads, "vocab_ids", None) if heads is not None else None
     adapter = early_head[1:] if early_head is not None and early_head[0] == layer else None
     return EarlyPruner(backbone, layer, k, vocab_ids, measure, adapter)
+
+
+def load_early_head(directory, backbone_config) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+    """(layer, weight, bias) of the early head saved in `directory` (`training.early_head` trains it), or None
+    when there is none."""
+    path = Path(directory)
+    if not (path / EARLY_HEAD_CONFIG).is_file():
+        return None
+    from safetensors.torch import load_file
+
+    try:
+        meta = json.loads((path / EARLY_HEAD_CONFIG).read_text())
+        tensors = load_file(str(path / EARLY_HEAD_WEIGHTS))
+    except Exception as exc:  # noqa: BLE001 - a damaged file is one line, not a traceback
+        raise DynTreeError(f"corrupt early head in {path}: {exc}".splitlines()[0]) from exc
+    if meta.get("format") != EARLY_HEAD_FORMAT or meta.get("hidden_size") != backbone_config.hidden_size:
+        raise DynTreeError(f"the early head in {path} does not fit this model")
+    return int(meta["layer"]), tensors["weight"], tensors["bias"]

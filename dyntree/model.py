@@ -101,7 +101,8 @@ class KVCache:
 
     Slots `[0, lengths[b])` of sequence b hold committed tokens. A step writes its new tokens at any slots
     at or after that (tree steps use `lengths[b] + node_index`), and `commit` moves the accepted ones into
-    place. Allocated once; never grown.
+    place. Allocated at its full size: a cache never grows (the serving engine, when it needs more room,
+    allocates a larger one and copies its rows over). `rows` gives part of the batch as a cache of its own.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
@@ -109,6 +110,23 @@ class KVCache:
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    @classmethod
+    def _over(cls, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> "KVCache":
+        """A cache over existing tensors (no allocation, no copy)."""
+        cache = cls.__new__(cls)
+        cache.keys, cache.values, cache.lengths = keys, values, lengths
+        return cache
+
+    def rows(self, start: int, count: int = 1, fresh: bool = False) -> "KVCache":
+        """Rows `[start, start + count)` as a cache of their own, for a step or a prefill on part of the batch:
+        its keys, values and lengths are views, so what a forward writes and commits lands here. `fresh`: the
+        rows are about to be filled from scratch (a prefill), so the view's lengths start at 0 and are its
+        own; the caller sets this cache's lengths once the prefill is in."""
+        lengths = self.lengths[start : start + count]
+        if fresh:
+            lengths = torch.zeros_like(lengths)
+        return KVCache._over(self.keys[:, start : start + count], self.values[:, start : start + count], lengths)
 
     @property
     def batch_size(self) -> int:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .cachedir import cache_root
 from .errors import DynTreeError
 
 QUANTIZED = ("gguf", "q4")  # weights kept as blocks and run by the native kernels, in fp32
@@ -90,8 +91,6 @@ def auto_dtype(device=None) -> torch.dtype:
 
 def cpu_verdict(cache_dir: str | os.PathLike | None = None) -> dict:
     """The cached fp32-vs-bf16 timing of this CPU, measured on the first call."""
-    from .loading import cache_root  # noqa: PLC0415 - loading pulls in transformers
-
     name, flags = cpu_identity()
     key = {"cpu": name, "flags": flags, "torch": torch.__version__, "threads": torch.get_num_threads(),
            "kernels": kernels_version()}
@@ -142,7 +141,7 @@ def measure_native_speed(float_verdict: dict, repeats: int = 5) -> dict:
     from .quantized import NativeDense, QuantMatrix  # noqa: PLC0415
 
     chosen = float_verdict["dtype"]
-    lib, why = load(_cache_root())
+    lib, why = load(cache_root())
     if lib is None:
         return {"weights": chosen, "native": why}
     gen = torch.Generator().manual_seed(0)
@@ -160,12 +159,6 @@ def measure_native_speed(float_verdict: dict, repeats: int = 5) -> dict:
     floats = sum(float_verdict["ms"][f"{chosen}@{rows}"] for rows in MEASURED_ROWS)
     ms = {f"gguf@{rows}": round(value, 3) for rows, value in best.items()}
     return {"weights": "gguf" if native < floats else chosen, "native_ms": ms}
-
-
-def _cache_root() -> Path:
-    from .loading import cache_root  # noqa: PLC0415 - loading pulls in transformers
-
-    return cache_root()
 
 
 def kernels_version() -> str:

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .cachedir import cache_root
 from .errors import DynTreeError
+from .native import load
 
 BLOCK = 32
 Q4_1, Q8_0 = 0, 1  # the kernel's kinds
@@ -262,9 +264,6 @@ class QuantizedParts:
 
 def native_library():
     """The native kernels for this machine, or a DynTreeError saying why there are none."""
-    from .loading import cache_root  # noqa: PLC0415 - the cache dir's one definition
-    from .native import load  # noqa: PLC0415
-
     lib, why = load(cache_root())
     if lib is None:
         raise DynTreeError(f"quantized weights need dyntree's native kernels: {why}")

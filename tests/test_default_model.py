@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dyntree.api import DynTree, resolve_heads
-from dyntree.data import mt_bench_first_turns
+from dyntree.prompts import mt_bench_first_turns
 from dyntree.decoding import Decoder
 from dyntree.heads import MedusaHeads
 from dyntree.proposers import RootOnlyProposer

@@ -17,8 +17,8 @@ from torch import nn
 from dyntree.cli import main
 from dyntree.decoding import Decoder
 from dyntree.errors import DynTreeError
-from dyntree.heads import HeadsConfig, MedusaHeads, load_heads
-from dyntree.interop import expand_to_vocabulary, export_heads
+from dyntree.heads import HeadsConfig, MedusaHeads
+from dyntree.interop import expand_to_vocabulary, export_heads, load_heads
 from dyntree.proposers import DynamicTreeProposer, StaticTreeProposer
 from dyntree.trees import StaticTree, load_tree_spec
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dyntree.errors import DynTreeError
-from dyntree.heads import HeadsConfig, MedusaHeads, load_heads, save_medusa
+from dyntree.heads import HeadsConfig, MedusaHeads
+from dyntree.interop import load_heads, save_medusa
 
 
 def own_projection_heads(cfg, num_heads=3, num_layers=2, seed=0):

@@ -7,9 +7,10 @@ import random
 import pytest
 import torch
 
-from dyntree.decoding import Decoder, PathDraft
+from dyntree.decoding import Decoder
 from dyntree.errors import DynTreeError
-from dyntree.heads import HeadsConfig, HydraHeads, MedusaHeads, load_heads, save_medusa
+from dyntree.heads import HeadsConfig, HydraHeads, MedusaHeads, PathDraft
+from dyntree.interop import load_heads, save_medusa
 from dyntree.proposers import DynamicTreeProposer, build_proposer
 from dyntree.config import TreeConfig
 from dyntree.trees.conditional import best_ranked, select_by_depth
@@ -76,15 +77,45 @@ def test_tiny_hydra_tree_equals_brute_force_over_all_paths(tiny_backbone):
         assert [s for _, s in got[b]] == pytest.approx([s for _, s in want], rel=1e-5)
 
 
+def test_both_kinds_of_heads_draft_through_one_contract(tiny_backbone):
+    """`heads.draft` answers the same questions for Medusa and hydra heads: children of requested nodes, a
+    node's rank, some rows only, and the work of a whole tree (what latency measurements time)."""
+    hidden = torch.randn(3, tiny_backbone.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    root = torch.tensor([4, 8, 15])
+    medusa = MedusaHeads.random(tiny_backbone.config, num_heads=3, scale=0.3)
+    hydra = HydraHeads.random(tiny_backbone.config, num_heads=3, scale=0.3)
+    draft = medusa.draft(tiny_backbone, hidden, root, 4)
+    ids, probs = medusa.topk(hidden, tiny_backbone.lm_head, 4)
+    assert torch.equal(draft.ids, ids) and torch.equal(draft.probs, probs)
+    token = int(ids[2, 1, 3])
+    children = draft.expand([(2, (7,)), (0, ())])  # Medusa guesses do not depend on the path above
+    assert children[0] == list(zip(ids[2, 1].tolist(), probs[2, 1].tolist()))
+    assert children[1] == list(zip(ids[0, 0].tolist(), probs[0, 0].tolist()))
+    assert draft.rank_of(2, (7, token)) == (3, pytest.approx(float(probs[2, 1, 3])))
+    assert torch.equal(draft.rows(1, 2).ids, ids[1:2])
+    path_draft = hydra.draft(tiny_backbone, hidden, root, 4)
+    assert path_draft.ids is None
+    whole = path_draft.expand([(1, ()), (2, ())])
+    alone = path_draft.rows(2, 3).expand([(0, ())])
+    assert [t for t, _ in alone[0]] == [t for t, _ in whole[1]]
+    assert [p for _, p in alone[0]] == pytest.approx([p for _, p in whole[1]], rel=1e-4)
+    first = whole[1][1][0]
+    assert path_draft.rank_of(2, (first,))[0] == 1
+    for d in (draft, hydra.draft(tiny_backbone, hidden, root, 4)):
+        d.grow(6)  # runs without a tree to hand back
+
+
 class OracleHydra:
     """Stands in for path-conditional heads: guesses the true continuation first on paths that follow it
-    (sometimes at rank 1 or not at all), so multi-token acceptance and off-first-branch paths get exercised."""
-
-    conditional = True
+    (sometimes at rank 1 or not at all), so multi-token acceptance and off-first-branch paths get exercised.
+    It offers only what the heads contract asks (`draft`) and what a path draft reads."""
 
     def __init__(self, reference: list[int], vocab: int, num_heads: int = 3, seed: int = 0):
         self.reference, self.vocab, self.num_heads = reference, vocab, num_heads
         self.rng = random.Random(seed)
+
+    def draft(self, backbone, last_hidden, root, topk):
+        return PathDraft(self, backbone, last_hidden, root, topk)
 
     def topk_given_path(self, head, hidden, path_ids, embed, lm_head, k):
         ids, probs = [], []

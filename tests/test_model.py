@@ -117,3 +117,22 @@ def test_cache_not_made_by_new_cache_may_end_inside_an_attention_block(tiny_back
     ids = torch.randint(0, tiny_backbone.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(1))
     odd = KVCache(tiny_backbone.config, 1, 7)
     torch.testing.assert_close(tiny_backbone.forward(ids, odd), tiny_backbone.forward(ids, tiny_backbone.new_cache(1, 7)))
+
+
+def test_cache_rows_are_views_of_the_batch(tiny_backbone):
+    """A prefill into a fresh row view fills that row of the batch and no other; a shared-length view commits
+    into the batch's own lengths."""
+    ids = torch.randint(0, tiny_backbone.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(3))
+    batch = tiny_backbone.new_cache(3, 16)
+    batch.lengths.fill_(2)
+    view = batch.rows(1, 1, fresh=True)
+    assert view.batch_size == 1 and int(view.lengths[0]) == 0
+    hidden = tiny_backbone.forward(ids, view)
+    alone = tiny_backbone.new_cache(1, 16)
+    torch.testing.assert_close(hidden, tiny_backbone.forward(ids, alone))
+    torch.testing.assert_close(batch.keys[:, 1, :, :6], alone.keys[:, 0, :, :6])
+    assert not batch.keys[:, 0].any() and not batch.keys[:, 2].any()
+    assert batch.lengths.tolist() == [2, 2, 2]  # a fresh view's lengths are its own
+    shared = batch.rows(1, 2)
+    shared.commit(1, torch.tensor([2, 3]))
+    assert batch.lengths.tolist() == [2, 2, 4]

@@ -10,7 +10,7 @@ ASSETS = Path(__file__).resolve().parents[1] / "dyntree" / "assets" / "heads" / 
 
 
 def test_bundled_heads_are_small_and_well_formed():
-    from dyntree.heads import load_heads
+    from dyntree.interop import load_heads
 
     assert bundled_heads_dir() is not None
     size = sum(p.stat().st_size for p in ASSETS.iterdir() if p.is_file())

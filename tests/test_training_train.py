@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from dyntree.cli import main as cli_main
 from dyntree.errors import DynTreeError
-from dyntree.heads import HeadsConfig, HydraHeads, MedusaHeads, load_heads
+from dyntree.heads import HeadsConfig, HydraHeads, MedusaHeads
+from dyntree.interop import load_heads
 from dyntree.loading import load_model
 from dyntree.training.train import (IGNORE, HeadsObjective, TrainConfig, head_paths, head_targets, load_examples,
                                     teacher_rows, train)

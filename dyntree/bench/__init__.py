@@ -1,11 +1,12 @@
 """`dyntree bench`: every speed claim of the project comes from here.
 
-methods.py  the registry of decoding methods (ours, transformers' greedy and prompt-lookup generate)
-prompts.py  JSONL prompt files and the built-in prompt set
-runner.py   warm-up, round-robin timing, memory, environment
-summary.py  raw records -> per-method figures (pure), BLEU against ar included
-quality.py  first-token KL of the sampling methods (after the timed runs)
-report.py   terminal table, results.json, results.md, PNG plots
+methods.py   the registry of decoding methods (ours, transformers' greedy and prompt-lookup generate)
+llamacpp.py  the optional llama.cpp peer (registers itself as `llama-cpp`)
+runner.py    warm-up, round-robin timing, memory, environment
+summary.py   raw records -> per-method figures (pure), BLEU against ar included
+sweep.py     batch sizes: one run per size, then the speedup-by-batch-size table
+report.py    terminal table, results.json, results.md, PNG plots
+Prompt files are read by `dyntree.prompts`; the first-token KL of sampling methods is `eval/bench_kl.py`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from dataclasses import asdict
 
 from .methods import METHODS, BenchContext, BenchMethod, MethodSpec, build_methods, parse_method_list, \
     register_method
-from .prompts import BUILTIN, BenchPrompt, load_prompts
+from . import llamacpp  # noqa: F401 - registers the optional `llama-cpp` method, after ours
+from ..prompts import BUILTIN, BenchPrompt, load_prompts
 from ..eval.bench_kl import measure_first_token_kl, measures_kl, not_measured
 from .report import SCHEMA_VERSION, write_outputs
 from .runner import BenchRun, BenchSettings, RunRecord, run_benchmark

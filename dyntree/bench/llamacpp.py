@@ -27,7 +27,7 @@ import torch
 from ..decoding import GenerationStats
 from ..errors import DynTreeError
 from ..loading import DEFAULT_MODEL, default_gguf_path
-from .methods import BenchContext, MethodSkipped, MethodSpec
+from .methods import BenchContext, MethodSkipped, MethodSpec, register_method
 
 INSTALL_HINT = "pip install 'dyntree[llamacpp]'"
 PROBE_TIMEOUT_S = 300  # loading torch (through dyntree) and the model on a busy 2-core machine, with room
@@ -206,6 +206,11 @@ class LlamaCppMethod:
                 "probe": self.probe_note}
 
 
+@register_method("llama-cpp", "llama.cpp (llama-cpp-python) on the GGUF file the default model comes from, greedy, "
+                              "torch's thread count; Q4_1 numerics, so compared with ar by BLEU, not token for "
+                              "token; optional (the llamacpp extra): skipped with a note when llama_cpp is missing "
+                              "or crashes in a probe (options: gguf=PATH for a model other than the default)",
+                 options={"gguf": str}, requires_module="llama_cpp", optional=True)
 def llama_cpp_method(context: BenchContext, spec: MethodSpec) -> LlamaCppMethod:
     """Options first (a user's mistake is an error on any machine), then whether this machine can run it."""
     gguf = gguf_path(spec.text, context.model, spec.options.get("gguf"))

@@ -12,8 +12,9 @@ Our methods (`ar`, `static`, `dynamic`) also take sampling options: `temperature
 `dynamic:temperature=0.7:accept=typical`. Without `temperature` (or with 0) a method is greedy and is checked
 token for token against `ar`.
 
-An optional peer (`llama-cpp`) needs a package the core install lacks; when it is missing, or the peer cannot
-run on this machine, `build_methods` skips it with a one-line note and the other methods still run.
+An optional peer (`llama-cpp`, registered by `llamacpp.py`) needs a package the core install lacks; when it is
+missing, or the peer cannot run on this machine, `build_methods` skips it with a one-line note and the other
+methods still run.
 """
 
 from __future__ import annotations
@@ -568,17 +569,6 @@ def _hf_lookup(context, spec):
     return HFGenerateMethod(spec.text, context, lookup_tokens=spec.options.get("n", 10),
                             max_ngram=spec.options.get("ngram", 2),
                             weights=spec.options.get("weights", spec.options.get("dtype")))
-
-
-@register_method("llama-cpp", "llama.cpp (llama-cpp-python) on the GGUF file the default model comes from, greedy, "
-                              "torch's thread count; Q4_1 numerics, so compared with ar by BLEU, not token for "
-                              "token; optional (the llamacpp extra): skipped with a note when llama_cpp is missing "
-                              "or crashes in a probe (options: gguf=PATH for a model other than the default)",
-                 options={"gguf": str}, requires_module="llama_cpp", optional=True)
-def _llama_cpp(context, spec):
-    from .llamacpp import llama_cpp_method
-
-    return llama_cpp_method(context, spec)
 
 
 def _print_note(line: str) -> None:

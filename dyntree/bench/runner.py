@@ -31,7 +31,7 @@ from ..errors import DynTreeError
 from ..eval.bench_kl import measure_first_token_kl
 from ..precision import cpu_identity
 from .methods import BenchContext, BenchMethod
-from .prompts import BenchPrompt, conversation, raw_text
+from ..prompts import BenchPrompt, conversation, raw_text
 
 REFERENCE_METHOD = "ar"
 

@@ -35,8 +35,7 @@ def run(args) -> int:
     from rich.console import Console
 
     from ..errors import DynTreeError
-    from ..heads import load_heads
-    from ..interop import DTYPES, EXPORT_FILES, FORMATS, check_expressible, export_heads
+    from ..interop import DTYPES, EXPORT_FILES, FORMATS, check_expressible, export_heads, load_heads
 
     if args.format not in FORMATS:
         raise DynTreeError(f"unknown --format {args.format!r}: choose one of {', '.join(FORMATS)}")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..decoding import forward_tree, prefill, propose
 from ..proposers import Proposal, Proposer
 from ..sampling import SamplingConfig, processed_probs
 from ..trees import TreeBuffers
@@ -46,8 +47,6 @@ class TreeContext:
 @torch.inference_mode()
 def build_tree_context(backbone, heads, proposer: Proposer, prompt_ids: list[int]) -> TreeContext:
     """Prefill `prompt_ids`, take the greedy next token as the root, build and run one tree over it."""
-    from ..decoding import forward_tree, prefill, propose
-
     cache = backbone.new_cache(1, len(prompt_ids) + proposer.max_nodes + 1)
     last = prefill(backbone, cache, [list(prompt_ids)])
     root = backbone.logits(last).argmax(-1)

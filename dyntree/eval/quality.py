@@ -9,7 +9,7 @@ tokens; lossless: the same distribution); typical acceptance can. Two measures m
 - the first-tree-token KL to the model's own sampling distribution, next to its noise floor (kl.py).
 
 `measure_quality` runs the whole comparison (greedy, lossless, typical) on MT-Bench prompts; `dyntree
-quality` (or `python -m dyntree.eval.quality`) is its command line. sacrebleu comes with the 'bench' extra.
+quality` is its command line (`commands/quality.py`). sacrebleu comes with the 'bench' extra.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ from pathlib import Path
 
 from ..errors import DynTreeError
 from ..extras import require_extra
+from ..data import mt_bench_path
+from ..prompts import load_prompts
 from ..proposers import Proposer, RootOnlyProposer
-from ..sampling import SamplingConfig
+from ..sampling import GREEDY, SamplingConfig
 from .kl import build_tree_context, estimate_first_token_kl
 
 
@@ -41,9 +43,6 @@ def corpus_bleu(hypotheses: list[str], references: list[str]) -> float:
 # -- the whole comparison --------------------------------------------------------------------------------
 def load_mt_bench_prompts(count: int, path: str | Path | None = None) -> list[str]:
     """The first user turn of the first `count` questions of `path` (default: the packaged MT-Bench)."""
-    from ..bench.prompts import load_prompts  # the one reader of prompt files, with its line-numbered errors
-    from ..data import mt_bench_path
-
     return [p.turns[0] for p in load_prompts(path or mt_bench_path(), limit=count)]
 
 
@@ -123,8 +122,6 @@ def measure_quality(dt, prompts: list[str], max_new_tokens: int = 64, temperatur
     say(f"KL: {len(ids)} contexts x {kl_samples} samples")
     backbone = dt.model.backbone
     contexts = [build_tree_context(backbone, dt.heads, tree, p) for p in ids]
-    from ..sampling import GREEDY
-
     for row, sampling in ((rows[1], GREEDY), (rows[4], lossless), (rows[5], typical)):
         est = estimate_first_token_kl(contexts, sampling, kl_samples, seed=seed)
         row.kl, row.kl_floor = est.mean, est.floor
@@ -156,14 +153,3 @@ def quality_table(report: dict):
                       fmt(r["kl_floor"], ".4f"))
     return table
 
-
-def main(argv=None) -> int:
-    from ..cli import main as cli_main
-
-    import sys
-
-    return cli_main(["quality", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..heads import TopkDraft
 from ..proposers import propose_step
 from ..verify import Verification
 
@@ -61,26 +62,17 @@ def replay(proposer, record: dict, max_new_tokens: int | None = None, heads=None
     tokens = list(record["tokens"])
     start = int(record["prompt_len"])
     end = len(tokens) if max_new_tokens is None else min(len(tokens), start + max_new_tokens)
-    conditional = heads is not None and heads.conditional
-    if conditional:
-        from ..decoding import PathDraft  # noqa: PLC0415 - decoding imports the proposers
-
-        states = record["hidden"]
-    elif heads is not None:  # Medusa heads given with recorded states: their guesses, all at once
-        head_ids, head_probs = heads.topk(record["hidden"].float(), backbone.lm_head, proposer.topk)
+    if heads is not None:  # the heads' draft at every recorded state (Medusa heads: all guesses at once)
+        roots = torch.tensor(tokens[start : start + len(record["hidden"])])
+        drafts = heads.draft(backbone, record["hidden"].float(), roots, proposer.topk)
     else:
-        head_ids, head_probs = record["head_ids"], record["head_probs"]
+        drafts = TopkDraft(record["head_ids"].long(), record["head_probs"])
     lengths, sizes = [], []
     j = start  # index of the current root (the prefill emitted it)
     while j < end - 1:
         root = torch.tensor([tokens[j]])
         k = j - start
-        if conditional:
-            draft = PathDraft(heads, backbone, states[k : k + 1].float(), root, proposer.topk)
-            proposal = propose_step(proposer, root, None, None, lambda: [tokens[: j + 1]], draft)
-        else:
-            proposal = propose_step(proposer, root, head_ids[k : k + 1].long(), head_probs[k : k + 1],
-                                    lambda: [tokens[: j + 1]])
+        proposal = propose_step(proposer, root, drafts.rows(k, k + 1), lambda: [tokens[: j + 1]])
         node_tokens = proposal.tokens[0].tolist()
         parents = proposal.buffers.parents[0].tolist()
         depths = proposal.buffers.depths[0].tolist()

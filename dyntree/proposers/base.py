@@ -1,7 +1,8 @@
 """The proposer contract: what the decoding loop needs from anything that builds a step's candidate tree.
 
-A proposer sees the root tokens (already decided), the heads' top-k `[B, K, k]` ids and probabilities and,
-if it asks for them, each sequence's tokens so far; it returns a `Proposal`: the tree's tokens and buffers.
+A proposer sees the root tokens (already decided), the heads' draft of the step (`heads.draft`: each head's
+top-k `[B, K, k]` ids and probabilities, or for trees built depth by depth the draft itself) and, if it asks
+for them, each sequence's tokens so far; it returns a `Proposal`: the tree's tokens and buffers.
 After verification the loop calls `observe`, so a proposer can learn from what was accepted (the feedback
 hook is part of the interface, as in transformers' `CandidateGenerator`). Verification and the loop do not
 care how a tree was chosen, so static trees, dynamic trees and ProPD's sized trees are interchangeable.
@@ -47,8 +48,8 @@ class Proposer(ABC):
     def max_nodes(self) -> int:
         ...
 
-    # Whether it builds trees over path-conditional heads: the loop then passes a `draft` (see
-    # `decoding.PathDraft`) that evaluates the heads on requested paths, instead of head_ids/head_probs.
+    # Whether it builds its tree depth by depth (path-conditional heads): it is then passed the heads' `draft`
+    # (`heads.PathDraft`: the heads evaluated on requested paths) instead of head_ids/head_probs.
     conditional: bool = False
 
     @abstractmethod
@@ -70,11 +71,12 @@ class Proposer(ABC):
         belong to finished sequences. Default: nothing to learn."""
 
 
-def propose_step(proposer: Proposer, root: torch.Tensor, head_ids: torch.Tensor | None,
-                 head_probs: torch.Tensor | None, context: Callable[[], list[list[int]]], draft=None) -> Proposal:
-    """One step's proposal; `context()` is built and passed only for proposers that read it (`uses_context`),
-    so the others do not pay for the copy. `draft`: path-conditional heads' guesses (conditional proposers)."""
+def propose_step(proposer: Proposer, root: torch.Tensor, draft, context: Callable[[], list[list[int]]]) -> Proposal:
+    """One step's proposal from the heads' `draft` (`heads.draft(...)`; None when no heads ran).
+    `context()` is built and passed only for proposers that read it (`uses_context`), so the others do not pay
+    for the copy. Proposers that build trees depth by depth get the draft itself; the others read each head's
+    top-k from it."""
     ctx = context() if proposer.uses_context else None
-    if draft is not None:
-        return proposer.propose(root, head_ids, head_probs, ctx, draft=draft)
-    return proposer.propose(root, head_ids, head_probs, ctx)
+    if draft is not None and proposer.conditional:
+        return proposer.propose(root, None, None, ctx, draft=draft)
+    return proposer.propose(root, getattr(draft, "ids", None), getattr(draft, "probs", None), ctx)

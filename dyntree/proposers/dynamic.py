@@ -130,7 +130,7 @@ class DynamicTreeProposer(Proposer):
                 context: list[list[int]] | None = None, draft=None) -> Proposal:
         if self.conditional:
             if draft is None:
-                raise DynTreeError("a tree over path-conditional heads needs their draft (`decoding.PathDraft`)")
+                raise DynTreeError("a tree over path-conditional heads needs their draft (`heads.PathDraft`)")
             return self._propose_conditional(root, draft, context)
         depth = min(self.num_heads, head_ids.shape[1])
         ids = head_ids[:, :depth, : self.topk]

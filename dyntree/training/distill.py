@@ -9,8 +9,10 @@ sequence, which is exactly what head training needs, so it is kept (fp16) instea
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -18,7 +20,9 @@ import torch
 from ..errors import DynTreeError
 from ..model import KVCache, Transformer
 from .dataset import DistillDataset, Sequence, model_fingerprint
-from .prompts import Prompt, clean_self_prompt, interleave, read_prompt_file, user_turn_prefix
+from ..jsonl import read_jsonl_objects
+from .prompts import (Prompt, clean_self_prompt, interleave, looks_like_benchmark, prompts_from_row, read_prompt_file,
+                      user_turn_prefix)
 
 
 @dataclass
@@ -56,14 +60,6 @@ class _Row:
 
     def __init__(self, tag, prompt: list[int]):
         self.tag, self.prompt, self.response, self.hidden = tag, prompt, [], []
-
-
-def _cache_row(cache: KVCache, b: int) -> KVCache:
-    """A batch-1 view of row b (writes go through to the full cache)."""
-    view = KVCache.__new__(KVCache)
-    view.keys, view.values = cache.keys[:, b : b + 1], cache.values[:, b : b + 1]
-    view.lengths = torch.zeros(1, dtype=torch.long, device=cache.lengths.device)
-    return view
 
 
 @torch.inference_mode()
@@ -125,7 +121,7 @@ def generate_batched(backbone: Transformer, prompts: Iterable[tuple[object, list
             tag, ids = item
             ensure_capacity(len(ids))
             rows[b] = _Row(tag, ids)
-            view = _cache_row(cache, b)
+            view = cache.rows(b, 1, fresh=True)
             hidden = backbone.forward(torch.tensor([ids], device=device), view)
             cache.lengths[b] = len(ids)
             last = hidden[0, -1]
@@ -294,18 +290,12 @@ class TextPair:
 
     @property
     def key(self) -> str:
-        import hashlib
-
         return hashlib.sha1((self.prompt + "\x00" + self.response).encode("utf-8")).hexdigest()[:16]
 
 
 def read_text_pairs(path) -> list[TextPair]:
     """(prompt, response) pairs of a JSONL file: any prompt field `read_prompt_file` knows, plus a response in
     one of `RESPONSE_FIELDS`. A clear error for rows without one; MT-Bench is refused like everywhere else."""
-    from pathlib import Path
-
-    from .prompts import looks_like_benchmark, prompts_from_row, read_jsonl_objects
-
     path = Path(path).expanduser()
     rows = read_jsonl_objects(path)
     if looks_like_benchmark(path, [r for _, r in rows]):

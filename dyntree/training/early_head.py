@@ -22,14 +22,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+# The files are read where pruning uses them (`early.load_early_head`, re-exported here).
+from ..early import EARLY_HEAD_CONFIG as CONFIG_FILE, EARLY_HEAD_FORMAT as FORMAT, EARLY_HEAD_WEIGHTS as WEIGHTS_FILE
+from ..early import load_early_head  # noqa: F401
 from ..errors import DynTreeError
+from ..heads import HEADS_CONFIG
+from ..interop import load_heads
 from ..model import attention_mask, causal_block
 from .dataset import DistillDataset
 from .train import is_validation
-
-CONFIG_FILE = "early_head.json"
-WEIGHTS_FILE = "early_head.safetensors"
-FORMAT = "dyntree-early-head"
 
 
 @torch.inference_mode()
@@ -175,7 +176,6 @@ def train_early_head(loaded, dataset_dir, out_dir, layer: int, epochs: float = 2
 
 def _heads_vocab(directory, backbone_config) -> torch.Tensor | None:
     """The vocabulary subset of the heads saved in `directory`, if any."""
-    from ..heads import HEADS_CONFIG, load_heads
 
     path = Path(directory)
     if not (path / HEADS_CONFIG).is_file():
@@ -192,20 +192,3 @@ def save_early_head(out_dir, layer: int, weight: torch.Tensor, bias: torch.Tenso
     meta = {"format": FORMAT, "version": 1, "layer": layer, **config.fingerprint()}
     (out / CONFIG_FILE).write_text(json.dumps(meta, indent=1) + "\n")
     return out
-
-
-def load_early_head(directory, backbone_config) -> tuple[int, torch.Tensor, torch.Tensor] | None:
-    """(layer, weight, bias) of the early head saved in `directory`, or None when there is none."""
-    path = Path(directory)
-    if not (path / CONFIG_FILE).is_file():
-        return None
-    from safetensors.torch import load_file
-
-    try:
-        meta = json.loads((path / CONFIG_FILE).read_text())
-        tensors = load_file(str(path / WEIGHTS_FILE))
-    except Exception as exc:  # noqa: BLE001 - a damaged file is one line, not a traceback
-        raise DynTreeError(f"corrupt early head in {path}: {exc}".splitlines()[0]) from exc
-    if meta.get("format") != FORMAT or meta.get("hidden_size") != backbone_config.hidden_size:
-        raise DynTreeError(f"the early head in {path} does not fit this model")
-    return int(meta["layer"]), tensors["weight"], tensors["bias"]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from ..data import mt_bench_path
 from ..errors import DynTreeError
 from ..jsonl import read_jsonl_objects
 
@@ -72,8 +73,6 @@ def looks_like_benchmark(path: Path, rows: list[dict]) -> bool:
 @cache
 def mt_bench_turns() -> frozenset[str]:
     """Every user turn of the packaged MT-Bench, stripped as prompts are."""
-    from ..data import mt_bench_path
-
     rows = [json.loads(line) for line in mt_bench_path().read_text(encoding="utf-8").splitlines() if line.strip()]
     return frozenset(turn.strip() for row in rows for turn in row["turns"])
 

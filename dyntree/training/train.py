@@ -31,6 +31,7 @@ from torch import nn
 
 from ..errors import DynTreeError
 from ..heads import HeadsConfig, HydraHeads, MedusaHeads, heads_class
+from ..interop import load_heads
 from .dataset import DistillDataset, model_fingerprint
 
 IGNORE = -1
@@ -267,7 +268,6 @@ def evaluate(accelerator, objective: HeadsObjective, val: Examples, batch_size: 
 
 def _initial_heads(config: TrainConfig, backbone_config) -> MedusaHeads:
     """Heads to continue training from; their shape must be the one `config` asks for."""
-    from ..heads import load_heads
 
     heads = load_heads(config.init_heads, backbone_config)
     want = {"num_heads": config.num_heads, "num_layers": config.num_layers,

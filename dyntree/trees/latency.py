@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from .. import precision  # through the module: tests stand in for `precision.machine_busy`
+from ..cachedir import cache_root
 from ..errors import DynTreeError
 
 DEFAULT_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
@@ -139,8 +141,8 @@ def measure_latency(backbone, heads=None, sizes=DEFAULT_SIZES, context: int = 12
         for i in range(repeats + 1):
             sync()
             start = time.perf_counter()
-            if heads is not None:
-                draft_once(heads, backbone, last, prefix[:, -1], topk, n)
+            if heads is not None:  # the heads' work of an n-node tree
+                heads.draft(backbone, last, prefix[:, -1], topk).grow(n)
             hidden = backbone.forward(tokens, cache, block_mask=block, depths=depths)
             backbone.logits(hidden[:, : min(n, 2)]).argmax(-1)
             sync()
@@ -153,19 +155,6 @@ def measure_latency(backbone, heads=None, sizes=DEFAULT_SIZES, context: int = 12
     return LatencyModel(sizes, seconds, note)
 
 
-def draft_once(heads, backbone, last_hidden: torch.Tensor, root: torch.Tensor, topk: int, size: int) -> None:
-    """The heads' work of one step: Medusa heads' top-k once; path-conditional heads, a tree of `size` nodes
-    chosen depth by depth (their cost grows with the tree)."""
-    if not heads.conditional:
-        heads.topk(last_hidden, backbone.lm_head, topk)
-        return
-    from ..decoding import PathDraft  # noqa: PLC0415 - decoding imports the proposers, which import this module
-    from .conditional import select_by_depth  # noqa: PLC0415
-
-    draft = PathDraft(heads, backbone, last_hidden, root, min(topk, max(size - 1, 1)))
-    select_by_depth(draft.expand, root.shape[0], size - 1, heads.num_heads)
-
-
 def machine_latency(backbone, heads, sizes, topk: int, cache_dir: str | os.PathLike | None = None,
                     batch: int = 1) -> LatencyModel:
     """This machine's step latency for `backbone` + `heads`: measured once (a few seconds), then read back.
@@ -173,16 +162,13 @@ def machine_latency(backbone, heads, sizes, topk: int, cache_dir: str | os.PathL
     `batch` > 1: the cost of a `[batch, n]` step by tree width n (see `measure_latency`), cached separately.
 
     The cache file is keyed by everything that changes the timings: the processor, the forward's code, torch
-    and its thread count, the device, dtype and weights format, the model's and heads' shapes, the draft's top-k and the sizes
-    measured.
+    and its thread count, the device, dtype and weights format, the model's and heads' shapes, the draft's
+    top-k and the sizes measured.
     """
-    from ..loading import cache_root  # noqa: PLC0415 - loading pulls in transformers
-    from ..precision import cpu_identity, kernels_version, machine_busy  # noqa: PLC0415
-
     config = backbone.config
-    key = {"cpu": list(cpu_identity()), "kernels": kernels_version(), "torch": torch.__version__,
-           "threads": torch.get_num_threads(), "device": str(backbone.device), "dtype": str(backbone.dtype),
-           "weights": getattr(backbone, "weights", str(backbone.dtype)),
+    key = {"cpu": list(precision.cpu_identity()), "kernels": precision.kernels_version(),
+           "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(backbone.device),
+           "dtype": str(backbone.dtype), "weights": getattr(backbone, "weights", str(backbone.dtype)),
            "model": [config.model_type, config.num_layers, config.hidden_size, config.intermediate_size,
                      config.vocab_size],
            "heads": None if heads is None else [heads.num_heads, heads.config.num_layers,
@@ -200,7 +186,7 @@ def machine_latency(backbone, heads, sizes, topk: int, cache_dir: str | os.PathL
             pass  # a damaged cache file is measured again and overwritten
     model = measure_latency(backbone, heads, key["sizes"], topk=topk, batch=batch)
     model.note["key"] = key
-    if machine_busy():
+    if precision.machine_busy():
         return model  # timings taken beside other work mislead: use them now, measure again next time
     tmp = path.with_name(path.name + ".tmp")
     model.save(tmp)

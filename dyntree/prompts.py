@@ -7,8 +7,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import DynTreeError
-from ..jsonl import read_jsonl_objects
+from .data import mt_bench_path
+from .errors import DynTreeError
+from .jsonl import read_jsonl_objects
 
 BUILTIN = "builtin"
 MTBENCH = "mtbench"  # MT-Bench's 80 questions, shipped in dyntree/data (the standard benchmark set)
@@ -28,7 +29,7 @@ class BenchPrompt:
 def builtin_prompts_path() -> Path:
     # Beside the code rather than through importlib.resources: `dyntree` is a namespace package, which
     # resources cannot always resolve when a checkout and an install both provide it.
-    return Path(__file__).resolve().parent.parent / "assets" / BUILTIN_FILE
+    return Path(__file__).resolve().parent / "assets" / BUILTIN_FILE
 
 
 def _row_to_prompt(row: dict, line_no: int, source: str) -> BenchPrompt:
@@ -70,8 +71,6 @@ def load_prompts(source: str | os.PathLike = BUILTIN, limit: int | None = None,
     if per_category is not None and per_category < 1:
         raise DynTreeError("--per-category must be at least 1")
     if str(source) == MTBENCH:
-        from ..data import mt_bench_path
-
         path = mt_bench_path()
     else:
         path = builtin_prompts_path() if str(source) == BUILTIN else Path(source).expanduser()
@@ -92,6 +91,11 @@ def load_prompts(source: str | os.PathLike = BUILTIN, limit: int | None = None,
     if not prompts:
         raise DynTreeError(f"{path} holds no prompts")
     return prompts
+
+
+def mt_bench_first_turns(limit: int | None = None) -> list[str]:
+    """The first user turn of the first `limit` MT-Bench questions (all 80 when None), in file order."""
+    return [p.turns[0] for p in load_prompts(mt_bench_path(), limit=limit)]
 
 
 def conversation(prompt: BenchPrompt, turn: int, earlier_answers: list[str]) -> list[dict]:
