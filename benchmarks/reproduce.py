@@ -275,7 +275,7 @@ def run_dynamic_tree(args, command: str) -> int:
     sizes = [int(s) for s in (args.static_sizes or ("4,6,8,12,16,24,32,48" if full else "8,16,32")).split(",")]
     if any(not 2 <= n <= 63 for n in sizes):
         raise DynTreeError("--static-sizes: Medusa's tree has 63 candidates; choose first-N cuts from 2 to 63 nodes")
-    prompts = load_prompts(args.prompts, None, per_category)
+    prompts = load_prompts(args.prompts, args.limit, per_category)
     sets = [("Medusa heads", args.medusa_heads), ("default heads", args.default_heads)]
     plan = dynamic_tree_methods(sets, args.default_heads, sizes, typical=full or args.typical)
     settings = BenchSettings(max_new_tokens=max_new, seed=args.seed, warmup=1, repeats=1,
@@ -414,11 +414,11 @@ def run_propd(args, command: str) -> int:
         raise DynTreeError("--prune needs LAYER:K pairs, e.g. 4:8,8:8")
     batch_sizes = [int(b) for b in (args.batch_sizes or "1,2,4,8,16").split(",")]
     per_category = args.per_category or (4 if full else 2)
-    prompts = load_prompts(args.prompts, None, per_category)
+    prompts = load_prompts(args.prompts, args.limit, per_category)
     if max(batch_sizes) > len(prompts):
         raise DynTreeError(f"batch size {max(batch_sizes)} needs at least as many prompts; {len(prompts)} chosen "
                            "(raise --per-category)")
-    grid_prompts = load_prompts(args.prompts, None, args.prune_per_category or (3 if full else 1))
+    grid_prompts = load_prompts(args.prompts, args.limit, args.prune_per_category or (3 if full else 1))
     max_new = args.max_new_tokens or (128 if full else 64)
     grid_new = args.prune_max_new_tokens or (128 if full else 96)
     context = BenchContext(model=args.model, heads=args.default_heads, weights=args.weights, seed=args.seed)
@@ -508,6 +508,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", default="mtbench", help="'mtbench' (shipped) or a JSONL file")
     ap.add_argument("--per-category", type=int, default=None,
                     help="prompts per MT-Bench category (default 1, --full 5; propd: 2 and 4)")
+    ap.add_argument("--limit", type=int, default=None, help="keep only the first N of those prompts (quick checks)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default 128 (--full 256); propd 64 (128)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kl-samples", type=int, default=400, help="dynamic-tree: draws per KL context")
