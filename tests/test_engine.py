@@ -177,6 +177,25 @@ def test_real_trees_in_a_batch_equal_solo_and_the_node_budget_hook(dt):
             assert all(s.done.stats["mean_tree_size"] <= budget for s in sinks)
 
 
+def test_static_trees_over_hydra_heads_in_a_batch_equal_solo(dt):
+    """Path-conditional heads in the server's batches: static trees (whole, and cut to a node budget) beside
+    dynamic ones give every request plain greedy decoding's tokens."""
+    from dyntree.heads import HydraHeads
+
+    hydra = DynTree(dt.model, HydraHeads.random(dt.model.config, num_heads=4, scale=0.2), "note", tree="static")
+    ps = prompts(3, seed=4)
+    refs = [plain(dt, p, 20) for p in ps]
+    for hook in (None, lambda batch: 5):
+        engine = BatchEngine(hydra, max_batch=3, tree_size_for=hook)
+        sinks = []
+        for p, f in zip(ps, [{}, {"tree": "static"}, {"tree": "dynamic", "tree_size": 6}]):
+            req, sink = request(p, 20, tree_fields=f)
+            engine.submit(req)
+            sinks.append(sink)
+        drain(engine, sinks)
+        assert [s.done.token_ids for s in sinks] == refs
+
+
 def test_default_node_budget_turns_trees_off_for_large_batches():
     assert default_tree_size_for(1) is None and default_tree_size_for(7) is None
     assert default_tree_size_for(8) == 1 and default_tree_size_for(64) == 1
