@@ -257,6 +257,24 @@ def test_prompt_file_formats(tmp_path):
         load_prompts(path)
 
 
+def test_one_reader_for_every_prompt_file(tmp_path):
+    """Text files (one prompt per line) and JSONL read the same through the bench and through training's
+    and calibration's reading (`dyntree.prompts`), with the same line-numbered errors."""
+    from dyntree.prompts import read_prompt_texts
+    from dyntree.training.prompts import read_prompt_file
+
+    text = tmp_path / "p.txt"
+    text.write_text("first question\n\n  second one  \n")
+    assert [p.turns for p in load_prompts(text)] == [("first question",), ("second one",)]
+    assert read_prompt_texts(text) == ["first question", "second one"]
+    assert [p.text for p in read_prompt_file(text)] == ["first question", "second one"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{oops\n')
+    for read in (load_prompts, read_prompt_texts, read_prompt_file):
+        with pytest.raises(DynTreeError, match="bad.jsonl:2: not valid JSON"):
+            read(bad)
+
+
 def test_per_category_takes_a_balanced_subset(tmp_path):
     path = tmp_path / "mt.jsonl"
     rows = [{"question_id": i, "category": cat, "turns": [f"{cat} {i}"]}
