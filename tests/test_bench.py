@@ -349,7 +349,7 @@ def test_list_methods(capsys):
 def test_auto_sized_dynamic_tree_runs_in_the_bench(tiny_model_dir, prompts_file):
     context = BenchContext(model=str(tiny_model_dir), heads="random")
     methods = build_methods(parse_method_list("ar,dynamic:n=auto:max=6"), context)
-    assert methods[1].engine.proposer.max_nodes == 6 and methods[1].engine.proposer.latency is not None
+    assert methods[1].dyntree.proposer.max_nodes == 6 and methods[1].dyntree.proposer.latency is not None
     bench = run_benchmark(methods, load_prompts(prompts_file)[:1], context,
                           BenchSettings(max_new_tokens=10, turns=1, seed=0, warmup=0, repeats=1))
     results = collect_results(bench, context, "dyntree bench (test)", str(prompts_file))
@@ -361,8 +361,8 @@ def test_auto_sized_dynamic_tree_runs_in_the_bench(tiny_model_dir, prompts_file)
 def test_static_prefix_and_lookup_options(tiny_model_dir, prompts_file):
     context = BenchContext(model=str(tiny_model_dir), heads="random")
     methods = build_methods(parse_method_list("ar,static:n=5,dynamic:lookup=0,dynamic:lookup=4"), context)
-    assert methods[1].engine.proposer.tree.num_nodes == 5
-    assert methods[2].engine.proposer.lookup is None and methods[3].engine.proposer.lookup.max_len == 4
+    assert methods[1].dyntree.proposer.tree.num_nodes == 5
+    assert methods[2].dyntree.proposer.lookup is None and methods[3].dyntree.proposer.lookup.max_len == 4
     bench = run_benchmark(methods, load_prompts(prompts_file)[:2], context,
                           BenchSettings(max_new_tokens=12, turns=1, seed=0, warmup=0, repeats=1))
     results = collect_results(bench, context, "dyntree bench (test)", str(prompts_file))
@@ -377,9 +377,9 @@ def test_methods_can_bring_their_own_heads(tiny_model_dir, prompts_file, tmp_pat
     other = tmp_path / "other-heads"
     MedusaHeads.random(context.dyntree().model.config, num_heads=5, seed=7).save(other)
     methods = build_methods(parse_method_list(f"ar,dynamic,dynamic:heads={other},static:heads={other}"), context)
-    assert methods[1].engine.heads is context.dyntree().heads
-    assert methods[2].engine.heads is methods[3].engine.heads  # loaded once
-    assert methods[2].engine.heads.num_heads == 5 and methods[2].engine.model is context.dyntree().model
+    assert methods[1].dyntree.heads is context.dyntree().heads
+    assert methods[2].dyntree.heads is methods[3].dyntree.heads  # loaded once
+    assert methods[2].dyntree.heads.num_heads == 5 and methods[2].dyntree.model is context.dyntree().model
     bench = run_benchmark(methods, load_prompts(prompts_file)[:1], context,
                           BenchSettings(max_new_tokens=10, turns=1, seed=0, warmup=0, repeats=1))
     results = collect_results(bench, context, "dyntree bench (test)", str(prompts_file))

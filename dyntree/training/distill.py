@@ -1,4 +1,4 @@
-"""Batched generation with our own engine, and the self-distillation run built on it.
+"""Batched generation on our own forward pass, and the self-distillation run built on it.
 
 `generate_batched` keeps `batch_size` sequences in flight on one `KVCache` with per-sequence lengths: every
 step is one `Transformer.forward` over a [B, 1] batch, and a row whose sequence finished is refilled with the
