@@ -50,7 +50,8 @@ log = logging.getLogger("dyntree.engine")
 TREE_CACHE_SIZE = 8  # distinct per-request tree settings kept built
 # From this many rows on, the default node budget is one node per row (plain decoding): a batch already fills
 # the matrix products that a tree fills for one sequence, so extra tree nodes cost more than they return.
-# A placeholder until a measured (batch size, nodes) latency model replaces `default_tree_size_for`.
+# The rule for trees without a measured budget: `dyntree serve` measures one (batch size, nodes) budget where
+# the heads ship a tree profile (`commands/serve.measured_tree_size_for`) and passes it as `tree_size_for`.
 PLAIN_DECODING_BATCH = 8
 
 
