@@ -231,7 +231,7 @@ def test_trees_are_built_once_per_setting(client):
         assert chat(client, tree="dynamic", tree_size=6, topk=3).status_code == 200
     key = (("topk", 3), ("tree", "dynamic"), ("tree_size", 6))
     dt = trees[key]
-    assert dt.proposer.tree_size == 6 and engine.proposer.topk == 3
+    assert dt.proposer.tree_size == 6 and dt.proposer.topk == 3
     assert chat(client, tree="dynamic", tree_size=6, topk=3).json()["dyntree"]["tree"].startswith("dynamic:n6:k3")
     assert trees[key] is dt and len(trees) == built + 1
     assert chat(client, tree="dynamic", lookup=0).status_code == 200
