@@ -29,10 +29,14 @@ from typing import Callable, Protocol
 
 import torch
 
-from ..decoding import GenerationStats
+from ..api import DynTree, heads_directory, resolve_heads
 from ..config import TreeConfig
+from ..decoding import GenerationStats
 from ..errors import DynTreeError
+from ..eval.kl import build_tree_context, estimate_first_token_kl
+from ..precision import resolve_dtype
 from ..sampling import SamplingConfig
+from ..trees.sizing import find_profile
 
 
 class BenchMethod(Protocol):
@@ -230,25 +234,18 @@ class BenchContext:
 
     def resolved_dtype(self, dtype=None) -> torch.dtype:
         """The torch dtype a method runs in: its own `dtype=` option, else the run's (`auto` resolved)."""
-        from ..precision import resolve_dtype
-
         return resolve_dtype(self.dtype if dtype is None else dtype, self.device)
 
     def dyntree(self, dtype=None):
         """Our `DynTree` on the model in `dtype`, with the run's heads (if any) and no tree."""
         key = (self.resolved_dtype(dtype), None)
         if key not in self._dyntrees:
-            from ..api import DynTree
-
             self._dyntrees[key] = DynTree.from_pretrained(self.model, heads=self.heads, tree="ar",
-                                                         device=self.device, dtype=key[0])
+                                                          device=self.device, dtype=key[0])
         return self._dyntrees[key]
 
     def with_heads(self, heads: str, dtype=None):
         """The shared model with other heads (a directory, 'auto', 'random' or 'none'); loaded once each."""
-        from ..api import DynTree, heads_directory, resolve_heads
-        from ..trees.sizing import find_profile
-
         key = (self.resolved_dtype(dtype), heads)
         if key not in self._dyntrees:
             base = self.dyntree(dtype)
@@ -335,11 +332,9 @@ class DynTreeMethod:
         return decode.tokens, decode.stats
 
     def first_token_kl(self, prompts: list[list[int]], num_samples: int):
-        """The first-tree-token KL estimate (dyntree/quality.py) of this method's sampling on `prompts`:
+        """The first-tree-token KL estimate (`eval/kl.py`) of this method's sampling on `prompts`:
         each prompt + its greedy next token is a fixed context; the method's verification is replayed
         `num_samples` times on the tree its proposer builds there."""
-        from ..eval.kl import build_tree_context, estimate_first_token_kl
-
         backbone = self.dyntree.model.backbone
         with torch.inference_mode():
             contexts = [build_tree_context(backbone, self.dyntree.heads, self.dyntree.proposer, list(ids))
