@@ -51,7 +51,8 @@ TREE_CACHE_SIZE = 8  # distinct per-request tree settings kept built
 # From this many rows on, the default node budget is one node per row (plain decoding): a batch already fills
 # the matrix products that a tree fills for one sequence, so extra tree nodes cost more than they return.
 # The rule for trees without a measured budget: `dyntree serve` measures one (batch size, nodes) budget where
-# the heads ship a tree profile (`commands/serve.measured_tree_size_for`) and passes it as `tree_size_for`.
+# the heads ship a tree profile (`TreeSizer.prepare` in `commands/serve.measured_tree_size_for`) and passes it
+# as `tree_size_for`.
 PLAIN_DECODING_BATCH = 8
 
 
@@ -158,7 +159,8 @@ class BatchEngine:
     """Decodes up to `max_batch` requests at once on `dt`'s model; up to `max_queue` more wait their turn.
 
     tree_size_for(batch_size) -> nodes per row this step (None: each row's own tree; 1: plain decoding): the
-    hook a batch latency model plugs into. `threads`: torch intra-op threads of the engine thread.
+    hook a batch latency model plugs into. `threads`: torch intra-op threads of the engine thread. The tree
+    sizing of `dt` is frozen (`TreeSizer.freeze`): the engine never measures step latency.
     `max_seq_len`: prompt + completion tokens a request may hold (default: the model's context); with
     `max_batch` it bounds the KV cache, which grows to what admitted requests need and is kept.
     """
@@ -185,7 +187,9 @@ class BatchEngine:
         self.observer = observer or EngineObserver()
         self.eos = set(self.backbone.config.eos_token_ids)
         self.trees: OrderedDict[tuple, DynTree] = OrderedDict()  # per-request tree settings -> DynTree
-        self._capped: dict[tuple[int, int], tuple[DynTree, DynTree]] = {}
+        # Whatever the trees need measured was measured before (`dyntree serve`: `TreeSizer.prepare`); from
+        # here on the engine thread times nothing, so no request waits behind a measurement.
+        dt.sizer.freeze()
         self._plain = RootOnlyProposer()
         self._rows: list[_Row] = []  # row i holds cache row i (engine thread only)
         self._cache: KVCache | None = None
@@ -424,20 +428,14 @@ class BatchEngine:
         return list(groups.values())
 
     def _proposer_for(self, dt: DynTree, budget: int | None) -> Proposer:
-        """The row's own proposer, or within a node budget: plain decoding (1) or its tree cut to `budget`
-        nodes (fixed-size dynamic and static trees; an auto-sized tree already sizes itself)."""
+        """The row's own proposer, or within a node budget: plain decoding (1, one proposer for every row) or
+        its tree cut to `budget` nodes (`DynTree.proposer_within`)."""
         proposer = dt.proposer
         if budget is None or budget >= proposer.max_nodes:
             return proposer
         if budget <= 1:
             return self._plain
-        config = dt.config
-        if config.kind not in ("dynamic", "static") or config.auto:
-            return proposer
-        key = (id(dt), budget)
-        if key not in self._capped or self._capped[key][0] is not dt:
-            self._capped[key] = (dt, dt.with_tree(config.replace(size=budget)))
-        return self._capped[key][1].proposer
+        return dt.proposer_within(budget)
 
     def _verify(self, hidden: torch.Tensor, proposal: Proposal, sizes: list[int]):
         """Per row: accepted node indices, the next token and the last accepted node. Greedy rows are walked
@@ -647,7 +645,8 @@ class BatchEngine:
     # -- trees ---------------------------------------------------------------------------------------------
     def tree_for(self, fields: dict) -> DynTree:
         """The server's tree, or one with a request's tree settings (built once, then the 8 latest are kept).
-        Runs on the engine thread: building an auto-sized tree measures step latency on the model."""
+        Runs on the engine thread, so it measures nothing: the tree is sized from what the server measured
+        at start-up (a frozen `TreeSizer`)."""
         base = self.base
         if not fields:
             return base
