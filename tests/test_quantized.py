@@ -170,3 +170,23 @@ def test_default_model_gguf_blocks_are_the_files_weights_and_decode_exactly():
     run = Decoder(gguf.backbone, proposer=PathProposer(reference, gguf.config.vocab_size, 0),
                   eos_token_ids=()).run([prompt], 40).consume()
     assert run.tokens[0] == reference
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+def test_avx2_build_is_row_independent_and_agrees(kind):
+    """The AVX2 + FMA variant (what AVX2-only CPUs such as AMD Zen 3 build) checked here too, where this CPU can
+    run it: rows independent of their neighbours, results within rounding of the native build's."""
+    avx2, why = load_native(cache_root(), march="haswell")
+    if avx2 is None:
+        pytest.skip(f"no AVX2 build here: {why}")
+    if avx2.dyntree_vector_width() != 8:
+        pytest.skip("the haswell build did not take the AVX2 path")
+    shape = (120, 576)
+    matrix = QuantMatrix.from_gguf(kind, _random_blocks(kind, *shape, seed=5), shape)
+    dense, native = NativeDense(matrix, avx2), NativeDense(matrix, lib)
+    x = torch.randn(11, shape[1], generator=torch.Generator().manual_seed(2))
+    alone = torch.cat([dense(x[i:i + 1]) for i in range(11)])
+    for rows in range(1, 12):
+        assert torch.equal(dense(x[:rows]), alone[:rows]), f"{rows} rows"
+    torch.testing.assert_close(alone, native(x), rtol=1e-5, atol=1e-5)
