@@ -190,3 +190,12 @@ def test_avx2_build_is_row_independent_and_agrees(kind):
     for rows in range(1, 12):
         assert torch.equal(dense(x[:rows]), alone[:rows]), f"{rows} rows"
     torch.testing.assert_close(alone, native(x), rtol=1e-5, atol=1e-5)
+
+
+def test_without_a_compiler_quantized_weights_fail_in_one_line(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("DYNTREE_CACHE", str(tmp_path / "cache"))
+    lib_here, why = load_native(tmp_path / "cache")
+    assert lib_here is None and "compiler" in why
+    with pytest.raises(DynTreeError, match="native kernels: no working C compiler"):
+        load_model(tiny_model_dir, weights="q4")
