@@ -29,10 +29,25 @@ RANDOM_HEADS = "random"
 NO_HEADS = "none"
 
 
-def bundled_heads_dir() -> Path | None:
-    """Trained heads shipped for the default model, if this build has them."""
-    path = Path(__file__).resolve().parent / "assets" / "heads" / "smollm2-135m-instruct"
+# Trained heads shipped for the default model, by the name `--heads` takes: hydra ones (the default, "auto":
+# the fastest) and Medusa ones (what Medusa's static trees and the other projects' loaders were made for).
+BUNDLED_HEADS = {"hydra": "smollm2-135m-instruct", "medusa": "smollm2-135m-instruct-medusa"}
+DEFAULT_HEADS = "hydra"
+
+
+def bundled_heads_dir(name: str = DEFAULT_HEADS) -> Path | None:
+    """Trained heads shipped for the default model under `name` ("auto" = the default set), if this build
+    has them."""
+    name = DEFAULT_HEADS if name == "auto" else name
+    if name not in BUNDLED_HEADS:
+        raise DynTreeError(f"no bundled heads named {name!r} (choose from auto, {', '.join(BUNDLED_HEADS)})")
+    path = Path(__file__).resolve().parent / "assets" / "heads" / BUNDLED_HEADS[name]
     return path if (path / "heads.json").is_file() else None
+
+
+def is_bundled_name(heads) -> bool:
+    """Whether the `heads` argument names bundled heads rather than a directory."""
+    return isinstance(heads, str) and (heads == "auto" or heads in BUNDLED_HEADS)
 
 
 @dataclass
@@ -90,8 +105,9 @@ class DynTree:
                         weights=None, **tree_fields) -> "DynTree":
         """Load a backbone and heads.
 
-        heads: "auto" (the bundled trained heads for the default model, else none), a directory (ours or
-        Medusa v0.1), "random" (untrained heads: shows losslessness, not speed) or None/"none".
+        heads: "auto" (the bundled trained heads for the default model, else none), "hydra" / "medusa" (a
+        bundled set by name: hydra is auto's), a directory (ours, Medusa v0.1 or vLLM Medusa), "random"
+        (untrained heads: shows losslessness, not speed) or None/"none".
         weights: "auto" (default: the GGUF file's own blocks where the native kernels measure faster on this
         machine, else bf16 where it multiplies faster, else fp32; measured once and cached), "gguf", "q4"
         (a float checkpoint quantized to 4-bit groups: lossy), "float32", "bfloat16" or a torch dtype; greedy
@@ -266,13 +282,21 @@ def resolve_heads(heads, loaded: LoadedModel) -> tuple[MedusaHeads | None, str]:
         if bundled is None:
             return None, "no trained heads for this model: plain autoregressive decoding (pass --heads)"
         return load_heads(bundled, loaded.config), f"bundled heads ({bundled.name})"
+    if is_bundled_name(heads):  # "medusa", "hydra": a named bundled set, which must exist
+        if loaded.name != DEFAULT_MODEL:
+            raise DynTreeError(f"the bundled {heads} heads are for the default model; pass a heads directory "
+                               f"for {loaded.name}")
+        bundled = bundled_heads_dir(heads)
+        if bundled is None:
+            raise DynTreeError(f"this build has no bundled {heads} heads")
+        return load_heads(bundled, loaded.config), f"bundled heads ({bundled.name})"
     return load_heads(heads, loaded.config), f"heads from {heads}"
 
 
 def heads_directory(heads, loaded: LoadedModel) -> Path | None:
     """The directory the `heads` argument loads from (None for random or no heads)."""
-    if heads == "auto":
-        return bundled_heads_dir() if loaded.name == DEFAULT_MODEL else None
+    if is_bundled_name(heads):
+        return bundled_heads_dir(heads) if loaded.name == DEFAULT_MODEL else None
     if heads in (None, NO_HEADS, RANDOM_HEADS):
         return None
     return Path(heads).expanduser()

@@ -17,13 +17,15 @@ def add_model_args(parser: argparse.ArgumentParser, tree: bool = True) -> None:
     parser.add_argument("--model", default="default",
                         help="'default' (SmolLM2-135M-Instruct, embedded) or a local Hugging Face model directory")
     parser.add_argument("--heads", default="auto",
-                        help="'auto' (bundled heads of the default model), a heads directory (dyntree, Medusa "
-                             "v0.1 or vLLM Medusa layout), 'random' (untrained, shows losslessness only) or 'none'")
+                        help="'auto' (bundled heads of the default model: its hydra heads), 'medusa' (its bundled "
+                             "Medusa heads) or 'hydra', a heads directory (dyntree, Medusa v0.1 or vLLM Medusa "
+                             "layout), 'random' (untrained, shows losslessness only) or 'none'")
     if tree:
         parser.add_argument("--tree", default="dynamic",
                             help="'dynamic' (default: built every step from the heads and a context lookup, 8 nodes; "
                                  "the fastest on CPU), 'static' (Medusa's 63-node tree; 'static:N' its first N "
-                                 "nodes), 'ar' (no tree), or a JSON file of paths")
+                                 "nodes; over hydra heads read depth by depth), 'ar' (no tree), or a JSON file of "
+                                 "paths")
         parser.add_argument("--tree-size", default=None,
                             help="nodes per dynamic tree, root included (default: the measured best on CPU), "
                                  "or 'auto' / 'auto:N': choose the size every step from the expected accepted "

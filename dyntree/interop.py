@@ -18,6 +18,9 @@ say. What each layout holds was checked against the projects' own source (cited 
   `base_model_name_or_path`; head h is `nn.Sequential(ResBlock x L, nn.Linear(H, V, bias=False))`, hence keys
   `{h}.{l}.linear.weight|bias` and `{h}.{L}.weight` over the full vocabulary, stored as `medusa_lm_head.pt`
   (what its `MedusaModel.from_pretrained` reads) or `medusa_lm_head.safetensors` (newer training scripts).
+  Its loader builds the L blocks as `[ResBlock(H)] * L` (one module repeated) and always 5 heads, loaded with
+  `strict=False`: blocks of 2+ block heads load without error but wrongly, so such exports warn
+  (`loader_caveats`).
 
 dyntree-only facts (the backbone's model type, a vocabulary subset expanded for FasterDecoding) travel in a
 `dyntree` object inside `config.json`, which the other projects ignore, so a round trip gives back the same
@@ -29,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -46,7 +50,24 @@ EXPORT_FILES = (CONFIG, VLLM_WEIGHTS, MEDUSA_PT, MEDUSA_SAFETENSORS, "heads.json
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+class ExportWarning(UserWarning):
+    """An export that is right by its format, which the format's reference loader would still read wrongly."""
+
+
 # -- export ----------------------------------------------------------------------------------------------
+def loader_caveats(heads: MedusaHeads, fmt: str) -> list[str]:
+    """One line per way the format's own loader would misread these heads (none for vLLM's, which builds
+    every block and head from the config). FasterDecoding's `MedusaModel.from_pretrained` builds each head's
+    blocks as `[ResBlock(H)] * L`, one module repeated, so a strict load of L >= 2 blocks leaves every block
+    equal to the last one; its 5 heads and `strict=False` are documented in docs/interop.md."""
+    layers = heads.config.num_layers
+    if fmt != "medusa" or layers < 2:
+        return []
+    return [f"FasterDecoding's Medusa loader builds a head's blocks as one module repeated ([ResBlock(H)] * L), "
+            f"so these {layers}-block heads load there without an error but run their last block {layers} times; "
+            "dyntree and vLLM (--format vllm-medusa) read them right"]
+
+
 def check_expressible(heads: MedusaHeads, fmt: str) -> None:
     """Refuse heads the format has no words for (path-conditional heads read more than the hidden state)."""
     if fmt not in FORMATS:
@@ -224,6 +245,8 @@ def export_heads(heads: MedusaHeads, directory: str | os.PathLike, fmt: str,
                  base_model: str = "", share_lm_head: bool = False, torch_file: bool = False) -> Path:
     """Write `heads` in format `fmt` ("vllm-medusa" or "medusa") under `directory`."""
     check_expressible(heads, fmt)
+    for line in loader_caveats(heads, fmt):
+        warnings.warn(line, ExportWarning, stacklevel=2)
     if fmt == "vllm-medusa":
         if torch_file:
             raise DynTreeError("--pt applies to the medusa format only")

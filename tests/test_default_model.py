@@ -50,12 +50,16 @@ def test_plain_decoding_equals_transformers_generate(default_model, hf_default, 
         assert ours == out[0, len(ids):].tolist()
 
 
-@pytest.mark.parametrize("heads_kind", ["random", "auto"])
-def test_tree_decoding_is_token_exact(default_model, prompts, heads_kind):
+@pytest.mark.parametrize("heads_kind, trees", [("random", ("static",)), ("auto", ("dynamic", "static")),
+                                               ("medusa", ("static",))])
+def test_tree_decoding_is_token_exact(default_model, prompts, heads_kind, trees):
+    """Both bundled sets (hydra: auto, and medusa) run static trees, the hydra ones also the default tree."""
     heads, _ = resolve_heads(heads_kind, default_model)
-    if heads is None:
-        pytest.skip("no bundled heads in this build")
-    dt = DynTree(default_model, heads, tree="dynamic" if heads.conditional else "static")
-    for ids in prompts:
-        ref = dt.generate(ids, 48, proposer=RootOnlyProposer()).token_ids
-        assert dt.generate(ids, 48).token_ids == ref
+    for tree in trees:
+        dt = DynTree(default_model, heads, tree=tree)
+        for ids in prompts:
+            ref = dt.generate(ids, 48, proposer=RootOnlyProposer()).token_ids
+            result = dt.generate(ids, 48)
+            assert result.token_ids == ref, tree
+            if heads_kind != "random":  # trained heads: more than one token a pass
+                assert result.stats.mean_accepted_per_pass > 1.2, tree

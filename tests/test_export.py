@@ -9,6 +9,8 @@ The two `Reference*` modules below rebuild each project's network the way its ow
 from __future__ import annotations
 
 import json
+import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,7 +20,7 @@ from dyntree.cli import main
 from dyntree.decoding import Decoder
 from dyntree.errors import DynTreeError
 from dyntree.heads import HeadsConfig, MedusaHeads
-from dyntree.interop import expand_to_vocabulary, export_heads, load_heads
+from dyntree.interop import ExportWarning, expand_to_vocabulary, export_heads, load_heads
 from dyntree.proposers import DynamicTreeProposer, StaticTreeProposer
 from dyntree.trees import StaticTree, load_tree_spec
 
@@ -35,12 +37,15 @@ class ResBlock(nn.Module):  # FasterDecoding's name: the key is `{h}.{l}.linear.
 
 
 class ReferenceFasterDecoding(nn.Module):
-    """`medusa_head`: ModuleList of Sequential(ResBlock x L, Linear(H, V, bias=False)); logits `[K, N, V]`."""
+    """`medusa_head`: ModuleList of Sequential(ResBlock x L, Linear(H, V, bias=False)); logits `[K, N, V]`.
+
+    Built as FasterDecoding builds it: `[ResBlock(H)] * L` is one block module repeated L times, so its
+    state dict still has a key per block, but loading gives every position the last block's weights."""
 
     def __init__(self, num_heads, num_layers, hidden, vocab):
         super().__init__()
         self.medusa_head = nn.ModuleList(
-            nn.Sequential(*[ResBlock(hidden) for _ in range(num_layers)], nn.Linear(hidden, vocab, bias=False))
+            nn.Sequential(*([ResBlock(hidden)] * num_layers), nn.Linear(hidden, vocab, bias=False))
             for _ in range(num_heads))
 
     def forward(self, hidden):
@@ -260,6 +265,49 @@ def test_export_round_trip_gives_identical_proposals(tmp_path, tiny_backbone, fm
         assert torch.equal(ref(h).argmax(-1).T, ids_a[..., 0])
 
 
+def multi_block_heads(cfg, lm_head_weight, num_heads=3, num_layers=2):
+    heads = MedusaHeads(HeadsConfig(num_heads, num_layers, cfg.hidden_size, cfg.vocab_size, shared_projection=False,
+                                    model_type=cfg.model_type))
+    randomize(heads, seed=9, scale=0.2)
+    heads.init_projection_from(lm_head_weight)
+    return heads
+
+
+def test_multi_block_heads_warn_for_fasterdecodings_loader(tmp_path, tiny_backbone):
+    """3 heads x 2 blocks: the files are right (dyntree reads them back exactly) but FasterDecoding's repeated
+    block module loads them strictly and wrongly, and its 5-head, strict=False load leaves heads 3-4 untrained;
+    so the medusa export warns, in one line, and the vllm-medusa one (distinct modules) does not."""
+    from safetensors.torch import load_file
+
+    cfg = tiny_backbone.config
+    heads = multi_block_heads(cfg, tiny_backbone.lm_head.weight.float())
+    with pytest.warns(ExportWarning, match=r"\[ResBlock\(H\)\] \* L") as caught:
+        out = export_heads(heads, tmp_path / "m", "medusa")
+    assert len(caught) == 1 and "\n" not in str(caught[0].message)
+    state = load_file(str(out / "medusa_lm_head.safetensors"))
+    h = hidden_states(cfg)
+    ids = heads.topk(h, tiny_backbone.lm_head, 1)[0][..., 0]
+    assert torch.equal(load_heads(out, cfg).topk(h, tiny_backbone.lm_head, 1)[0][..., 0], ids)
+    ref = ReferenceFasterDecoding(3, 2, cfg.hidden_size, cfg.vocab_size)
+    ref.medusa_head.load_state_dict(state, strict=True)  # no error...
+    for k in range(3):  # ...but both positions hold block 1
+        assert ref.medusa_head[k][0] is ref.medusa_head[k][1]
+        assert torch.equal(ref.medusa_head[k][0].linear.weight, heads.block_weight[k, 1])
+    with torch.no_grad():
+        assert not torch.equal(ref(h).argmax(-1).T, ids)
+    five = ReferenceFasterDecoding(5, 2, cfg.hidden_size, cfg.vocab_size)
+    missing = five.medusa_head.load_state_dict(state, strict=False).missing_keys
+    assert {key.split(".")[0] for key in missing} == {"3", "4"}  # heads 4 and 5 keep their initial weights
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ExportWarning)
+        out = export_heads(heads, tmp_path / "v", "vllm-medusa")
+    ref = ReferenceVllm(3, 2, cfg.hidden_size, cfg.vocab_size)
+    ref.load_state_dict(load_file(str(out / "model.safetensors")), strict=True)
+    with torch.no_grad():
+        assert torch.equal(ref(h).argmax(-1).T, ids)
+
+
 def test_filler_rows_never_beat_the_subsets_best_guess():
     """Whatever the head state, even where every subset logit is negative (a zero row would win there)."""
     gen = torch.Generator().manual_seed(0)
@@ -357,6 +405,36 @@ def test_cli_exports_shared_heads_with_the_model(capsys, tmp_path, tiny_model_di
     assert code == 0, err
     assert not (tmp_path / "v" / "model.safetensors").exists()
     assert torch.equal(load_heads(tmp_path / "v", tiny_backbone.config).topk(h, tiny_backbone.lm_head, 4)[0], ids_a)
+
+
+def test_cli_warns_in_one_line_for_multi_block_medusa_exports(capsys, tmp_path, tiny_backbone):
+    multi_block_heads(tiny_backbone.config, tiny_backbone.lm_head.weight.float()).save(tmp_path / "h")
+    code, err = run_cli(capsys, "export", "--heads", str(tmp_path / "h"), "--format", "medusa",
+                        "--out", str(tmp_path / "m"), "--pt")
+    warned = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert code == 0 and len(warned) == 1 and "[ResBlock(H)] * L" in warned[0], err
+    code, err = run_cli(capsys, "export", "--heads", str(tmp_path / "h"), "--format", "vllm-medusa",
+                        "--out", str(tmp_path / "v"))
+    assert code == 0 and "warning" not in err, err
+
+
+@pytest.mark.parametrize("fmt", ["vllm-medusa", "medusa"])
+def test_cli_exports_the_bundled_medusa_heads(capsys, tmp_path, fmt):
+    """The shipped Medusa heads export in both layouts and load back with the same guesses; the default
+    (hydra) heads are refused in one line that names them."""
+    from dyntree.api import bundled_heads_dir
+
+    code, err = run_cli(capsys, "export", "--heads", "medusa", "--format", fmt, "--out", str(tmp_path / "o"),
+                        "--dtype", "float16")
+    assert code == 0, err
+    shipped = load_heads(bundled_heads_dir("medusa"))
+    exported = load_heads(tmp_path / "o")
+    assert exported.num_heads == shipped.num_heads and torch.equal(exported.vocab_ids, shipped.vocab_ids)
+    h = torch.randn(4, 576, generator=torch.Generator().manual_seed(0))
+    unused = SimpleNamespace(weight_t=None)  # own projections: the backbone's lm_head is not read
+    assert torch.equal(exported.topk(h, unused, 3)[0], shipped.topk(h, unused, 3)[0])
+    code, err = run_cli(capsys, "export", "--heads", "auto", "--format", fmt, "--out", str(tmp_path / "a"))
+    assert_one_line_error(code, err, "--heads medusa")
 
 
 @pytest.mark.parametrize("case", ["missing_heads", "bad_format", "out_not_empty", "out_is_file", "bad_dtype",

@@ -11,8 +11,9 @@ from dyntree.decoding import Decoder
 from dyntree.errors import DynTreeError
 from dyntree.heads import HeadsConfig, HydraHeads, MedusaHeads, PathDraft
 from dyntree.interop import load_heads, save_medusa
-from dyntree.proposers import DynamicTreeProposer, build_proposer
+from dyntree.proposers import DynamicTreeProposer, StaticTreeProposer, build_proposer
 from dyntree.config import TreeConfig
+from dyntree.trees import StaticTree, load_tree_spec
 from dyntree.trees.conditional import best_ranked, select_by_depth
 
 
@@ -174,7 +175,7 @@ def test_hydra_round_trip_and_type_errors(tmp_path, tiny_backbone):
     hidden, path = torch.randn(3, cfg.hidden_size), torch.randint(0, 100, (3, 2))
     args = (tiny_backbone.embed_tokens, tiny_backbone.lm_head.weight_t)
     torch.testing.assert_close(loaded.path_logits(hidden, path, *args), heads.path_logits(hidden, path, *args))
-    with pytest.raises(DynTreeError, match="static tree"):
+    with pytest.raises(DynTreeError, match="deeper .3. than the number of heads .2."):  # still checked
         build_proposer(TreeConfig.parse("static"), 2, conditional=True)
     with pytest.raises(DynTreeError, match="hydra"):
         save_medusa(loaded, tmp_path / "m")
@@ -210,3 +211,74 @@ def test_hydra_replay_matches_decoding(tiny_backbone, lookup):
         record = {"tokens": seq, "prompt_len": len(prompt), "hidden": hidden}
         got = replay(make(), record, heads=heads, backbone=tiny_backbone)
         assert got.accepted_lengths == live.stats.accepted_lengths
+
+
+# -- static trees over path-conditional heads ----------------------------------------------------------------
+SMALL_TREE = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 1, 2], [2, 3]]  # depth 3, ranks up to 3
+
+
+def test_static_tree_over_hydra_equals_node_by_node_guesses(tiny_backbone):
+    """Every node of a static tree over hydra heads is its rank among the guesses given its own path, computed
+    here one node at a time (brute force), for every row of a batch."""
+    heads = HydraHeads.random(tiny_backbone.config, num_heads=3, scale=0.3, seed=4)
+    proposer = build_proposer(TreeConfig.parse(SMALL_TREE, topk=4), 3, conditional=True)
+    assert isinstance(proposer, StaticTreeProposer) and proposer.conditional and proposer.name.endswith(":hydra")
+    hidden = torch.randn(3, tiny_backbone.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    root = torch.tensor([7, 11, 7])
+    draft = heads.draft(tiny_backbone, hidden, root, proposer.topk)
+    proposal = proposer.propose(root, None, None, draft=draft)
+    paths = proposer.tree.paths
+    for b in range(3):
+        expected = {(): ()}
+        for rank_path in paths:  # parents before children
+            parent = expected[rank_path[:-1]]
+            ids, _ = heads.topk_given_path(len(parent), hidden[b : b + 1], torch.tensor([[int(root[b]), *parent]]),
+                                           tiny_backbone.embed_tokens, tiny_backbone.lm_head, 4)
+            expected[rank_path] = parent + (int(ids[0, rank_path[-1]]),)
+        assert proposal.tokens[b].tolist() == [int(root[b])] + [expected[p][-1] for p in paths]
+    assert torch.equal(proposal.buffers.parents[0], proposer.tree.buffers.parents[0])
+
+
+def test_static_tree_read_along_paths_equals_gathered_for_medusa_heads(tiny_backbone):
+    """Medusa heads' guesses do not depend on the path, so reading a static tree depth by depth through their
+    draft gives exactly the tree gathered from their top-k at once."""
+    heads = MedusaHeads.random(tiny_backbone.config, num_heads=4, scale=0.3)
+    tree = StaticTree.build(load_tree_spec("mc_sim_7b_63")[1], 10, 4)
+    hidden = torch.randn(2, tiny_backbone.config.hidden_size, generator=torch.Generator().manual_seed(5))
+    root = torch.tensor([3, 9])
+    draft = heads.draft(tiny_backbone, hidden, root, 10)
+    gathered = StaticTreeProposer(tree).propose(root, draft.ids, draft.probs)
+    along = StaticTreeProposer(tree, conditional=True).propose(root, None, None, draft=draft)
+    assert torch.equal(gathered.tokens, along.tokens)
+    torch.testing.assert_close(gathered.scores.double(), along.scores)
+
+
+@pytest.mark.parametrize("spec", ["mc_sim_7b_63:12", "small"])
+def test_static_tree_over_hydra_decodes_token_exact(tiny_backbone, spec):
+    prompt = [3, 17, 42, 8, 99, 5]
+    reference = Decoder(tiny_backbone, eos_token_ids=()).run([prompt, prompt[:4]], 40).consume().tokens
+    config = TreeConfig.parse(SMALL_TREE, topk=4) if spec == "small" else TreeConfig.parse(spec)
+    random_heads = HydraHeads.random(tiny_backbone.config, num_heads=4, scale=0.2)
+    oracle = OracleHydra([prompt[-1]] + reference[0], tiny_backbone.config.vocab_size, num_heads=4)
+    for heads in (random_heads, oracle):
+        proposer = build_proposer(config, 4, conditional=True)
+        run = Decoder(tiny_backbone, heads, proposer, eos_token_ids=()).run([prompt, prompt[:4]], 40).consume()
+        assert run.tokens == reference
+        if heads is oracle:
+            assert run.stats.mean_accepted_per_pass > 1.5  # the oracle's paths were accepted
+
+
+def test_static_tree_over_hydra_replay_matches_decoding(tiny_backbone):
+    from dyntree.eval.replay import replay
+
+    heads = HydraHeads.random(tiny_backbone.config, num_heads=3, scale=0.2)
+    prompt = [1, 5, 9, 3, 1, 5, 9, 3, 1, 5]
+    make = lambda: build_proposer(TreeConfig.parse(SMALL_TREE, topk=4), 3, conditional=True)  # noqa: E731
+    live = Decoder(tiny_backbone, heads, make()).run([prompt], 40, stop_at_eos=False).consume()
+    seq = prompt + live.tokens[0]
+    with torch.inference_mode():
+        cache = tiny_backbone.new_cache(1, len(seq) + 1)
+        hidden = tiny_backbone.forward(torch.tensor([seq]), cache)[0, len(prompt) - 1 : -1]
+    got = replay(make(), {"tokens": seq, "prompt_len": len(prompt), "hidden": hidden}, heads=heads,
+                 backbone=tiny_backbone)
+    assert got.accepted_lengths == live.stats.accepted_lengths

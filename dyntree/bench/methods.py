@@ -388,12 +388,6 @@ def _tree_method(context: BenchContext, spec: MethodSpec, tree: str) -> DynTreeM
     if "early_prune" in options:
         options["early_prune"] = str(options["early_prune"])  # `early_prune=8` (no K) is refused as text
     measure_prune = options.pop("measure_prune", False)
-    if tree == "static" and base.heads is not None and base.heads.conditional:
-        # The default method list includes `static`; hydra heads cannot fill a fixed tree (their guesses depend
-        # on the path), so the run goes on without it rather than failing.
-        raise MethodSkipped(f"a static tree reads each head's own top guesses; the loaded heads are "
-                            f"{base.heads.config.head_type} (path-conditional): use dynamic, or heads=DIR with "
-                            f"Medusa heads")
     tree = options.pop("tree", tree)  # `static:tree=FILE`
     size = options.pop("n", None)  # `static:n=8` (first 8 nodes), `dynamic:n=16`, `dynamic:n=auto:max=24`
     if "max" in options:

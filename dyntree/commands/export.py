@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 
 def add_command(subparsers) -> None:
     p = subparsers.add_parser("export", help="write heads for vLLM (vllm-medusa) or FasterDecoding Medusa (medusa)")
     p.add_argument("--heads", required=True,
-                   help="heads directory (dyntree, Medusa v0.1 or vLLM Medusa layout), or 'auto' for the bundled "
-                        "heads of the default model")
+                   help="heads directory (dyntree, Medusa v0.1 or vLLM Medusa layout), or 'medusa' for the "
+                        "bundled Medusa heads of the default model (the default 'auto'/'hydra' heads read the "
+                        "drafted path, which neither format can hold)")
     p.add_argument("--format", required=True, metavar="FORMAT",
                    help="'vllm-medusa' (config.json + model.safetensors for vLLM's speculative_config) or "
                         "'medusa' (FasterDecoding: config.json + medusa_lm_head.safetensors)")
@@ -35,7 +37,7 @@ def run(args) -> int:
     from rich.console import Console
 
     from ..errors import DynTreeError
-    from ..interop import DTYPES, EXPORT_FILES, FORMATS, check_expressible, export_heads, load_heads
+    from ..interop import DTYPES, EXPORT_FILES, FORMATS, ExportWarning, check_expressible, export_heads, load_heads
 
     if args.format not in FORMATS:
         raise DynTreeError(f"unknown --format {args.format!r}: choose one of {', '.join(FORMATS)}")
@@ -47,14 +49,19 @@ def run(args) -> int:
     if out.is_dir() and any(out.iterdir()) and not args.force:
         raise DynTreeError(f"--out {out} is not empty (pass --force to replace the heads files in it)")
     heads_path = args.heads
-    if heads_path == "auto":
-        from ..api import bundled_heads_dir
+    from ..api import bundled_heads_dir, is_bundled_name
 
-        heads_path = bundled_heads_dir()
+    if is_bundled_name(heads_path):
+        heads_path = bundled_heads_dir(args.heads)
         if heads_path is None:
-            raise DynTreeError("this build has no bundled heads; pass a heads directory")
+            raise DynTreeError(f"this build has no bundled {args.heads} heads; pass a heads directory")
     heads = load_heads(heads_path)
-    check_expressible(heads, args.format)  # before loading a backbone for nothing
+    try:
+        check_expressible(heads, args.format)  # before loading a backbone for nothing
+    except DynTreeError as exc:
+        if is_bundled_name(args.heads):
+            raise DynTreeError(f"{exc}; the bundled Medusa heads can be: --heads medusa") from None
+        raise
     if args.share_lm_head and (args.format != "vllm-medusa" or heads.projection is not None):
         raise DynTreeError("--share-lm-head applies to the vllm-medusa format and heads that use the backbone's "
                            "lm_head")
@@ -77,9 +84,16 @@ def run(args) -> int:
         for name in EXPORT_FILES:  # stale files of another layout would decide what a later load reads
             (out / name).unlink(missing_ok=True)
     base_model = args.base_model if args.base_model is not None else (str(model_dir) if model_dir else "")
-    written = export_heads(heads, out, args.format, lm_head_weight=lm_head, dtype=DTYPES[args.dtype],
-                           base_model=base_model, share_lm_head=args.share_lm_head, torch_file=args.pt)
+    with warnings.catch_warnings(record=True) as caught:  # printed below as one line each
+        warnings.simplefilter("always", ExportWarning)
+        written = export_heads(heads, out, args.format, lm_head_weight=lm_head, dtype=DTYPES[args.dtype],
+                               base_model=base_model, share_lm_head=args.share_lm_head, torch_file=args.pt)
     console = Console(stderr=True)
+    for warning in caught:
+        if issubclass(warning.category, ExportWarning):
+            console.print(f"warning: {warning.message}", style="yellow", markup=False, soft_wrap=True)
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     cfg = heads.config
     subset = f", vocabulary subset of {cfg.vocab_subset}" if cfg.vocab_subset else ""
     layers = f"{cfg.num_layers} block{'s' if cfg.num_layers != 1 else ''}"
@@ -87,6 +101,9 @@ def run(args) -> int:
     if args.format == "medusa" and not base_model:
         console.print("[dim]base_model_name_or_path is empty: pass --base-model (or --model) for "
                       "FasterDecoding to find the backbone[/dim]", soft_wrap=True)
+    if args.format == "medusa" and not args.pt:
+        console.print("[dim]FasterDecoding's MedusaModel.from_pretrained reads only medusa_lm_head.pt: add --pt "
+                      "for it[/dim]", soft_wrap=True)
     if args.format == "vllm-medusa":
         console.print(f"[dim]vLLM: speculative_config={{\"method\": \"medusa\", \"model\": \"{written}\", "
                       f"\"num_speculative_tokens\": {cfg.num_heads}}}[/dim]", soft_wrap=True)

@@ -20,7 +20,7 @@ def build_proposer(config: TreeConfig, num_heads: int | None, latency=None, cond
     """The proposer `config` describes for `num_heads` heads (None: no heads, so plain decoding only).
 
     `latency`: the step-latency model a dynamic tree with `auto` size chooses by (else `config.latency`).
-    `conditional`: the heads are path-conditional (hydra), so only a dynamic tree can use them.
+    `conditional`: the heads are path-conditional (hydra): trees, static ones too, are drafted depth by depth.
     """
     if config.kind == "ar":
         return RootOnlyProposer()
@@ -28,11 +28,8 @@ def build_proposer(config: TreeConfig, num_heads: int | None, latency=None, cond
         raise DynTreeError(f"the {config.kind} tree needs Medusa heads, and none are loaded")
     if config.kind == "dynamic":
         return DynamicTreeProposer(num_heads, config, latency=latency, conditional=conditional)
-    if conditional:
-        raise DynTreeError("a static tree gathers each head's own top guesses; hydra heads guess along a path, "
-                           "so use a dynamic tree (--tree dynamic)")
     name, paths = load_tree_spec(config.static_spec)
     tree = StaticTree.build(paths, config.resolved_topk, num_heads, name)
     if tree.depth > num_heads:
         raise DynTreeError(f"tree depth {tree.depth} exceeds the number of heads ({num_heads})")
-    return StaticTreeProposer(tree)
+    return StaticTreeProposer(tree, conditional=conditional)
