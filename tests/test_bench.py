@@ -396,20 +396,20 @@ def test_dtype_is_global_and_per_method_and_recorded(tiny_model_dir, prompts_fil
                  str(prompts_file), "--limit", "1", "--max-new-tokens", "6", "--kl-samples", "0", "--out", str(out)])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["settings"]["dtype"] == "float32"
+    assert results["settings"]["weights"] == "float32"  # --dtype is the older name of --weights
     methods = results["methods"]
-    assert methods["ar"]["settings"]["dtype"] == "float32"
+    assert methods["ar"]["settings"]["weights"] == "float32"
     for name in ("ar:dtype=bfloat16", "static:dtype=bfloat16", "hf:dtype=bfloat16"):
-        assert methods[name]["settings"]["dtype"] == "bfloat16", name
+        assert methods[name]["settings"]["weights"] == "bfloat16", name
     assert results["environment"]["cpu"] and isinstance(results["environment"]["cpu_flags"], list)
     capsys.readouterr()
     assert main(["bench", "--methods", "ar", "--dtype", "half", "--model", str(tiny_model_dir), "--prompts",
                  str(prompts_file), "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "error: unknown dtype 'half': use one of auto, float32, bfloat16, float16"
+    assert err == "error: unknown weights 'half': use one of auto, gguf, q4, float32, bfloat16, float16"
     assert main(["bench", "--methods", "ar:dtype=half", "--dtype", "float32", "--model", str(tiny_model_dir),
                  "--prompts", str(prompts_file), "--out", str(tmp_path / "bad2")]) == 2
-    assert "unknown dtype 'half'" in capsys.readouterr().err
+    assert "unknown weights 'half'" in capsys.readouterr().err
 
 
 def test_exactness_is_checked_within_a_dtype_and_a_miss_reports_its_logit_gap(tiny_model_dir, prompts_file):
