@@ -104,13 +104,13 @@ def cpu_verdict(cache_dir: str | os.PathLike | None = None) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         pass  # missing or damaged: measure and (over)write
-    if str(path) in _UNCACHED:
+    if str(path) in _UNCACHED and machine_busy():
         return _UNCACHED[str(path)]
     verdict = {**measure_dense_speed(), "key": key}
     verdict.update(measure_native_speed(verdict))
     if machine_busy():
-        # Timings taken beside other work mislead: not written, measured again by the next process; this one
-        # keeps them, so that every choice it makes agrees (one model per weights format, not one per call).
+        # Timings taken beside other work mislead: not written, measured again once the machine is quiet;
+        # meanwhile this process keeps them, so that its choices agree (one model per weights format).
         _UNCACHED[str(path)] = verdict
         return verdict
     path.parent.mkdir(parents=True, exist_ok=True)

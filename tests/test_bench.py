@@ -429,7 +429,7 @@ def test_exactness_is_checked_within_a_dtype_and_a_miss_reports_its_logit_gap(ti
         return OffByOne(spec.text, engine, {"tree": "ar", "dtype": "float32"})
 
     try:
-        context = BenchContext(model=str(tiny_model_dir), heads="random", dtype="bfloat16")
+        context = BenchContext(model=str(tiny_model_dir), heads="random", weights="bfloat16")
         methods = build_methods(parse_method_list("ar,ar:dtype=float32,static,static:dtype=float32,"
                                                   "test-off-by-one"), context)
         bench = run_benchmark(methods, load_prompts(prompts_file, limit=1), context,
