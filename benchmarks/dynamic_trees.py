@@ -35,7 +35,7 @@ import torch
 
 from dyntree.api import DynTree
 from dyntree.config import DEFAULT_STATIC_TREE, TreeConfig
-from dyntree.prompts import mt_bench_first_turns
+from dyntree.prompts import load_prompts, mt_bench_first_turns
 from dyntree.errors import DynTreeError
 from dyntree.eval.calibration import collect_acceptance_stats
 from dyntree.proposers import DynamicTreeProposer, RootOnlyProposer, StaticTreeProposer, build_proposer
@@ -78,15 +78,7 @@ def mt_bench_prompts(count: int, every: int = 1) -> list[str]:
 
 def calibration_prompts(source: str, count: int) -> list[str]:
     """Non-benchmark prompts (self-instruct seed tasks, JSONL) for collecting acceptance statistics."""
-    rows = [json.loads(line) for line in Path(source).read_text().splitlines() if line.strip()]
-    out = []
-    for r in rows:
-        text = r["instruction"]
-        extra = (r.get("instances") or [{}])[0].get("input", "")
-        out.append(text + ("\n\n" + extra if extra else ""))
-        if len(out) == count:
-            break
-    return out
+    return [p.turns[0] for p in load_prompts(source, limit=count)]  # instruction + its first input
 
 
 def make_proposer(name: str, dt: DynTree, stats: AcceptanceStats | None, default_topk: int, latency=None):

@@ -23,8 +23,7 @@ from .loading import DEFAULT_MODEL, LoadedModel, load_model
 from .proposers import Proposer, RootOnlyProposer, build_proposer
 from .sampling import SamplingConfig
 from .textstream import TextStream
-from .trees.latency import DEFAULT_SIZES, machine_batch_latency, machine_latency
-from .trees.sizing import TreeProfile, best_fixed_size, best_size_for_batch, find_profile
+from .trees.sizing import TreeProfile, TreeSizer, find_profile
 
 RANDOM_HEADS = "random"
 NO_HEADS = "none"
@@ -72,50 +71,31 @@ class TextChunk:
     index: int = 0
 
 
-def step_latency(model: LoadedModel, heads: MedusaHeads | None, config: TreeConfig):
-    """The latency model a tree of size "auto" chooses by: the config's own, else this machine's (measured once
-    per machine, model and heads, a few seconds, then read from the cache; `trees.latency.machine_latency`)."""
-    if not config.auto or config.latency is not None or heads is None:
-        return None
-    largest = config.resolved_size
-    sizes = [s for s in DEFAULT_SIZES if s < largest] + [largest]
-    # Batch 1 now; each other batch size the first time a run decodes that many prompts together.
-    return machine_batch_latency(model.backbone, heads, sizes, config.resolved_topk, batches=(1,))
-
-
-def sized_for_machine(model: LoadedModel, heads: MedusaHeads | None, config: TreeConfig,
-                      profile: TreeProfile | None) -> TreeConfig:
-    """A dynamic tree left at its default size gets the size with the most tokens per second on this machine:
-    the heads' profiled acceptance by size over this machine's measured cost by size (cached per machine).
-    Any size the user set, and heads without a profile of this tree policy, keep the config as it is."""
-    if (heads is None or profile is None or config.kind != "dynamic" or config.size is not None or config.auto
-            or not profile.matches(config.settings())):
-        return config
-    latency = machine_latency(model.backbone, heads, sorted(profile.tokens_per_pass), config.resolved_topk)
-    return config.replace(size=best_fixed_size(profile, latency))
-
-
 class DynTree:
     """A backbone with (optional) Medusa heads and a tree policy (`TreeConfig`)."""
 
     def __init__(self, model: LoadedModel, heads: MedusaHeads | None, heads_note: str = "",
                  tree: TreeConfig | str | None = None, latency=None, tree_profile: TreeProfile | None = None,
-                 early_head: tuple | None = None):
+                 early_head: tuple | None = None, sizer: TreeSizer | None = None):
         """`tree`: a `TreeConfig` or the name `TreeConfig.parse` reads; without heads, plain decoding.
-        `latency`: the step-latency model for a tree of size "auto" (see `step_latency`).
+        `latency`: the step-latency model for a tree of size "auto" (`TreeSizer.step_latency`).
         `tree_profile`: the heads' acceptance by tree size (`from_pretrained` sizes default trees with it).
         `early_head`: a trained early head (layer, weight, bias) that pruning at that layer ranks with
-        (`training.early_head`; `from_pretrained` finds it in the heads directory), else the logit lens."""
+        (`training.early_head`; `from_pretrained` finds it in the heads directory), else the logit lens.
+        `sizer`: this machine's tree sizing for these heads (`trees.sizing.TreeSizer`), shared by the trees
+        `with_tree` makes; a new one when None."""
         config = tree if isinstance(tree, TreeConfig) else TreeConfig.parse(tree)
         self.model = model
         self.heads = heads
         self.heads_note = heads_note
         self.tree_profile = tree_profile
         self.early_head = early_head
+        self.sizer = sizer if sizer is not None else TreeSizer(model.backbone, heads, tree_profile)
         self.config = config if heads is not None else TreeConfig(kind="ar")
         self.machine_sized = False  # set by `_build` when the tree's size came from the heads' profile
         self.proposer = build_proposer(self.config, heads.num_heads if heads is not None else None, latency,
                                        conditional=heads is not None and heads.conditional)
+        self._within: dict[int, Proposer] = {}  # `proposer_within`: this tree cut to n nodes
         # ProPD early pruning (None: off); its layer is checked against this model here.
         self.pruner = build_pruner(self.config.early_prune, model.backbone, heads, early_head=early_head)
 
@@ -135,7 +115,7 @@ class DynTree:
         tree, tree_fields: a `TreeConfig`, or what `TreeConfig.parse` takes (tree="static:8",
         tree_size="auto", topk=, lookup=, early_prune="8:4" (ProPD pruning after layer 8 to the early
         top-4), ...). Checked before the model loads. A dynamic tree left at its
-        default size is sized for this machine when the heads ship a profile (`sized_for_machine`).
+        default size is sized for this machine when the heads ship a profile (`TreeSizer.sized`).
         """
         config = _tree_config(tree, tree_fields)
         loaded = load_model(model, device=device, dtype=dtype, weights=weights)
@@ -149,9 +129,10 @@ class DynTree:
 
     @classmethod
     def _build(cls, model: LoadedModel, heads, heads_note: str, config: TreeConfig, profile,
-               early_head=None) -> "DynTree":
-        sized = sized_for_machine(model, heads, config, profile)
-        dt = cls(model, heads, heads_note, sized, step_latency(model, heads, sized), profile, early_head)
+               early_head=None, sizer: TreeSizer | None = None) -> "DynTree":
+        sizer = sizer if sizer is not None else TreeSizer(model.backbone, heads, profile)
+        sized = sizer.sized(config)
+        dt = cls(model, heads, heads_note, sized, sizer.step_latency(sized), profile, early_head, sizer)
         dt.machine_sized = sized is not config  # the size came from the profile: batches may be sized too
         return dt
 
@@ -164,32 +145,17 @@ class DynTree:
             changes = dict(tree_fields) if tree is None else dict(tree_fields, tree=tree)
             config = self.config.replace(**changes) if self.heads is not None else TreeConfig.parse(
                 tree, **tree_fields)
-        return self._build(self.model, self.heads, self.heads_note, config, self.tree_profile, self.early_head)
+        return self._build(self.model, self.heads, self.heads_note, config, self.tree_profile, self.early_head,
+                           self.sizer)
 
     @property
     def tokenizer(self):
         return self.model.tokenizer
 
     def nodes_for_batch(self, batch_size: int) -> int | None:
-        """Nodes per sequence for `batch_size` sequences decoded together: the profiled size (at most this
-        tree's) with the most tokens per second under this machine's measured (batch, nodes) step cost, or 1
-        (plain decoding; `trees.sizing.best_size_for_batch`). Each batch size is measured once per machine and
-        then read from the cache. None when the heads have no profile of this tree policy."""
-        config, profile = self.config, self.tree_profile
-        if (self.heads is None or profile is None or config.kind != "dynamic" or config.auto
-                or not profile.matches(config.settings())):
-            return None
-        cache = self.__dict__.setdefault("_batch_nodes", {})
-        if batch_size not in cache:
-            sizes = sorted(s for s in profile.tokens_per_pass if s <= config.resolved_size)
-            latency = machine_batch_latency(self.model.backbone, self.heads, sizes, config.resolved_topk,
-                                            batches=[batch_size])
-            plain = latency.plain_cost(batch_size)
-            capped = type(profile)({s: profile.tokens_per_pass[s] for s in sizes}, profile.policy)
-            cache[batch_size] = best_size_for_batch(capped, plain if plain is not None
-                                                    else latency.cost(batch_size, 1),
-                                                    lambda n: latency.cost(batch_size, n))
-        return cache[batch_size]
+        """Nodes per sequence for `batch_size` sequences decoded together on this machine, down to 1 (plain
+        decoding); None when the heads have no profile of this tree (`TreeSizer.nodes_for_batch`)."""
+        return self.sizer.nodes_for_batch(self.config, batch_size)
 
     def proposer_for_batch(self, batch_size: int) -> Proposer:
         """The proposer for `batch_size` sequences decoded together. A tree sized for this machine from the
@@ -197,17 +163,23 @@ class DynTree:
         so trees shrink, down to plain decoding (one node). A size the user set is kept."""
         if batch_size <= 1 or not self.machine_sized:
             return self.proposer
-        cache = self.__dict__.setdefault("_batch_proposers", {})
-        if batch_size not in cache:
-            size = self.nodes_for_batch(batch_size)
-            if size is None or size >= self.config.resolved_size:
-                cache[batch_size] = self.proposer
-            elif size <= 1:
-                cache[batch_size] = RootOnlyProposer()
+        return self.proposer_within(self.nodes_for_batch(batch_size))
+
+    def proposer_within(self, nodes: int | None) -> Proposer:
+        """This tree's proposer cut to at most `nodes` nodes per sequence (None: as it is; 1: plain decoding).
+        Fixed-size dynamic and static trees are cut (each size built once); an auto-sized tree sizes itself."""
+        proposer = self.proposer
+        if nodes is None or nodes >= proposer.max_nodes:
+            return proposer
+        if nodes not in self._within:
+            if nodes <= 1:
+                self._within[nodes] = RootOnlyProposer()
+            elif self.config.kind not in ("dynamic", "static") or self.config.auto:
+                return proposer
             else:
-                cache[batch_size] = build_proposer(self.config.replace(size=size), self.heads.num_heads,
-                                                   conditional=self.heads.conditional)
-        return cache[batch_size]
+                self._within[nodes] = build_proposer(self.config.replace(size=nodes), self.heads.num_heads,
+                                                     conditional=self.heads.conditional)
+        return self._within[nodes]
 
     def decoder(self, proposer: Proposer | None = None, sampling: SamplingConfig | None = None) -> Decoder:
         return Decoder(self.model.backbone, self.heads, proposer or self.proposer, sampling=sampling,

@@ -3,11 +3,13 @@ survivors only, verification on the survivors.
 
 The early head is the logit lens: the backbone's own final norm and lm_head applied to the residual stream
 after layer l (normed, as the final layer's state is before lm_head: without the norm the scale of the
-residual stream, which grows with depth, would decide the ranking). No training and no file: it is what the
-model itself would say if it stopped at layer l. With heads that project onto a vocabulary subset (the
-bundled heads: 5120 tokens) the lens ranks over that subset too, about a tenth of lm_head's cost; a child's
-own token is always scored, in the subset or not. A subset can only rank a child higher than the whole
-vocabulary would (`trees.pruning.within_topk`), so it prunes less, never more.
+residual stream, which grows with depth, would decide the ranking). It needs no training: it is what the
+model itself would say if it stopped at layer l. A trained adapter for that layer (`training.early_head`,
+saved beside the heads and read by `load_early_head`) may go before the norm. With heads that project onto a
+vocabulary subset (the bundled heads: 4096 of 49152 tokens, `vocab_subset` in their heads.json) the lens
+ranks over that subset too, a twelfth of lm_head's cost; a child's own token is always scored, in the subset
+or not. A subset can only rank a child higher than the whole vocabulary would (`trees.pruning.within_topk`),
+so it prunes less, never more.
 
 Losslessness does not depend on the head: a pruned node just cannot be accepted, and verification reads the
 full model's logits at the survivors. The survivors' cache slots are their original ones; a dropped node is

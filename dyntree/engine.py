@@ -47,10 +47,12 @@ from .verify import Verification, verify_greedy, verify_tree
 
 log = logging.getLogger("dyntree.engine")
 
-ENGINE_CACHE_SIZE = 8  # distinct per-request tree settings kept built
+TREE_CACHE_SIZE = 8  # distinct per-request tree settings kept built
 # From this many rows on, the default node budget is one node per row (plain decoding): a batch already fills
 # the matrix products that a tree fills for one sequence, so extra tree nodes cost more than they return.
-# A placeholder until a measured (batch size, nodes) latency model replaces `default_tree_size_for`.
+# The rule for trees without a measured budget: `dyntree serve` measures one (batch size, nodes) budget where
+# the heads ship a tree profile (`TreeSizer.prepare` in `commands/serve.measured_tree_size_for`) and passes it
+# as `tree_size_for`.
 PLAIN_DECODING_BATCH = 8
 
 
@@ -130,13 +132,13 @@ class EngineObserver:
 class _Row:
     """A request holding a cache row: its tokens so far, the next root and the hidden state before it."""
 
-    __slots__ = ("handle", "request", "engine", "generator", "tokens", "text", "last_hidden", "root", "passes",
+    __slots__ = ("handle", "request", "dyntree", "generator", "tokens", "text", "last_hidden", "root", "passes",
                  "accepted", "tree_sizes", "batch_sizes", "admitted", "reason", "prune")
 
-    def __init__(self, handle: RequestHandle, engine: DynTree, admitted: float, device):
+    def __init__(self, handle: RequestHandle, dyntree: DynTree, admitted: float, device):
         self.handle = handle
         self.request = handle.request
-        self.engine = engine
+        self.dyntree = dyntree
         sampling = self.request.sampling
         # One generator per request, as a solo run has: a seed reproduces the request's draws.
         self.generator = None if sampling.is_greedy else sampling.generator(device)
@@ -157,7 +159,8 @@ class BatchEngine:
     """Decodes up to `max_batch` requests at once on `dt`'s model; up to `max_queue` more wait their turn.
 
     tree_size_for(batch_size) -> nodes per row this step (None: each row's own tree; 1: plain decoding): the
-    hook a batch latency model plugs into. `threads`: torch intra-op threads of the engine thread.
+    hook a batch latency model plugs into. `threads`: torch intra-op threads of the engine thread. The tree
+    sizing of `dt` is frozen (`TreeSizer.freeze`): the engine never measures step latency.
     `max_seq_len`: prompt + completion tokens a request may hold (default: the model's context); with
     `max_batch` it bounds the KV cache, which grows to what admitted requests need and is kept.
     """
@@ -183,8 +186,10 @@ class BatchEngine:
         self.threads = threads
         self.observer = observer or EngineObserver()
         self.eos = set(self.backbone.config.eos_token_ids)
-        self.engines: OrderedDict[tuple, DynTree] = OrderedDict()
-        self._capped: dict[tuple[int, int], tuple[DynTree, DynTree]] = {}
+        self.trees: OrderedDict[tuple, DynTree] = OrderedDict()  # per-request tree settings -> DynTree
+        # Whatever the trees need measured was measured before (`dyntree serve`: `TreeSizer.prepare`); from
+        # here on the engine thread times nothing, so no request waits behind a measurement.
+        dt.sizer.freeze()
         self._plain = RootOnlyProposer()
         self._rows: list[_Row] = []  # row i holds cache row i (engine thread only)
         self._cache: KVCache | None = None
@@ -401,16 +406,16 @@ class BatchEngine:
             stats.misses += int(hit)
 
     def _pruner_for(self, groups: list[tuple[Proposer, list[int]]]):
-        """The early pruner (`DynTree.pruner`) of this step: only when every row decodes with one engine's
+        """The early pruner (`DynTree.pruner`) of this step: only when every row decodes with one DynTree's
         own tree (pruning keeps the same number of nodes in every row, so it cannot mix trees); else None."""
         if len(groups) != 1:
             return None
         proposer, idx = groups[0]
-        engine = self._rows[idx[0]].engine
-        pruner = getattr(engine, "pruner", None)
-        if pruner is None or proposer is not engine.proposer or proposer.max_nodes <= 1:
+        dt = self._rows[idx[0]].dyntree
+        pruner = getattr(dt, "pruner", None)
+        if pruner is None or proposer is not dt.proposer or proposer.max_nodes <= 1:
             return None
-        if any(self._rows[i].engine is not engine for i in idx):
+        if any(self._rows[i].dyntree is not dt for i in idx):
             return None
         return pruner
 
@@ -418,25 +423,19 @@ class BatchEngine:
         """Rows sharing a proposer, in row order: one `propose` call each."""
         groups: dict[int, tuple[Proposer, list[int]]] = {}
         for b, row in enumerate(self._rows):
-            proposer = self._proposer_for(row.engine, budget)
+            proposer = self._proposer_for(row.dyntree, budget)
             groups.setdefault(id(proposer), (proposer, []))[1].append(b)
         return list(groups.values())
 
-    def _proposer_for(self, engine: DynTree, budget: int | None) -> Proposer:
-        """The row's own proposer, or within a node budget: plain decoding (1) or its tree cut to `budget`
-        nodes (fixed-size dynamic and static trees; an auto-sized tree already sizes itself)."""
-        proposer = engine.proposer
+    def _proposer_for(self, dt: DynTree, budget: int | None) -> Proposer:
+        """The row's own proposer, or within a node budget: plain decoding (1, one proposer for every row) or
+        its tree cut to `budget` nodes (`DynTree.proposer_within`)."""
+        proposer = dt.proposer
         if budget is None or budget >= proposer.max_nodes:
             return proposer
         if budget <= 1:
             return self._plain
-        config = engine.config
-        if config.kind not in ("dynamic", "static") or config.auto:
-            return proposer
-        key = (id(engine), budget)
-        if key not in self._capped or self._capped[key][0] is not engine:
-            self._capped[key] = (engine, engine.with_tree(config.replace(size=budget)))
-        return self._capped[key][1].proposer
+        return dt.proposer_within(budget)
 
     def _verify(self, hidden: torch.Tensor, proposal: Proposal, sizes: list[int]):
         """Per row: accepted node indices, the next token and the last accepted node. Greedy rows are walked
@@ -511,18 +510,18 @@ class BatchEngine:
                 self._finish(row)
 
     def _prefill(self, handle: RequestHandle) -> _Row:
-        """Build (or reuse) the request's tree engine, prefill its prompt into the next free row, choose the first
+        """Build (or reuse) the request's tree (a `DynTree`), prefill its prompt into the next free row, choose the first
         token: a batch-1 forward, exactly what a solo run computes."""
         request = handle.request
-        engine = self.engine_for(request.tree_fields)
+        dt = self.tree_for(request.tree_fields)
         admitted = time.perf_counter()
-        row = _Row(handle, engine, admitted, self.backbone.device)
+        row = _Row(handle, dt, admitted, self.backbone.device)
         row.text = TextStream(self.base.tokenizer, request.stop)
         prompt = request.prompt_ids
         b = len(self._rows)
         longest = max([len(prompt) + request.max_tokens] +
                       [len(r.request.prompt_ids) + r.request.max_tokens for r in self._rows])
-        self._reserve(longest + self._largest_tree(engine) + 1)
+        self._reserve(longest + self._largest_tree(dt) + 1)
         view = self._cache.rows(b, 1, fresh=True)
         hidden = self.backbone.forward(torch.tensor([prompt], device=self.backbone.device), view)
         self._cache.lengths[b] = len(prompt)
@@ -532,8 +531,8 @@ class BatchEngine:
         self.observer.generated(1)
         return row
 
-    def _largest_tree(self, engine: DynTree) -> int:
-        return max([engine.proposer.max_nodes] + [r.engine.proposer.max_nodes for r in self._rows])
+    def _largest_tree(self, dt: DynTree) -> int:
+        return max([dt.proposer.max_nodes] + [r.dyntree.proposer.max_nodes for r in self._rows])
 
     def _reserve(self, need: int) -> None:
         """Grow the cache (rarely: it keeps its largest size) so that every row can hold `need` slots."""
@@ -604,8 +603,8 @@ class BatchEngine:
         self._request_seconds = seconds if not self._request_seconds else 0.8 * self._request_seconds + 0.2 * seconds
         passes = row.accepted
         outcome = Outcome(row.text.text, row.text.tokens, row.request.prompt_ids, finish, {
-            "tree": row.engine.proposer.name + (f":{row.engine.pruner.label}"
-                                                if getattr(row.engine, "pruner", None) else ""),
+            "tree": row.dyntree.proposer.name + (f":{row.dyntree.pruner.label}"
+                                                if getattr(row.dyntree, "pruner", None) else ""),
             "forward_passes": row.passes + 1,  # the prefill pass yields the first token
             "mean_accepted_per_pass": round(sum(passes) / len(passes), 4) if passes else 0.0,
             "mean_tree_size": round(sum(row.tree_sizes) / len(row.tree_sizes), 2) if row.tree_sizes else 0.0,
@@ -614,7 +613,7 @@ class BatchEngine:
             "generation_seconds": round(seconds, 4),
             "queue_seconds": round(row.admitted - row.handle.submitted, 4),
             "acceptance": row.request.sampling.label,
-            "heads": row.engine.heads_note,
+            "heads": row.dyntree.heads_note,
             **({"early_prune": _prune_figures(row.prune)} if row.prune is not None else {}),
         })
         self._end(row.handle, outcome, finish)
@@ -643,26 +642,27 @@ class BatchEngine:
             for handle in queued:
                 self._end(handle, exc, reason)
 
-    # -- tree engines --------------------------------------------------------------------------------------
-    def engine_for(self, fields: dict) -> DynTree:
+    # -- trees ---------------------------------------------------------------------------------------------
+    def tree_for(self, fields: dict) -> DynTree:
         """The server's tree, or one with a request's tree settings (built once, then the 8 latest are kept).
-        Runs on the engine thread: building an auto-sized tree measures step latency on the model."""
+        Runs on the engine thread, so it measures nothing: the tree is sized from what the server measured
+        at start-up (a frozen `TreeSizer`)."""
         base = self.base
         if not fields:
             return base
         if base.heads is None and fields.get("tree", "ar") != "ar":
             raise DynTreeError("this server has no heads: only tree 'ar' is available")
         key = tuple(sorted(fields.items()))
-        if key in self.engines:
-            self.engines.move_to_end(key)
-            return self.engines[key]
+        if key in self.trees:
+            self.trees.move_to_end(key)
+            return self.trees[key]
         config = base.config.replace(**fields)  # its own tree keeps the server's settings (score, latency...)
-        log.info("building a tree engine for %s", config.settings())
-        engine = base.with_tree(config)
-        self.engines[key] = engine
-        if len(self.engines) > ENGINE_CACHE_SIZE:
-            self.engines.popitem(last=False)
-        return engine
+        log.info("building a tree for %s", config.settings())
+        dt = base.with_tree(config)
+        self.trees[key] = dt
+        if len(self.trees) > TREE_CACHE_SIZE:
+            self.trees.popitem(last=False)
+        return dt
 
 
 def _prune_figures(prune) -> dict:

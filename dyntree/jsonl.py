@@ -8,8 +8,8 @@ from pathlib import Path
 from .errors import DynTreeError
 
 
-def read_jsonl_objects(path: str | Path) -> list[tuple[int, dict]]:
-    """`(line number, object)` for every non-blank line; missing file, bad text or JSON -> DynTreeError."""
+def read_lines(path: str | Path) -> list[tuple[int, str]]:
+    """`(line number, line)` for every non-blank line; a missing file or bad text -> DynTreeError."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise DynTreeError(f"no prompt file at {path} (file not found)")
@@ -19,10 +19,14 @@ def read_jsonl_objects(path: str | Path) -> list[tuple[int, dict]]:
         raise DynTreeError(f"{path} is not UTF-8 text: {exc}") from exc
     except OSError as exc:
         raise DynTreeError(f"cannot read {path}: {exc}") from exc
+    return [(number, line) for number, line in enumerate(lines, start=1) if line.strip()]
+
+
+def read_jsonl_objects(path: str | Path) -> list[tuple[int, dict]]:
+    """`(line number, object)` for every non-blank line; missing file, bad text or JSON -> DynTreeError."""
+    path = Path(path).expanduser()
     rows: list[tuple[int, dict]] = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for number, line in read_lines(path):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:

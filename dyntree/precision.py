@@ -89,6 +89,9 @@ def auto_dtype(device=None) -> torch.dtype:
     return DTYPE_NAMES[cpu_verdict()["dtype"]]
 
 
+_UNCACHED: dict[str, dict] = {}  # verdicts measured while the machine was busy, for this process only
+
+
 def cpu_verdict(cache_dir: str | os.PathLike | None = None) -> dict:
     """The cached fp32-vs-bf16 timing of this CPU, measured on the first call."""
     name, flags = cpu_identity()
@@ -101,10 +104,15 @@ def cpu_verdict(cache_dir: str | os.PathLike | None = None) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         pass  # missing or damaged: measure and (over)write
+    if str(path) in _UNCACHED and machine_busy():
+        return _UNCACHED[str(path)]
     verdict = {**measure_dense_speed(), "key": key}
     verdict.update(measure_native_speed(verdict))
     if machine_busy():
-        return verdict  # timings taken beside other work mislead: use them now, measure again next time
+        # Timings taken beside other work mislead: not written, measured again once the machine is quiet;
+        # meanwhile this process keeps them, so that its choices agree (one model per weights format).
+        _UNCACHED[str(path)] = verdict
+        return verdict
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(verdict, indent=1) + "\n")

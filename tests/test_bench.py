@@ -257,6 +257,24 @@ def test_prompt_file_formats(tmp_path):
         load_prompts(path)
 
 
+def test_one_reader_for_every_prompt_file(tmp_path):
+    """Text files (one prompt per line) and JSONL read the same through the bench and through training's
+    and calibration's reading (`dyntree.prompts`), with the same line-numbered errors."""
+    from dyntree.prompts import read_prompt_texts
+    from dyntree.training.prompts import read_prompt_file
+
+    text = tmp_path / "p.txt"
+    text.write_text("first question\n\n  second one  \n")
+    assert [p.turns for p in load_prompts(text)] == [("first question",), ("second one",)]
+    assert read_prompt_texts(text) == ["first question", "second one"]
+    assert [p.text for p in read_prompt_file(text)] == ["first question", "second one"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{oops\n')
+    for read in (load_prompts, read_prompt_texts, read_prompt_file):
+        with pytest.raises(DynTreeError, match="bad.jsonl:2: not valid JSON"):
+            read(bad)
+
+
 def test_per_category_takes_a_balanced_subset(tmp_path):
     path = tmp_path / "mt.jsonl"
     rows = [{"question_id": i, "category": cat, "turns": [f"{cat} {i}"]}
@@ -331,7 +349,7 @@ def test_list_methods(capsys):
 def test_auto_sized_dynamic_tree_runs_in_the_bench(tiny_model_dir, prompts_file):
     context = BenchContext(model=str(tiny_model_dir), heads="random")
     methods = build_methods(parse_method_list("ar,dynamic:n=auto:max=6"), context)
-    assert methods[1].engine.proposer.max_nodes == 6 and methods[1].engine.proposer.latency is not None
+    assert methods[1].dyntree.proposer.max_nodes == 6 and methods[1].dyntree.proposer.latency is not None
     bench = run_benchmark(methods, load_prompts(prompts_file)[:1], context,
                           BenchSettings(max_new_tokens=10, turns=1, seed=0, warmup=0, repeats=1))
     results = collect_results(bench, context, "dyntree bench (test)", str(prompts_file))
@@ -343,8 +361,8 @@ def test_auto_sized_dynamic_tree_runs_in_the_bench(tiny_model_dir, prompts_file)
 def test_static_prefix_and_lookup_options(tiny_model_dir, prompts_file):
     context = BenchContext(model=str(tiny_model_dir), heads="random")
     methods = build_methods(parse_method_list("ar,static:n=5,dynamic:lookup=0,dynamic:lookup=4"), context)
-    assert methods[1].engine.proposer.tree.num_nodes == 5
-    assert methods[2].engine.proposer.lookup is None and methods[3].engine.proposer.lookup.max_len == 4
+    assert methods[1].dyntree.proposer.tree.num_nodes == 5
+    assert methods[2].dyntree.proposer.lookup is None and methods[3].dyntree.proposer.lookup.max_len == 4
     bench = run_benchmark(methods, load_prompts(prompts_file)[:2], context,
                           BenchSettings(max_new_tokens=12, turns=1, seed=0, warmup=0, repeats=1))
     results = collect_results(bench, context, "dyntree bench (test)", str(prompts_file))
@@ -359,9 +377,9 @@ def test_methods_can_bring_their_own_heads(tiny_model_dir, prompts_file, tmp_pat
     other = tmp_path / "other-heads"
     MedusaHeads.random(context.dyntree().model.config, num_heads=5, seed=7).save(other)
     methods = build_methods(parse_method_list(f"ar,dynamic,dynamic:heads={other},static:heads={other}"), context)
-    assert methods[1].engine.heads is context.dyntree().heads
-    assert methods[2].engine.heads is methods[3].engine.heads  # loaded once
-    assert methods[2].engine.heads.num_heads == 5 and methods[2].engine.model is context.dyntree().model
+    assert methods[1].dyntree.heads is context.dyntree().heads
+    assert methods[2].dyntree.heads is methods[3].dyntree.heads  # loaded once
+    assert methods[2].dyntree.heads.num_heads == 5 and methods[2].dyntree.model is context.dyntree().model
     bench = run_benchmark(methods, load_prompts(prompts_file)[:1], context,
                           BenchSettings(max_new_tokens=10, turns=1, seed=0, warmup=0, repeats=1))
     results = collect_results(bench, context, "dyntree bench (test)", str(prompts_file))
@@ -378,20 +396,20 @@ def test_dtype_is_global_and_per_method_and_recorded(tiny_model_dir, prompts_fil
                  str(prompts_file), "--limit", "1", "--max-new-tokens", "6", "--kl-samples", "0", "--out", str(out)])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["settings"]["dtype"] == "float32"
+    assert results["settings"]["weights"] == "float32"  # --dtype is the older name of --weights
     methods = results["methods"]
-    assert methods["ar"]["settings"]["dtype"] == "float32"
+    assert methods["ar"]["settings"]["weights"] == "float32"
     for name in ("ar:dtype=bfloat16", "static:dtype=bfloat16", "hf:dtype=bfloat16"):
-        assert methods[name]["settings"]["dtype"] == "bfloat16", name
+        assert methods[name]["settings"]["weights"] == "bfloat16", name
     assert results["environment"]["cpu"] and isinstance(results["environment"]["cpu_flags"], list)
     capsys.readouterr()
     assert main(["bench", "--methods", "ar", "--dtype", "half", "--model", str(tiny_model_dir), "--prompts",
                  str(prompts_file), "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "error: unknown dtype 'half': use one of auto, float32, bfloat16, float16"
+    assert err == "error: unknown weights 'half': use one of auto, gguf, q4, float32, bfloat16, float16"
     assert main(["bench", "--methods", "ar:dtype=half", "--dtype", "float32", "--model", str(tiny_model_dir),
                  "--prompts", str(prompts_file), "--out", str(tmp_path / "bad2")]) == 2
-    assert "unknown dtype 'half'" in capsys.readouterr().err
+    assert "unknown weights 'half'" in capsys.readouterr().err
 
 
 def test_exactness_is_checked_within_a_dtype_and_a_miss_reports_its_logit_gap(tiny_model_dir, prompts_file):
@@ -411,7 +429,7 @@ def test_exactness_is_checked_within_a_dtype_and_a_miss_reports_its_logit_gap(ti
         return OffByOne(spec.text, engine, {"tree": "ar", "dtype": "float32"})
 
     try:
-        context = BenchContext(model=str(tiny_model_dir), heads="random", dtype="bfloat16")
+        context = BenchContext(model=str(tiny_model_dir), heads="random", weights="bfloat16")
         methods = build_methods(parse_method_list("ar,ar:dtype=float32,static,static:dtype=float32,"
                                                   "test-off-by-one"), context)
         bench = run_benchmark(methods, load_prompts(prompts_file, limit=1), context,

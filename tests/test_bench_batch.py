@@ -134,4 +134,4 @@ def test_batch_latency_is_measured_before_the_timed_runs(tiny_model_dir, prompts
     method.prepare_batch = lambda size: calls.append(size) or real(size)
     settings = BenchSettings(max_new_tokens=6, turns=1, warmup=0, kl_samples=0, batch_size=3)
     run_benchmark([method], load_prompts(prompts_file), context, settings)
-    assert calls == [3] and 3 in method.engine.proposer._batch_latency.tree
+    assert calls == [3] and 3 in method.dyntree.proposer._batch_latency.tree

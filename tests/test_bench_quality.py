@@ -160,7 +160,7 @@ def test_cli_writes_the_quality_columns(tiny_model_dir, prompts_file, tmp_path, 
 def test_tree_temperature_still_reaches_the_dynamic_tree(tiny_model_dir):  # noqa: F811
     context = BenchContext(model=str(tiny_model_dir), heads="random")
     (method,) = build_methods(parse_method_list("dynamic:tree_temperature=2"), context)
-    assert method.engine.proposer.temperature == 2.0 and method.greedy
+    assert method.dyntree.proposer.temperature == 2.0 and method.greedy
     assert method.settings()["tree_temperature"] == 2.0 and method.settings()["sampling"] is None
 
 

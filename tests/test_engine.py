@@ -127,7 +127,7 @@ def test_greedy_answers_in_a_changing_batch_equal_solo_answers(dt):
     small.proposer = OracleProposer(refs, 4, seed=1)
     large.proposer = OracleProposer(refs, 9, seed=2)
     engine = BatchEngine(dt, max_batch=3, max_queue=8)
-    engine.engine_for = lambda fields: {"small": small, "large": large}.get(fields.get("tree"), dt)
+    engine.tree_for = lambda fields: {"small": small, "large": large}.get(fields.get("tree"), dt)
     sinks = []
     for i, (p, n) in enumerate(zip(ps, lengths)):
         req, sink = request(p, n, tree_fields={"tree": ["small", "large", "ar"][i % 3]})

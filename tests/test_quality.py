@@ -61,6 +61,21 @@ def test_quality_rejects_bad_arguments(capsys, tmp_path):
     assert all(line.startswith("error: ") for line in capsys.readouterr().err.strip().splitlines())
 
 
+@pytest.mark.parametrize("argv, source, limit, note", [
+    ([], "mtbench", 8, False),
+    (["--prompts", "p.jsonl", "--limit", "3"], "p.jsonl", 3, False),
+    (["--prompts", "builtin", "--per-category", "1"], "builtin", None, False),
+    (["--prompts", "5"], "mtbench", 5, True),  # the old spelling: a count
+    (["--questions", "q.jsonl", "--prompts", "2"], "q.jsonl", 2, True),
+])
+def test_quality_takes_prompts_as_the_bench_does(argv, source, limit, note):
+    from dyntree.cli import build_parser
+    from dyntree.commands.quality import prompt_source
+
+    got = prompt_source(build_parser().parse_args(["quality", *argv]))
+    assert got[:2] == (source, limit) and (got[2] is not None and "deprecated" in got[2]) == note
+
+
 @pytest.mark.slow
 def test_quality_command_on_the_default_model(tmp_path, capsys):
     out = tmp_path / "quality.json"

@@ -51,12 +51,12 @@ def test_decoded_weights_equal_the_gguf_dequantizer(kind):
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
 @pytest.mark.parametrize("shape", [(96, 64), (200, 576)])
 def test_native_product_rows_do_not_depend_on_row_count(kind, shape):
-    """A row's bits alone equal its bits among 1..17 rows, at 1 and 2 threads, and agree with fp32."""
+    """A row's bits alone equal its bits among 1..19 rows, at 1 and 2 threads, and agree with fp32."""
     matrix = QuantMatrix.from_gguf(kind, _random_blocks(kind, *shape, seed=shape[0]), shape)
     dense = NativeDense(matrix, lib)
-    x = torch.randn(17, shape[1], generator=torch.Generator().manual_seed(1))
-    alone = torch.cat([dense(x[i:i + 1]) for i in range(17)])
-    for rows in range(1, 18):
+    x = torch.randn(19, shape[1], generator=torch.Generator().manual_seed(1))
+    alone = torch.cat([dense(x[i:i + 1]) for i in range(19)])
+    for rows in range(1, 20):
         assert torch.equal(dense(x[:rows]), alone[:rows]), f"{rows} rows"
     threads = torch.get_num_threads()
     try:
@@ -170,3 +170,32 @@ def test_default_model_gguf_blocks_are_the_files_weights_and_decode_exactly():
     run = Decoder(gguf.backbone, proposer=PathProposer(reference, gguf.config.vocab_size, 0),
                   eos_token_ids=()).run([prompt], 40).consume()
     assert run.tokens[0] == reference
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+def test_avx2_build_is_row_independent_and_agrees(kind):
+    """The AVX2 + FMA variant (what AVX2-only CPUs such as AMD Zen 3 build) checked here too, where this CPU can
+    run it: rows independent of their neighbours, results within rounding of the native build's."""
+    avx2, why = load_native(cache_root(), march="haswell")
+    if avx2 is None:
+        pytest.skip(f"no AVX2 build here: {why}")
+    if avx2.dyntree_vector_width() != 8:
+        pytest.skip("the haswell build did not take the AVX2 path")
+    shape = (120, 576)
+    matrix = QuantMatrix.from_gguf(kind, _random_blocks(kind, *shape, seed=5), shape)
+    dense, native = NativeDense(matrix, avx2), NativeDense(matrix, lib)
+    x = torch.randn(11, shape[1], generator=torch.Generator().manual_seed(2))
+    alone = torch.cat([dense(x[i:i + 1]) for i in range(11)])
+    for rows in range(1, 12):
+        assert torch.equal(dense(x[:rows]), alone[:rows]), f"{rows} rows"
+    torch.testing.assert_close(alone, native(x), rtol=1e-5, atol=1e-5)
+
+
+def test_without_a_compiler_quantized_weights_fail_in_one_line(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("DYNTREE_CACHE", str(tmp_path / "cache"))
+    lib_here, why = load_native(tmp_path / "cache")
+    assert lib_here is None and "compiler" in why
+    with pytest.raises(DynTreeError, match="native kernels: no working C compiler"):
+        load_model(tiny_model_dir, weights="q4")

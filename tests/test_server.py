@@ -224,18 +224,18 @@ def test_stream_and_non_stream_sample_the_same_with_a_seed(client):
 
 
 # -- per-request trees ------------------------------------------------------------------------------------------------
-def test_tree_engines_are_built_once_per_setting(client):
-    engines = client.app.state.service.engine.engines
-    built = len(engines)
+def test_trees_are_built_once_per_setting(client):
+    trees = client.app.state.service.engine.trees
+    built = len(trees)
     for _ in range(2):
         assert chat(client, tree="dynamic", tree_size=6, topk=3).status_code == 200
     key = (("topk", 3), ("tree", "dynamic"), ("tree_size", 6))
-    engine = engines[key]
-    assert engine.proposer.tree_size == 6 and engine.proposer.topk == 3
+    dt = trees[key]
+    assert dt.proposer.tree_size == 6 and dt.proposer.topk == 3
     assert chat(client, tree="dynamic", tree_size=6, topk=3).json()["dyntree"]["tree"].startswith("dynamic:n6:k3")
-    assert engines[key] is engine and len(engines) == built + 1
+    assert trees[key] is dt and len(trees) == built + 1
     assert chat(client, tree="dynamic", lookup=0).status_code == 200
-    assert engines[(("lookup", 0), ("tree", "dynamic"))].proposer.lookup is None  # heads only
+    assert trees[(("lookup", 0), ("tree", "dynamic"))].proposer.lookup is None  # heads only
     assert chat(client, tree="static", tree_size=8).json()["dyntree"]["tree"] == "static:mc_sim_7b_63:8"
 
 

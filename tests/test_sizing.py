@@ -12,7 +12,7 @@ from dyntree.config import TreeConfig
 from dyntree.errors import DynTreeError
 from dyntree.heads import MedusaHeads
 from dyntree.trees.latency import LatencyModel
-from dyntree.trees.sizing import PROFILE_FILE, TreeProfile, best_fixed_size, find_profile
+from dyntree.trees.sizing import PROFILE_FILE, TreeProfile, TreeSizer, best_fixed_size, find_profile
 
 DEFAULT_POLICY = {k: v for k, v in TreeConfig.parse("dynamic").settings().items() if k != "size"}
 
@@ -64,7 +64,7 @@ def test_default_tree_is_sized_for_the_machine(tiny_model_dir, heads_dir_with_pr
         measured.append(list(sizes))
         return LatencyModel([1, 3, 6, 12], list(seconds))
 
-    monkeypatch.setattr("dyntree.api.machine_latency", fake_machine_latency)
+    monkeypatch.setattr("dyntree.trees.sizing.machine_latency", fake_machine_latency)
     dt = DynTree.from_pretrained(str(tiny_model_dir), heads=str(heads_dir_with_profile), dtype="float32")
     assert measured == [[3, 6, 12]] and dt.config.size == size and dt.proposer.max_nodes == size
     # A size the user sets, or another policy than the profiled one, is left alone (nothing measured).
@@ -102,3 +102,55 @@ def test_batch_sizer_uses_the_nearest_measured_batch_below():
     assert sizer(1) == 8 and sizer(3) == 8  # batch 3 reads batch 1's choice
     assert sizer(4) == 1 and sizer(16) == 1  # wide batches: plain decoding
     assert sizer.choices == {1: 8, 4: 1}
+
+
+def test_frozen_batch_latency_reads_the_nearest_measured_batch_below():
+    from dyntree.trees.latency import BatchLatency
+
+    calls = []
+
+    def measure(batch):
+        calls.append(batch)
+        return LatencyModel([1, 8], [0.01 * batch, 0.02 * batch]), 0.009 * batch
+
+    latency = BatchLatency({}, measure=measure)
+    assert latency.cost(2, 1) == pytest.approx(0.02) and latency.cost(4, 8) == pytest.approx(0.08)
+    latency.freeze()
+    assert latency.cost(3, 1) == latency.cost(2, 1) and latency.plain_cost(7) == latency.plain_cost(4)
+    assert latency.model(1) is None and latency.plain_cost(1) is None  # nothing measured below batch 2
+    assert calls == [2, 4]  # frozen: nothing more was measured
+
+
+def test_a_frozen_sizer_measures_nothing_and_answers_from_what_it_measured(tiny_model_dir, heads_dir_with_profile,
+                                                                          monkeypatch):
+    """A server prepares its batch sizes, then freezes: a later batch size, or a request's own tree (even an
+    auto-sized one), is answered from the measurements already made, never by timing on the serving thread."""
+    import dyntree.trees.latency as latency_module
+
+    timed = []
+    real = latency_module.measure_latency
+    monkeypatch.setattr(latency_module, "measure_latency", lambda *a, **k: timed.append(k.get("batch")) or real(
+        *a, **{**k, "repeats": 1}))
+    monkeypatch.setenv("DYNTREE_CACHE", str(heads_dir_with_profile.parent / "cache"))
+    dt = DynTree.from_pretrained(str(tiny_model_dir), heads=str(heads_dir_with_profile), dtype="float32")
+    choices = dt.sizer.prepare(dt.config, [1, 2, 4])
+    assert set(choices) == {1, 2, 4} and all(1 <= n <= dt.config.size for n in choices.values())
+    dt.sizer.freeze()
+    before = len(timed)
+    assert dt.nodes_for_batch(3) == choices[2] and dt.nodes_for_batch(16) == choices[4]
+    auto = dt.with_tree(tree_size="auto:12")  # a request's auto-sized tree: no latency of its own measured
+    assert auto.proposer.latency is not None and auto.proposer.latency.frozen
+    nothing = TreeSizer(dt.model.backbone, dt.heads)  # frozen before anything was measured
+    nothing.freeze()
+    with pytest.raises(DynTreeError, match="none was measured before serving"):
+        DynTree._build(dt.model, dt.heads, "", TreeConfig.parse("dynamic", "auto"), None, sizer=nothing)
+    assert len(timed) == before
+
+
+def test_the_engine_freezes_the_sizing_of_what_it_serves(tiny_model_dir):
+    from dyntree.engine import BatchEngine
+
+    dt = DynTree.from_pretrained(str(tiny_model_dir), heads="random", dtype="float32")
+    assert not dt.sizer.frozen
+    BatchEngine(dt, max_batch=2)
+    assert dt.sizer.frozen and dt.with_tree(tree_size=4).sizer.frozen  # its per-request trees too

@@ -17,7 +17,7 @@ from training_support import write_model_dir
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return load_model(write_model_dir(tmp_path_factory.mktemp("tiny")))
+    return load_model(write_model_dir(tmp_path_factory.mktemp("tiny")), weights="float32")
 
 
 def prompts_of(count):

@@ -34,7 +34,7 @@ def setup(tmp_path_factory):
     rc = cli_main(["distill", "--model", str(model_dir), "--out", str(root / "data"), "--prompts", str(prompts),
                    "--max-new-tokens", "16", "--batch-size", "8", "--shard-size", "8", "--dtype", "float32"])
     assert rc == 0
-    return root, model_dir, load_model(model_dir)
+    return root, model_dir, load_model(model_dir, weights="float32")
 
 
 def test_head_targets_brute_force():

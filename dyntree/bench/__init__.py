@@ -88,13 +88,13 @@ def collect_results(bench: BenchRun, context: BenchContext, command: str, prompt
                 "input_tokens": {str(turn): len(bench.inputs[(pid, turn)]["token_ids"])
                                  for (pid, turn) in bench.inputs if pid == p.prompt_id}}
                for p in bench.prompts]
-    engine = context.dyntree()
+    dt = context.dyntree()
     return {
         "schema": SCHEMA_VERSION,
         "command": command,
         "model": context.model,
-        "model_dir": str(engine.model.model_dir),
-        "heads": engine.heads_note,
+        "model_dir": str(dt.model.model_dir),
+        "heads": dt.heads_note,
         "settings": asdict(bench.settings),
         "memory_kind": bench.memory_kind,
         "environment": bench.environment,

@@ -29,15 +29,19 @@ from typing import Callable, Protocol
 
 import torch
 
-from ..decoding import GenerationStats
+from ..api import DynTree, heads_directory, resolve_heads
 from ..config import TreeConfig
+from ..decoding import GenerationStats
 from ..errors import DynTreeError
+from ..eval.kl import build_tree_context, estimate_first_token_kl
+from ..precision import resolve_weights, weights_dtype
 from ..sampling import SamplingConfig
+from ..trees.sizing import find_profile
 
 
 class BenchMethod(Protocol):
     name: str
-    family: str  # "dyntree", "transformers" or "llama.cpp": which engine runs it
+    family: str  # "dyntree", "transformers" or "llama.cpp": whose code runs it
     greedy: bool  # greedy methods are checked token for token against `ar`, unless they set
     # `reference_exact = False` (other numerics, e.g. llama.cpp's Q4_1): those are compared by BLEU only
 
@@ -225,41 +229,34 @@ class BenchContext:
     weights: str | torch.dtype = "auto"  # the run's weights (`--weights`); a method's `weights=` overrides it
     seed: int = 0  # sampling seed of methods that give none (`--seed`)
     early_prune: str | None = None  # `--early-prune`: for the tree methods that set no `early_prune=` themselves
-    _engines: dict = field(default_factory=dict, repr=False)  # (weights, heads) -> DynTree without a tree
+    _dyntrees: dict = field(default_factory=dict, repr=False)  # (weights, heads) -> DynTree without a tree
     _hf_models: dict = field(default_factory=dict, repr=False)  # dtype -> transformers model
 
     def resolved_weights(self, weights=None) -> str:
         """The weights a method runs on ("gguf", "float32", ...): its own `weights=` option, else the run's
         (`auto` resolved)."""
-        from ..precision import resolve_weights
-
         return resolve_weights(self.weights if weights is None else weights, self.device, self.model)
 
     def dyntree(self, weights=None):
-        """Our engine on the model with `weights`, with the run's heads (if any) and no tree."""
+        """Our `DynTree` on the model with `weights`, with the run's heads (if any) and no tree."""
         key = (self.resolved_weights(weights), None)
-        if key not in self._engines:
-            from ..api import DynTree
-
-            self._engines[key] = DynTree.from_pretrained(self.model, heads=self.heads, tree="ar",
-                                                         device=self.device, weights=key[0])
-        return self._engines[key]
+        if key not in self._dyntrees:
+            self._dyntrees[key] = DynTree.from_pretrained(self.model, heads=self.heads, tree="ar",
+                                                          device=self.device, weights=key[0])
+        return self._dyntrees[key]
 
     def with_heads(self, heads: str, weights=None):
         """The shared model with other heads (a directory, 'auto', 'random' or 'none'); loaded once each."""
-        from ..api import DynTree, heads_directory, resolve_heads
-        from ..trees.sizing import find_profile
-
         key = (self.resolved_weights(weights), heads)
-        if key not in self._engines:
+        if key not in self._dyntrees:
             base = self.dyntree(weights)
             heads_obj, note = resolve_heads(heads, base.model)
             profile = None
             if heads_obj is not None:
                 heads_obj = heads_obj.to(base.model.backbone.device)
                 profile = find_profile(heads_directory(heads, base.model))
-            self._engines[key] = DynTree(base.model, heads_obj, note, "ar", tree_profile=profile)
-        return self._engines[key]
+            self._dyntrees[key] = DynTree(base.model, heads_obj, note, "ar", tree_profile=profile)
+        return self._dyntrees[key]
 
     @property
     def tokenizer(self):
@@ -277,7 +274,6 @@ class BenchContext:
         """The same weights through transformers (what users run today): in the float dtype `weights` names,
         fp32 for quantized weights (transformers de-quantizes GGUF files)."""
         from ..loading import resolve_model_dir
-        from ..precision import weights_dtype
 
         dtype = weights_dtype(self.resolved_weights(weights))
         if dtype not in self._hf_models:
@@ -294,7 +290,7 @@ class BenchContext:
         return self._hf_models[dtype]
 
 
-# -- our engine ----------------------------------------------------------------------------------------------
+# -- our decoding ---------------------------------------------------------------------------------------------
 class DynTreeMethod:
     """Our decoding loop with one tree policy (`ar` = no tree), greedy or sampling.
 
@@ -304,12 +300,12 @@ class DynTreeMethod:
 
     family = "dyntree"
 
-    def __init__(self, name: str, engine, tree_settings: dict, sampling: SamplingConfig | None = None):
+    def __init__(self, name: str, dyntree, tree_settings: dict, sampling: SamplingConfig | None = None):
         self.name = name
-        self.engine = engine
+        self.dyntree = dyntree
         self.sampling = sampling if sampling is not None and not sampling.is_greedy else None
         self.greedy = self.sampling is None
-        self._decoder = engine.decoder()
+        self._decoder = dyntree.decoder()
         self._settings = tree_settings
 
     def run(self, prompt_ids, max_new_tokens):
@@ -317,13 +313,13 @@ class DynTreeMethod:
         if self.sampling is not None:
             sampling = replace(self.sampling, seed=prompt_seed(self.sampling.seed or 0, prompt_ids))
         decode = self._decoder.run([list(prompt_ids)], max_new_tokens, stop_at_eos=True, sampling=sampling).consume()
-        decode.stats.heads_note = self.engine.heads_note
+        decode.stats.heads_note = self.dyntree.heads_note
         return decode.tokens[0], decode.stats
 
     def prepare_batch(self, batch_size: int) -> None:
         """One-off work for runs of `batch_size` sequences (a latency model to measure), before any timing."""
-        self.engine.proposer.prepare(batch_size)
-        self.engine.proposer_for_batch(batch_size).prepare(batch_size)  # a machine-sized tree: its batch size
+        self.dyntree.proposer.prepare(batch_size)
+        self.dyntree.proposer_for_batch(batch_size).prepare(batch_size)  # a machine-sized tree: its batch size
 
     def run_batch(self, prompts: list[list[int]], max_new_tokens: int):
         """Decode `prompts` together (`--batch-size`): per-sequence tokens and the batch's stats. When sampling,
@@ -332,30 +328,28 @@ class DynTreeMethod:
         if self.sampling is not None:
             sampling = replace(self.sampling, seed=prompt_seed(self.sampling.seed or 0,
                                                                [t for ids in prompts for t in [-1, *ids]]))
-        decoder = self._decoder if len(prompts) == 1 else self.engine.decoder(
-            self.engine.proposer_for_batch(len(prompts)))
+        decoder = self._decoder if len(prompts) == 1 else self.dyntree.decoder(
+            self.dyntree.proposer_for_batch(len(prompts)))
         decode = decoder.run([list(p) for p in prompts], max_new_tokens, stop_at_eos=True,
                              sampling=sampling).consume()
-        decode.stats.heads_note = self.engine.heads_note
+        decode.stats.heads_note = self.dyntree.heads_note
         return decode.tokens, decode.stats
 
     def first_token_kl(self, prompts: list[list[int]], num_samples: int):
-        """The first-tree-token KL estimate (dyntree/quality.py) of this method's sampling on `prompts`:
+        """The first-tree-token KL estimate (`eval/kl.py`) of this method's sampling on `prompts`:
         each prompt + its greedy next token is a fixed context; the method's verification is replayed
         `num_samples` times on the tree its proposer builds there."""
-        from ..eval.kl import build_tree_context, estimate_first_token_kl
-
-        backbone = self.engine.model.backbone
+        backbone = self.dyntree.model.backbone
         with torch.inference_mode():
-            contexts = [build_tree_context(backbone, self.engine.heads, self.engine.proposer, list(ids))
+            contexts = [build_tree_context(backbone, self.dyntree.heads, self.dyntree.proposer, list(ids))
                         for ids in prompts]
             return estimate_first_token_kl(contexts, self.sampling, num_samples, seed=self.sampling.seed or 0)
 
     def settings(self) -> dict:
-        tree = self.engine.proposer.uses_heads
-        return {"engine": "dyntree", "proposer": self.engine.proposer.name, **self._settings,
+        tree = self.dyntree.proposer.uses_heads
+        return {"engine": "dyntree", "proposer": self.dyntree.proposer.name, **self._settings,
                 "decoding": decoding_label(self.sampling, tree),
-                "sampling": sampling_settings(self.sampling, tree), "heads": self.engine.heads_note}
+                "sampling": sampling_settings(self.sampling, tree), "heads": self.dyntree.heads_note}
 
 
 def decoding_label(sampling: SamplingConfig | None, tree: bool) -> str:
@@ -405,31 +399,31 @@ def _tree_method(context: BenchContext, spec: MethodSpec, tree: str) -> DynTreeM
     except DynTreeError as exc:
         raise DynTreeError(f"method {spec.text!r}: {exc}") from None
     try:
-        engine = base.with_tree(config)
+        dt = base.with_tree(config)
     except DynTreeError as exc:  # e.g. an early-prune layer past this model's last layer
         raise DynTreeError(f"method {spec.text!r}: {exc}") from None
     if measure_prune:  # analysis: also the unpruned later layers every pass (exact ms saved and tokens lost)
-        if engine.pruner is None:
+        if dt.pruner is None:
             raise DynTreeError(f"method {spec.text!r}: measure_prune needs early_prune=LAYER:K")
-        engine.pruner.measure = True
-    settings = dict(config.settings(), weights=engine.model.weights)
+        dt.pruner.measure = True
+    settings = dict(config.settings(), weights=dt.model.weights)
     if measure_prune:
         settings["measure_prune"] = True
-    return DynTreeMethod(spec.text, engine, settings, sampling)
+    return DynTreeMethod(spec.text, dt, settings, sampling)
 
 
 SAMPLING_HELP = "temperature=T, top_p=P, top_k=K, seed=S"
 TREE_SAMPLING_HELP = SAMPLING_HELP + ", accept=lossless|typical, eps=, alpha= (typical)"
 
 
-@register_method("ar", f"our engine, plain decoding (no heads, no tree): the baseline; greedy unless "
+@register_method("ar", f"our decoder, plain decoding (no heads, no tree): the baseline; greedy unless "
                        f"temperature > 0 (options: weights=gguf|float32|bfloat16, {SAMPLING_HELP})",
                  options={"weights": str, "dtype": str}, sampling=PLAIN_SAMPLING)
 def _ar(context, spec):
     return _tree_method(context, spec, "ar")
 
 
-@register_method("static", f"our engine with Medusa's static tree (options: tree=NAME|FILE, n=NODES (the "
+@register_method("static", f"our decoder with Medusa's static tree (options: tree=NAME|FILE, n=NODES (the "
                            f"tree's first N nodes), topk=K, heads=DIR (other heads), {TREE_SAMPLING_HELP})",
                  options={"tree": str, "topk": int, "n": int, "heads": str, "weights": str, "dtype": str, "early_prune": (str, int),
                           "measure_prune": bool},
@@ -443,7 +437,7 @@ DYNAMIC_OPTIONS = {"n": (int, str), "max": int, "topk": int, "tree_temperature":
                    "early_prune": (str, int), "measure_prune": bool}
 
 
-@register_method("dynamic", f"our engine with the dynamic tree (options: n=NODES or n=auto[:max=N], topk=K, "
+@register_method("dynamic", f"our decoder with the dynamic tree (options: n=NODES or n=auto[:max=N], topk=K, "
                             f"tree_temperature=, lookup=N, recycle=N, score=prob|rank|binned, calibration=FILE, "
                             f"latency=FILE, early_prune=LAYER:K|off, measure_prune=true (analysis: also the unpruned "
                             f"pass, for exact ms saved and tokens lost), heads=DIR (other heads), "

@@ -20,7 +20,7 @@ COLUMN_NOTES = {
                                           "on the tree), verification (greedy check, or the sampling "
                                           "acceptance), cache (commit accepted keys/values); transformers does "
                                           "not split its time",
-    "prefill": "mean ms of the prompt's forward pass (our engine only)",
+    "prefill": "mean ms of the prompt's forward pass (our methods only)",
     "peak MiB": "CPU: process peak RSS during the method's runs (models of all methods included), with the "
                 "growth during a run in brackets; CUDA: max allocated",
     "exact": "prompts whose output equals ar's token for token (greedy methods only; n/a when sampling, and for "

@@ -233,10 +233,10 @@ def _stats_record(method: BenchMethod, prompt: BenchPrompt, turn: int, repeat: i
 
 
 def _encode(context: BenchContext, prompt: BenchPrompt, turn: int, answers: list[str], chat: bool) -> list[int]:
-    engine = context.dyntree()
-    if chat and getattr(engine.tokenizer, "chat_template", None):
-        return engine.encode(conversation(prompt, turn, answers), chat=True)
-    return engine.encode(raw_text(prompt, turn, answers), chat=False)
+    dt = context.dyntree()
+    if chat and getattr(dt.tokenizer, "chat_template", None):
+        return dt.encode(conversation(prompt, turn, answers), chat=True)
+    return dt.encode(raw_text(prompt, turn, answers), chat=False)
 
 
 def check_batch_methods(methods: list[BenchMethod], batch_size: int) -> None:

@@ -9,6 +9,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Callable
 
+from ..early import summarize_prune
+from ..eval.quality import corpus_bleu
 from .runner import REFERENCE_METHOD, RunRecord
 
 HF_BASELINE = "hf"
@@ -177,8 +179,6 @@ PRUNE_TOTALS = ("passes", "nodes", "pruned", "misses", "overhead_seconds", "late
 
 def _early_prune(records: list[RunRecord]) -> dict | None:
     """Early pruning's totals over a method's runs and the per-pass figures they give (None: no pruning)."""
-    from ..early import summarize_prune
-
     pruned = [r.early_prune for r in records if r.early_prune]
     if not pruned:
         return None
@@ -227,8 +227,6 @@ def bleu_vs_reference(mine: list[Sample], reference: dict, text: Callable[[list[
     ones (compare with plain sampling, `ar:temperature=T`, which drifts by design); for a peer on other
     numerics (`llama-cpp`) it is the only comparison with `ar`.
     """
-    from ..eval.quality import corpus_bleu
-
     if text is None or not reference:
         why = "no ar run to compare with" if not reference else "no tokenizer to turn outputs into text"
         return {"bleu_vs_ar": None, "bleu_compared": 0, "bleu_note": why}

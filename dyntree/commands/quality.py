@@ -2,13 +2,42 @@
 
 from __future__ import annotations
 
+import argparse
+import sys
+
 from ..cli import add_model_args
+
+DEFAULT_LIMIT = 8
+
+
+def prompt_source(args) -> tuple[str, int | None, str | None]:
+    """(prompt source, limit, deprecation note) from the options; the old spellings `--prompts N` (a count)
+    and `--questions FILE` still work, with a note to print once the prompts are read."""
+    source, limit, notes = args.prompts, args.limit, []
+    if source.isdigit():
+        notes.append(f"`--prompts {source}` is deprecated: use --limit {source} (--prompts names the prompt file, "
+                     "as in `dyntree bench`)")
+        if limit is None:
+            limit = int(source)
+        source = "mtbench"
+    if args.questions is not None:
+        notes.append("--questions is deprecated: use --prompts FILE")
+        source = args.questions
+    if limit is None and args.per_category is None:
+        limit = DEFAULT_LIMIT
+    return source, limit, "; ".join(notes) or None
 
 
 def add_command(subparsers) -> None:
     p = subparsers.add_parser("quality", help="compare greedy, lossless and typical sampling: speed, BLEU, KL")
-    p.add_argument("--prompts", type=int, default=8, help="how many MT-Bench first turns to decode")
-    p.add_argument("--questions", default=None, help="questions JSONL (default: MT-Bench, shipped with dyntree)")
+    p.add_argument("--prompts", default="mtbench",
+                   help="prompt file (as in `dyntree bench`), 'mtbench' (default: MT-Bench's 80 questions, shipped "
+                        "with dyntree) or 'builtin'; the first turn of each is decoded. A number N is the old "
+                        "spelling of --limit N (deprecated)")
+    p.add_argument("--limit", type=int, default=None, help="use the first N prompts (default 8)")
+    p.add_argument("--per-category", type=int, default=None, metavar="N",
+                   help="use the first N prompts of every category (a balanced MT-Bench subset)")
+    p.add_argument("--questions", default=None, help=argparse.SUPPRESS)  # deprecated: --prompts FILE
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the sampled rows")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -31,13 +60,15 @@ def run(args) -> int:
     from ..api import DynTree
     from ..cli import tree_config
     from ..errors import DynTreeError
-    from ..eval.quality import load_mt_bench_prompts, measure_quality, quality_table
+    from ..eval.quality import measure_quality, quality_table
     from ..extras import require_extra
+    from ..prompts import load_prompts
     from ..sampling import SamplingConfig
 
     require_extra("bench", "dyntree quality")  # before the model loads
-    if args.prompts < 1 or args.max_new_tokens < 1 or args.kl_samples < 1:
-        raise DynTreeError("--prompts, --max-new-tokens and --kl-samples must be at least 1")
+    source, limit, note = prompt_source(args)
+    if args.max_new_tokens < 1 or args.kl_samples < 1:
+        raise DynTreeError("--max-new-tokens and --kl-samples must be at least 1")
     if args.temperature <= 0:
         raise DynTreeError("--temperature must be > 0 (the greedy rows are always included)")
     SamplingConfig.from_options(args.temperature, args.top_p, args.top_k, args.seed, "typical", args.typical_eps,
@@ -46,7 +77,9 @@ def run(args) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and not out.parent.is_dir():
         raise DynTreeError(f"cannot write {out}: no such directory")
-    prompts = load_mt_bench_prompts(args.prompts, args.questions)
+    prompts = [p.turns[0] for p in load_prompts(source, limit, args.per_category)]
+    if note:  # after the checks: bad input still gets one `error:` line
+        print(f"note: {note}", file=sys.stderr)
     err = Console(stderr=True)
     dt = DynTree.from_pretrained(args.model, heads=args.heads, tree=tree, device=args.device, weights=args.weights)
     report = measure_quality(dt, prompts, args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed,

@@ -33,13 +33,16 @@ def add_command(subparsers) -> None:
 
 def measured_tree_size_for(dt, max_batch: int):
     """The engine's node budget by batch size (`DynTree.nodes_for_batch` through `trees.sizing.batch_sizer`):
-    batch sizes 1, 2, 4, ... up to `max_batch` measured at start-up, once per machine (then read from the
-    cache); None (the engine's default rule) when the heads have no profile of this tree."""
+    batch sizes 1, 2, 4, ... up to `max_batch` measured now, before serving, once per machine (then read from
+    the cache), as is an auto-sized tree's latency at those batch sizes (`TreeSizer.prepare`); None (the
+    engine's default rule) when the heads have no profile of this tree."""
     from ..trees.sizing import batch_sizer
 
-    if max_batch < 2 or dt.nodes_for_batch(1) is None:
+    if max_batch < 2:
         return None
     batches = sorted({1 << i for i in range(max_batch.bit_length()) if 1 << i <= max_batch} | {max_batch})
+    if dt.sizer.prepare(dt.config, batches) is None:
+        return None
     return batch_sizer(dt.nodes_for_batch, batches)
 
 

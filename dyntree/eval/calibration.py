@@ -7,34 +7,16 @@ Calibration prompts must not be the benchmark's: rates measured on MT-Bench woul
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ..errors import DynTreeError
-from ..jsonl import read_jsonl_objects
-from ..training.prompts import prompts_from_row
+from ..prompts import read_prompt_texts
 from ..proposers import DynamicTreeProposer
 from ..trees.acceptance import AcceptanceStats
 
 
 def read_prompts(path: str, limit: int) -> list[str]:
-    """Up to `limit` prompts from a .jsonl file (read like `dyntree distill` reads them) or a text file (one per
-    line)."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise DynTreeError(f"no prompt file {file}")
-    prompts: list[str] = []
-    if file.suffix == ".jsonl":
-        for number, row in read_jsonl_objects(file):
-            try:
-                texts = prompts_from_row(row)
-            except ValueError as exc:
-                raise DynTreeError(f"{file}:{number}: {exc}") from None
-            prompts += [t for t in texts if isinstance(t, str) and t.strip()]
-    else:
-        prompts = [line for line in file.read_text(errors="replace").splitlines() if line.strip()]
-    if not prompts:
-        raise DynTreeError(f"{file} holds no prompts")
-    return prompts[:limit]
+    """Up to `limit` prompts of a prompt file (`dyntree.prompts.read_prompt_texts`: JSONL rows as `dyntree
+    distill` reads them, or one prompt per line)."""
+    return read_prompt_texts(path)[:limit]
 
 
 def collect_acceptance_stats(dt, prompts, max_new_tokens: int = 64, tree_size: int = 32, topk: int = 10,

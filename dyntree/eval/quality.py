@@ -8,7 +8,7 @@ tokens; lossless: the same distribution); typical acceptance can. Two measures m
   so compare with the "floor": plain-vs-plain BLEU (`measure_quality` reports it).
 - the first-tree-token KL to the model's own sampling distribution, next to its noise floor (kl.py).
 
-`measure_quality` runs the whole comparison (greedy, lossless, typical) on MT-Bench prompts; `dyntree
+`measure_quality` runs the whole comparison (greedy, lossless, typical) on prompts (MT-Bench by default); `dyntree
 quality` is its command line (`commands/quality.py`). sacrebleu comes with the 'bench' extra.
 """
 
@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 from ..errors import DynTreeError
 from ..extras import require_extra
-from ..data import mt_bench_path
-from ..prompts import load_prompts
 from ..proposers import Proposer, RootOnlyProposer
 from ..sampling import GREEDY, SamplingConfig
 from .kl import build_tree_context, estimate_first_token_kl
@@ -41,11 +38,6 @@ def corpus_bleu(hypotheses: list[str], references: list[str]) -> float:
 
 
 # -- the whole comparison --------------------------------------------------------------------------------
-def load_mt_bench_prompts(count: int, path: str | Path | None = None) -> list[str]:
-    """The first user turn of the first `count` questions of `path` (default: the packaged MT-Bench)."""
-    return [p.turns[0] for p in load_prompts(path or mt_bench_path(), limit=count)]
-
-
 @dataclass
 class ModeResult:
     label: str  # e.g. "tree greedy", "plain lossless(T=0.7)"
@@ -139,7 +131,7 @@ def measure_quality(dt, prompts: list[str], max_new_tokens: int = 64, temperatur
 def quality_table(report: dict):
     from rich.table import Table
 
-    table = Table(title=f"quality and speed: {report['prompts']} MT-Bench prompts x {report['max_new_tokens']} "
+    table = Table(title=f"quality and speed: {report['prompts']} prompts x {report['max_new_tokens']} "
                         f"tokens, tree {report['tree']}")
     for col in ("run", "acceptance", "tokens", "acc/pass", "tok/s", "BLEU vs plain", "KL (nats)", "KL floor"):
         table.add_column(col, justify="left" if col in ("run", "acceptance") else "right")

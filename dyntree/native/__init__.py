@@ -16,7 +16,8 @@ import tempfile
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("qkernels.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno"]
+FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno"]
+MARCH = "native"  # the CPU at hand; tests also build "haswell" (AVX2 + FMA, no AVX-512) to check that path
 
 _loaded: dict[str, object] = {}  # cache path -> CDLL (a process loads the same library once)
 
@@ -35,8 +36,8 @@ def _cpu_flags() -> str:
     return ""
 
 
-def library_path(cache_dir: Path) -> Path | None:
-    """Where this machine's build lives (None without a compiler)."""
+def library_path(cache_dir: Path, march: str = MARCH) -> Path | None:
+    """Where this machine's build for `-march=march` lives (None without a compiler)."""
     cc = compiler()
     if cc is None:
         return None
@@ -44,18 +45,18 @@ def library_path(cache_dir: Path) -> Path | None:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(FLAGS), _cpu_flags()]).encode())
-    return cache_dir / "native" / f"qkernels-{key.hexdigest()[:16]}.so"
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(FLAGS), march, _cpu_flags()]).encode())
+    return cache_dir / "native" / f"qkernels-{march}-{key.hexdigest()[:16]}.so"
 
 
-def build(target: Path) -> str | None:
+def build(target: Path, march: str = MARCH) -> str | None:
     """Compile the library to `target` (atomically); the compiler's complaint on failure, else None."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([compiler(), *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
-                              timeout=300)
+        command = [compiler(), *FLAGS, f"-march={march}", "-o", tmp, str(SOURCE), "-lm"]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             lines = (done.stderr or done.stdout).strip().splitlines()
             return next((line for line in lines if "error" in line), lines[-1] if lines else "compiler failed")
@@ -68,19 +69,19 @@ def build(target: Path) -> str | None:
             os.unlink(tmp)
 
 
-def load(cache_dir: Path) -> tuple[object | None, str]:
+def load(cache_dir: Path, march: str = MARCH) -> tuple[object | None, str]:
     """(library, "") or (None, why not). Built on first use; torch must be imported first, so that the
     library shares torch's OpenMP runtime (both name libgomp.so.1) instead of starting a second thread pool."""
     import torch  # noqa: F401,PLC0415 - loads torch's libgomp before ours
 
-    path = library_path(cache_dir)
+    path = library_path(cache_dir, march)
     if path is None:
         return None, "no working C compiler (cc) to build the native kernels"
     key = str(path)
     if key in _loaded:
         return _loaded[key], ""
     if not path.is_file():
-        problem = build(path)
+        problem = build(path, march)
         if problem:
             return None, f"the native kernels did not build: {problem}"
     try:

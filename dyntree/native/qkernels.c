@@ -8,8 +8,9 @@
  * rows are computed beside it. Every loop below gives each row (token) its own accumulators and the same
  * sequence of operations whatever the row count, the thread count or the tile a row lands in:
  *   - products: a weight block is decoded once (w = q*d + m: exactly the fp32 value a de-quantizer writes,
- *     since q*d is exact in fp32) and multiplied into every row of the tile; each (output, row) pair sums
- *     its blocks in order into two fixed accumulators;
+ *     since q*d is exact in fp32) and multiplied into every row of the tile (up to 8 rows with AVX-512's 32
+ *     registers, 4 with AVX2's 16); each (output, row) pair sums its blocks in order into two fixed
+ *     accumulators;
  *   - attention: each (row, head) visits the keys it may see in slot order (= position order), so a tree
  *     node gets exactly what plain decoding of its path gets.
  * Compiled per machine (-march=native) and cached: the bits may differ between CPUs, never between rows.
@@ -131,6 +132,7 @@ static inline void decode_block(const qmat *w, int64_t o, int64_t b, vf *v) {
                 y[at] = res ? res[at] + s : s;                                                             \
             }                                                                                              \
     }
+TILE(1, 8)
 TILE(4, 1)
 TILE(2, 2)
 TILE(1, 4)
@@ -144,6 +146,10 @@ static void qmatmul_range(const qmat *w, const float *x, int64_t rows, float *y,
                           int64_t o_begin, int64_t o_end) {
     const int64_t ldx = w->in, ldy = w->out;
     int64_t r = 0;
+#if VW == 16 /* 32 vector registers: eight rows share one decoded block */
+    for (; r + 8 <= rows; r += 8)
+        for (int64_t o = o_begin; o < o_end; o++) tile_1_8(w, x, ldx, y, ldy, o, r, res);
+#endif
     for (; r + 4 <= rows; r += 4)
         for (int64_t o = o_begin; o < o_end; o++) tile_1_4(w, x, ldx, y, ldy, o, r, res);
     const int64_t left = rows - r;

@@ -1,4 +1,4 @@
-"""Batched generation with our own engine, and the self-distillation run built on it.
+"""Batched generation on our own forward pass, and the self-distillation run built on it.
 
 `generate_batched` keeps `batch_size` sequences in flight on one `KVCache` with per-sequence lengths: every
 step is one `Transformer.forward` over a [B, 1] batch, and a row whose sequence finished is refilled with the
@@ -20,9 +20,8 @@ import torch
 from ..errors import DynTreeError
 from ..model import KVCache, Transformer
 from .dataset import DistillDataset, Sequence, model_fingerprint
-from ..jsonl import read_jsonl_objects
-from .prompts import (Prompt, clean_self_prompt, interleave, looks_like_benchmark, prompts_from_row, read_prompt_file,
-                      user_turn_prefix)
+from ..prompts import prompt_texts, read_rows
+from .prompts import Prompt, clean_self_prompt, interleave, looks_like_benchmark, read_prompt_file, user_turn_prefix
 
 
 @dataclass
@@ -297,7 +296,7 @@ def read_text_pairs(path) -> list[TextPair]:
     """(prompt, response) pairs of a JSONL file: any prompt field `read_prompt_file` knows, plus a response in
     one of `RESPONSE_FIELDS`. A clear error for rows without one; MT-Bench is refused like everywhere else."""
     path = Path(path).expanduser()
-    rows = read_jsonl_objects(path)
+    rows = read_rows(path)
     if looks_like_benchmark(path, [r for _, r in rows]):
         raise DynTreeError(f"{path} looks like MT-Bench, the benchmark: refusing to train on it")
     pairs = []
@@ -306,7 +305,7 @@ def read_text_pairs(path) -> list[TextPair]:
         if response is None:
             raise DynTreeError(f"{path}:{number}: no response text (one of {', '.join(RESPONSE_FIELDS)})")
         try:
-            texts = prompts_from_row({k: v for k, v in row.items() if k not in RESPONSE_FIELDS})
+            texts = prompt_texts({k: v for k, v in row.items() if k not in RESPONSE_FIELDS})
         except ValueError as exc:
             raise DynTreeError(f"{path}:{number}: {exc}") from exc
         pairs.append(TextPair(texts[0], response, path.stem))

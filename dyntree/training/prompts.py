@@ -1,8 +1,8 @@
-"""Prompts for self-distillation: JSONL files in the common instruction formats, and self-written prompts.
+"""Prompts for self-distillation: prompt files (read by `dyntree.prompts`), and self-written prompts.
 
-Supported rows (one JSON object per line): MT-Bench style `turns` (the first turn is used), `question`
-(GSM8K), `instruction` with optional `instances[].input` (self-instruct; one prompt per non-empty input),
-and plain `prompt` / `text`. MT-Bench itself is our benchmark and is refused: by its file name, by its rows'
+Supported rows (one JSON object per line, or plain text lines): MT-Bench style `turns` (the first turn is
+used), `question` (GSM8K), `instruction` with optional `instances[].input` (self-instruct; one prompt per
+non-empty input), and plain `prompt` / `text` (`dyntree.prompts.prompt_texts`). MT-Bench itself is our benchmark and is refused: by its file name, by its rows'
 fields, and by its questions (the package ships them, dyntree/data/), so a converted copy is refused too.
 
 Self-prompts follow Magpie: an instruct model given only its chat template's user-turn prefix writes a
@@ -12,17 +12,13 @@ plausible user query, so heads can be trained without any external data.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from ..data import mt_bench_path
 from ..errors import DynTreeError
-from ..jsonl import read_jsonl_objects
-
-PROMPT_FIELDS = ("turns", "question", "instruction", "prompt", "text")
+from ..prompts import MTBENCH, load_prompts, read_rows, texts_of
 _MT_BENCH_KEYS = {"question_id", "category", "turns"}
 _SENTINEL = "\x00DYNTREE_USER_TURN\x00"
 
@@ -39,29 +35,6 @@ class Prompt:
         return hashlib.sha1(self.text.encode("utf-8")).hexdigest()[:16]
 
 
-def prompts_from_row(row: dict) -> list[str]:
-    """The prompt texts of one JSONL row (MT-Bench `turns`, `question`, `instruction`+`instances`, `prompt`,
-    `text`); ValueError when it has none."""
-    if "turns" in row:
-        turns = row["turns"]
-        if not isinstance(turns, list) or not turns or not isinstance(turns[0], str):
-            raise ValueError("`turns` must be a non-empty list of strings")
-        return [turns[0]]
-    if "question" in row:
-        return [row["question"]]
-    if "instruction" in row:
-        instruction = row["instruction"]
-        if not isinstance(instruction, str):
-            raise ValueError("`instruction` must be a string")
-        inputs = [inst.get("input", "") for inst in row.get("instances") or [] if isinstance(inst, dict)]
-        inputs = [i for i in inputs if isinstance(i, str) and i.strip()]
-        return [f"{instruction}\n\n{i}" for i in inputs] if inputs else [instruction]
-    for name in ("prompt", "text"):
-        if name in row:
-            return [row[name]]
-    raise ValueError(f"no prompt field (expected one of: {', '.join(PROMPT_FIELDS)})")
-
-
 def looks_like_benchmark(path: Path, rows: list[dict]) -> bool:
     """MT-Bench is what we measure on: training on it would inflate every reported number."""
     name = path.name.lower().replace("-", "_")
@@ -73,29 +46,17 @@ def looks_like_benchmark(path: Path, rows: list[dict]) -> bool:
 @cache
 def mt_bench_turns() -> frozenset[str]:
     """Every user turn of the packaged MT-Bench, stripped as prompts are."""
-    rows = [json.loads(line) for line in mt_bench_path().read_text(encoding="utf-8").splitlines() if line.strip()]
-    return frozenset(turn.strip() for row in rows for turn in row["turns"])
+    return frozenset(turn.strip() for prompt in load_prompts(MTBENCH) for turn in prompt.turns)
 
 
 def read_prompt_file(path: str | Path) -> list[Prompt]:
-    """All prompts of one JSONL file, in file order; a clear error for anything malformed or empty."""
+    """All prompts of one prompt file (`dyntree.prompts`), in file order; a clear error for anything malformed
+    or empty, and a refusal of the benchmark."""
     path = Path(path).expanduser()
-    rows = read_jsonl_objects(path)
+    rows = read_rows(path)
     if looks_like_benchmark(path, [r for _, r in rows]):
         raise DynTreeError(f"{path} looks like MT-Bench, the benchmark: refusing to train on it")
-    prompts: list[Prompt] = []
-    for number, row in rows:
-        try:
-            texts = prompts_from_row(row)
-        except ValueError as exc:
-            raise DynTreeError(f"{path}:{number}: {exc}") from exc
-        for text in texts:
-            if not isinstance(text, str):
-                raise DynTreeError(f"{path}:{number}: prompt is {type(text).__name__}, expected a string")
-            if text.strip():
-                prompts.append(Prompt(text.strip(), path.stem))
-    if not prompts:
-        raise DynTreeError(f"{path} holds no prompts")
+    prompts = [Prompt(text, path.stem) for text in texts_of(rows, path)]
     leaked = [p.text for p in prompts if p.text in mt_bench_turns()]
     if leaked:
         raise DynTreeError(f"{path} holds {len(leaked)} MT-Bench question(s), the benchmark (the first: "

@@ -313,7 +313,7 @@ def train(loaded, dataset_dir, out_dir, config: TrainConfig, resume: bool = True
     """Train heads for `loaded`'s backbone on the dataset; write heads + a report to `out_dir`.
 
     `stop_after`: checkpoint and return after this many optimiser steps in total (to spread a long training
-    over several sessions; the next call resumes). `block_dtype`: how the saved heads store their blocks.
+    over several runs; the next call resumes). `block_dtype`: how the saved heads store their blocks.
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm

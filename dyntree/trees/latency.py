@@ -201,6 +201,9 @@ class BatchLatency:
     known, the seconds of a plain-decoding step (no heads, the root alone) of b sequences. `measure(b)`
     returns `(tree, plain)` for a batch size not yet known (e.g. `machine_batch_latency`); without it, an
     unknown batch size is estimated from the batch-1 model as b * n tokens (the batch-1 rule).
+
+    `freeze()` stops all measuring (a server, once started): an unknown batch size then reads the nearest
+    measured batch size below it, tree and plain step alike, so their ratio (what decides) is kept.
     """
 
     def __init__(self, tree: dict[int, LatencyModel], plain: dict[int, float] | None = None, measure=None):
@@ -209,15 +212,26 @@ class BatchLatency:
         self.tree = dict(tree)
         self.plain = dict(plain or {})
         self._measure = measure
+        self.frozen = False
+
+    def freeze(self) -> None:
+        self.frozen = True
+
+    def _known(self, batch: int) -> int | None:
+        """The batch size whose measurements answer for `batch` (itself, or frozen: the nearest below)."""
+        if batch in self.tree or not self.frozen:
+            return batch
+        below = [b for b in self.tree if b <= batch]
+        return max(below) if below else None
 
     def model(self, batch: int) -> LatencyModel | None:
         """The measured (or now measured) tree-step model of `batch` sequences; None if it cannot be had."""
-        if batch not in self.tree and self._measure is not None:
+        if batch not in self.tree and self._measure is not None and not self.frozen:
             tree, plain = self._measure(batch)
             self.tree[batch] = tree
             if plain is not None:
                 self.plain[batch] = plain
-        return self.tree.get(batch)
+        return self.tree.get(self._known(batch))
 
     def cost(self, batch: int, nodes: int) -> float:
         """Seconds of a tree step of `batch` sequences with `nodes` nodes each (padding included)."""
@@ -230,7 +244,7 @@ class BatchLatency:
     def plain_cost(self, batch: int) -> float | None:
         """Seconds of a plain-decoding step of `batch` sequences (no heads), if measured."""
         self.model(batch)
-        return self.plain.get(batch)
+        return self.plain.get(self._known(batch))
 
     @classmethod
     def from_model(cls, model: "LatencyModel | BatchLatency") -> "BatchLatency":

@@ -3,7 +3,7 @@
 Every verified step shows which token followed which. The table keeps, per token id, up to k next-token ids
 (most likely first: here the most recently observed successor first), and proposes candidate paths from a
 step's root by following it. The paths join the dynamic tree like the lookup chain, inside the same node
-budget. One table per proposer (so per server engine); a plain dict, no global state.
+budget. One table per proposer (so per tree the server built); a plain dict, no global state.
 
 Each sequence has its own table, made from its own text (prompt + tokens emitted so far: the top-1 successors
 that verification revealed), not the backbone's top-k at verified nodes. Being a function of the sequence's

@@ -1,4 +1,7 @@
-"""The default tree size for this machine: the heads' acceptance by size times this machine's cost by size.
+"""Tree sizes for this machine: the heads' acceptance by size times this machine's cost by size.
+
+`TreeSizer` (one per `DynTree` and the trees made from it) is where every size is decided: the default size,
+the latency an auto-sized tree chooses by, and nodes per sequence by batch size.
 
 A bigger tree accepts more tokens per pass, but what a node costs depends on the machine (on a GPU almost
 nothing, on a 2-core CPU a lot, and less in bf16 where the CPU accelerates it). So heads may ship a
@@ -15,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DynTreeError
-from .latency import LatencyModel
+from .latency import DEFAULT_SIZES, BatchLatency, LatencyModel, machine_batch_latency, machine_latency
 
 PROFILE_FILE = "tree_profile.json"
 
@@ -94,3 +97,112 @@ def batch_sizer(choose, batches: list[int]):
         return choice[below[-1] if below else measured[0]]
     tree_size_for.choices = dict(choice)
     return tree_size_for
+
+
+class Measurements:
+    """What one model with one set of heads measured on this machine, shared by every `DynTree` made from it
+    (`with_tree`, a server's per-request trees): step latency by (sizes, top-k), and the nodes chosen per
+    (tree policy, batch size). `frozen`: nothing more is measured (`TreeSizer.freeze`)."""
+
+    def __init__(self):
+        self.frozen = False
+        self.fixed: dict[tuple, LatencyModel] = {}  # batch 1, for the default size
+        self.batch: dict[tuple, BatchLatency] = {}  # by batch size, for `auto` trees and per-batch sizing
+        self.nodes: dict[tuple, int] = {}
+
+
+class TreeSizer:
+    """How many nodes a tree gets on this machine, in one place: the default size (`sized`), the latency an
+    `auto` tree chooses by every step (`step_latency`), and nodes per sequence by batch size
+    (`nodes_for_batch`, ProPD's sizing across batch sizes, down to plain decoding where trees measure slower).
+
+    Every step time is measured once per machine (a few seconds each, then read from the cache). A server
+    measures what it will need before it starts (`prepare`) and then `freeze`s the sizer: from then on a batch
+    size it did not measure reads the nearest measured one below, and nothing is timed while requests wait.
+    """
+
+    def __init__(self, backbone, heads, profile: TreeProfile | None = None, measured: Measurements | None = None):
+        self.backbone, self.heads, self.profile = backbone, heads, profile
+        self.measured = measured if measured is not None else Measurements()
+
+    @property
+    def frozen(self) -> bool:
+        return self.measured.frozen
+
+    def freeze(self) -> None:
+        """Measure nothing more: what is known answers every later question."""
+        self.measured.frozen = True
+        for latency in self.measured.batch.values():
+            latency.freeze()
+
+    def profiled(self, config) -> bool:
+        """Whether the heads' profile measured this tree's policy (a dynamic tree of a fixed size)."""
+        return (self.heads is not None and self.profile is not None and config.kind == "dynamic"
+                and not config.auto and self.profile.matches(config.settings()))
+
+    def sized(self, config):
+        """A dynamic tree left at its default size gets the profiled size with the most tokens per second on
+        this machine (batch 1); any size the user set, and a policy the profile did not measure, stay."""
+        if config.size is not None or not self.profiled(config):
+            return config
+        sizes = sorted(self.profile.tokens_per_pass)
+        key = (tuple(sizes), config.resolved_topk)
+        if key not in self.measured.fixed:
+            if self.frozen:
+                return config
+            self.measured.fixed[key] = machine_latency(self.backbone, self.heads, sizes, config.resolved_topk)
+        return config.replace(size=best_fixed_size(self.profile, self.measured.fixed[key]))
+
+    def batch_latency(self, sizes, topk: int) -> BatchLatency | None:
+        """This machine's step cost by batch size for trees of `sizes` and `topk` (each batch size measured when
+        first asked, unless frozen; frozen, an unmeasured shape reads the measurements of another one)."""
+        key = (tuple(sorted(set(sizes))), int(topk))
+        if key not in self.measured.batch:
+            if self.frozen:  # the heads' top-k and the sizes listed barely change a step's cost
+                same = [latency for (s, _), latency in self.measured.batch.items() if s == key[0]]
+                return (same or list(self.measured.batch.values()) or [None])[0]
+            self.measured.batch[key] = machine_batch_latency(self.backbone, self.heads, key[0], key[1])
+        return self.measured.batch[key]
+
+    def step_latency(self, config) -> BatchLatency | None:
+        """The latency a tree of size "auto" chooses by: the config's own, else this machine's (batch 1 now,
+        each other batch size when a run first decodes that many sequences together)."""
+        if not config.auto or config.latency is not None or self.heads is None:
+            return None
+        largest = config.resolved_size
+        latency = self.batch_latency([s for s in DEFAULT_SIZES if s < largest] + [largest], config.resolved_topk)
+        if latency is None:
+            raise DynTreeError("tree size 'auto' needs this machine's step latency, and none was measured before "
+                               "serving began (start the server with --tree-size auto)")
+        latency.model(1)
+        return latency
+
+    def nodes_for_batch(self, config, batch_size: int) -> int | None:
+        """Nodes per sequence for `batch_size` sequences decoded together: the profiled size (at most this
+        tree's) with the most tokens per second under this machine's (batch, nodes) step cost, or 1 (plain
+        decoding; `best_size_for_batch`). None when the heads have no profile of this tree's policy."""
+        if not self.profiled(config):
+            return None
+        key = (tuple(sorted(config.settings().items(), key=str)), batch_size)
+        if key not in self.measured.nodes:
+            sizes = sorted(s for s in self.profile.tokens_per_pass if s <= config.resolved_size)
+            latency = self.batch_latency(sizes, config.resolved_topk)
+            if latency is None:
+                return None
+            plain = latency.plain_cost(batch_size)
+            capped = TreeProfile({s: self.profile.tokens_per_pass[s] for s in sizes}, self.profile.policy)
+            self.measured.nodes[key] = best_size_for_batch(
+                capped, plain if plain is not None else latency.cost(batch_size, 1),
+                lambda n: latency.cost(batch_size, n))
+        return self.measured.nodes[key]
+
+    def prepare(self, config, batches) -> dict[int, int] | None:
+        """Measure now what decoding `config`'s tree at these batch sizes will need (a server, before it
+        starts); the nodes chosen per batch size where the heads' profile sizes this tree, else None."""
+        latency = self.step_latency(config)
+        for batch in batches:
+            if latency is not None:
+                latency.model(int(batch))
+        if not self.profiled(config):
+            return None
+        return {int(b): self.nodes_for_batch(config, int(b)) for b in batches}
