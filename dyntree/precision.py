@@ -63,6 +63,9 @@ def resolve_weights(value, device=None, model="default") -> str:
         if name in QUANTIZED:
             if torch.device(device or "cpu").type != "cpu":
                 raise DynTreeError(f"--weights {name} runs on the CPU only; use a float dtype on {device}")
+            if name == "gguf" and str(model) != "default":
+                raise DynTreeError(f"--weights gguf runs the default model's GGUF file, not {model}: use --weights "
+                                   "q4 to quantize a Hugging Face checkpoint (lossy) or a float dtype")
             return name
         if name == "auto" and str(model) == "default" and torch.device(device or "cpu").type == "cpu":
             verdict = cpu_verdict()

@@ -199,3 +199,9 @@ def test_without_a_compiler_quantized_weights_fail_in_one_line(tiny_model_dir, t
     assert lib_here is None and "compiler" in why
     with pytest.raises(DynTreeError, match="native kernels: no working C compiler"):
         load_model(tiny_model_dir, weights="q4")
+
+
+def test_gguf_weights_refuse_a_hugging_face_directory(tiny_model_dir):
+    """The file's blocks exist for the default model only: another model must not silently get its weights."""
+    with pytest.raises(DynTreeError, match="--weights gguf runs the default model's GGUF file"):
+        load_model(tiny_model_dir, weights="gguf")
