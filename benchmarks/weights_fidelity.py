@@ -15,25 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 from pathlib import Path
 
 import torch
 
 from dyntree import DynTree
-from dyntree.bench.prompts import conversation, load_prompts
+from dyntree.prompts import conversation, load_prompts
 from dyntree.eval.quality import corpus_bleu
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+from dyntree.precision import cpu_identity
 
 
 def logit_gap(dt: DynTree, ids: list[int], chosen: int) -> float:
@@ -71,7 +61,7 @@ def main(argv=None) -> int:
         print(rows[-1], flush=True)
     differing = [r for r in rows if not r["identical"]]
     summary = {
-        "cpu": cpu_name(), "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_identity()[0], "torch_threads": torch.get_num_threads(),
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
         "prompts": len(rows), "max_new_tokens": args.max_new_tokens,
         "bleu_gguf_vs_float32": round(corpus_bleu(hyps, refs), 2),

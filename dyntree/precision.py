@@ -123,6 +123,15 @@ def cpu_verdict(cache_dir: str | os.PathLike | None = None) -> dict:
     return verdict
 
 
+def _products_ms(layers: list, rows: int, dtype: torch.dtype, gen: torch.Generator) -> float:
+    """ms for one pass of `rows`-row inputs through every layer (fresh inputs, so nothing is cache-resident)."""
+    inputs = [torch.randn(rows, layer.in_features, generator=gen).to(dtype) for layer in layers]
+    start = time.perf_counter()
+    for layer, x in zip(layers, inputs):
+        layer(x)
+    return (time.perf_counter() - start) * 1000
+
+
 def measure_dense_speed(repeats: int = 5) -> dict:
     """ms for the model-shaped Dense products at 1 and 8 rows, per dtype (minimum over interleaved repeats)."""
     from .kernels import Dense  # noqa: PLC0415
@@ -133,11 +142,7 @@ def measure_dense_speed(repeats: int = 5) -> dict:
     best = {(dtype, rows): float("inf") for dtype in layers for rows in MEASURED_ROWS}
     for _ in range(repeats):
         for (dtype, rows) in best:
-            inputs = [torch.randn(rows, d.in_features, generator=gen).to(DTYPE_NAMES[dtype]) for d in layers[dtype]]
-            start = time.perf_counter()
-            for dense, x in zip(layers[dtype], inputs):
-                dense(x)
-            best[(dtype, rows)] = min(best[(dtype, rows)], (time.perf_counter() - start) * 1000)
+            best[(dtype, rows)] = min(best[(dtype, rows)], _products_ms(layers[dtype], rows, DTYPE_NAMES[dtype], gen))
     cost = {dtype: sum(best[(dtype, rows)] for rows in MEASURED_ROWS) for dtype in layers}
     faster = cost["bfloat16"] <= BF16_WIN * cost["float32"]
     return {"dtype": "bfloat16" if faster else "float32",
@@ -161,11 +166,7 @@ def measure_native_speed(float_verdict: dict, repeats: int = 5) -> dict:
     best = {rows: float("inf") for rows in MEASURED_ROWS}
     for _ in range(repeats):
         for rows in MEASURED_ROWS:
-            inputs = [torch.randn(rows, d.in_features, generator=gen) for d in layers]
-            start = time.perf_counter()
-            for dense, x in zip(layers, inputs):
-                dense(x)
-            best[rows] = min(best[rows], (time.perf_counter() - start) * 1000)
+            best[rows] = min(best[rows], _products_ms(layers, rows, torch.float32, gen))
     native = sum(best.values())
     floats = sum(float_verdict["ms"][f"{chosen}@{rows}"] for rows in MEASURED_ROWS)
     ms = {f"gguf@{rows}": round(value, 3) for rows, value in best.items()}

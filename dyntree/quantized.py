@@ -21,6 +21,7 @@ import torch
 
 from .cachedir import cache_root
 from .errors import DynTreeError
+from .model import Transformer
 from .native import load
 
 BLOCK = 32
@@ -281,8 +282,6 @@ def load_quantized_backbone(config, state: dict[str, torch.Tensor], weights: str
     """A `Transformer` over quantized blocks: the GGUF file's own (`state` from `gguf-blocks.safetensors`),
     or, for "q4", a float Hugging Face state dict quantized here (4-bit groups of 32 for the layers, 8-bit for
     the lm_head: lossy, opt-in)."""
-    from .model import Transformer  # noqa: PLC0415 - model stays free of the quantized formats
-
     if torch.device(device or "cpu").type != "cpu":
         raise DynTreeError("quantized weights (--weights gguf|q4) run on the CPU only")
     problem = supports(config)
