@@ -68,8 +68,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path, float_weights: bool = True) -> 
             if getattr(model.config, "tie_word_embeddings", False):
                 state.pop("lm_head.weight", None)  # shared with embed_tokens; safetensors refuses aliases
             save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        names = sorted(p.name for p in tmp.iterdir())
-        for name in sorted(names, key=lambda n: n == "tokenizer_config.json"):  # the completeness marker last
+        for name in sorted((p.name for p in tmp.iterdir()), key=lambda n: n == "tokenizer_config.json"):
+            # the completeness marker (tokenizer_config.json) moves last
             os.replace(tmp / name, out_dir / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -81,7 +81,7 @@ def gguf_blocks(gguf_path: Path, out_dir: Path, config: ModelConfig) -> Path:
 
     Q and K rows are put back into Hugging Face's order (the GGUF converter interleaves each head's two
     rotary halves; rows are whole blocks, so this only moves rows). Tensors the kernels cannot take (another
-    block type) fail with one line: such a file runs with float weights.
+    block type) fail with one line; such a file runs with `--weights float32` or `bfloat16`.
     """
     from safetensors.torch import save_file
 
