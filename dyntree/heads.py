@@ -29,6 +29,7 @@ from torch import nn
 
 from .errors import DynTreeError
 from .kernels import Dense
+from .quantized import q8_dense
 from .trees.conditional import select_by_depth
 
 FORMAT_VERSION = 1
@@ -262,14 +263,15 @@ class HydraHeads(MedusaHeads):
         return heads
 
     def head_logits(self, head: int, hidden: torch.Tensor, path_ids: torch.Tensor, embed: torch.Tensor,
-                    lm_head_weight_t: torch.Tensor) -> torch.Tensor:
+                    lm_head_weight_t: torch.Tensor, native=None) -> torch.Tensor:
         """Logits `[N, V']` of head `head` for N nodes: their sequence's state `hidden` `[N, H]` and the token
-        path from the root to the node `path_ids` `[N, head + 1]`."""
+        path from the root to the node `path_ids` `[N, head + 1]`. `native`: a quantized backbone's kernel
+        library, to draft through Q8_0 copies of the heads' layers (inference only)."""
         dtype = self.block_weight.dtype
         hidden = hidden.to(dtype)
         path = F.embedding(path_ids, embed).to(dtype).flatten(1)  # [N, (head+1) H]
         if not torch.is_grad_enabled():
-            return self._fast_head_logits(head, hidden, path, lm_head_weight_t)
+            return self._fast_head_logits(head, hidden, path, lm_head_weight_t, native)
         pre = torch.addmm(self.block_bias[head, 0], hidden, self.block_weight[head, 0].t())
         x = hidden + F.silu(pre + path @ self.path_weights[head].t())
         for layer in range(1, self.config.num_layers):
@@ -279,10 +281,12 @@ class HydraHeads(MedusaHeads):
         return x @ self.projection[head].t()
 
     def _fast_head_logits(self, head: int, hidden: torch.Tensor, path: torch.Tensor,
-                          lm_head_weight_t: torch.Tensor) -> torch.Tensor:
+                          lm_head_weight_t: torch.Tensor, native=None) -> torch.Tensor:
         """The same product through prepacked `Dense` layers (one per head and block, [A_k | P_k] fused into
-        one): drafting runs a few rows per depth, where the generic matmul costs several times more."""
-        first, blocks, projection = self._dense_layers()[head]
+        one): drafting runs a few rows per depth, where the generic matmul costs several times more. With
+        `native` (the quantized backbone's kernel library) the layers are Q8_0 blocks instead: the heads'
+        fp32 weights weigh about as much as the whole 4-bit backbone, and drafting only guesses."""
+        first, blocks, projection = self._dense_layers(native)[head]
         x = hidden + F.silu(first(torch.cat([hidden, path], dim=1)))
         for block in blocks:
             x = x + F.silu(block(x))
@@ -290,22 +294,26 @@ class HydraHeads(MedusaHeads):
             return x @ self._shared_weight_t(lm_head_weight_t)
         return projection(x)
 
-    def _dense_layers(self) -> list:
-        """Per head: (fused first block, later blocks, own projection or None) as prepacked `Dense`; made
-        again whenever a parameter changed (training bumps their versions)."""
+    def _dense_layers(self, native=None) -> list:
+        """Per head: (fused first block, later blocks, own projection or None) as prepacked `Dense` (or Q8_0
+        `NativeDense` with `native`); made again whenever a parameter changed (training bumps their versions)."""
         params = [self.block_weight, self.block_bias, *self.path_weights] + (
             [self.projection] if self.projection is not None else [])
-        key = tuple((p.data_ptr(), p._version) for p in params)
+        key = (id(native), *((p.data_ptr(), p._version) for p in params))
+
+        def layer(weight, bias=None):
+            return Dense(weight, bias) if native is None else q8_dense(weight, bias, native)
+
         cached = getattr(self, "_dense_cache", None)
         if cached is None or cached[0] != key:
             layers = []
             for k in range(self.num_heads):
                 fused = torch.cat([self.block_weight[k, 0], self.path_weights[k]], dim=1).detach()
-                first = Dense(fused.contiguous(), self.block_bias[k, 0].detach().contiguous())
-                blocks = [Dense(self.block_weight[k, l].detach().contiguous(),
+                first = layer(fused.contiguous(), self.block_bias[k, 0].detach().contiguous())
+                blocks = [layer(self.block_weight[k, l].detach().contiguous(),
                                 self.block_bias[k, l].detach().contiguous())
                           for l in range(1, self.config.num_layers)]
-                projection = None if self.projection is None else Dense(self.projection[k].detach().contiguous())
+                projection = None if self.projection is None else layer(self.projection[k].detach().contiguous())
                 layers.append((first, blocks, projection))
             object.__setattr__(self, "_dense_cache", (key, layers))
             cached = self._dense_cache
@@ -325,7 +333,8 @@ class HydraHeads(MedusaHeads):
     def topk_given_path(self, head: int, hidden: torch.Tensor, path_ids: torch.Tensor, embed: torch.Tensor,
                         lm_head: Dense, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k guesses `[N, k]` (token ids, probabilities) of head `head` for N paths."""
-        return self._top_guesses(self.head_logits(head, hidden, path_ids, embed, lm_head.weight_t), k)
+        return self._top_guesses(self.head_logits(head, hidden, path_ids, embed, lm_head.weight_t,
+                                                  getattr(lm_head, "lib", None)), k)
 
     def draft(self, backbone, last_hidden: torch.Tensor, root: torch.Tensor, topk: int) -> "PathDraft":
         """One step's guesses for the proposer: a node's children depend on its path, so nothing is computed

@@ -132,7 +132,12 @@ static inline void decode_block(const qmat *w, int64_t o, int64_t b, vf *v) {
                 y[at] = res ? res[at] + s : s;                                                             \
             }                                                                                              \
     }
+#if VW == 16
 TILE(1, 8)
+TILE(1, 7)
+TILE(1, 6)
+TILE(1, 5)
+#endif
 TILE(4, 1)
 TILE(2, 2)
 TILE(1, 4)
@@ -141,29 +146,38 @@ TILE(2, 1)
 TILE(1, 2)
 TILE(1, 1)
 
-/* y[r, o] = (res[r, o] +) sum_k x[r, k] w[o, k] (+ bias[o]) for outputs [o_begin, o_end). */
+typedef void (*tile_fn)(const qmat *, const float *, int64_t, float *, int64_t, int64_t, int64_t, const float *);
+#if VW == 16 /* 32 vector registers: up to eight rows share one decoded block */
+#define MAX_TILE_ROWS 8
+static const tile_fn ONE_OUTPUT[9] = {0, tile_1_1, tile_1_2, tile_1_3, tile_1_4, tile_1_5, tile_1_6, tile_1_7, tile_1_8};
+#else /* 16 registers: four rows */
+#define MAX_TILE_ROWS 4
+static const tile_fn ONE_OUTPUT[5] = {0, tile_1_1, tile_1_2, tile_1_3, tile_1_4};
+#endif
+
+/* y[r, o] = (res[r, o] +) sum_k x[r, k] w[o, k] (+ bias[o]) for outputs [o_begin, o_end). One or two rows
+ * take tiles of several outputs; more rows visit each output once and cover all rows with tiles of up to
+ * MAX_TILE_ROWS, so an output's blocks come from memory once and stay in L1 for the next row tile. */
 static void qmatmul_range(const qmat *w, const float *x, int64_t rows, float *y, const float *res,
                           int64_t o_begin, int64_t o_end) {
     const int64_t ldx = w->in, ldy = w->out;
-    int64_t r = 0;
-#if VW == 16 /* 32 vector registers: eight rows share one decoded block */
-    for (; r + 8 <= rows; r += 8)
-        for (int64_t o = o_begin; o < o_end; o++) tile_1_8(w, x, ldx, y, ldy, o, r, res);
-#endif
-    for (; r + 4 <= rows; r += 4)
-        for (int64_t o = o_begin; o < o_end; o++) tile_1_4(w, x, ldx, y, ldy, o, r, res);
-    const int64_t left = rows - r;
-    if (left == 3)
-        for (int64_t o = o_begin; o < o_end; o++) tile_1_3(w, x, ldx, y, ldy, o, r, res);
-    else if (left == 2) {
-        int64_t o = o_begin;
-        for (; o + 2 <= o_end; o += 2) tile_2_2(w, x, ldx, y, ldy, o, r, res);
-        for (; o < o_end; o++) tile_1_2(w, x, ldx, y, ldy, o, r, res);
-    } else if (left == 1) {
-        int64_t o = o_begin;
-        for (; o + 4 <= o_end; o += 4) tile_4_1(w, x, ldx, y, ldy, o, r, res);
-        for (; o + 2 <= o_end; o += 2) tile_2_1(w, x, ldx, y, ldy, o, r, res);
-        for (; o < o_end; o++) tile_1_1(w, x, ldx, y, ldy, o, r, res);
+    int64_t o = o_begin;
+    if (rows == 1) {
+        for (; o + 4 <= o_end; o += 4) tile_4_1(w, x, ldx, y, ldy, o, 0, res);
+        for (; o + 2 <= o_end; o += 2) tile_2_1(w, x, ldx, y, ldy, o, 0, res);
+        for (; o < o_end; o++) tile_1_1(w, x, ldx, y, ldy, o, 0, res);
+    } else if (rows == 2) {
+        for (; o + 2 <= o_end; o += 2) tile_2_2(w, x, ldx, y, ldy, o, 0, res);
+        for (; o < o_end; o++) tile_1_2(w, x, ldx, y, ldy, o, 0, res);
+    } else {
+        /* Tiles as even as possible: 9 rows as 5 + 4, not 8 + 1. */
+        const int64_t tiles = (rows + MAX_TILE_ROWS - 1) / MAX_TILE_ROWS;
+        for (; o < o_end; o++)
+            for (int64_t t = 0, r = 0; t < tiles; t++) {
+                const int64_t n = (rows - r) / (tiles - t);
+                ONE_OUTPUT[n](w, x, ldx, y, ldy, o, r, res);
+                r += n;
+            }
     }
 }
 
