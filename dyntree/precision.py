@@ -178,7 +178,7 @@ def kernels_version() -> str:
     code would mislead after an upgrade, so it is part of every timing cache's key."""
     here = Path(__file__).resolve().parent
     digest = hashlib.sha256()
-    for name in ("kernels.py", "model.py", "quantized.py", "heads.py", "native/qkernels.c"):
+    for name in ("kernels.py", "model.py", "quantized.py", "heads.py", "trees/latency.py", "native/qkernels.c"):
         digest.update((here / name).read_bytes())
     return digest.hexdigest()[:12]
 

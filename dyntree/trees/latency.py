@@ -110,10 +110,11 @@ def monotone_costs(seconds: list[float]) -> list[float]:
 @torch.inference_mode()
 def measure_latency(backbone, heads=None, sizes=DEFAULT_SIZES, context: int = 128, repeats: int = 5,
                     topk: int = 8, batch: int = 1) -> LatencyModel:
-    """Time one decoding step at each tree size: heads (if given), a tree forward, lm_head on two rows.
+    """Time one decoding step at each tree size: heads (if given), a tree forward, lm_head on the rows that
+    verification projects up front.
 
     `batch`: sequences decoded together; `rows` of the result are then nodes per sequence (the tree width n
-    of a `[batch, n]` step), and lm_head runs on two rows of each sequence.
+    of a `[batch, n]` step), and the lm_head runs on those rows of each sequence.
 
     A chain-shaped tree is used: the cost of a pass depends on its token count, not on the tree's shape.
     Takes a few seconds on a CPU. Shared and virtual machines add delays that only ever lengthen a run
@@ -127,6 +128,9 @@ def measure_latency(backbone, heads=None, sizes=DEFAULT_SIZES, context: int = 12
         raise DynTreeError("no tree sizes to measure")
     if batch < 1:
         raise DynTreeError("batch size must be at least 1")
+    # Verification projects a tree's first-child chain (at most one node per depth the heads draft) through
+    # the lm_head in one call: so many rows here, not the whole chain-shaped tree.
+    verified_rows = 1 + (heads.num_heads if heads is not None else 0)
     cache = backbone.new_cache(batch, context + max(sizes) + 1)
     vocab = backbone.config.vocab_size
     prefix = torch.randint(0, vocab, (batch, context), generator=torch.Generator().manual_seed(0)).to(device)
@@ -144,7 +148,7 @@ def measure_latency(backbone, heads=None, sizes=DEFAULT_SIZES, context: int = 12
             if heads is not None:  # the heads' work of an n-node tree
                 heads.draft(backbone, last, prefix[:, -1], topk).grow(n)
             hidden = backbone.forward(tokens, cache, block_mask=block, depths=depths)
-            backbone.logits(hidden[:, : min(n, 2)]).argmax(-1)
+            backbone.logits(hidden[:, : min(n, verified_rows)]).argmax(-1)
             sync()
             if i > 0:  # the first run warms caches and allocators
                 times.append(time.perf_counter() - start)

@@ -185,8 +185,9 @@ class TreeSizer:
             return None
         key = (tuple(sorted(config.settings().items(), key=str)), batch_size)
         if key not in self.measured.nodes:
+            # Measured at every profiled size (one cache entry with `sized`'s at batch 1), chosen up to this tree's.
+            latency = self.batch_latency(sorted(self.profile.tokens_per_pass), config.resolved_topk)
             sizes = sorted(s for s in self.profile.tokens_per_pass if s <= config.resolved_size)
-            latency = self.batch_latency(sizes, config.resolved_topk)
             if latency is None:
                 return None
             plain = latency.plain_cost(batch_size)
