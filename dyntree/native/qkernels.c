@@ -104,14 +104,21 @@ static inline void decode_block(const qmat *w, int64_t o, int64_t b, vf *v) {
     }
 }
 
-/* A tile of TO outputs x TR rows. Each (output, row) pair has two accumulators (the block's first and
- * second half) whatever the tile: a row's sum never depends on its neighbours. */
+/* A tile of TO outputs x TR rows. Each (output, row) pair has the same NACC accumulators (with two, the
+ * block's first and second half) whatever the tile: a row's sum never depends on its neighbours. One
+ * accumulator with AVX-512 leaves registers for two-output tiles of eight rows. */
+#if VW == 16
+#define NACC 1
+#else
+#define NACC 2
+#endif
 #define TILE(TO, TR)                                                                                       \
     static void tile_##TO##_##TR(const qmat *w, const float *x, int64_t ldx, float *y, int64_t ldy,        \
                                  int64_t o0, int64_t r0, const float *res) {                               \
-        vf acc[TO][TR][2];                                                                                 \
+        vf acc[TO][TR][NACC];                                                                              \
         for (int a = 0; a < TO; a++)                                                                       \
-            for (int r = 0; r < TR; r++) acc[a][r][0] = acc[a][r][1] = VZERO();                           \
+            for (int r = 0; r < TR; r++)                                                                   \
+                for (int c = 0; c < NACC; c++) acc[a][r][c] = VZERO();                                     \
         const int64_t nb = w->in / QK;                                                                     \
         for (int64_t b = 0; b < nb; b++) {                                                                 \
             for (int a = 0; a < TO; a++) {                                                                 \
@@ -120,44 +127,50 @@ static inline void decode_block(const qmat *w, int64_t o, int64_t b, vf *v) {
                 for (int r = 0; r < TR; r++) {                                                             \
                     const float *xr = x + (r0 + r) * ldx + b * QK;                                         \
                     for (int i = 0; i < VPB; i++)                                                          \
-                        acc[a][r][i * 2 / VPB] = VFMA(VLOAD(xr + i * VW), wv[i], acc[a][r][i * 2 / VPB]);  \
+                        acc[a][r][i * NACC / VPB] = VFMA(VLOAD(xr + i * VW), wv[i], acc[a][r][i * NACC / VPB]); \
                 }                                                                                          \
             }                                                                                              \
         }                                                                                                  \
         for (int a = 0; a < TO; a++)                                                                       \
             for (int r = 0; r < TR; r++) {                                                                 \
-                float s = vsum(VADD(acc[a][r][0], acc[a][r][1]));                                          \
+                float s = vsum(NACC == 1 ? acc[a][r][0] : VADD(acc[a][r][0], acc[a][r][NACC - 1]));       \
                 if (w->bias) s += w->bias[o0 + a];                                                         \
                 const int64_t at = (r0 + r) * ldy + o0 + a;                                                \
                 y[at] = res ? res[at] + s : s;                                                             \
             }                                                                                              \
     }
-#if VW == 16
-TILE(1, 8)
-TILE(1, 7)
-TILE(1, 6)
-TILE(1, 5)
-#endif
 TILE(4, 1)
-TILE(2, 2)
-TILE(1, 4)
-TILE(1, 3)
 TILE(2, 1)
-TILE(1, 2)
+TILE(2, 2)
 TILE(1, 1)
-
+TILE(1, 2)
+TILE(1, 3)
+TILE(1, 4)
 typedef void (*tile_fn)(const qmat *, const float *, int64_t, float *, int64_t, int64_t, int64_t, const float *);
-#if VW == 16 /* 32 vector registers: up to eight rows share one decoded block */
+#if VW == 16 /* 32 vector registers: two outputs x up to eight rows share the decoded blocks */
+TILE(1, 5)
+TILE(1, 6)
+TILE(1, 7)
+TILE(1, 8)
+TILE(2, 3)
+TILE(2, 4)
+TILE(2, 5)
+TILE(2, 6)
+TILE(2, 7)
+TILE(2, 8)
 #define MAX_TILE_ROWS 8
 static const tile_fn ONE_OUTPUT[9] = {0, tile_1_1, tile_1_2, tile_1_3, tile_1_4, tile_1_5, tile_1_6, tile_1_7, tile_1_8};
-#else /* 16 registers: four rows */
+static const tile_fn TWO_OUTPUTS[9] = {0, tile_2_1, tile_2_2, tile_2_3, tile_2_4, tile_2_5, tile_2_6, tile_2_7, tile_2_8};
+#else /* 16 registers: one output x up to four rows */
 #define MAX_TILE_ROWS 4
 static const tile_fn ONE_OUTPUT[5] = {0, tile_1_1, tile_1_2, tile_1_3, tile_1_4};
 #endif
 
 /* y[r, o] = (res[r, o] +) sum_k x[r, k] w[o, k] (+ bias[o]) for outputs [o_begin, o_end). One or two rows
- * take tiles of several outputs; more rows visit each output once and cover all rows with tiles of up to
- * MAX_TILE_ROWS, so an output's blocks come from memory once and stay in L1 for the next row tile. */
+ * take tiles of several outputs; more rows visit each output (pair) once and cover all rows with tiles of up
+ * to MAX_TILE_ROWS, as even as possible (9 rows as 5 + 4), so an output's blocks come from memory once and
+ * stay in L1 for the next row tile. Past one row the products are bound by multiply-adds, not memory;
+ * measured on a Sapphire Rapids VM, two-output tiles cut 3-6 rows by 10-25% against one-output tiles. */
 static void qmatmul_range(const qmat *w, const float *x, int64_t rows, float *y, const float *res,
                           int64_t o_begin, int64_t o_end) {
     const int64_t ldx = w->in, ldy = w->out;
@@ -166,19 +179,28 @@ static void qmatmul_range(const qmat *w, const float *x, int64_t rows, float *y,
         for (; o + 4 <= o_end; o += 4) tile_4_1(w, x, ldx, y, ldy, o, 0, res);
         for (; o + 2 <= o_end; o += 2) tile_2_1(w, x, ldx, y, ldy, o, 0, res);
         for (; o < o_end; o++) tile_1_1(w, x, ldx, y, ldy, o, 0, res);
-    } else if (rows == 2) {
+        return;
+    }
+    if (rows == 2) {
         for (; o + 2 <= o_end; o += 2) tile_2_2(w, x, ldx, y, ldy, o, 0, res);
         for (; o < o_end; o++) tile_1_2(w, x, ldx, y, ldy, o, 0, res);
-    } else {
-        /* Tiles as even as possible: 9 rows as 5 + 4, not 8 + 1. */
-        const int64_t tiles = (rows + MAX_TILE_ROWS - 1) / MAX_TILE_ROWS;
-        for (; o < o_end; o++)
-            for (int64_t t = 0, r = 0; t < tiles; t++) {
-                const int64_t n = (rows - r) / (tiles - t);
-                ONE_OUTPUT[n](w, x, ldx, y, ldy, o, r, res);
-                r += n;
-            }
+        return;
     }
+    const int64_t tiles = (rows + MAX_TILE_ROWS - 1) / MAX_TILE_ROWS;
+#if VW == 16
+    for (; o + 2 <= o_end; o += 2)
+        for (int64_t t = 0, r = 0; t < tiles; t++) {
+            const int64_t n = (rows - r) / (tiles - t);
+            TWO_OUTPUTS[n](w, x, ldx, y, ldy, o, r, res);
+            r += n;
+        }
+#endif
+    for (; o < o_end; o++)
+        for (int64_t t = 0, r = 0; t < tiles; t++) {
+            const int64_t n = (rows - r) / (tiles - t);
+            ONE_OUTPUT[n](w, x, ldx, y, ldy, o, r, res);
+            r += n;
+        }
 }
 
 /* Inside a parallel region: the outputs split evenly over the team (multiples of 4 keep tiles whole). */
