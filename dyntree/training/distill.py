@@ -140,8 +140,7 @@ def generate_batched(backbone: Transformer, prompts: Iterable[tuple[object, list
             return
         if len(active) < cache.batch_size:  # prompts exhausted: drop finished rows from the batch
             index = torch.tensor(active, device=device)
-            cache.keys, cache.values = cache.keys.index_select(1, index), cache.values.index_select(1, index)
-            cache.lengths = cache.lengths.index_select(0, index)
+            cache = cache.select(index)
             rows = [rows[b] for b in active]
             last_tokens = last_tokens.index_select(0, index)
             batch_size = len(rows)
