@@ -24,9 +24,7 @@ from .heads import MedusaHeads
 from .model import Transformer
 from .proposers import Proposer, RootOnlyProposer
 from .sampling import Sampler, SamplingConfig
-from .step import DecodeStep, StepRows, forward_tree, prefill, propose, take_tokens
-
-__all__ = ["Decoder", "DecodeRun", "GenerationStats", "StepEvent", "PHASES", "forward_tree", "prefill", "propose"]
+from .step import DecodeStep, StepRows, prefill, take_tokens
 
 PHASES = ("proposal", "forward", "verification", "cache")
 
