@@ -24,6 +24,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -249,7 +250,7 @@ class EarlyPruner:
         return pass_
 
     def account(self, backbone: Transformer, pass_: PrunedPass, original: Proposal, result: Verification,
-                active: torch.Tensor, greedy: bool, sinks: list[tuple[PruneStats, list[int]]]) -> None:
+                active: torch.Tensor, greedy: bool, sinks: Sequence[tuple[PruneStats, list[int]]]) -> None:
         """After verification (`result` in original indices): add the pass to each `(stats, rows)` of `sinks`
         (a run's one total over all its rows, or a request's own figures over its row), counting its decoding
         rows only: nodes, nodes pruned, time, the rows whose accepted path ran into a pruned child (misses) and,

@@ -19,7 +19,7 @@ greedy row decodes the same tokens alone or in any batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -105,7 +105,7 @@ class DecodeStep:
 
     @torch.inference_mode()
     def run(self, cache, rows: StepRows, groups: list[tuple[Proposer, list[int]]],
-            pruner: EarlyPruner | None = None, prune_stats: list[tuple[PruneStats, list[int]]] = (),
+            pruner: EarlyPruner | None = None, prune_stats: Sequence[tuple[PruneStats, list[int]]] = (),
             plain_when_full: bool = False, lap: Callable[[str | None], None] = _no_lap) -> StepResult | None:
         """Propose each group's trees (`groups`: a proposer and its rows, in row order, covering every row),
         run them in one forward pass (with `pruner`: ProPD early pruning, its figures added to `prune_stats`,
@@ -138,7 +138,7 @@ class DecodeStep:
         if pruner is not None:  # back to the tree's own node indices (slots, proposer feedback)
             result = pruned.to_original(result)
             pruner.account(backbone, pruned, tree, result, rows.active, all(s.greedy for s in rows.samplers),
-                           list(prune_stats))
+                           prune_stats)
         lap("verification")
         for (proposer, index), proposal in zip(groups, proposals):
             if len(index) == batch:
