@@ -32,7 +32,7 @@ import torch
 
 from dyntree.api import DynTree
 from dyntree.prompts import load_prompts
-from dyntree.decoding import forward_tree, prefill, propose
+from dyntree.step import forward_tree, prefill, propose
 from dyntree.early import EarlyPruner, build_pruner
 from dyntree.errors import DynTreeError
 from dyntree.verify import verify_tree

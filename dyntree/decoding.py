@@ -1,12 +1,9 @@
-"""The decoding loop: prefill, then propose -> tree forward -> verify -> commit, until done.
+"""The decoding loop: prefill, then one decoding step (`step.DecodeStep`) after another, until done.
 
 One loop serves every method. Without heads the proposer returns the root alone and the loop is plain
-greedy autoregressive decoding on the same kernels: the honest baseline for every speedup we report.
-
-Bookkeeping per step, for a sequence whose cache holds L committed tokens and whose next token (the root)
-is already chosen: the tree (root + candidates) is written at slots L..L+n-1 with positions L + depth; the
-accepted path's keys/values are moved to L..L+a-1; its a-1 candidate tokens plus the backbone's bonus
-token after them are emitted (a tokens per forward pass), and the bonus token is the next root.
+greedy autoregressive decoding on the same kernels: the honest baseline for every speedup we report. Each step
+(propose -> tree forward -> verify -> commit) is the server's too (`engine.BatchEngine`); this loop keeps what
+is its own: a fixed batch of prompts, each sequence's stop conditions, the events it yields and the run's stats.
 
 Sampling (`SamplingConfig` with temperature > 0) changes only how tokens are chosen: the root after the
 prefill is sampled, and verification is lossless tree speculative sampling or typical acceptance. The run's
@@ -17,7 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 
@@ -25,9 +22,9 @@ from .early import EarlyPruner, PruneStats
 from .errors import DynTreeError
 from .heads import MedusaHeads
 from .model import Transformer
-from .proposers import Proposal, Proposer, RootOnlyProposer, propose_step
-from .sampling import SamplingConfig, choose_tokens
-from .verify import verify_tree
+from .proposers import Proposer, RootOnlyProposer
+from .sampling import Sampler, SamplingConfig
+from .step import DecodeStep, StepRows, prefill, take_tokens
 
 PHASES = ("proposal", "forward", "verification", "cache")
 
@@ -111,39 +108,6 @@ class _Clock:
         self.last = now
 
 
-# -- the stages of one step, shared by the loop and by measurements that replay a step (eval.kl) ------------
-def prefill(backbone: Transformer, cache, prompts: list[list[int]]) -> torch.Tensor:
-    """Run the prompts (`[B]` lists, right-padded) into an empty cache; the last prompt token's normed hidden
-    state of each sequence `[B, H]`."""
-    device = backbone.device
-    lengths = [len(p) for p in prompts]
-    ids = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, : len(p)] = torch.tensor(p)
-    hidden = backbone.forward(ids.to(device), cache)
-    cache.lengths.copy_(torch.tensor(lengths, device=device))
-    return hidden[torch.arange(len(prompts), device=device), torch.tensor(lengths, device=device) - 1]
-
-
-def propose(heads: MedusaHeads | None, proposer: Proposer, backbone: Transformer, last_hidden: torch.Tensor,
-            root: torch.Tensor, context: Callable[[], list[list[int]]],
-            active: torch.Tensor | None = None, plain: Proposer | None = None) -> Proposal:
-    """The step's tree over `root` `[B]`: the heads' draft from `last_hidden` `[B, H]` (when the proposer
-    reads heads) turned into a proposal; `context()` gives each sequence's tokens so far, root last. With
-    `active` (the rows still decoding) the proposer may choose a plain step first (`Proposer.plan_step`), whose
-    root-only tree comes from `plain` (a `RootOnlyProposer`, which keeps its buffers)."""
-    if active is not None and not proposer.plan_step(active):
-        return (plain or RootOnlyProposer()).propose(root)
-    draft = heads.draft(backbone, last_hidden, root, proposer.topk) if proposer.uses_heads else None
-    return propose_step(proposer, root, draft, context)
-
-
-def forward_tree(backbone: Transformer, proposal: Proposal, cache) -> torch.Tensor:
-    """One forward pass over the proposal's tree (nothing committed): normed hidden states `[B, n, H]`."""
-    return backbone.forward(proposal.tokens, cache, block_mask=proposal.buffers.tree_mask,
-                            depths=proposal.buffers.depths)
-
-
 class DecodeRun:
     """An in-progress generation: iterate it for `StepEvent`s; afterwards read `tokens` and `stats`."""
 
@@ -152,8 +116,7 @@ class DecodeRun:
         self.decoder = decoder
         self.sampling = sampling
         # One generator per run (None when greedy): a seed reproduces the run; global RNG is never used.
-        greedy = sampling is None or sampling.is_greedy
-        self.generator = None if greedy else sampling.generator(decoder.backbone.device)
+        self.sampler = Sampler(sampling, decoder.backbone.device)
         self.prompts = prompts
         self.max_new_tokens = max_new_tokens
         self.stop_at_eos = stop_at_eos
@@ -179,26 +142,18 @@ class DecodeRun:
     # -- the loop --------------------------------------------------------------------------------------
     def _emit(self, b: int, candidates: list[int], finished: list[bool]) -> list[int]:
         """Append tokens to sequence b, honouring EOS and max_new_tokens; return what was appended."""
-        out = []
-        eos = self.decoder.eos_token_ids
-        for t in candidates:
-            if len(self.tokens[b]) >= self.max_new_tokens:
-                break
-            self.tokens[b].append(t)
-            out.append(t)
-            if self.stop_at_eos and t in eos:
-                finished[b] = True
-                self.stats.stop_reasons[b] = "eos"
-                break
-        if len(self.tokens[b]) >= self.max_new_tokens and not finished[b]:
+        eos = self.decoder.eos_token_ids if self.stop_at_eos else ()
+        out, reason = take_tokens(len(self.tokens[b]), candidates, self.max_new_tokens, eos)
+        self.tokens[b] += out
+        if reason:
             finished[b] = True
-            self.stats.stop_reasons[b] = "length"
+            self.stats.stop_reasons[b] = reason
         return out
 
     @torch.inference_mode()
     def _run(self) -> Iterator[StepEvent]:
         dec = self.decoder
-        backbone, heads, proposer = dec.backbone, dec.heads, dec.proposer
+        backbone, proposer = dec.backbone, dec.proposer
         device = backbone.device
         batch = len(self.prompts)
         stats = self.stats
@@ -209,7 +164,7 @@ class DecodeRun:
 
         start = time.perf_counter()
         last_hidden = prefill(backbone, cache, self.prompts)
-        root = choose_tokens(backbone.logits(last_hidden), self.sampling, self.generator)
+        root = self.sampler.choose(backbone.logits(last_hidden))
         finished = [False] * batch
         first = [self._emit(b, [int(root[b])], finished) for b in range(batch)]
         stats.new_tokens += sum(len(t) for t in first)
@@ -219,55 +174,43 @@ class DecodeRun:
         yield StepEvent(0, first, list(finished))
 
         clock = _Clock(device, stats)
-        plain = RootOnlyProposer()  # the tree of steps the proposer makes plain (`Proposer.plan_step`)
+        everyone = list(range(batch))
+        step = DecodeStep(backbone, dec.heads)
+        groups = [(proposer, everyone)]  # one tree policy for the whole batch
+        prune_stats = [(stats.early_prune, everyone)] if dec.pruner is not None else []
+        samplers = [self.sampler] * batch  # one generator for the run: its rows are verified together
+
+        def context(rows: list[int]) -> list[list[int]]:
+            return [self.prompts[b] + self.tokens[b] for b in rows]
+
         decode_start = time.perf_counter()
-        step = 0
+        passes = 0
         while not all(finished):
-            step += 1
+            passes += 1
             active = torch.tensor([not f for f in finished], device=device)
             clock.lap(None)
-            proposal = propose(heads, proposer, backbone, last_hidden, root,
-                               lambda: [self.prompts[b] + self.tokens[b] for b in range(batch)], active, plain)
-            stats.tree_nodes = max(stats.tree_nodes, proposal.tokens.shape[1])
-            stats.tree_sizes.append(proposal.tokens.shape[1])
-            clock.lap("proposal")
-            if int(cache.lengths.max()) + proposal.tokens.shape[1] > cache.max_len:
+            out = step.run(cache, StepRows(last_hidden, root, context, samplers, active), groups, dec.pruner,
+                           prune_stats, lap=clock.lap)
+            if out is None:  # the tree no longer fits in the context
                 for b in range(batch):
                     if not finished[b]:
                         finished[b] = True
                         stats.stop_reasons[b] = "context"
                 break
-            pruned = None
-            if dec.pruner is not None:  # ProPD: later layers and verification on the survivors only
-                pruned = dec.pruner.forward(backbone, proposal, cache, stats.early_prune, active)
-                tree_hidden, verified = pruned.hidden, pruned.proposal
-            else:
-                tree_hidden, verified = forward_tree(backbone, proposal, cache), proposal
-            clock.lap("forward")
-            result = verify_tree(backbone.logits, tree_hidden, verified, active, self.sampling, self.generator)
-            last_hidden = tree_hidden[torch.arange(batch, device=device), result.last_nodes]
-            if pruned is not None:  # back to the proposal's own node indices (slots, proposer feedback)
-                result = pruned.to_original(result)
-                dec.pruner.account(backbone, pruned, proposal, result, active, self.generator is None,
-                                   stats.early_prune)
-            clock.lap("verification")
-            proposer.observe(proposal, result, active)
-            clock.lap("proposal")  # learning from the outcome is part of building trees
+            stats.tree_nodes = max(stats.tree_nodes, out.width)
+            stats.tree_sizes.append(out.width)
             new_tokens: list[list[int]] = [[] for _ in range(batch)]
             for b in range(batch):
                 if finished[b]:
                     continue
-                nodes = result.accepted_nodes[b]
-                cache.commit(b, cache.lengths[b] + nodes)
-                candidates = proposal.tokens[b, nodes[1:]].tolist() + [int(result.next_tokens[b])]
-                new_tokens[b] = self._emit(b, candidates, finished)
+                new_tokens[b] = self._emit(b, out.tokens[b], finished)
                 stats.accepted_lengths.append(len(new_tokens[b]))
                 stats.sequence_accepted[b].append(len(new_tokens[b]))
             stats.new_tokens += sum(len(t) for t in new_tokens)
             stats.decode_passes += 1
-            root = result.next_tokens
+            last_hidden, root = out.hidden, out.roots
             clock.lap("cache")
-            yield StepEvent(step, new_tokens, list(finished))
+            yield StepEvent(passes, new_tokens, list(finished))
         stats.decode_seconds = time.perf_counter() - decode_start
 
 

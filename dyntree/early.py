@@ -24,6 +24,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -117,6 +118,19 @@ class PruneStats:
     lost_tokens: int = 0  # measure mode, greedy: accepted tokens the unpruned tree had and the pruned one lost
     lost_counted: int = 0  # (pass, sequence) pairs `lost_tokens` covers
 
+    def add_pass(self, pass_: "PrunedPass", rows: list[int]) -> None:
+        """Count one pruned pass over `rows` (those of its rows that decode): nodes, nodes pruned, time."""
+        dropped = sum(pass_.dropped[b] for b in rows)
+        self.passes += 1
+        self.nodes += pass_.keep.shape[1] * len(rows)
+        self.pruned += dropped
+        self.pruned_per_pass.append(dropped)
+        self.overhead_seconds += pass_.overhead_seconds
+        self.late_seconds += pass_.late_seconds
+        if pass_.full_late_seconds is not None:
+            self.measured_passes += 1
+            self.full_late_seconds += pass_.full_late_seconds
+
     def as_dict(self) -> dict:
         out = {k: v for k, v in self.__dict__.items() if k != "pruned_per_pass"}
         out["pruned_per_pass"] = list(self.pruned_per_pass)
@@ -150,6 +164,14 @@ class PrunedPass:
     keep: torch.Tensor  # [B, n] which original nodes survived
     index: torch.Tensor  # [B, n'] original index of each survivor
     full_hidden: torch.Tensor | None = None  # measure mode: [B, n, H] the unpruned tree's normed final states
+    overhead_seconds: float = 0.0  # early head + pruning decision + re-indexing
+    late_seconds: float = 0.0  # layers [l, L) on the survivors
+    full_late_seconds: float | None = None  # measure mode: layers [l, L) on every node
+
+    @property
+    def dropped(self) -> list[int]:
+        """Nodes pruned in each row."""
+        return (~self.keep).sum(1).tolist()
 
     def to_original(self, verification: Verification) -> Verification:
         """The verification of the survivors' tree in the original tree's node indices."""
@@ -221,33 +243,36 @@ class EarlyPruner:
         late_start = self._now()
         out = backbone.run_layers(late_in, late_positions, cache, sub_slots, sub_mask, self.layer)
         late_end = self._now()
+        pass_ = PrunedPass(backbone.final_norm(out), survivors, keep, index, full_hidden, late_start - start,
+                           late_end - late_start, full_seconds if self.measure else None)
         if stats is not None:
-            live = torch.ones(batch, dtype=torch.bool, device=device) if active is None else active
-            dropped = int(((~keep).sum(1) * live).sum())
-            stats.passes += 1
-            stats.nodes += n * int(live.sum())
-            stats.pruned += dropped
-            stats.pruned_per_pass.append(dropped)
-            stats.overhead_seconds += late_start - start
-            stats.late_seconds += late_end - late_start
-            if self.measure:
-                stats.measured_passes += 1
-                stats.full_late_seconds += full_seconds
-        return PrunedPass(backbone.final_norm(out), survivors, keep, index, full_hidden)
+            stats.add_pass(pass_, _live_rows(active, batch))
+        return pass_
 
     def account(self, backbone: Transformer, pass_: PrunedPass, original: Proposal, result: Verification,
-                active: torch.Tensor, greedy: bool, stats: PruneStats) -> None:
-        """After verification (`result` in original indices): count the passes whose path ran into a pruned
-        child and, in measure mode with greedy decoding, the exact tokens lost against the unpruned tree."""
-        hit = pruned_children_hit(original.buffers.parents, original.tokens, pass_.keep, result.last_nodes,
-                                  result.next_tokens) & active
-        stats.misses += int(hit.sum())
+                active: torch.Tensor, greedy: bool, sinks: Sequence[tuple[PruneStats, list[int]]]) -> None:
+        """After verification (`result` in original indices): add the pass to each `(stats, rows)` of `sinks`
+        (a run's one total over all its rows, or a request's own figures over its row), counting its decoding
+        rows only: nodes, nodes pruned, time, the rows whose accepted path ran into a pruned child (misses) and,
+        in measure mode with greedy decoding, the exact tokens lost against the unpruned tree."""
+        hits = pruned_children_hit(original.buffers.parents, original.tokens, pass_.keep, result.last_nodes,
+                                   result.next_tokens).tolist()
+        lost = None
         if pass_.full_hidden is not None and greedy:
             full = verify_greedy(backbone.logits, pass_.full_hidden, original, active)
-            for b, (mine, theirs) in enumerate(zip(result.accepted_len, full.accepted_len)):
-                if bool(active[b]):
-                    stats.lost_tokens += theirs - mine
-                    stats.lost_counted += 1
+            lost = [theirs - mine for mine, theirs in zip(result.accepted_len, full.accepted_len)]
+        live = active.tolist()
+        for stats, rows in sinks:
+            rows = [b for b in rows if live[b]]
+            stats.add_pass(pass_, rows)
+            stats.misses += sum(int(hits[b]) for b in rows)
+            if lost is not None:
+                stats.lost_tokens += sum(lost[b] for b in rows)
+                stats.lost_counted += len(rows)
+
+
+def _live_rows(active: torch.Tensor | None, batch: int) -> list[int]:
+    return list(range(batch)) if active is None else [b for b, a in enumerate(active.tolist()) if a]
 
 
 def _subset(values: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:

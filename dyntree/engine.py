@@ -7,17 +7,18 @@ the caller's thread). `submit(EngineRequest)` queues a request and returns a `Re
 1. drops cancelled and timed-out requests (queued or decoding) and frees their rows;
 2. admits waiting requests into free rows: prefill (alone, batch 1, exactly as a solo run does) and the
    first token;
-3. builds one tree per active row (rows grouped by their tree policy, one `propose` call per group, within the
-   node budget `tree_size_for(batch size)`), pads the trees to one node count, runs ONE forward pass over all
-   rows (with the tree's early pruning when every row shares it), verifies each row, commits its accepted
-   path, and hands each request its new text through its `sink` callback;
+3. decodes one step of every active row through the library's own step (`step.DecodeStep`: rows grouped by
+   their tree policy within the node budget `tree_size_for(batch size)`, ONE forward pass over all rows, with
+   the tree's early pruning when every row shares it), and hands each request its new text through its `sink`
+   callback;
 4. frees the rows of finished requests (the last active row moves into the hole, so active rows are always
    cache rows 0..k-1 and a step reads a view of them, never a copy).
 
 Exactness: the backbone's kernels give every row the same bits whatever the other rows hold or how many there
 are (`kernels.py`), padding nodes see only committed tokens and themselves and are never accepted (parent -1),
 and greedy verification walks each row independently, so a greedy answer is token-identical alone or beside
-others. A sampling row is verified alone on its own (unpadded) tree with its own `torch.Generator`.
+others. A sampling row has its own sampler (`sampling.Sampler`), so it is verified alone on its own (unpadded)
+tree with its own `torch.Generator`.
 
 Independent of HTTP: `server.py` wraps it; tests drive `step()` directly.
 """
@@ -35,15 +36,12 @@ from typing import Callable
 import torch
 
 from .api import DynTree
-from .decoding import forward_tree, propose
 from .errors import DynTreeError
 from .model import KVCache
-from .proposers import Proposal, Proposer, RootOnlyProposer
-from .sampling import SamplingConfig, choose_tokens
+from .proposers import Proposer
+from .sampling import Sampler, SamplingConfig
+from .step import DecodeStep, StepRows, prefill, take_tokens
 from .textstream import TextStream
-from .trees import buffers_from_parents
-from .trees.pruning import pruned_children_hit
-from .verify import Verification, verify_greedy, verify_tree
 
 log = logging.getLogger("dyntree.engine")
 
@@ -132,16 +130,15 @@ class EngineObserver:
 class _Row:
     """A request holding a cache row: its tokens so far, the next root and the hidden state before it."""
 
-    __slots__ = ("handle", "request", "dyntree", "generator", "tokens", "text", "last_hidden", "root", "passes",
+    __slots__ = ("handle", "request", "dyntree", "sampler", "tokens", "text", "last_hidden", "root", "passes",
                  "accepted", "tree_sizes", "batch_sizes", "admitted", "reason", "prune")
 
     def __init__(self, handle: RequestHandle, dyntree: DynTree, admitted: float, device):
         self.handle = handle
         self.request = handle.request
         self.dyntree = dyntree
-        sampling = self.request.sampling
         # One generator per request, as a solo run has: a seed reproduces the request's draws.
-        self.generator = None if sampling.is_greedy else sampling.generator(device)
+        self.sampler = Sampler(self.request.sampling, device)
         self.tokens: list[int] = []
         self.text: TextStream | None = None
         self.last_hidden: torch.Tensor | None = None
@@ -151,7 +148,7 @@ class _Row:
         self.tree_sizes: list[int] = []
         self.batch_sizes: list[int] = []
         self.admitted = admitted
-        self.prune = None  # early pruning figures (`early.PruneStats`) once a step of it pruned this row
+        self.prune = None  # early pruning figures (`early.PruneStats`) once a step may prune this row
         self.reason = ""  # why it finished: "eos", "length", "stop"
 
 
@@ -190,7 +187,7 @@ class BatchEngine:
         # Whatever the trees need measured was measured before (`dyntree serve`: `TreeSizer.prepare`); from
         # here on the engine thread times nothing, so no request waits behind a measurement.
         dt.sizer.freeze()
-        self._plain = RootOnlyProposer()
+        self._step = DecodeStep(self.backbone, self.heads)
         self._rows: list[_Row] = []  # row i holds cache row i (engine thread only)
         self._cache: KVCache | None = None
         self._waiting: deque[RequestHandle] = deque()
@@ -321,89 +318,39 @@ class BatchEngine:
         started = time.perf_counter()
         rows = self._rows
         k = len(rows)
-        limit = min(self._cache.max_len, self.backbone.config.max_position_embeddings)
-        room = limit - max(self._cache.lengths[:k].tolist())
-        if room < 1:  # (cannot happen: admission checks prompt + max_tokens against the context)
+        groups = self._groups(self.tree_size_for(k))
+        pruner = self._pruner_for(groups)
+        prune_stats = []
+        if pruner is not None:
+            for b, row in enumerate(rows):
+                row.prune = row.prune or pruner.new_stats()
+                prune_stats.append((row.prune, [b]))
+        device = self.backbone.device
+        state = StepRows(torch.stack([row.last_hidden for row in rows]),
+                         torch.tensor([row.root for row in rows], dtype=torch.long, device=device),
+                         lambda index: [rows[i].request.prompt_ids + rows[i].tokens for i in index],
+                         [row.sampler for row in rows], torch.ones(k, dtype=torch.bool, device=device))
+        # Near the end of the context the largest tree no longer fits one row: plain decoding for that step
+        # (greedy answers are the same; the request still gets all its max_tokens).
+        out = self._step.run(self._cache.rows(0, k), state, groups, pruner, prune_stats, plain_when_full=True)
+        if out is None:  # (cannot happen: admission checks prompt + max_tokens against the context)
             raise RuntimeError("a row has no room left in the cache")
-        budget = self.tree_size_for(k)
-        groups, proposals = self._propose(budget)
-        if max(p.tokens.shape[1] for p in proposals) > room:
-            # Near the end of the context the largest tree no longer fits one row: plain decoding for this
-            # step (greedy answers are the same; the request still gets all its max_tokens).
-            groups, proposals = self._propose(1)
-        combined, sizes = _combine(groups, proposals, k, self.backbone.device)
-        view = self._cache.rows(0, k)
-        pruner = self._pruner_for(groups) if combined.tokens.shape[1] > 1 else None
-        if pruner is not None:  # ProPD: later layers and verification on the survivors only
-            pruned = pruner.forward(self.backbone, combined, view)
-            hidden, verified = pruned.hidden, pruned.proposal
-            accepted, next_tokens, state_nodes = self._verify(hidden, verified, [verified.tokens.shape[1]] * k)
-            original = pruned.to_original(Verification(accepted, torch.tensor(next_tokens),
-                                                       torch.tensor(state_nodes, device=hidden.device)))
-            accepted, last_nodes = original.accepted_nodes, original.last_nodes.tolist()
-            self._count_pruning(pruner, pruned, combined, original)
-        else:
-            hidden = forward_tree(self.backbone, combined, view)
-            accepted, next_tokens, last_nodes = self._verify(hidden, combined, sizes)
-            state_nodes = last_nodes  # where each row's next hidden state is read
-        for (proposer, idx), proposal in zip(groups, proposals):
-            proposer.observe(proposal, Verification(
-                [accepted[i] for i in idx], torch.tensor([next_tokens[i] for i in idx], dtype=torch.long),
-                torch.tensor([last_nodes[i] for i in idx], dtype=torch.long)))
-        tokens = combined.tokens.tolist()
+        roots = out.roots.tolist()
         added, done = [], []
         for b, row in enumerate(rows):
-            nodes = accepted[b]
-            self._cache.commit(b, self._cache.lengths[b] + nodes)
-            new = [tokens[b][i] for i in nodes.tolist()[1:]] + [next_tokens[b]]
             row.passes += 1
-            row.tree_sizes.append(sizes[b])
+            row.tree_sizes.append(out.sizes[b])
             row.batch_sizes.append(k)
-            emitted = self._emit(row, new)
+            emitted = self._emit(row, out.tokens[b])
             row.accepted.append(emitted)
             added.append(emitted)
-            row.last_hidden = hidden[b, state_nodes[b]].clone()
-            row.root = next_tokens[b]
+            row.last_hidden = out.hidden[b]
+            row.root = roots[b]
             if row.reason:
                 done.append(b)
         self.observer.step(k, time.perf_counter() - started, added)
         self._retire(done)
         return True
-
-    def _propose(self, budget: int | None) -> tuple[list[tuple[Proposer, list[int]]], list[Proposal]]:
-        """Each group's proposal for this step (rows grouped by proposer within the node budget)."""
-        rows = self._rows
-        groups = self._groups(budget)
-        proposals = []
-        device = self.backbone.device
-        for proposer, idx in groups:
-            hidden = torch.stack([rows[i].last_hidden for i in idx])
-            root = torch.tensor([rows[i].root for i in idx], dtype=torch.long, device=device)
-            # Every row of the group is decoding; a proposer that sizes trees by batch may still choose a plain
-            # step for this many rows (`Proposer.plan_step`), whose root-only tree comes from `self._plain`.
-            active = torch.ones(len(idx), dtype=torch.bool, device=device)
-            proposals.append(propose(self.heads, proposer, self.backbone, hidden, root,
-                                     lambda idx=idx: [rows[i].request.prompt_ids + rows[i].tokens for i in idx],
-                                     active, self._plain))
-        return groups, proposals
-
-    def _count_pruning(self, pruner, pruned, proposal: Proposal, result: Verification) -> None:
-        """Each row's own pruning figures (`early.PruneStats`): nodes dropped, and passes whose accepted path
-        ended where a dropped child held the model's next token."""
-        n = proposal.tokens.shape[1]
-        dropped = (~pruned.keep).sum(1).tolist()
-        hits = pruned_children_hit(proposal.buffers.parents, proposal.tokens, pruned.keep,
-                                   result.last_nodes.to(pruned.keep.device),
-                                   result.next_tokens.to(pruned.keep.device)).tolist()
-        for row, count, hit in zip(self._rows, dropped, hits):
-            if row.prune is None:
-                row.prune = pruner.new_stats()
-            stats = row.prune
-            stats.passes += 1
-            stats.nodes += n
-            stats.pruned += count
-            stats.pruned_per_pass.append(count)
-            stats.misses += int(hit)
 
     def _pruner_for(self, groups: list[tuple[Proposer, list[int]]]):
         """The early pruner (`DynTree.pruner`) of this step: only when every row decodes with one DynTree's
@@ -428,55 +375,16 @@ class BatchEngine:
         return list(groups.values())
 
     def _proposer_for(self, dt: DynTree, budget: int | None) -> Proposer:
-        """The row's own proposer, or within a node budget: plain decoding (1, one proposer for every row) or
-        its tree cut to `budget` nodes (`DynTree.proposer_within`)."""
-        proposer = dt.proposer
-        if budget is None or budget >= proposer.max_nodes:
-            return proposer
-        if budget <= 1:
-            return self._plain
+        """The row's tree within a node budget (`DynTree.proposer_within`); plain steps share the step's one
+        root-only proposer, so that all rows decode them in one group."""
+        if budget is not None and budget <= 1:
+            return self._step.plain
         return dt.proposer_within(budget)
-
-    def _verify(self, hidden: torch.Tensor, proposal: Proposal, sizes: list[int]):
-        """Per row: accepted node indices, the next token and the last accepted node. Greedy rows are walked
-        together; each sampling row alone, on its own tree (no padding), with its own generator."""
-        rows = self._rows
-        k = len(rows)
-        accepted: list[torch.Tensor] = [None] * k
-        next_tokens, last_nodes = [0] * k, [0] * k
-        greedy = [row.request.sampling.is_greedy for row in rows]
-        logits = self.backbone.logits
-        if any(greedy):
-            result = verify_greedy(logits, hidden, proposal, torch.tensor(greedy, device=hidden.device))
-            nexts, lasts = result.next_tokens.tolist(), result.last_nodes.tolist()
-            for b in range(k):
-                if greedy[b]:
-                    accepted[b], next_tokens[b], last_nodes[b] = result.accepted_nodes[b], nexts[b], lasts[b]
-        for b in range(k):
-            if greedy[b]:
-                continue
-            n = sizes[b]
-            row = rows[b]
-            result = verify_tree(logits, hidden[b : b + 1, :n], _row_proposal(proposal, b, n), None,
-                                 row.request.sampling, row.generator)
-            accepted[b], next_tokens[b], last_nodes[b] = (result.accepted_nodes[0], int(result.next_tokens[0]),
-                                                          int(result.last_nodes[0]))
-        return accepted, next_tokens, last_nodes
 
     def _emit(self, row: _Row, candidates: list[int]) -> int:
         """Append tokens (up to EOS or max_tokens), send the text they add; returns how many were appended."""
-        out = []
-        limit = row.request.max_tokens
-        for t in candidates:
-            if len(row.tokens) >= limit:
-                break
-            row.tokens.append(t)
-            out.append(t)
-            if t in self.eos:
-                row.reason = "eos"
-                break
-        if len(row.tokens) >= limit and not row.reason:
-            row.reason = "length"
+        out, row.reason = take_tokens(len(row.tokens), candidates, row.request.max_tokens, self.eos)
+        row.tokens += out
         delta = row.text.push(out, finished=bool(row.reason))
         if delta is not None and delta.text:
             _send(row.request, ("text", delta.text, delta.token_ids))
@@ -522,11 +430,10 @@ class BatchEngine:
         longest = max([len(prompt) + request.max_tokens] +
                       [len(r.request.prompt_ids) + r.request.max_tokens for r in self._rows])
         self._reserve(longest + self._largest_tree(dt) + 1)
-        view = self._cache.rows(b, 1, fresh=True)
-        hidden = self.backbone.forward(torch.tensor([prompt], device=self.backbone.device), view)
+        last_hidden = prefill(self.backbone, self._cache.rows(b, 1, fresh=True), [prompt])
         self._cache.lengths[b] = len(prompt)
-        row.last_hidden = hidden[0, -1].clone()
-        row.root = int(choose_tokens(self.backbone.logits(hidden[:, -1]), request.sampling, row.generator)[0])
+        row.last_hidden = last_hidden[0]
+        row.root = int(row.sampler.choose(self.backbone.logits(last_hidden))[0])
         self._emit(row, [row.root])
         self.observer.generated(1)
         return row
@@ -614,7 +521,7 @@ class BatchEngine:
             "queue_seconds": round(row.admitted - row.handle.submitted, 4),
             "acceptance": row.request.sampling.label,
             "heads": row.dyntree.heads_note,
-            **({"early_prune": _prune_figures(row.prune)} if row.prune is not None else {}),
+            **({"early_prune": _prune_figures(row.prune)} if row.prune is not None and row.prune.passes else {}),
         })
         self._end(row.handle, outcome, finish)
 
@@ -681,36 +588,6 @@ def _send(request: EngineRequest, event: tuple) -> None:
 
 def _timeout_error(handle: RequestHandle) -> EngineRefusal:
     return EngineRefusal(f"the request did not finish within its timeout of {handle.request.timeout:g} s", 504)
-
-
-def _combine(groups: list[tuple[Proposer, list[int]]], proposals: list[Proposal], batch: int,
-             device) -> tuple[Proposal, list[int]]:
-    """One `[batch, n]` proposal from the groups' trees, each padded to the largest with nodes whose parent is
-    -1: they attend to committed tokens and themselves only, and no verification walks to them. Also each
-    row's own node count."""
-    if len(proposals) == 1:  # one tree policy for every row (the usual case): rows 0..batch-1 in order
-        return proposals[0], [proposals[0].tokens.shape[1]] * batch
-    n = max(p.tokens.shape[1] for p in proposals)
-    depth = max(int(p.buffers.depths.max()) for p in proposals)
-    tokens = torch.zeros(batch, n, dtype=torch.long, device=device)
-    parents = torch.full((batch, n), -1, dtype=torch.long, device=device)
-    sizes = [0] * batch
-    for (_, idx), proposal in zip(groups, proposals):
-        width = proposal.tokens.shape[1]
-        rows = torch.tensor(idx, dtype=torch.long, device=device)
-        tokens[rows, :width] = proposal.tokens
-        parents[rows, :width] = proposal.buffers.parents
-        for b in idx:
-            sizes[b] = width
-    return Proposal(tokens=tokens, buffers=buffers_from_parents(parents, depth)), sizes
-
-
-def _row_proposal(proposal: Proposal, b: int, n: int) -> Proposal:
-    """Row b's tree alone, without padding: its first n nodes."""
-    buffers = proposal.buffers
-    parents = buffers.parents[b : b + 1, :n]
-    return Proposal(tokens=proposal.tokens[b : b + 1, :n],
-                    buffers=buffers_from_parents(parents, int(buffers.depths[b, :n].max())))
 
 
 __all__ = ["BatchEngine", "EngineRequest", "EngineRefusal", "EngineObserver", "Outcome", "RequestHandle",

@@ -105,18 +105,18 @@ class KVCache:
     allocates a larger one and copies its rows over). `rows` gives part of the batch as a cache of its own.
     """
 
-    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
-        shape = (config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
-        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor):
+        """A cache over existing tensors (no allocation, no copy): `zeros` makes a new one, `rows` a view of
+        part of one."""
+        self.keys, self.values, self.lengths = keys, values, lengths
 
     @classmethod
-    def _over(cls, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> "KVCache":
-        """A cache over existing tensors (no allocation, no copy)."""
-        cache = cls.__new__(cls)
-        cache.keys, cache.values, cache.lengths = keys, values, lengths
-        return cache
+    def zeros(cls, config: ModelConfig, batch_size: int, max_len: int, device=None,
+              dtype=torch.float32) -> "KVCache":
+        """An empty cache of `batch_size` rows of `max_len` slots."""
+        shape = (config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
+                   torch.zeros(batch_size, dtype=torch.long, device=device))
 
     def rows(self, start: int, count: int = 1, fresh: bool = False) -> "KVCache":
         """Rows `[start, start + count)` as a cache of their own, for a step or a prefill on part of the batch:
@@ -126,7 +126,12 @@ class KVCache:
         lengths = self.lengths[start : start + count]
         if fresh:
             lengths = torch.zeros_like(lengths)
-        return KVCache._over(self.keys[:, start : start + count], self.values[:, start : start + count], lengths)
+        return KVCache(self.keys[:, start : start + count], self.values[:, start : start + count], lengths)
+
+    def select(self, rows: torch.Tensor) -> "KVCache":
+        """A copy of the rows at indices `rows` (in that order) as a cache of their own."""
+        return KVCache(self.keys.index_select(1, rows), self.values.index_select(1, rows),
+                       self.lengths.index_select(0, rows))
 
     @property
     def batch_size(self) -> int:
@@ -261,7 +266,8 @@ class Transformer:
         """A cache for `max_len` tokens (at most the context window), rounded up to whole attention blocks:
         `attend` reads whole blocks, and the slots past the last token are read masked."""
         max_len = min(max_len, self.config.max_position_embeddings)
-        return KVCache(self.config, batch_size, padded_key_count(max_len), device=self.device, dtype=self.dtype)
+        return KVCache.zeros(self.config, batch_size, padded_key_count(max_len), device=self.device,
+                             dtype=self.dtype)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, self.embed_tokens)

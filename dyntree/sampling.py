@@ -97,6 +97,25 @@ class SamplingConfig:
 GREEDY = SamplingConfig()
 
 
+class Sampler:
+    """How a set of rows chooses tokens: sampling settings and the generator they draw from (None when greedy).
+
+    Rows that share one sampler share its random stream and are verified together (the rows of one library
+    run); each request of the server has its own, so that its draws do not depend on its neighbours."""
+
+    def __init__(self, config: SamplingConfig | None = None, device=None):
+        self.config = config
+        self.generator = None if self.greedy else config.generator(device)
+
+    @property
+    def greedy(self) -> bool:
+        return self.config is None or self.config.is_greedy
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        """The next token for each row of `[m, V]` logits (`choose_tokens`)."""
+        return choose_tokens(logits, self.config, self.generator)
+
+
 def processed_probs(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
     """`[m, V]` logits -> `[m, V]` float32 sampling probabilities (temperature, top-k, top-p; rows sum to 1).
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .proposers import Proposal
-from .sampling import SamplingConfig, entropy, processed_probs, sample_from
+from .sampling import Sampler, SamplingConfig, entropy, processed_probs, sample_from
 
 
 @dataclass
@@ -29,6 +29,12 @@ class Verification:
     @property
     def accepted_len(self) -> list[int]:
         return [int(a.numel()) for a in self.accepted_nodes]
+
+    def rows(self, index: list[int]) -> "Verification":
+        """The verification of rows `index` alone (what the proposer of those rows observes)."""
+        rows = torch.tensor(index, dtype=torch.long, device=self.next_tokens.device)
+        return Verification([self.accepted_nodes[b] for b in index], self.next_tokens[rows],
+                            self.last_nodes[rows.to(self.last_nodes.device)])
 
 
 def first_child_chain(parents: torch.Tensor, max_depth: int) -> torch.Tensor:
@@ -102,6 +108,47 @@ def verify_tree(logits_fn, hidden: torch.Tensor, proposal: Proposal, active: tor
     if sampling.mode == "typical":
         return verify_typical(logits_fn, hidden, proposal, active, sampling, generator)
     return verify_speculative(logits_fn, hidden, proposal, active, sampling, generator)
+
+
+def verify_rows(logits_fn, hidden: torch.Tensor, proposal: Proposal, sizes: list[int], samplers: list[Sampler],
+                active: torch.Tensor) -> Verification:
+    """Verify every active row under its own sampler (`sampling.Sampler`); `sizes` are the rows' own node counts
+    (a batch's trees may be padded to its widest). Greedy rows are walked together on the whole batch (padding
+    is never accepted and draws nothing). Rows that sample are verified per sampler: rows sharing one (a
+    library run's batch) together, on their trees cut to their widest, so that a request's random draws do not
+    depend on the trees of the rows beside it. Inactive rows get the root alone and token 0."""
+    batch, n = proposal.tokens.shape
+    device = hidden.device
+    greedy = [s.greedy for s in samplers]
+    groups: dict[int, tuple[Sampler, list[int]]] = {}
+    for b, sampler in enumerate(samplers):
+        if not greedy[b]:
+            groups.setdefault(id(sampler), (sampler, []))[1].append(b)
+    if not groups:  # the usual case: every row greedy
+        return verify_greedy(logits_fn, hidden, proposal, active)
+    if len(groups) == 1 and len(next(iter(groups.values()))[1]) == batch and max(sizes) == n:
+        sampler = samplers[0]  # one run's rows, one generator
+        return verify_tree(logits_fn, hidden, proposal, active, sampler.config, sampler.generator)
+    accepted = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(batch)]
+    next_tokens = torch.zeros(batch, dtype=torch.long, device=device)
+    last_nodes = torch.zeros(batch, dtype=torch.long, device=device)
+    parts = []  # (batch rows, their rows in the result, result)
+    if any(greedy):
+        walk = active & torch.tensor(greedy, device=active.device)
+        index = [b for b in range(batch) if greedy[b]]
+        parts.append((index, index, verify_greedy(logits_fn, hidden, proposal, walk)))
+    for sampler, index in groups.values():
+        width = max(sizes[b] for b in index)
+        rows = torch.tensor(index, dtype=torch.long, device=device)
+        result = verify_tree(logits_fn, hidden[rows, :width], proposal.rows(index, width),
+                             active[rows.to(active.device)], sampler.config, sampler.generator)
+        parts.append((index, range(len(index)), result))
+    for index, at, result in parts:
+        for b, r in zip(index, at):
+            accepted[b] = result.accepted_nodes[r]
+            next_tokens[b] = result.next_tokens[r]
+            last_nodes[b] = result.last_nodes[r]
+    return Verification(accepted, next_tokens, last_nodes)
 
 
 def verify_speculative(logits_fn, hidden: torch.Tensor, proposal: Proposal, active: torch.Tensor | None,

@@ -180,7 +180,7 @@ def test_padding_nodes_are_never_accepted_when_sampling(tiny_backbone, mode):
     sampling = SamplingConfig.from_options(temperature=0.8, seed=3, mode=mode)
     oracle = BatchOracle(refs, 128, 0)
     cache = tiny_backbone.new_cache(2, 64)
-    from dyntree.decoding import forward_tree, prefill
+    from dyntree.step import forward_tree, prefill
 
     last = prefill(tiny_backbone, cache, prompts)
     root = tiny_backbone.logits(last).argmax(-1)

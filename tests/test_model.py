@@ -115,7 +115,7 @@ def test_cache_not_made_by_new_cache_may_end_inside_an_attention_block(tiny_back
     from dyntree.model import KVCache
 
     ids = torch.randint(0, tiny_backbone.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(1))
-    odd = KVCache(tiny_backbone.config, 1, 7)
+    odd = KVCache.zeros(tiny_backbone.config, 1, 7)
     torch.testing.assert_close(tiny_backbone.forward(ids, odd), tiny_backbone.forward(ids, tiny_backbone.new_cache(1, 7)))
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..decoding import forward_tree, prefill, propose
+from ..step import forward_tree, prefill, propose
 from ..proposers import Proposal, Proposer
 from ..sampling import SamplingConfig, processed_probs
 from ..trees import TreeBuffers

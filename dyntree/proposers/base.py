@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from ..trees import TreeBuffers
+from ..trees import TreeBuffers, buffers_from_parents
 
 
 @dataclass
@@ -26,6 +26,14 @@ class Proposal:
     scores: torch.Tensor | None = None  # [B, n] optional per-node scores (visualisation, calibration)
     ranks: torch.Tensor | None = None  # [B, n] optional: each node's rank among its head's guesses (-1 root)
     node_probs: torch.Tensor | None = None  # [B, n] optional: each node's own head probability (1 root)
+
+    def rows(self, index: list[int], width: int) -> "Proposal":
+        """The trees of rows `index` alone, cut to their first `width` nodes (buffers rebuilt for that width):
+        what sampling rows are verified on, so that padding added for other rows never changes their draws."""
+        rows = torch.tensor(index, dtype=torch.long, device=self.tokens.device)
+        parents = self.buffers.parents[rows, :width]
+        depth = int(self.buffers.depths[rows, :width].max())
+        return Proposal(tokens=self.tokens[rows, :width], buffers=buffers_from_parents(parents, depth))
 
 
 class Proposer(ABC):

@@ -1,10 +1,11 @@
-"""Batched generation on our own forward pass, and the self-distillation run built on it.
+"""Batched generation on the library's decoding step, and the self-distillation run built on it.
 
 `generate_batched` keeps `batch_size` sequences in flight on one `KVCache` with per-sequence lengths: every
-step is one `Transformer.forward` over a [B, 1] batch, and a row whose sequence finished is refilled with the
-next prompt at once (continuous batching), so the batch stays full until the prompts run out; then finished
-rows are dropped from the cache. Each step already yields the backbone's final normed hidden state for every
-sequence, which is exactly what head training needs, so it is kept (fp16) instead of recomputed later.
+step is one plain-decoding `step.DecodeStep` (the library's and the server's step, with root-only trees) over
+the batch, and a row whose sequence finished is refilled with the next prompt at once (continuous batching),
+so the batch stays full until the prompts run out; then finished rows are dropped from the cache. Each step
+already yields the backbone's final normed hidden state for every sequence, which is exactly what head
+training needs, so it is kept (fp16) instead of recomputed later.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import torch
 
 from ..errors import DynTreeError
 from ..model import KVCache, Transformer
+from ..sampling import Sampler, SamplingConfig
+from ..step import DecodeStep, StepRows, prefill, take_tokens
 from .dataset import DistillDataset, Sequence, model_fingerprint
 from ..prompts import prompt_texts, read_rows
 from .prompts import Prompt, clean_self_prompt, interleave, looks_like_benchmark, read_prompt_file, user_turn_prefix
@@ -41,24 +44,22 @@ class Sampling:
     top_p: float = 1.0
     seed: int = 0
 
-    def pick(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        if self.temperature <= 0:
-            return logits.argmax(-1)
-        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
-        if self.top_p < 1.0:
-            sorted_p, order = probs.sort(-1, descending=True)
-            keep = sorted_p.cumsum(-1) - sorted_p < self.top_p
-            sorted_p = sorted_p * keep
-            choice = torch.multinomial(sorted_p, 1, generator=generator)
-            return order.gather(-1, choice)[:, 0]
-        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    def __post_init__(self):
+        _ = self.config  # bad values are a DynTreeError here, where they are given
+
+    @property
+    def config(self) -> SamplingConfig:
+        """The library's sampling settings: the model's own distribution means one thing everywhere."""
+        return SamplingConfig(temperature=self.temperature, top_p=self.top_p, seed=self.seed)
 
 
 class _Row:
-    __slots__ = ("tag", "prompt", "response", "hidden")
+    __slots__ = ("tag", "prompt", "response", "hidden", "state", "root")
 
     def __init__(self, tag, prompt: list[int]):
         self.tag, self.prompt, self.response, self.hidden = tag, prompt, [], []
+        self.state: torch.Tensor | None = None  # the normed state that chose `root`
+        self.root = 0  # the last token, next step's input
 
 
 @torch.inference_mode()
@@ -68,13 +69,13 @@ def generate_batched(backbone: Transformer, prompts: Iterable[tuple[object, list
     """Yield a `Completion` for each `(tag, prompt_ids)` as soon as it finishes (not in input order)."""
     sampling = sampling or Sampling()
     eos = set(eos_token_ids if eos_token_ids is not None else backbone.config.eos_token_ids)
-    generator = torch.Generator().manual_seed(sampling.seed) if sampling.temperature > 0 else None
     device = backbone.device
+    sampler = Sampler(sampling.config, device)  # one generator for the run: a seed reproduces it
+    step = DecodeStep(backbone)
     pending = iter(prompts)
     limit = backbone.config.max_position_embeddings
     rows: list[_Row | None] = []
     cache: KVCache | None = None
-    max_prompt = 0
 
     def next_prompt() -> tuple[object, list[int]] | None:
         for tag, ids in pending:
@@ -84,11 +85,10 @@ def generate_batched(backbone: Transformer, prompts: Iterable[tuple[object, list
 
     # The cache is sized for the longest prompt seen so far; grow it (rarely) when a longer one arrives.
     def ensure_capacity(prompt_len: int) -> None:
-        nonlocal cache, max_prompt
+        nonlocal cache
         need = prompt_len + max_new_tokens + 1
         if cache is not None and need <= cache.max_len:
             return
-        max_prompt = max(max_prompt, prompt_len)
         new = backbone.new_cache(batch_size, max(need, 256 + max_new_tokens))
         if cache is not None:
             new.keys[:, : cache.batch_size, :, : cache.max_len] = cache.keys
@@ -96,18 +96,18 @@ def generate_batched(backbone: Transformer, prompts: Iterable[tuple[object, list
             new.lengths[: cache.batch_size] = cache.lengths
         cache = new
 
-    last_tokens = torch.zeros(batch_size, dtype=torch.long, device=device)
-
-    def emit(b: int, token: int, state: torch.Tensor) -> Completion | None:
+    def emit(b: int, tokens: list[int], state: torch.Tensor) -> Completion | None:
+        """Row b takes its new token (plain decoding: one a step), chosen from `state`."""
         row = rows[b]
-        row.response.append(token)
+        taken, reason = take_tokens(len(row.response), tokens, max_new_tokens, eos)
+        row.response += taken
         if keep_hidden:
             row.hidden.append(state.to(torch.float16))
-        last_tokens[b] = token
-        if token in eos or len(row.response) >= max_new_tokens:
+        row.state, row.root = state, taken[-1]
+        if reason:
             hidden = torch.stack(row.hidden).cpu() if keep_hidden else None
             rows[b] = None
-            return Completion(row.tag, row.prompt, row.response, hidden, token in eos)
+            return Completion(row.tag, row.prompt, row.response, hidden, reason == "eos")
         return None
 
     def fill(b: int) -> list[Completion]:
@@ -120,15 +120,15 @@ def generate_batched(backbone: Transformer, prompts: Iterable[tuple[object, list
             tag, ids = item
             ensure_capacity(len(ids))
             rows[b] = _Row(tag, ids)
-            view = cache.rows(b, 1, fresh=True)
-            hidden = backbone.forward(torch.tensor([ids], device=device), view)
+            last = prefill(backbone, cache.rows(b, 1, fresh=True), [ids])
             cache.lengths[b] = len(ids)
-            last = hidden[0, -1]
-            token = int(sampling.pick(backbone.logits(last[None]), generator)[0])
-            finished = emit(b, token, last)
+            finished = emit(b, [int(sampler.choose(backbone.logits(last))[0])], last[0])
             if finished is not None:
                 done.append(finished)
         return done
+
+    def context(index: list[int]) -> list[list[int]]:
+        return [rows[b].prompt + rows[b].response for b in index]
 
     ensure_capacity(1)
     rows = [None] * batch_size
@@ -139,17 +139,17 @@ def generate_batched(backbone: Transformer, prompts: Iterable[tuple[object, list
         if not active:
             return
         if len(active) < cache.batch_size:  # prompts exhausted: drop finished rows from the batch
-            index = torch.tensor(active, device=device)
-            cache.keys, cache.values = cache.keys.index_select(1, index), cache.values.index_select(1, index)
-            cache.lengths = cache.lengths.index_select(0, index)
+            cache = cache.select(torch.tensor(active, device=device))
             rows = [rows[b] for b in active]
-            last_tokens = last_tokens.index_select(0, index)
-            batch_size = len(rows)
-        hidden = backbone.forward(last_tokens[:, None].clone(), cache)[:, 0]  # [B, H]
-        cache.lengths += 1
-        tokens = sampling.pick(backbone.logits(hidden), generator).tolist()
-        for b in range(len(rows)):
-            finished = emit(b, tokens[b], hidden[b])
+        batch = len(rows)
+        state = StepRows(torch.stack([r.state for r in rows]),
+                         torch.tensor([r.root for r in rows], dtype=torch.long, device=device), context,
+                         [sampler] * batch, torch.ones(batch, dtype=torch.bool, device=device))
+        out = step.run(cache, state, [(step.plain, list(range(batch)))])
+        if out is None:  # (cannot happen: every prompt leaves room for max_new_tokens)
+            raise RuntimeError("a row has no room left in the cache")
+        for b in range(batch):
+            finished = emit(b, out.tokens[b], out.hidden[b])
             if finished is not None:
                 yield finished
                 yield from fill(b)
