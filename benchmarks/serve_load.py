@@ -12,6 +12,13 @@ Run it alone on the machine (timings are meaningless on shared cores):
   OMP_NUM_THREADS=2 python benchmarks/serve_load.py --threads 2 --out docs/bench/serve-load.json
 
 Extra server options go after `--`: `... --out x.json -- --tree dynamic --tree-size 8`.
+
+`--library` first decodes the same requests (the concurrency-1 level's prompts, in its order, greedy, chat
+template, `--max-tokens` each) through `DynTree.stream` in a process of its own with the server's threads, so
+one client through the server reads as a ratio of the library's tokens/s from one run:
+
+  python benchmarks/serve_load.py --threads 2 --library --max-batch 16 --concurrency 1,8 --max-tokens 128 \
+      --out docs/bench/serve-load/one-client.json
 """
 
 from __future__ import annotations
@@ -120,7 +127,41 @@ def run_config(max_batch: int, args, prompts: list[str], measure_rss: bool, log_
     return out
 
 
-def table(results: list[dict]) -> str:
+LIBRARY_RUN = """
+import json, sys, time
+import torch
+from dyntree import DynTree
+args = json.loads(sys.argv[1])
+if args["threads"]:
+    torch.set_num_threads(args["threads"])
+dt = DynTree.from_pretrained(args["model"])
+list(dt.stream(args["prompts"][0], max_new_tokens=4))  # warm-up, as the server gets one
+tokens, start = 0, time.perf_counter()
+for prompt in args["prompts"]:
+    tokens += sum(len(chunk.token_ids) for chunk in dt.stream(prompt, max_new_tokens=args["max_tokens"]))
+seconds = time.perf_counter() - start
+print(json.dumps({"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+                  "tree": dt.proposer.name}))
+"""
+
+
+def library_speed(args, prompts: list[str]) -> dict:
+    """Tokens/s of the same requests as concurrency 1 (same prompts, order and lengths) through the library's
+    `DynTree.stream`, one after another, in a fresh process with the server's threads."""
+    requests = max(args.requests_per_level, 2)
+    chosen = [prompts[i % len(prompts)] for i in range(requests)]
+    payload = json.dumps({"model": args.model, "threads": args.threads, "max_tokens": args.max_tokens,
+                          "prompts": chosen})
+    done = subprocess.run([sys.executable, "-c", LIBRARY_RUN, payload], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    if done.returncode != 0:
+        raise RuntimeError("the library run failed: " + (done.stderr.strip().splitlines() or ["?"])[-1])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(json.dumps({"library": result}), flush=True)
+    return result
+
+
+def table(results: list[dict], library: dict | None = None) -> str:
     lines = ["| max batch | concurrency | ok / errors | tokens/s | vs c=1 | TTFT p50 (s) | latency p50 (s) | p95 (s) |",
              "|---|---|---|---|---|---|---|---|"]
     for config in results:
@@ -130,6 +171,14 @@ def table(results: list[dict]) -> str:
             lines.append(f"| {config['max_batch']} | {level['concurrency']} | {level['ok']} / {level['errors']} | "
                          f"{level['throughput_tokens_per_s']:.1f} | {ratio:.2f}x | {level['ttft_p50_s']} | "
                          f"{level['latency_p50_s']} | {level['latency_p95_s']} |")
+    if library is not None:
+        lines.append(f"\nLibrary (`DynTree.stream`, the concurrency-1 requests one after another): "
+                     f"{library['tokens_per_s']:.1f} tokens/s")
+        for config in results:
+            one = [level for level in config["levels"] if level["concurrency"] == 1]
+            if one and library["tokens_per_s"]:
+                lines.append(f"One client through the server (max batch {config['max_batch']}): "
+                             f"{one[0]['throughput_tokens_per_s'] / library['tokens_per_s']:.2f}x the library")
     for config in results:
         if "rss" in config:
             r = config["rss"]
@@ -160,6 +209,8 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", default=None, help="prompt file (default: the packaged MT-Bench first turns)")
     parser.add_argument("--request-timeout", type=float, default=600.0)
     parser.add_argument("--startup-timeout", type=float, default=600.0)
+    parser.add_argument("--library", action="store_true",
+                        help="first time the concurrency-1 requests through the library, for the ratio")
     args = parser.parse_args(argv)
     args.server_args = server_args
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
@@ -168,13 +219,15 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    library = library_speed(args, prompts) if args.library else None
     results = []
     for i, max_batch in enumerate(batches):
         results.append(run_config(max_batch, args, prompts, args.rss_all or i == len(batches) - 1, out.parent))
         report = {"settings": {k: v for k, v in vars(args).items()}, "started": started,
-                  "seconds": round(time.time() - started, 1), "cpu_count": os.cpu_count(), "results": results}
+                  "seconds": round(time.time() - started, 1), "cpu_count": os.cpu_count(), "library": library,
+                  "results": results}
         out.write_text(json.dumps(report, indent=1) + "\n")  # after each configuration: a partial run is kept
-    print(table(results))
+    print(table(results, library))
     lost = sum(level["errors"] for config in results for level in config["levels"])
     return 0 if lost == 0 else 1
 
