@@ -92,6 +92,8 @@ class DynTree:
         self.early_head = early_head
         self.sizer = sizer if sizer is not None else TreeSizer(model.backbone, heads, tree_profile)
         self.config = config if heads is not None else TreeConfig(kind="ar")
+        if heads is not None:
+            heads.prepare_for(model.backbone)
         self.machine_sized = False  # set by `_build` when the tree's size came from the heads' profile
         self.proposer = build_proposer(self.config, heads.num_heads if heads is not None else None, latency,
                                        conditional=heads is not None and heads.conditional)

@@ -162,6 +162,9 @@ class MedusaHeads(nn.Module):
         """Top-k guesses of every head: token ids and probabilities, each `[N, K, k]`."""
         return self._top_guesses(self.logits(hidden, lm_head.weight_t), k)
 
+    def prepare_for(self, backbone) -> None:
+        """Make now, at load, whatever drafting on `backbone` builds on first use (nothing for Medusa heads)."""
+
     def draft(self, backbone, last_hidden: torch.Tensor, root: torch.Tensor, topk: int) -> "TopkDraft":
         """One step's guesses for the proposer (the one way every kind of heads drafts): `last_hidden` `[B, H]`
         are the states after which each row's `root` `[B]` comes. Medusa heads read the state alone, so every
@@ -335,6 +338,11 @@ class HydraHeads(MedusaHeads):
         """Top-k guesses `[N, k]` (token ids, probabilities) of head `head` for N paths."""
         return self._top_guesses(self.head_logits(head, hidden, path_ids, embed, lm_head.weight_t,
                                                   getattr(lm_head, "lib", None)), k)
+
+    def prepare_for(self, backbone) -> None:
+        """The drafting layers for `backbone` (Q8_0 copies on a quantized one): built here, not in the first
+        pass a user times."""
+        self._dense_layers(getattr(backbone.lm_head, "lib", None))
 
     def draft(self, backbone, last_hidden: torch.Tensor, root: torch.Tensor, topk: int) -> "PathDraft":
         """One step's guesses for the proposer: a node's children depend on its path, so nothing is computed
