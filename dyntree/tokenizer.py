@@ -112,14 +112,15 @@ class LightTokenizer:
         return None if token is None else self.backend.token_to_id(token)
 
     def __call__(self, text: str, add_special_tokens: bool = True, **kwargs) -> dict:
-        if kwargs:
+        if kwargs or not isinstance(text, str):  # batches and options: transformers' own call
             return self.full(text, add_special_tokens=add_special_tokens, **kwargs)
         return {"input_ids": self.backend.encode(text, add_special_tokens=add_special_tokens).ids}
 
     def decode(self, ids, skip_special_tokens: bool = False, **kwargs) -> str:
         if kwargs:
             return self.full.decode(ids, skip_special_tokens=skip_special_tokens, **kwargs)
-        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        ids = ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]  # tensors and arrays too
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = False, tokenize: bool = True,
                             **kwargs):

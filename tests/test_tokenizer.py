@@ -53,6 +53,8 @@ def test_default_model_tokenizer_matches_transformers(default_model):
     ids = light.apply_chat_template(CHATS[2], add_generation_prompt=True)
     for skip in (True, False):
         assert light.decode(ids, skip_special_tokens=skip) == full.decode(ids, skip_special_tokens=skip)
+    assert light.decode(torch.tensor(ids)) == full.decode(ids)
+    assert light(TEXTS[:2])["input_ids"] == full(TEXTS[:2])["input_ids"]  # a batch goes to transformers
     assert light.eos_token_id == full.eos_token_id
     assert len(light) == len(full)  # handed to transformers' tokenizer
 
