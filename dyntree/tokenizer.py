@@ -37,9 +37,12 @@ def read_hf_config(model_dir: Path):
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise DynTreeError(f"cannot read {path}: {exc}".splitlines()[0]) from exc
+    if not isinstance(data, dict):
+        raise DynTreeError(f"cannot read {path}: not a JSON object")
     rope = data.get("rope_parameters") or {}
-    plain_rope = not data.get("rope_scaling") and rope.get("rope_type", rope.get("type", "default")) == "default"
-    if isinstance(data, dict) and plain_rope and all(key in data for key in CONFIG_FIELDS):
+    plain_rope = (not data.get("rope_scaling") and isinstance(rope, dict)
+                  and rope.get("rope_type", rope.get("type", "default")) == "default")
+    if plain_rope and all(key in data for key in CONFIG_FIELDS):
         return SimpleNamespace(**data)
     from transformers import AutoConfig
 

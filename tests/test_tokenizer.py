@@ -111,3 +111,6 @@ def test_unreadable_config_is_one_line(tmp_path):
 
     with pytest.raises(DynTreeError, match="cannot read"):
         read_hf_config(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(DynTreeError, match="not a JSON object"):
+        read_hf_config(tmp_path)
