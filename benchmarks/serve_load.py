@@ -13,6 +13,11 @@ Run it alone on the machine (timings are meaningless on shared cores):
 
 Extra server options go after `--`: `... --out x.json -- --tree dynamic --tree-size 8`.
 
+The load-test client runs in a process of its own, out of the engine's way as far as the machine allows:
+on its own CPUs when there are more CPUs than the server's `--threads` (the server, and the library run, get
+the first ones), else at the lowest priority (nice 19), so that it takes the CPU only where the engine leaves
+it. The JSON records which (`client_placement`).
+
 `--library` first decodes the same requests (the concurrency-1 level's prompts, in its order, greedy, chat
 template, `--max-tokens` each) through `DynTree.stream` in a process of its own with the server's threads, so
 one client through the server reads as a ratio of the library's tokens/s from one run:
@@ -24,7 +29,6 @@ one client through the server reads as a ratio of the library's tokens/s from on
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import signal
@@ -35,7 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load_test import load_prompts, run_load  # noqa: E402
+from load_test import load_prompts  # noqa: E402
 
 CONCURRENCY = (1, 2, 4, 8, 16)
 
@@ -70,6 +74,50 @@ def wait_healthy(url: str, process: subprocess.Popen, seconds: float) -> None:
     raise RuntimeError(f"the server was not ready within {seconds:g} s")
 
 
+def placement(threads: int | None) -> dict:
+    """Where the server (and the library run) and the load-test client run: CPU sets when the machine has CPUs
+    to spare beyond the server's threads, else the whole machine for both and nice 19 for the client."""
+    cpus = sorted(os.sched_getaffinity(0))
+    wanted = threads or len(cpus)
+    if len(cpus) > wanted:
+        return {"server_cpus": cpus[:wanted], "client_cpus": cpus[wanted:], "client_nice": 0,
+                "how": f"server on CPUs {cpus[:wanted]}, client on CPUs {cpus[wanted:]}"}
+    return {"server_cpus": None, "client_cpus": None, "client_nice": 19,
+            "how": f"{len(cpus)} CPUs, all the server's threads: client at nice 19"}
+
+
+def confine(cpus: list[int] | None, nice: int = 0):
+    """A `preexec_fn` putting the child on `cpus` and at `nice` (None when there is nothing to do)."""
+    if cpus is None and not nice:
+        return None
+
+    def apply():
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
+        if nice:
+            os.nice(nice)
+
+    return apply
+
+
+def client_load(url: str, concurrency: int, requests: int, args, place: dict, time_limit: float = 3600.0) -> dict:
+    """One level of `load_test.py`, in a process of its own placed by `place`; its summary."""
+    out = Path(args.out).parent / f".load-c{concurrency}.json"
+    command = [sys.executable, str(Path(__file__).resolve().parent / "load_test.py"), "--url", url,
+               "--concurrency", str(concurrency), "--requests", str(requests), "--max-tokens",
+               str(args.max_tokens), "--timeout", str(args.request_timeout), "--time-limit", str(time_limit),
+               "--out", str(out)]
+    if args.prompts:
+        command += ["--prompts", args.prompts]
+    done = subprocess.run(command, capture_output=True, text=True,
+                          preexec_fn=confine(place["client_cpus"], place["client_nice"]))
+    if not out.exists():
+        raise RuntimeError("the load test failed: " + (done.stderr.strip().splitlines() or ["?"])[-1])
+    summary = json.loads(out.read_text())
+    out.unlink()
+    return summary
+
+
 def serve(max_batch: int, args, port: int, log_path: Path) -> subprocess.Popen:
     command = [sys.executable, "-m", "dyntree", "serve", "--port", str(port), "--max-batch", str(max_batch),
                "--max-queue", str(args.max_queue), "--log-level", "warning", "--model", args.model]
@@ -77,7 +125,8 @@ def serve(max_batch: int, args, port: int, log_path: Path) -> subprocess.Popen:
         command += ["--threads", str(args.threads)]
     command += args.server_args
     log = log_path.open("w")
-    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1],
+                            preexec_fn=confine(args.placement["server_cpus"]))
 
 
 def stop(process: subprocess.Popen, seconds: float = 120.0) -> dict:
@@ -100,11 +149,11 @@ def run_config(max_batch: int, args, prompts: list[str], measure_rss: bool, log_
     out: dict = {"max_batch": max_batch, "levels": []}
     try:
         wait_healthy(url, process, args.startup_timeout)
-        asyncio.run(run_load(url, 1, 2, args.max_tokens, prompts))  # warm-up: first-call costs out of the way
+        place = args.placement
+        client_load(url, 1, 2, args, place)  # warm-up: first-call costs out of the way
         for concurrency in args.concurrency:
             requests = max(args.requests_per_level, 2 * concurrency)
-            summary = asyncio.run(run_load(url, concurrency, requests, args.max_tokens, prompts,
-                                           timeout=args.request_timeout))
+            summary = client_load(url, concurrency, requests, args, place)
             print(json.dumps({"max_batch": max_batch, **{k: summary[k] for k in (
                 "concurrency", "ok", "errors", "throughput_tokens_per_s", "ttft_p50_s", "latency_p50_s",
                 "latency_p95_s")}}), flush=True)
@@ -112,10 +161,9 @@ def run_config(max_batch: int, args, prompts: list[str], measure_rss: bool, log_
         if measure_rss:
             # Every prompt once first: the KV cache grows (once) to the longest prompt + completion it has to
             # hold, which is its working size, not a leak; growth is measured from there.
-            asyncio.run(run_load(url, 8, len(prompts), args.max_tokens, prompts, timeout=args.request_timeout))
+            client_load(url, 8, len(prompts), args, place)
             before = rss_bytes(process.pid)
-            summary = asyncio.run(run_load(url, 8, args.rss_requests, args.max_tokens, prompts,
-                                           timeout=args.request_timeout, time_limit=7200))
+            summary = client_load(url, 8, args.rss_requests, args, place, time_limit=7200)
             after = rss_bytes(process.pid)
             out["rss"] = {"requests": args.rss_requests, "concurrency": 8, "before_bytes": before,
                           "after_bytes": after, "growth_percent": round(100 * (after - before) / before, 2),
@@ -153,7 +201,7 @@ def library_speed(args, prompts: list[str]) -> dict:
     payload = json.dumps({"model": args.model, "threads": args.threads, "max_tokens": args.max_tokens,
                           "prompts": chosen})
     done = subprocess.run([sys.executable, "-c", LIBRARY_RUN, payload], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1])
+                          cwd=Path(__file__).resolve().parents[1], preexec_fn=confine(args.placement["server_cpus"]))
     if done.returncode != 0:
         raise RuntimeError("the library run failed: " + (done.stderr.strip().splitlines() or ["?"])[-1])
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -213,6 +261,8 @@ def main(argv=None) -> int:
                         help="first time the concurrency-1 requests through the library, for the ratio")
     args = parser.parse_args(argv)
     args.server_args = server_args
+    args.placement = placement(args.threads)
+    print(f"placement: {args.placement['how']}", flush=True)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     batches = [int(b) for b in args.max_batch.split(",")]
     prompts = load_prompts(args.prompts)
@@ -224,7 +274,8 @@ def main(argv=None) -> int:
     for i, max_batch in enumerate(batches):
         results.append(run_config(max_batch, args, prompts, args.rss_all or i == len(batches) - 1, out.parent))
         report = {"settings": {k: v for k, v in vars(args).items()}, "started": started,
-                  "seconds": round(time.time() - started, 1), "cpu_count": os.cpu_count(), "library": library,
+                  "seconds": round(time.time() - started, 1), "cpu_count": os.cpu_count(),
+                  "client_placement": args.placement["how"], "library": library,
                   "results": results}
         out.write_text(json.dumps(report, indent=1) + "\n")  # after each configuration: a partial run is kept
     print(table(results, library))

@@ -54,6 +54,32 @@ TREE_CACHE_SIZE = 8  # distinct per-request tree settings kept built
 PLAIN_DECODING_BATCH = 8
 
 
+def on_own_thread(work: Callable[[], object]):
+    """Run `work()` on a thread that ends before this returns; its result, or its exception re-raised.
+
+    Why: each thread that runs an OpenMP parallel region keeps its own pool of worker threads until it exits,
+    and libgomp stops spin-waiting (its workers sleep between regions, to be woken by a system call at every
+    one of the pass's hundreds of small regions) once it manages more threads than there are CPUs. A model
+    loaded and measured on the main thread, then decoded on the engine thread, leaves two pools alive:
+    measured on 2 cores, one request ran at half the speed. Work done here leaves no pool behind, so the
+    engine thread is the only one that owns one.
+    """
+    box: dict = {}
+
+    def run():
+        try:
+            box["result"] = work()
+        except BaseException as exc:  # noqa: BLE001 - handed back to the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="dyntree-load")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
 def default_tree_size_for(batch_size: int) -> int | None:
     """Nodes per row for a step of `batch_size` rows: None = each row's configured tree, 1 = plain decoding."""
     return 1 if batch_size >= PLAIN_DECODING_BATCH else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 import time
 
 import pytest
@@ -11,7 +12,8 @@ import torch
 from conftest import tiny_hf_model, write_tiny_model_dir
 from dyntree.api import DynTree
 from dyntree.decoding import Decoder
-from dyntree.engine import BatchEngine, EngineRefusal, EngineRequest, default_tree_size_for
+from dyntree.engine import BatchEngine, EngineRefusal, EngineRequest, default_tree_size_for, on_own_thread
+from dyntree.errors import DynTreeError
 from dyntree.proposers import Proposal, Proposer
 from dyntree.sampling import GREEDY, SamplingConfig
 from dyntree.trees import buffers_from_parents
@@ -368,3 +370,14 @@ def test_early_pruning_applies_when_every_row_shares_the_tree(tiny_dir):
         figures = sink.done.stats["early_prune"]
         assert (figures["layer"], figures["k"]) == (1, 2) and 0 <= figures["pruned_share"] <= 1
     assert calls  # the pruned pass did run
+
+
+def test_work_on_its_own_thread_returns_its_result_or_raises_and_leaves_no_thread():
+    """`on_own_thread`: the serve command loads there so that no OpenMP pool outlives it (see its docstring)."""
+    before = threading.active_count()
+    seen = []
+    assert on_own_thread(lambda: seen.append(threading.current_thread().name) or 42) == 42
+    assert seen == ["dyntree-load"]
+    with pytest.raises(DynTreeError, match="bad model"):
+        on_own_thread(lambda: (_ for _ in ()).throw(DynTreeError("bad model")))
+    assert threading.active_count() == before

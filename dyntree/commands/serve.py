@@ -63,12 +63,22 @@ def run(args) -> int:
     if args.request_timeout < 0 or args.shutdown_timeout < 0:
         raise DynTreeError("--request-timeout and --shutdown-timeout must be >= 0")
 
+    import torch
+
     from ..api import DynTree
+    from ..engine import on_own_thread
     from ..server import create_app, run_server
 
-    dt = DynTree.from_pretrained(args.model, heads=args.heads, tree=tree_config(args), device=args.device,
-                                 weights=args.weights)
-    sizer = measured_tree_size_for(dt, args.max_batch)
+    threads = torch.get_num_threads()  # `--threads`, set on this thread; OpenMP keeps it per thread
+
+    def load():
+        torch.set_num_threads(threads)
+        dt = DynTree.from_pretrained(args.model, heads=args.heads, tree=tree_config(args), device=args.device,
+                                     weights=args.weights)
+        return dt, measured_tree_size_for(dt, args.max_batch)
+
+    # Torch work stays off the main thread, so that the engine thread owns the process's only OpenMP pool.
+    dt, sizer = on_own_thread(load)
     app = create_app(dt, served_model_name=args.served_model_name, default_max_tokens=args.max_tokens,
                      max_batch=args.max_batch, max_queue=args.max_queue,
                      request_timeout=args.request_timeout or None, shutdown_timeout=args.shutdown_timeout,
