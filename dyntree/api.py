@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 
 
 from .config import TreeConfig
-from .decoding import Decoder, GenerationStats
+from .decoding import Decoder, GenerationStats, StepSizing
 from .early import build_pruner, load_early_head
 from .errors import DynTreeError
 from .heads import MedusaHeads
@@ -168,6 +168,15 @@ class DynTree:
             return self.proposer
         return self.proposer_within(self.nodes_for_batch(batch_size))
 
+    def prepare_batch(self, batch_size: int) -> None:
+        """Measure now what sizing steps of `batch_size` sequences will read (a benchmark, before timing),
+        and build every cut of this tree those steps may choose."""
+        if not self.machine_sized or self.nodes_for_batch(batch_size) is None:
+            return
+        for size in self.sizer.profile.tokens_per_pass:
+            self.proposer_within(size).prepare(batch_size)
+        self.proposer_within(1).prepare(batch_size)
+
     def proposer_within(self, nodes: int | None) -> Proposer:
         """This tree's proposer cut to at most `nodes` nodes per sequence (None: as it is; 1: plain decoding).
         Fixed-size dynamic and static trees are cut (each size built once); an auto-sized tree sizes itself."""
@@ -185,8 +194,17 @@ class DynTree:
         return self._within[nodes]
 
     def decoder(self, proposer: Proposer | None = None, sampling: SamplingConfig | None = None) -> Decoder:
+        """A decoder of this tree (or of `proposer`). A tree sized for this machine is sized again at every
+        step for the batch being decoded (`proposer_for_batch`), and each step's outcome corrects that sizing."""
+        sizing = None
+        if proposer is None and self.machine_sized:
+            sizing = StepSizing(self.proposer_for_batch, self.observe_step)
         return Decoder(self.model.backbone, self.heads, proposer or self.proposer, sampling=sampling,
-                       pruner=self.pruner)
+                       pruner=self.pruner, sizing=sizing)
+
+    def observe_step(self, batch_size: int, nodes: int, seconds: float, tokens_per_row: float) -> None:
+        """What a step of this tree did (`TreeSizer.observe`): later sizing is corrected by it."""
+        self.sizer.observe(self.config, batch_size, nodes, seconds, tokens_per_row)
 
     # -- prompts ---------------------------------------------------------------------------------------
     def encode(self, prompt: str | Sequence[int] | list[dict], chat: bool | None = None) -> list[int]:
@@ -228,7 +246,6 @@ class DynTree:
         plain greedy's output, sequence by sequence); else lossless tree speculative sampling (the model's own
         distribution) or typical acceptance, one seeded generator for the whole batch."""
         ids, many = self.encode_batch(prompt, chat)
-        proposer = proposer or self.proposer_for_batch(len(ids))
         run = self.decoder(proposer, sampling).run(ids, max_new_tokens, stop_at_eos).consume()
         run.stats.heads_note = self.heads_note
         results = [GenerationResult(tokens, self.tokenizer.decode(tokens, skip_special_tokens=True), run.stats, b)
@@ -242,7 +259,6 @@ class DynTree:
         With a list of prompts (one batch) every chunk carries its prompt's `index`; within a pass, chunks
         come in prompt order."""
         ids, _ = self.encode_batch(prompt, chat)
-        proposer = proposer or self.proposer_for_batch(len(ids))
         run = self.decoder(proposer, sampling).run(ids, max_new_tokens, stop_at_eos)
         texts = [TextStream(self.tokenizer) for _ in ids]
         done = [False] * len(ids)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -176,7 +176,6 @@ class DecodeRun:
         clock = _Clock(device, stats)
         everyone = list(range(batch))
         step = DecodeStep(backbone, dec.heads)
-        groups = [(proposer, everyone)]  # one tree policy for the whole batch
         prune_stats = [(stats.early_prune, everyone)] if dec.pruner is not None else []
         samplers = [self.sampler] * batch  # one generator for the run: its rows are verified together
 
@@ -189,14 +188,19 @@ class DecodeRun:
             passes += 1
             active = torch.tensor([not f for f in finished], device=device)
             clock.lap(None)
-            out = step.run(cache, StepRows(last_hidden, root, context, samplers, active), groups, dec.pruner,
-                           prune_stats, lap=clock.lap)
+            # One tree policy for the whole batch: the decoder's, or this step's cut of it.
+            chosen = dec.sizing.choose(batch) if dec.sizing is not None else proposer
+            pruner = dec.pruner if chosen.max_nodes > 1 else None
+            out = step.run(cache, StepRows(last_hidden, root, context, samplers, active), [(chosen, everyone)],
+                           pruner, prune_stats if pruner is not None else (), lap=clock.lap)
             if out is None:  # the tree no longer fits in the context
                 for b in range(batch):
                     if not finished[b]:
                         finished[b] = True
                         stats.stop_reasons[b] = "context"
                 break
+            if dec.sizing is not None:
+                dec.sizing.observe(batch, chosen.max_nodes, out.seconds, out.tokens_per_row(active))
             stats.tree_nodes = max(stats.tree_nodes, out.width)
             stats.tree_sizes.append(out.width)
             new_tokens: list[list[int]] = [[] for _ in range(batch)]
@@ -214,13 +218,25 @@ class DecodeRun:
         stats.decode_seconds = time.perf_counter() - decode_start
 
 
+@dataclass
+class StepSizing:
+    """Nodes per sequence decided step by step (`DynTree`'s machine sizing): `choose(batch size)` gives the
+    step's proposer, a cut of the decoder's own (down to plain decoding), and `observe(batch size, nodes,
+    seconds, tokens per row)` reports what the step did, which corrects later choices."""
+
+    choose: Callable[[int], Proposer]
+    observe: Callable[[int, int, float, float], None]
+
+
 class Decoder:
     """Binds a backbone, optional heads and a proposer; `run` starts a generation."""
 
     def __init__(self, backbone: Transformer, heads: MedusaHeads | None = None, proposer: Proposer | None = None,
                  eos_token_ids: tuple[int, ...] | None = None, sampling: SamplingConfig | None = None,
-                 pruner: EarlyPruner | None = None):
-        """`pruner`: early pruning inside each tree pass (`early.EarlyPruner`); unused by a 1-node tree."""
+                 pruner: EarlyPruner | None = None, sizing: "StepSizing | None" = None):
+        """`pruner`: early pruning inside each tree pass (`early.EarlyPruner`); unused by a 1-node tree.
+        `sizing`: the tree of each step chosen by batch size, within `proposer` (`StepSizing`)."""
+        self.sizing = sizing
         self.backbone = backbone
         self.sampling = sampling  # None = greedy; `run` may override it per call
         self.proposer = proposer or RootOnlyProposer()

@@ -361,6 +361,8 @@ class BatchEngine:
         out = self._step.run(self._cache.rows(0, k), state, groups, pruner, prune_stats, plain_when_full=True)
         if out is None:  # (cannot happen: admission checks prompt + max_tokens against the context)
             raise RuntimeError("a row has no room left in the cache")
+        if len(groups) == 1 and all(row.dyntree is self.base for row in rows):  # the sized tree's own step
+            self.base.observe_step(k, groups[0][0].max_nodes, out.seconds, out.tokens_per_row(state.active))
         roots = out.roots.tolist()
         added, done = [], []
         for b, row in enumerate(rows):

@@ -18,6 +18,7 @@ greedy row decodes the same tokens alone or in any batch.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -86,6 +87,12 @@ class StepResult:
     hidden: torch.Tensor  # [B, H] the state that chose each new root
     sizes: list[int]  # nodes of each row's own tree
     width: int  # nodes per row of the pass (the widest tree)
+    seconds: float = 0.0  # wall time of the step, proposal to commit (what tree sizing learns from)
+
+    def tokens_per_row(self, active: torch.Tensor) -> float:
+        """Mean tokens the step gave a decoding row (accepted candidates + the backbone's next token)."""
+        live = [len(t) for t, a in zip(self.tokens, active.tolist()) if a]
+        return sum(live) / len(live) if live else 0.0
 
 
 def _no_lap(phase: str | None) -> None:
@@ -114,6 +121,7 @@ class DecodeStep:
         a root-only step fits; a tree that does not fit falls back to one). `lap(phase)` is called as each of
         "proposal", "forward", "verification" and "proposal" (learning from the outcome) ends."""
         backbone = self.backbone
+        started = time.perf_counter()
         batch = rows.roots.shape[0]
         proposals = [self._propose(proposer, index, rows) for proposer, index in groups]
         tree, sizes = _combine(groups, proposals, batch, rows.roots.device)
@@ -153,7 +161,8 @@ class DecodeStep:
                 nodes = result.accepted_nodes[b]
                 cache.commit(b, cache.lengths[b] + nodes)
                 new_tokens[b] = [node_tokens[b][i] for i in nodes.tolist()[1:]] + [next_tokens[b]]
-        return StepResult(new_tokens, result.next_tokens, next_hidden, sizes, tree.tokens.shape[1])
+        return StepResult(new_tokens, result.next_tokens, next_hidden, sizes, tree.tokens.shape[1],
+                          time.perf_counter() - started)
 
     def _propose(self, proposer: Proposer, index: list[int], rows: StepRows) -> Proposal:
         """The tree of rows `index` (every row, or a group of them) by `proposer`."""

@@ -154,3 +154,57 @@ def test_the_engine_freezes_the_sizing_of_what_it_serves(tiny_model_dir):
     assert not dt.sizer.frozen
     BatchEngine(dt, max_batch=2)
     assert dt.sizer.frozen and dt.with_tree(tree_size=4).sizer.frozen  # its per-request trees too
+
+
+def test_step_record_corrects_towards_what_real_steps_measure():
+    from dyntree.trees.sizing import StepRecord
+
+    record = StepRecord(horizon=64, prior=4.0)
+    assert record.time_factor(2, True) == 1.0 and record.gain_factor() == 1.0  # nothing seen: the model's own
+    record.add(2, True, 0.02, 0.01, gained=0.5, predicted_gain=1.0)
+    assert 1.0 < record.time_factor(2, True) < 1.5  # one step moves it little
+    for _ in range(300):
+        record.add(2, True, 0.02, 0.01, gained=0.5, predicted_gain=1.0)
+        record.add(2, False, 0.01, 0.01)
+    assert record.time_factor(2, True) == pytest.approx(2.0, rel=0.1)
+    assert record.time_factor(2, False) == pytest.approx(1.0)
+    assert record.time_factor(4, True) == 1.0  # another batch size keeps its own
+    assert record.gain_factor() == pytest.approx(0.5, rel=0.1)
+    for _ in range(300):  # recent steps count most: the factor follows a change
+        record.add(2, True, 0.01, 0.01)
+    assert record.time_factor(2, True) == pytest.approx(1.0, rel=0.1)
+
+
+def test_sizing_turns_trees_off_where_real_steps_measure_slower(tiny_model_dir, heads_dir_with_profile,
+                                                                 monkeypatch):
+    """The prior (latency model x profile) says trees pay at batch 2; steps that take 3x the model and accept
+    half the profile's tokens make plain decoding the choice there, batch 1 keeps its tree, and steps that
+    measure as predicted again bring trees back. Brute force over the corrected figures agrees."""
+    from dyntree.trees.latency import BatchLatency
+    from dyntree.trees.sizing import best_size_for_batch
+
+    tree = {b: LatencyModel([1, 3, 6, 12], [0.010 * b, 0.011 * b, 0.012 * b, 0.015 * b]) for b in (1, 2)}
+    latency = BatchLatency(tree, {1: 0.0095, 2: 0.019})
+    monkeypatch.setattr("dyntree.trees.sizing.machine_latency", lambda *a, **k: tree[1])
+    monkeypatch.setattr("dyntree.trees.sizing.machine_batch_latency", lambda *a, **k: latency)
+    dt = DynTree.from_pretrained(str(tiny_model_dir), heads=str(heads_dir_with_profile), dtype="float32")
+    size = dt.config.size
+    assert dt.machine_sized and dt.nodes_for_batch(2) == size and dt.nodes_for_batch(1) == size
+    profile = dt.sizer.profile.tokens_per_pass
+    for _ in range(40):
+        dt.observe_step(2, size, 3 * latency.cost(2, size), 1 + 0.5 * (profile[size] - 1))
+        dt.observe_step(2, 1, latency.plain_cost(2), 1.0)
+    record = dt.sizer.measured.record
+    corrected = TreeProfile({s: 1 + (t - 1) * record.gain_factor() for s, t in profile.items() if s <= size}, {})
+    expected = best_size_for_batch(corrected, latency.plain_cost(2) * record.time_factor(2, False),
+                                   lambda n: latency.cost(2, n) * record.time_factor(2, True))
+    assert dt.nodes_for_batch(2) == expected == 1
+    assert dt.proposer_for_batch(2).max_nodes == 1
+    assert dt.nodes_for_batch(1) > 1  # batch 1's steps were not slower than its model
+    for _ in range(400):
+        dt.observe_step(2, size, latency.cost(2, size), profile[size])
+    assert dt.nodes_for_batch(2) == size
+    # The library's batched decoding reports its steps: the record grows with every pass.
+    before = record.count
+    runs = dt.generate(["one", "two"], max_new_tokens=4, chat=False)
+    assert record.count == before + runs[0].stats.decode_passes

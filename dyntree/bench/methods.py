@@ -319,7 +319,7 @@ class DynTreeMethod:
     def prepare_batch(self, batch_size: int) -> None:
         """One-off work for runs of `batch_size` sequences (a latency model to measure), before any timing."""
         self.dyntree.proposer.prepare(batch_size)
-        self.dyntree.proposer_for_batch(batch_size).prepare(batch_size)  # a machine-sized tree: its batch size
+        self.dyntree.prepare_batch(batch_size)  # a machine-sized tree: its step costs at this batch size
 
     def run_batch(self, prompts: list[list[int]], max_new_tokens: int):
         """Decode `prompts` together (`--batch-size`): per-sequence tokens and the batch's stats. When sampling,
@@ -328,9 +328,7 @@ class DynTreeMethod:
         if self.sampling is not None:
             sampling = replace(self.sampling, seed=prompt_seed(self.sampling.seed or 0,
                                                                [t for ids in prompts for t in [-1, *ids]]))
-        decoder = self._decoder if len(prompts) == 1 else self.dyntree.decoder(
-            self.dyntree.proposer_for_batch(len(prompts)))
-        decode = decoder.run([list(p) for p in prompts], max_new_tokens, stop_at_eos=True,
+        decode = self._decoder.run([list(p) for p in prompts], max_new_tokens, stop_at_eos=True,
                              sampling=sampling).consume()
         decode.stats.heads_note = self.dyntree.heads_note
         return decode.tokens, decode.stats

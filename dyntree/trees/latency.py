@@ -221,7 +221,7 @@ class BatchLatency:
     def freeze(self) -> None:
         self.frozen = True
 
-    def _known(self, batch: int) -> int | None:
+    def bucket(self, batch: int) -> int | None:
         """The batch size whose measurements answer for `batch` (itself, or frozen: the nearest below)."""
         if batch in self.tree or not self.frozen:
             return batch
@@ -235,7 +235,7 @@ class BatchLatency:
             self.tree[batch] = tree
             if plain is not None:
                 self.plain[batch] = plain
-        return self.tree.get(self._known(batch))
+        return self.tree.get(self.bucket(batch))
 
     def cost(self, batch: int, nodes: int) -> float:
         """Seconds of a tree step of `batch` sequences with `nodes` nodes each (padding included)."""
@@ -245,10 +245,20 @@ class BatchLatency:
         base = self.tree.get(1) or next(iter(self.tree.values()))
         return base.cost(batch * nodes)
 
+    def known_cost(self, batch: int, nodes: int) -> float | None:
+        """What `cost` (nodes > 1) or `plain_cost` (nodes 1, else the tree model at one node) answers, if that
+        batch size is known already: never measures (a real step is compared with it as it runs)."""
+        known = self.bucket(batch)
+        if known not in self.tree:
+            return None
+        if nodes <= 1 and known in self.plain:
+            return self.plain[known]
+        return self.tree[known].cost(nodes)
+
     def plain_cost(self, batch: int) -> float | None:
         """Seconds of a plain-decoding step of `batch` sequences (no heads), if measured."""
         self.model(batch)
-        return self.plain.get(self._known(batch))
+        return self.plain.get(self.bucket(batch))
 
     @classmethod
     def from_model(cls, model: "LatencyModel | BatchLatency") -> "BatchLatency":

@@ -87,28 +87,73 @@ def best_size_for_batch(profile: TreeProfile, plain_seconds: float, tree_seconds
 
 def batch_sizer(choose, batches: list[int]):
     """`tree_size_for(batch size)` for the serving engine: `choose(b)` (nodes per sequence for b sequences,
-    e.g. `DynTree.nodes_for_batch`) asked now for each of `batches`; a batch size between two of them uses
-    the smaller one's choice (its cost per row is no lower), so the engine never waits for a measurement."""
+    e.g. `DynTree.nodes_for_batch`, which the steps served keep correcting) for the largest of `batches` not
+    above the batch size. Each of `batches` is asked once now, so that whatever it measures is measured
+    before serving (`choices`: those first answers); later calls only read the corrected figures."""
     measured = sorted(set(int(b) for b in batches))
-    choice = {b: choose(b) for b in measured}
+    choices = {b: choose(b) for b in measured}
 
     def tree_size_for(batch_size: int) -> int | None:
         below = [b for b in measured if b <= batch_size]
-        return choice[below[-1] if below else measured[0]]
-    tree_size_for.choices = dict(choice)
+        return choose(below[-1] if below else measured[0])
+    tree_size_for.choices = choices
     return tree_size_for
+
+
+class StepRecord:
+    """How the steps actually decoded compare with what sizing predicted: the online correction.
+
+    The step-latency model is timed on synthetic steps before decoding, and the heads' profile replays other
+    prompts than the ones being decoded; both drift from what real steps do (measured: batch-2 tree steps
+    1.65x the model, MT-Bench acceptance 20% under the profile's). So every real step is recorded, and two
+    factors correct the prior:
+    - time, per (batch size, tree or plain step): measured seconds / the latency model's seconds;
+    - acceptance: tokens a row gained beyond the one every step gives / the profile's figure at the step's
+      size (one factor for every size and batch size: it is a property of the text being decoded).
+    Each is a ratio of exponentially decayed sums (recent steps count most; `horizon` steps) with `prior`
+    steps' worth of the model's own prediction added, so a few noisy steps move it little.
+    """
+
+    def __init__(self, horizon: int = 64, prior: float = 4.0):
+        self.decay = 1.0 - 1.0 / horizon
+        self.prior = prior
+        self.time: dict[tuple[int, bool], list[float]] = {}  # (batch, tree) -> [sum measured/predicted, weight]
+        self.gain = [0.0, 0.0, 0.0]  # [tokens gained beyond the root, the profile's prediction of them, weight]
+        self.count = 0  # steps recorded
+
+    def add(self, batch: int, tree: bool, seconds: float, predicted_seconds: float,
+            gained: float | None = None, predicted_gain: float | None = None) -> None:
+        """One real step: its seconds against the prediction, and (tree steps) tokens gained per row beyond the
+        root against the profile's."""
+        self.count += 1
+        ratio, weight = self.time.get((batch, tree), (0.0, 0.0))
+        self.time[batch, tree] = [ratio * self.decay + seconds / predicted_seconds, weight * self.decay + 1.0]
+        if gained is not None and predicted_gain:
+            self.gain = [self.gain[0] * self.decay + gained, self.gain[1] * self.decay + predicted_gain,
+                         self.gain[2] * self.decay + 1.0]
+
+    def time_factor(self, batch: int, tree: bool) -> float:
+        ratio, weight = self.time.get((batch, tree), (0.0, 0.0))
+        return (ratio + self.prior) / (weight + self.prior)
+
+    def gain_factor(self) -> float:
+        gained, predicted, weight = self.gain
+        if not weight:
+            return 1.0
+        prior = self.prior * predicted / weight  # `prior` steps gaining what the profile says
+        return (gained + prior) / (predicted + prior)
 
 
 class Measurements:
     """What one model with one set of heads measured on this machine, shared by every `DynTree` made from it
-    (`with_tree`, a server's per-request trees): step latency by (sizes, top-k), and the nodes chosen per
-    (tree policy, batch size). `frozen`: nothing more is measured (`TreeSizer.freeze`)."""
+    (`with_tree`, a server's per-request trees): step latency by (sizes, top-k), and how real steps compared
+    (`StepRecord`). `frozen`: nothing more is measured (`TreeSizer.freeze`); real steps are still recorded."""
 
     def __init__(self):
         self.frozen = False
         self.fixed: dict[tuple, LatencyModel] = {}  # batch 1, for the default size
         self.batch: dict[tuple, BatchLatency] = {}  # by batch size, for `auto` trees and per-batch sizing
-        self.nodes: dict[tuple, int] = {}
+        self.record = StepRecord()
 
 
 class TreeSizer:
@@ -180,22 +225,42 @@ class TreeSizer:
     def nodes_for_batch(self, config, batch_size: int) -> int | None:
         """Nodes per sequence for `batch_size` sequences decoded together: the profiled size (at most this
         tree's) with the most tokens per second under this machine's (batch, nodes) step cost, or 1 (plain
-        decoding; `best_size_for_batch`). None when the heads have no profile of this tree's policy."""
+        decoding; `best_size_for_batch`), both corrected by the steps decoded so far (`StepRecord`). Asked
+        every step; only a batch size never seen before measures anything. None when the heads have no
+        profile of this tree's policy."""
         if not self.profiled(config):
             return None
-        key = (tuple(sorted(config.settings().items(), key=str)), batch_size)
-        if key not in self.measured.nodes:
-            # Measured at every profiled size (one cache entry with `sized`'s at batch 1), chosen up to this tree's.
-            latency = self.batch_latency(sorted(self.profile.tokens_per_pass), config.resolved_topk)
-            sizes = sorted(s for s in self.profile.tokens_per_pass if s <= config.resolved_size)
-            if latency is None:
-                return None
-            plain = latency.plain_cost(batch_size)
-            capped = TreeProfile({s: self.profile.tokens_per_pass[s] for s in sizes}, self.profile.policy)
-            self.measured.nodes[key] = best_size_for_batch(
-                capped, plain if plain is not None else latency.cost(batch_size, 1),
-                lambda n: latency.cost(batch_size, n))
-        return self.measured.nodes[key]
+        # Measured at every profiled size (one cache entry with `sized`'s at batch 1), chosen up to this tree's.
+        latency = self.batch_latency(sorted(self.profile.tokens_per_pass), config.resolved_topk)
+        if latency is None:
+            return None
+        record = self.measured.record
+        plain = latency.plain_cost(batch_size)
+        plain = plain if plain is not None else latency.cost(batch_size, 1)
+        bucket = latency.bucket(batch_size)  # frozen: the measured batch size that answers for this one
+        plain *= record.time_factor(bucket, False)
+        tree_factor, gain_factor = record.time_factor(bucket, True), record.gain_factor()
+        corrected = TreeProfile({s: 1.0 + (t - 1.0) * gain_factor for s, t in self.profile.tokens_per_pass.items()
+                                 if s <= config.resolved_size}, self.profile.policy)
+        return best_size_for_batch(corrected, plain, lambda n: latency.cost(batch_size, n) * tree_factor)
+
+    def observe(self, config, batch_size: int, nodes: int, seconds: float, tokens_per_row: float) -> None:
+        """A real step of `batch_size` rows with `nodes` nodes each (1: plain decoding) that took `seconds` and
+        gave each decoding row `tokens_per_row` tokens on average, for the online correction. Steps of a
+        policy the profile did not measure, or of a batch size not measured yet, are not compared."""
+        if not self.profiled(config):
+            return
+        latency = self.batch_latency(sorted(self.profile.tokens_per_pass), config.resolved_topk)
+        predicted = None if latency is None else latency.known_cost(batch_size, nodes)
+        if predicted is None or not seconds > 0:
+            return
+        bucket = latency.bucket(batch_size)
+        if nodes <= 1:
+            self.measured.record.add(bucket, False, seconds, predicted)
+            return
+        profiled = self.profile.tokens_per_pass.get(nodes)
+        gain = None if profiled is None else profiled - 1.0
+        self.measured.record.add(bucket, True, seconds, predicted, tokens_per_row - 1.0, gain)
 
     def prepare(self, config, batches) -> dict[int, int] | None:
         """Measure now what decoding `config`'s tree at these batch sizes will need (a server, before it
