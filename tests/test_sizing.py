@@ -169,6 +169,9 @@ def test_step_record_corrects_towards_what_real_steps_measure():
     assert record.time_factor(2, True) == pytest.approx(2.0, rel=0.1)
     assert record.time_factor(2, False) == pytest.approx(1.0)
     assert record.time_factor(4, True) == 1.0  # another batch size keeps its own
+    odd = StepRecord(prior=4.0, clip=3.0)
+    odd.add(1, True, 1.0, 0.01)  # a first step's one-off work counts as 3x its prediction, not 100x
+    assert odd.time_factor(1, True) == pytest.approx((3 + 4) / (1 + 4))
     assert record.gain_factor() == pytest.approx(0.5, rel=0.1)
     for _ in range(300):  # recent steps count most: the factor follows a change
         record.add(2, True, 0.01, 0.01)
@@ -200,6 +203,11 @@ def test_sizing_turns_trees_off_where_real_steps_measure_slower(tiny_model_dir, 
                                    lambda n: latency.cost(2, n) * record.time_factor(2, True))
     assert dt.nodes_for_batch(2) == expected == 1
     assert dt.proposer_for_batch(2).max_nodes == 1
+    for _ in range(record.explore):  # plain steps in a row: one tree step is measured again
+        dt.observe_step(2, 1, latency.plain_cost(2), 1.0)
+    assert dt.nodes_for_batch(2) > 1
+    dt.observe_step(2, size, 3 * latency.cost(2, size), 1 + 0.5 * (profile[size] - 1))
+    assert dt.nodes_for_batch(2) == 1
     assert dt.nodes_for_batch(1) > 1  # batch 1's steps were not slower than its model
     for _ in range(400):
         dt.observe_step(2, size, latency.cost(2, size), profile[size])

@@ -111,12 +111,18 @@ class StepRecord:
     - acceptance: tokens a row gained beyond the one every step gives / the profile's figure at the step's
       size (one factor for every size and batch size: it is a property of the text being decoded).
     Each is a ratio of exponentially decayed sums (recent steps count most; `horizon` steps) with `prior`
-    steps' worth of the model's own prediction added, so a few noisy steps move it little.
+    steps' worth of the model's own prediction added, and a step's time counts at most `clip` times (or at
+    least 1/`clip` of) its prediction, so a few odd steps (a first step's one-off work) move it little.
+    Trees switched off are not forgotten: after `explore` plain steps in a row, sizing tries the best tree
+    once (`explore_due`), so figures that improve can turn them back on.
     """
 
-    def __init__(self, horizon: int = 64, prior: float = 4.0):
+    def __init__(self, horizon: int = 64, prior: float = 8.0, clip: float = 3.0, explore: int = 16):
         self.decay = 1.0 - 1.0 / horizon
         self.prior = prior
+        self.clip = clip
+        self.explore = explore
+        self.plain_run: dict[int, int] = {}  # batch -> plain steps since its last tree step
         self.time: dict[tuple[int, bool], list[float]] = {}  # (batch, tree) -> [sum measured/predicted, weight]
         self.gain = [0.0, 0.0, 0.0]  # [tokens gained beyond the root, the profile's prediction of them, weight]
         self.count = 0  # steps recorded
@@ -126,11 +132,17 @@ class StepRecord:
         """One real step: its seconds against the prediction, and (tree steps) tokens gained per row beyond the
         root against the profile's."""
         self.count += 1
+        self.plain_run[batch] = 0 if tree else self.plain_run.get(batch, 0) + 1
+        step = min(max(seconds / predicted_seconds, 1.0 / self.clip), self.clip)
         ratio, weight = self.time.get((batch, tree), (0.0, 0.0))
-        self.time[batch, tree] = [ratio * self.decay + seconds / predicted_seconds, weight * self.decay + 1.0]
+        self.time[batch, tree] = [ratio * self.decay + step, weight * self.decay + 1.0]
         if gained is not None and predicted_gain:
             self.gain = [self.gain[0] * self.decay + gained, self.gain[1] * self.decay + predicted_gain,
                          self.gain[2] * self.decay + 1.0]
+
+    def explore_due(self, batch: int) -> bool:
+        """Whether this batch size has run `explore` plain steps in a row: time to measure a tree again."""
+        return self.plain_run.get(batch, 0) >= self.explore
 
     def time_factor(self, batch: int, tree: bool) -> float:
         ratio, weight = self.time.get((batch, tree), (0.0, 0.0))
@@ -242,7 +254,11 @@ class TreeSizer:
         tree_factor, gain_factor = record.time_factor(bucket, True), record.gain_factor()
         corrected = TreeProfile({s: 1.0 + (t - 1.0) * gain_factor for s, t in self.profile.tokens_per_pass.items()
                                  if s <= config.resolved_size}, self.profile.policy)
-        return best_size_for_batch(corrected, plain, lambda n: latency.cost(batch_size, n) * tree_factor)
+        tree_cost = lambda n: latency.cost(batch_size, n) * tree_factor  # noqa: E731
+        best = best_size_for_batch(corrected, plain, tree_cost)
+        if best == 1 and record.explore_due(bucket):  # trees are off here: measure the best one again
+            best = best_size_for_batch(corrected, float("inf"), tree_cost)
+        return best
 
     def observe(self, config, batch_size: int, nodes: int, seconds: float, tokens_per_row: float) -> None:
         """A real step of `batch_size` rows with `nodes` nodes each (1: plain decoding) that took `seconds` and
