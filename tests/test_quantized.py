@@ -67,6 +67,18 @@ def test_native_product_rows_do_not_depend_on_row_count(kind, shape):
     torch.testing.assert_close(alone, x @ matrix.dequantize().T, rtol=1e-4, atol=1e-4)
 
 
+@needs_native
+@pytest.mark.parametrize("inputs", [576, 1536])
+def test_native_product_of_many_rows_goes_in_blocks_with_the_same_bits(inputs):
+    """A prefill's many rows are taken in cache-sized blocks (21 or 56 rows here): every row keeps its bits."""
+    matrix = QuantMatrix.from_gguf("Q4_1", _random_blocks("Q4_1", 48, inputs, seed=7), (48, inputs))
+    dense = NativeDense(matrix, lib)
+    x = torch.randn(150, inputs, generator=torch.Generator().manual_seed(3))
+    alone = torch.cat([dense(x[i:i + 1]) for i in range(150)])
+    assert torch.equal(dense(x), alone)
+    assert torch.equal(dense(x[:57]), alone[:57])
+
+
 def test_rotary_rows_are_put_back_in_hugging_face_order():
     """GGUF interleaves each head's rotary halves: row (h, i, j) of HF order sits at (h, j, i) in the file."""
     heads, half = 2, 3
