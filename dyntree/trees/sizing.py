@@ -114,7 +114,8 @@ class StepRecord:
     steps' worth of the model's own prediction added, and a step's time counts at most `clip` times (or at
     least 1/`clip` of) its prediction, so a few odd steps (a first step's one-off work) move it little.
     Trees switched off are not forgotten: after `explore` plain steps in a row, sizing tries the best tree
-    once (`explore_due`), so figures that improve can turn them back on.
+    once (`explore_due`), so figures that improve can turn them back on; each such try doubles the wait
+    before the next one at that batch size (up to 1024 steps), so trees that stay slower cost ever less.
     """
 
     def __init__(self, horizon: int = 64, prior: float = 8.0, clip: float = 3.0, explore: int = 16):
@@ -123,6 +124,7 @@ class StepRecord:
         self.clip = clip
         self.explore = explore
         self.plain_run: dict[int, int] = {}  # batch -> plain steps since its last tree step
+        self.explore_after: dict[int, int] = {}  # batch -> plain steps in a row before trying a tree again
         self.time: dict[tuple[int, bool], list[float]] = {}  # (batch, tree) -> [sum measured/predicted, weight]
         self.gain = [0.0, 0.0, 0.0]  # [tokens gained beyond the root, the profile's prediction of them, weight]
         self.count = 0  # steps recorded
@@ -132,6 +134,8 @@ class StepRecord:
         """One real step: its seconds against the prediction, and (tree steps) tokens gained per row beyond the
         root against the profile's."""
         self.count += 1
+        if tree and self.explore_due(batch):  # a try after a run of plain steps: wait longer for the next
+            self.explore_after[batch] = min(2 * self.explore_after.get(batch, self.explore), 1024)
         self.plain_run[batch] = 0 if tree else self.plain_run.get(batch, 0) + 1
         step = min(max(seconds / predicted_seconds, 1.0 / self.clip), self.clip)
         ratio, weight = self.time.get((batch, tree), (0.0, 0.0))
@@ -142,7 +146,7 @@ class StepRecord:
 
     def explore_due(self, batch: int) -> bool:
         """Whether this batch size has run `explore` plain steps in a row: time to measure a tree again."""
-        return self.plain_run.get(batch, 0) >= self.explore
+        return self.plain_run.get(batch, 0) >= self.explore_after.get(batch, self.explore)
 
     def time_factor(self, batch: int, tree: bool) -> float:
         ratio, weight = self.time.get((batch, tree), (0.0, 0.0))
