@@ -203,10 +203,11 @@ def test_sizing_turns_trees_off_where_real_steps_measure_slower(tiny_model_dir, 
                                    lambda n: latency.cost(2, n) * record.time_factor(2, True))
     assert dt.nodes_for_batch(2) == expected == 1
     assert dt.proposer_for_batch(2).max_nodes == 1
-    for _ in range(record.explore):  # plain steps in a row: one tree step is measured again
+    for _ in range(record.explore):  # plain steps in a row: a few tree steps are measured again
         dt.observe_step(2, 1, latency.plain_cost(2), 1.0)
-    assert dt.nodes_for_batch(2) > 1
-    dt.observe_step(2, size, 3 * latency.cost(2, size), 1 + 0.5 * (profile[size] - 1))
+    for _ in range(record.burst):
+        assert dt.nodes_for_batch(2) > 1
+        dt.observe_step(2, size, 3 * latency.cost(2, size), 1 + 0.5 * (profile[size] - 1))
     assert dt.nodes_for_batch(2) == 1
     for _ in range(record.explore):  # that try was no better: the next one waits twice as long
         dt.observe_step(2, 1, latency.plain_cost(2), 1.0)
@@ -214,7 +215,6 @@ def test_sizing_turns_trees_off_where_real_steps_measure_slower(tiny_model_dir, 
     for _ in range(record.explore):
         dt.observe_step(2, 1, latency.plain_cost(2), 1.0)
     assert dt.nodes_for_batch(2) > 1
-    assert dt.nodes_for_batch(1) > 1  # batch 1's steps were not slower than its model
     for _ in range(400):
         dt.observe_step(2, size, latency.cost(2, size), profile[size])
     assert dt.nodes_for_batch(2) == size

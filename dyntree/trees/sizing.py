@@ -113,16 +113,19 @@ class StepRecord:
     Each is a ratio of exponentially decayed sums (recent steps count most; `horizon` steps) with `prior`
     steps' worth of the model's own prediction added, and a step's time counts at most `clip` times (or at
     least 1/`clip` of) its prediction, so a few odd steps (a first step's one-off work) move it little.
-    Trees switched off are not forgotten: after `explore` plain steps in a row, sizing tries the best tree
-    once (`explore_due`), so figures that improve can turn them back on; each such try doubles the wait
-    before the next one at that batch size (up to 1024 steps), so trees that stay slower cost ever less.
+    Trees switched off are not forgotten: after `explore` plain steps in a row, sizing runs the best tree for
+    `burst` steps (`exploring`), so figures that improve can turn them back on; each such try doubles the
+    wait before the next one at that batch size (up to 256 steps), so trees that stay slower cost ever less.
     """
 
-    def __init__(self, horizon: int = 64, prior: float = 8.0, clip: float = 3.0, explore: int = 16):
+    def __init__(self, horizon: int = 64, prior: float = 8.0, clip: float = 3.0, explore: int = 16,
+                 burst: int = 4):
         self.decay = 1.0 - 1.0 / horizon
         self.prior = prior
         self.clip = clip
         self.explore = explore
+        self.burst = burst
+        self.burst_left: dict[int, int] = {}  # batch -> tree steps still to run in the current try
         self.plain_run: dict[int, int] = {}  # batch -> plain steps since its last tree step
         self.explore_after: dict[int, int] = {}  # batch -> plain steps in a row before trying a tree again
         self.time: dict[tuple[int, bool], list[float]] = {}  # (batch, tree) -> [sum measured/predicted, weight]
@@ -134,8 +137,8 @@ class StepRecord:
         """One real step: its seconds against the prediction, and (tree steps) tokens gained per row beyond the
         root against the profile's."""
         self.count += 1
-        if tree and self.explore_due(batch):  # a try after a run of plain steps: wait longer for the next
-            self.explore_after[batch] = min(2 * self.explore_after.get(batch, self.explore), 1024)
+        if tree and self.burst_left.get(batch, 0) > 0:
+            self.burst_left[batch] -= 1
         self.plain_run[batch] = 0 if tree else self.plain_run.get(batch, 0) + 1
         step = min(max(seconds / predicted_seconds, 1.0 / self.clip), self.clip)
         ratio, weight = self.time.get((batch, tree), (0.0, 0.0))
@@ -144,9 +147,17 @@ class StepRecord:
             self.gain = [self.gain[0] * self.decay + gained, self.gain[1] * self.decay + predicted_gain,
                          self.gain[2] * self.decay + 1.0]
 
-    def explore_due(self, batch: int) -> bool:
-        """Whether this batch size has run `explore` plain steps in a row: time to measure a tree again."""
-        return self.plain_run.get(batch, 0) >= self.explore_after.get(batch, self.explore)
+    def exploring(self, batch: int) -> bool:
+        """Whether the next step of this batch size measures a tree although plain decoding estimates faster:
+        during a try, or once enough plain steps ran in a row (which starts a try)."""
+        if self.burst_left.get(batch, 0) > 0:
+            return True
+        wait = self.explore_after.get(batch, self.explore)
+        if self.plain_run.get(batch, 0) < wait:
+            return False
+        self.burst_left[batch] = self.burst
+        self.explore_after[batch] = min(2 * wait, 256)
+        return True
 
     def time_factor(self, batch: int, tree: bool) -> float:
         ratio, weight = self.time.get((batch, tree), (0.0, 0.0))
@@ -260,7 +271,7 @@ class TreeSizer:
                                  if s <= config.resolved_size}, self.profile.policy)
         tree_cost = lambda n: latency.cost(batch_size, n) * tree_factor  # noqa: E731
         best = best_size_for_batch(corrected, plain, tree_cost)
-        if best == 1 and record.explore_due(bucket):  # trees are off here: measure the best one again
+        if best == 1 and record.exploring(bucket):  # trees are off here: measure the best one again
             best = best_size_for_batch(corrected, float("inf"), tree_cost)
         return best
 
