@@ -17,7 +17,8 @@ Measured on the wheel's copy: 17,671 complete conversations read, 9,398 of them 
 - over-long, more than `MAX_CHARS` (2,000) characters: 574 dropped, 7,968 left. `distill` skips prompts
   over 512 tokens anyway and ShareGPT's English runs ~4 characters a token, so longer prompts (pasted
   documents and code) would mostly be thrown away there after a tokenizer pass; counting characters keeps
-  this module free of any tokenizer (79 of the prompts kept still exceed 480 SmolLM2 tokens);
+  this module free of any tokenizer (78 of the prompts kept still exceed 512 tokens with SmolLM2's chat
+  template, and `distill` skips them);
 - not English (`looks_english`): 64 dropped, 7,904 left. Read by hand, 61 of them are written in (or are
   mostly text in) Chinese, Korean, Japanese, Arabic, Russian, Vietnamese, Spanish, French, German or
   Italian; 3 are short English questions followed by a "지금 번역하기" (translate now) button label;
