@@ -190,6 +190,14 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         z.writestr("pkg/__init__.py", "")
     with pytest.raises(DynTreeError, match="without a .json member"):
         load_sharegpt(no_json)
+    damaged = write_wheel(tmp_path / "damaged.whl", sharegpt_text([conv(f"a{i}_0", ENGLISH[i % 5], "ok" * i)
+                                                                   for i in range(200)]))
+    data = bytearray(damaged.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(64)  # inside the compressed member
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(DynTreeError, match="cannot read"):
+        load_sharegpt(damaged)
     only_unanswered = tmp_path / "unanswered.json"
     only_unanswered.write_text(sharegpt_text([conv("a_0", ENGLISH[0])]))
     assert len(load_sharegpt(only_unanswered)) == 1

@@ -35,6 +35,7 @@ import json
 import random
 import re
 import zipfile
+import zlib
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -88,7 +89,7 @@ def open_sharegpt(path: str | Path) -> Iterator[TextIO]:
             member = max(members, key=lambda m: (m.file_size, m.filename))
             with archive.open(member) as raw:
                 yield io.TextIOWrapper(raw, encoding="utf-8")
-    except (zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError) as exc:  # also while reading
         raise DynTreeError(f"cannot read {path}: {exc}") from exc
 
 
