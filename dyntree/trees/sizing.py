@@ -110,17 +110,21 @@ class StepRecord:
     - time, per (batch size, tree or plain step): measured seconds / the latency model's seconds;
     - acceptance: tokens a row gained beyond the one every step gives / the profile's figure at the step's
       size (one factor for every size and batch size: it is a property of the text being decoded).
-    Each is a ratio of exponentially decayed sums (recent steps count most; `horizon` steps) with `prior`
+    Each is a ratio of exponentially decayed sums (recent steps count most: `horizon` steps for time,
+    `gain_horizon` for acceptance, whose single steps vary far more: 0 to 4 tokens) with `prior`
     steps' worth of the model's own prediction added, and a step's time counts at most `clip` times (or at
     least 1/`clip` of) its prediction, so a few odd steps (a first step's one-off work) move it little.
     Trees switched off are not forgotten: after `explore` plain steps in a row, sizing runs the best tree for
     `burst` steps (`exploring`), so figures that improve can turn them back on; each such try doubles the
-    wait before the next one at that batch size (up to 256 steps), so trees that stay slower cost ever less.
+    wait before the next one at that batch size (up to `max_wait` steps), so trees that stay slower cost
+    little: at most one step in 17 then.
     """
 
-    def __init__(self, horizon: int = 64, prior: float = 8.0, clip: float = 3.0, explore: int = 16,
-                 burst: int = 4):
+    def __init__(self, horizon: int = 64, gain_horizon: int = 256, prior: float = 8.0, clip: float = 3.0,
+                 explore: int = 16, burst: int = 4, max_wait: int = 64):
         self.decay = 1.0 - 1.0 / horizon
+        self.gain_decay = 1.0 - 1.0 / gain_horizon
+        self.max_wait = max_wait
         self.prior = prior
         self.clip = clip
         self.explore = explore
@@ -144,8 +148,8 @@ class StepRecord:
         ratio, weight = self.time.get((batch, tree), (0.0, 0.0))
         self.time[batch, tree] = [ratio * self.decay + step, weight * self.decay + 1.0]
         if gained is not None and predicted_gain:
-            self.gain = [self.gain[0] * self.decay + gained, self.gain[1] * self.decay + predicted_gain,
-                         self.gain[2] * self.decay + 1.0]
+            d = self.gain_decay
+            self.gain = [self.gain[0] * d + gained, self.gain[1] * d + predicted_gain, self.gain[2] * d + 1.0]
 
     def exploring(self, batch: int) -> bool:
         """Whether the next step of this batch size measures a tree although plain decoding estimates faster:
@@ -156,7 +160,7 @@ class StepRecord:
         if self.plain_run.get(batch, 0) < wait:
             return False
         self.burst_left[batch] = self.burst
-        self.explore_after[batch] = min(2 * wait, 256)
+        self.explore_after[batch] = min(2 * wait, self.max_wait)
         return True
 
     def time_factor(self, batch: int, tree: bool) -> float:
