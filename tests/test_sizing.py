@@ -222,3 +222,22 @@ def test_sizing_turns_trees_off_where_real_steps_measure_slower(tiny_model_dir, 
     before = record.count
     runs = dt.generate(["one", "two"], max_new_tokens=4, chat=False)
     assert record.count == before + runs[0].stats.decode_passes
+
+
+def test_trees_close_to_paying_are_tried_often_and_far_ones_ever_less():
+    from dyntree.trees.sizing import StepRecord
+
+    record = StepRecord(explore=16, burst=4, max_wait=256)
+
+    def plain_steps_until_a_try(margin):
+        steps = 0
+        while not record.exploring(1, margin):
+            record.add(1, False, 0.01, 0.01)
+            steps += 1
+        for _ in range(record.burst):
+            assert record.exploring(1, margin)
+            record.add(1, True, 0.02, 0.01)
+        return steps
+
+    assert [plain_steps_until_a_try(0.5) for _ in range(6)] == [16, 32, 64, 128, 256, 256]
+    assert plain_steps_until_a_try(0.95) == 16  # within 10% of paying: tried every 16 steps

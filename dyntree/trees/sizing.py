@@ -21,6 +21,7 @@ from ..errors import DynTreeError
 from .latency import DEFAULT_SIZES, BatchLatency, LatencyModel, machine_batch_latency, machine_latency
 
 PROFILE_FILE = "tree_profile.json"
+RECOMPUTE_STEPS = 4  # recorded steps between two workings-out of a batch size's best tree (a step asks each time)
 
 
 @dataclass
@@ -100,6 +101,15 @@ def batch_sizer(choose, batches: list[int]):
     return tree_size_for
 
 
+def _hashable(config):
+    """`config` as a dict key, or None when a field of it cannot be one (a static tree given as a list)."""
+    try:
+        hash(config)
+    except TypeError:
+        return None
+    return config
+
+
 class StepRecord:
     """How the steps actually decoded compare with what sizing predicted: the online correction.
 
@@ -116,12 +126,12 @@ class StepRecord:
     least 1/`clip` of) its prediction, so a few odd steps (a first step's one-off work) move it little.
     Trees switched off are not forgotten: after `explore` plain steps in a row, sizing runs the best tree for
     `burst` steps (`exploring`), so figures that improve can turn them back on; each such try doubles the
-    wait before the next one at that batch size (up to `max_wait` steps), so trees that stay slower cost
-    little: at most one step in 17 then.
+    wait before the next one at that batch size (up to `max_wait` steps), unless they are estimated within
+    10% of paying: then every `explore` steps.
     """
 
     def __init__(self, horizon: int = 64, gain_horizon: int = 256, prior: float = 8.0, clip: float = 3.0,
-                 explore: int = 16, burst: int = 4, max_wait: int = 64):
+                 explore: int = 16, burst: int = 4, max_wait: int = 256):
         self.decay = 1.0 - 1.0 / horizon
         self.gain_decay = 1.0 - 1.0 / gain_horizon
         self.max_wait = max_wait
@@ -151,16 +161,19 @@ class StepRecord:
             d = self.gain_decay
             self.gain = [self.gain[0] * d + gained, self.gain[1] * d + predicted_gain, self.gain[2] * d + 1.0]
 
-    def exploring(self, batch: int) -> bool:
+    def exploring(self, batch: int, margin: float = 0.0) -> bool:
         """Whether the next step of this batch size measures a tree although plain decoding estimates faster:
-        during a try, or once enough plain steps ran in a row (which starts a try)."""
+        during a try, or once enough plain steps ran in a row (which starts a try). `margin`: the best tree's
+        estimated rate over plain decoding's; trees estimated within 10% of paying are tried every `explore`
+        steps, the others ever less often (the wait doubles up to `max_wait`)."""
         if self.burst_left.get(batch, 0) > 0:
             return True
-        wait = self.explore_after.get(batch, self.explore)
+        wait = self.explore if margin >= 0.9 else self.explore_after.get(batch, self.explore)
         if self.plain_run.get(batch, 0) < wait:
             return False
         self.burst_left[batch] = self.burst
-        self.explore_after[batch] = min(2 * wait, self.max_wait)
+        if margin < 0.9:
+            self.explore_after[batch] = min(2 * wait, self.max_wait)
         return True
 
     def time_factor(self, batch: int, tree: bool) -> float:
@@ -185,6 +198,8 @@ class Measurements:
         self.fixed: dict[tuple, LatencyModel] = {}  # batch 1, for the default size
         self.batch: dict[tuple, BatchLatency] = {}  # by batch size, for `auto` trees and per-batch sizing
         self.record = StepRecord()
+        self.sized: dict = {}  # tree config -> the BatchLatency sizing it by batch size (None: not profiled)
+        self.decisions: dict[tuple, tuple] = {}  # (config, batch) -> (record count, best, best tree, margin)
 
 
 class TreeSizer:
@@ -257,35 +272,55 @@ class TreeSizer:
         """Nodes per sequence for `batch_size` sequences decoded together: the profiled size (at most this
         tree's) with the most tokens per second under this machine's (batch, nodes) step cost, or 1 (plain
         decoding; `best_size_for_batch`), both corrected by the steps decoded so far (`StepRecord`). Asked
-        every step; only a batch size never seen before measures anything. None when the heads have no
-        profile of this tree's policy."""
-        if not self.profiled(config):
-            return None
-        # Measured at every profiled size (one cache entry with `sized`'s at batch 1), chosen up to this tree's.
-        latency = self.batch_latency(sorted(self.profile.tokens_per_pass), config.resolved_topk)
+        every step (worked out again every `RECOMPUTE_STEPS` recorded steps); only a batch size never seen
+        before measures anything. None when the heads have no profile of this tree's policy."""
+        latency = self._sized_latency(config)
         if latency is None:
             return None
         record = self.measured.record
-        plain = latency.plain_cost(batch_size)
-        plain = plain if plain is not None else latency.cost(batch_size, 1)
         bucket = latency.bucket(batch_size)  # frozen: the measured batch size that answers for this one
-        plain *= record.time_factor(bucket, False)
+        key = (_hashable(config), batch_size)
+        known = self.measured.decisions.get(key)
+        if known is None or record.count - known[0] >= RECOMPUTE_STEPS:
+            known = (record.count, *self._decide(config, latency, batch_size, bucket))
+            if key[0] is not None:
+                self.measured.decisions[key] = known
+        _, best, best_tree, margin = known
+        if best == 1 and record.exploring(bucket, margin):  # trees are off here: measure the best one again
+            return best_tree
+        return best
+
+    def _sized_latency(self, config) -> BatchLatency | None:
+        """The step costs that size `config`'s tree by batch size; None when the profile does not size it."""
+        key = _hashable(config)
+        if key is None or key not in self.measured.sized:
+            # Measured at every profiled size (one cache entry with `sized`'s at batch 1).
+            latency = self.batch_latency(sorted(self.profile.tokens_per_pass),
+                                         config.resolved_topk) if self.profiled(config) else None
+            if key is None:
+                return latency
+            self.measured.sized[key] = latency
+        return self.measured.sized[key]
+
+    def _decide(self, config, latency: BatchLatency, batch_size: int, bucket: int) -> tuple[int, int, float]:
+        """The best size under the corrected figures, the best tree size, and the best tree's rate over plain
+        decoding's (how close trees are to paying)."""
+        record = self.measured.record
+        plain = latency.plain_cost(batch_size)
+        plain = (plain if plain is not None else latency.cost(batch_size, 1)) * record.time_factor(bucket, False)
         tree_factor, gain_factor = record.time_factor(bucket, True), record.gain_factor()
         corrected = TreeProfile({s: 1.0 + (t - 1.0) * gain_factor for s, t in self.profile.tokens_per_pass.items()
                                  if s <= config.resolved_size}, self.profile.policy)
         tree_cost = lambda n: latency.cost(batch_size, n) * tree_factor  # noqa: E731
-        best = best_size_for_batch(corrected, plain, tree_cost)
-        if best == 1 and record.exploring(bucket):  # trees are off here: measure the best one again
-            best = best_size_for_batch(corrected, float("inf"), tree_cost)
-        return best
+        best_tree = best_size_for_batch(corrected, float("inf"), tree_cost)
+        margin = corrected.tokens_per_pass[best_tree] / tree_cost(best_tree) * plain
+        return (best_tree if margin > 1.0 else 1), best_tree, margin
 
     def observe(self, config, batch_size: int, nodes: int, seconds: float, tokens_per_row: float) -> None:
         """A real step of `batch_size` rows with `nodes` nodes each (1: plain decoding) that took `seconds` and
         gave each decoding row `tokens_per_row` tokens on average, for the online correction. Steps of a
         policy the profile did not measure, or of a batch size not measured yet, are not compared."""
-        if not self.profiled(config):
-            return
-        latency = self.batch_latency(sorted(self.profile.tokens_per_pass), config.resolved_topk)
+        latency = self._sized_latency(config)
         predicted = None if latency is None else latency.known_cost(batch_size, nodes)
         if predicted is None or not seconds > 0:
             return
