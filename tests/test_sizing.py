@@ -169,6 +169,13 @@ def test_step_record_corrects_towards_what_real_steps_measure():
     assert record.time_factor(2, True) == pytest.approx(2.0, rel=0.1)
     assert record.time_factor(2, False) == pytest.approx(1.0)
     assert record.time_factor(4, True) == 1.0  # another batch size keeps its own
+    sizes = StepRecord(prior=4.0)
+    for _ in range(100):  # deep trees cost more than the model says, shallow ones as it says
+        sizes.add(1, True, 0.02, 0.01, nodes=12)
+        sizes.add(1, True, 0.01, 0.01, nodes=3)
+    assert sizes.time_factor(1, True, 12) > sizes.time_factor(1, True) > sizes.time_factor(1, True, 3)
+    assert sizes.time_factor(1, True, 12) == pytest.approx(2.0, rel=0.1)
+    assert sizes.time_factor(1, True, 6) == sizes.time_factor(1, True)  # an unseen size: all tree steps'
     odd = StepRecord(prior=4.0, clip=3.0)
     odd.add(1, True, 1.0, 0.01)  # a first step's one-off work counts as 3x its prediction, not 100x
     assert odd.time_factor(1, True) == pytest.approx((3 + 4) / (1 + 4))
@@ -200,7 +207,7 @@ def test_sizing_turns_trees_off_where_real_steps_measure_slower(tiny_model_dir, 
     record = dt.sizer.measured.record
     corrected = TreeProfile({s: 1 + (t - 1) * record.gain_factor() for s, t in profile.items() if s <= size}, {})
     expected = best_size_for_batch(corrected, latency.plain_cost(2) * record.time_factor(2, False),
-                                   lambda n: latency.cost(2, n) * record.time_factor(2, True))
+                                   lambda n: latency.cost(2, n) * record.time_factor(2, True, n))
     assert dt.nodes_for_batch(2) == expected == 1
     assert dt.proposer_for_batch(2).max_nodes == 1
     for _ in range(record.explore):  # plain steps in a row: a few tree steps are measured again

@@ -110,6 +110,11 @@ def _hashable(config):
     return config
 
 
+def _time_key(batch: int, tree: bool, nodes: int | None = None) -> tuple:
+    """Where `StepRecord` keeps one kind of step's time: plain, any tree, or trees of `nodes` nodes."""
+    return (batch, "plain") if not tree else (batch, "tree") if nodes is None else (batch, "tree", nodes)
+
+
 class StepRecord:
     """How the steps actually decoded compare with what sizing predicted: the online correction.
 
@@ -142,21 +147,24 @@ class StepRecord:
         self.burst_left: dict[int, int] = {}  # batch -> tree steps still to run in the current try
         self.plain_run: dict[int, int] = {}  # batch -> plain steps since its last tree step
         self.explore_after: dict[int, int] = {}  # batch -> plain steps in a row before trying a tree again
-        self.time: dict[tuple[int, bool], list[float]] = {}  # (batch, tree) -> [sum measured/predicted, weight]
+        # `_time_key` -> [decayed sum of measured/predicted, decayed count]
+        self.time: dict[tuple, list[float]] = {}
         self.gain = [0.0, 0.0, 0.0]  # [tokens gained beyond the root, the profile's prediction of them, weight]
         self.count = 0  # steps recorded
 
     def add(self, batch: int, tree: bool, seconds: float, predicted_seconds: float,
-            gained: float | None = None, predicted_gain: float | None = None) -> None:
-        """One real step: its seconds against the prediction, and (tree steps) tokens gained per row beyond the
-        root against the profile's."""
+            gained: float | None = None, predicted_gain: float | None = None, nodes: int | None = None) -> None:
+        """One real step: its seconds against the prediction, and (tree steps of `nodes` nodes) tokens gained
+        per row beyond the root against the profile's."""
         self.count += 1
         if tree and self.burst_left.get(batch, 0) > 0:
             self.burst_left[batch] -= 1
         self.plain_run[batch] = 0 if tree else self.plain_run.get(batch, 0) + 1
         step = min(max(seconds / predicted_seconds, 1.0 / self.clip), self.clip)
-        ratio, weight = self.time.get((batch, tree), (0.0, 0.0))
-        self.time[batch, tree] = [ratio * self.decay + step, weight * self.decay + 1.0]
+        keys = [_time_key(batch, tree)] + ([_time_key(batch, True, nodes)] if tree and nodes else [])
+        for key in keys:
+            ratio, weight = self.time.get(key, (0.0, 0.0))
+            self.time[key] = [ratio * self.decay + step, weight * self.decay + 1.0]
         if gained is not None and predicted_gain:
             d = self.gain_decay
             self.gain = [self.gain[0] * d + gained, self.gain[1] * d + predicted_gain, self.gain[2] * d + 1.0]
@@ -176,9 +184,16 @@ class StepRecord:
             self.explore_after[batch] = min(2 * wait, self.max_wait)
         return True
 
-    def time_factor(self, batch: int, tree: bool) -> float:
-        ratio, weight = self.time.get((batch, tree), (0.0, 0.0))
-        return (ratio + self.prior) / (weight + self.prior)
+    def time_factor(self, batch: int, tree: bool, nodes: int | None = None) -> float:
+        """Measured over predicted step time at this batch size: of plain steps, of tree steps, or of trees of
+        `nodes` nodes (drafting deeper trees costs more than the model's synthetic steps show), whose own
+        figure starts from the tree steps' and moves away as steps of that size are seen."""
+        ratio, weight = self.time.get(_time_key(batch, tree), (0.0, 0.0))
+        pooled = (ratio + self.prior) / (weight + self.prior)
+        if not tree or nodes is None:
+            return pooled
+        ratio, weight = self.time.get(_time_key(batch, True, nodes), (0.0, 0.0))
+        return (ratio + self.prior * pooled) / (weight + self.prior)
 
     def gain_factor(self) -> float:
         gained, predicted, weight = self.gain
@@ -308,10 +323,10 @@ class TreeSizer:
         record = self.measured.record
         plain = latency.plain_cost(batch_size)
         plain = (plain if plain is not None else latency.cost(batch_size, 1)) * record.time_factor(bucket, False)
-        tree_factor, gain_factor = record.time_factor(bucket, True), record.gain_factor()
+        gain_factor = record.gain_factor()
         corrected = TreeProfile({s: 1.0 + (t - 1.0) * gain_factor for s, t in self.profile.tokens_per_pass.items()
                                  if s <= config.resolved_size}, self.profile.policy)
-        tree_cost = lambda n: latency.cost(batch_size, n) * tree_factor  # noqa: E731
+        tree_cost = lambda n: latency.cost(batch_size, n) * record.time_factor(bucket, True, n)  # noqa: E731
         best_tree = best_size_for_batch(corrected, float("inf"), tree_cost)
         margin = corrected.tokens_per_pass[best_tree] / tree_cost(best_tree) * plain
         return (best_tree if margin > 1.0 else 1), best_tree, margin
@@ -330,7 +345,7 @@ class TreeSizer:
             return
         profiled = self.profile.tokens_per_pass.get(nodes)
         gain = None if profiled is None else profiled - 1.0
-        self.measured.record.add(bucket, True, seconds, predicted, tokens_per_row - 1.0, gain)
+        self.measured.record.add(bucket, True, seconds, predicted, tokens_per_row - 1.0, gain, nodes)
 
     def prepare(self, config, batches) -> dict[int, int] | None:
         """Measure now what decoding `config`'s tree at these batch sizes will need (a server, before it
