@@ -253,3 +253,49 @@ def test_train_cli_eagle_end_to_end(tmp_path):
     ids = [[1, 9, 10, 11], [1, 30, 31]]
     plain = Decoder(loaded.backbone).run(ids, 16, stop_at_eos=False).consume().tokens
     assert Decoder(loaded.backbone, heads, proposer).run(ids, 16, stop_at_eos=False).consume().tokens == plain
+
+
+def test_engine_batches_eagle_rows_token_exact_and_keeps_each_rows_drafter_state(tiny_model_dir):
+    """The server's continuous batching with eagle heads: more requests than rows (rows retire and compact,
+    new ones are admitted), mixed trees (groups draft from a selection of rows). Every answer equals plain
+    greedy decoding, and at every step each row's drafter state is what a fresh start over its whole context
+    gives (so compaction and growth moved the right rows)."""
+    import random
+
+    from dyntree.api import DynTree
+    from dyntree.engine import BatchEngine, EngineRequest
+    from dyntree.sampling import GREEDY
+
+    base = DynTree.from_pretrained(str(tiny_model_dir), heads=None, tree="ar", dtype="float32")
+    backbone = base.model.backbone
+    heads = EagleHeads.random(backbone.config, num_heads=4, scale=0.3, seed=4)  # the static tree is 4 deep
+    dt = DynTree(base.model, heads, "eagle (random)", tree="dynamic")
+    rng = random.Random(7)
+    ps = [[rng.randrange(3, 128) for _ in range(rng.randrange(3, 30))] for _ in range(5)]
+    refs = [Decoder(backbone).run([p], 16).consume().tokens[0] for p in ps]
+    engine = BatchEngine(dt, max_batch=3)
+    sinks = []
+    for p, fields in zip(ps, [{}, {"tree": "static"}, {}, {"tree": "dynamic", "tree_size": 5}, {"tree": "ar"}]):
+        events = []
+        engine.submit(EngineRequest(list(p), 16, GREEDY, events.append, tree_fields=fields))
+        sinks.append(events)
+    checked = 0
+    for _ in range(500):
+        if all(any(e[0] in ("done", "error") for e in s) for s in sinks):
+            break
+        engine.step()
+        for b, row in enumerate(engine._rows):
+            context = row.request.prompt_ids + row.tokens
+            states = backbone_states(backbone, context[:-1])
+            fresh = heads.new_state(1, 64)
+            heads.start(fresh, backbone, states[None], [context[:-1]], torch.tensor([context[-1]]))
+            held = len(context) - 1
+            assert int(engine._drafter.lengths[b]) == held == int(engine._cache.lengths[b])
+            torch.testing.assert_close(engine._drafter.last[b], fresh.last[0], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(engine._drafter.keys[b, :, :held], fresh.keys[0, :, :held], atol=1e-4,
+                                       rtol=1e-4)
+            checked += 1
+    assert all(any(e[0] == "done" for e in s) for s in sinks), [[str(e[1]) for e in s if e[0] == "error"] for s in sinks]
+    answers = [next(e[1] for e in s if e[0] == "done").token_ids for s in sinks]
+    assert answers == refs
+    assert checked > 10
