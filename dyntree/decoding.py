@@ -24,7 +24,7 @@ from .heads import MedusaHeads
 from .model import Transformer
 from .proposers import Proposer, RootOnlyProposer
 from .sampling import Sampler, SamplingConfig
-from .step import DecodeStep, StepRows, prefill, take_tokens
+from .step import DecodeStep, StepRows, last_states, prefill_states, take_tokens
 
 PHASES = ("proposal", "forward", "verification", "cache")
 
@@ -163,8 +163,14 @@ class DecodeRun:
         cache = backbone.new_cache(batch, max(lengths) + self.max_new_tokens + proposer.max_nodes + 1)
 
         start = time.perf_counter()
-        last_hidden = prefill(backbone, cache, self.prompts)
+        prompt_states = prefill_states(backbone, cache, self.prompts)
+        last_hidden = last_states(prompt_states, self.prompts)
         root = self.sampler.choose(backbone.logits(last_hidden))
+        drafter = None  # the heads' per-sequence state (heads that read the context keep one)
+        if dec.heads is not None:
+            drafter = dec.heads.new_state(batch, cache.max_len, device)
+            dec.heads.start(drafter, backbone, prompt_states, self.prompts, root)
+        del prompt_states
         finished = [False] * batch
         first = [self._emit(b, [int(root[b])], finished) for b in range(batch)]
         stats.new_tokens += sum(len(t) for t in first)
@@ -191,7 +197,7 @@ class DecodeRun:
             # One tree policy for the whole batch: the decoder's, or this step's cut of it.
             chosen = dec.sizing.choose(batch) if dec.sizing is not None else proposer
             pruner = dec.pruner if chosen.max_nodes > 1 else None
-            out = step.run(cache, StepRows(last_hidden, root, context, samplers, active), [(chosen, everyone)],
+            out = step.run(cache, StepRows(last_hidden, root, context, samplers, active, drafter), [(chosen, everyone)],
                            pruner, prune_stats if pruner is not None else (), lap=clock.lap)
             if out is None:  # the tree no longer fits in the context
                 for b in range(batch):

@@ -40,7 +40,7 @@ from .errors import DynTreeError
 from .model import KVCache
 from .proposers import Proposer
 from .sampling import Sampler, SamplingConfig
-from .step import DecodeStep, StepRows, prefill, take_tokens
+from .step import DecodeStep, StepRows, last_states, prefill_states, take_tokens
 from .textstream import TextStream
 
 log = logging.getLogger("dyntree.engine")
@@ -216,6 +216,7 @@ class BatchEngine:
         self._step = DecodeStep(self.backbone, self.heads)
         self._rows: list[_Row] = []  # row i holds cache row i (engine thread only)
         self._cache: KVCache | None = None
+        self._drafter = None  # the heads' per-sequence state over the cache's rows (heads that read the context)
         self._waiting: deque[RequestHandle] = deque()
         self._cond = threading.Condition()
         self._accepting = True
@@ -355,7 +356,8 @@ class BatchEngine:
         state = StepRows(torch.stack([row.last_hidden for row in rows]),
                          torch.tensor([row.root for row in rows], dtype=torch.long, device=device),
                          lambda index: [rows[i].request.prompt_ids + rows[i].tokens for i in index],
-                         [row.sampler for row in rows], torch.ones(k, dtype=torch.bool, device=device))
+                         [row.sampler for row in rows], torch.ones(k, dtype=torch.bool, device=device),
+                         None if self._drafter is None else self._drafter.rows(0, k))
         # Near the end of the context the largest tree no longer fits one row: plain decoding for that step
         # (greedy answers are the same; the request still gets all its max_tokens).
         out = self._step.run(self._cache.rows(0, k), state, groups, pruner, prune_stats, plain_when_full=True)
@@ -458,10 +460,14 @@ class BatchEngine:
         longest = max([len(prompt) + request.max_tokens] +
                       [len(r.request.prompt_ids) + r.request.max_tokens for r in self._rows])
         self._reserve(longest + self._largest_tree(dt) + 1)
-        last_hidden = prefill(self.backbone, self._cache.rows(b, 1, fresh=True), [prompt])
+        prompt_states = prefill_states(self.backbone, self._cache.rows(b, 1, fresh=True), [prompt])
+        last_hidden = last_states(prompt_states, [prompt])
         self._cache.lengths[b] = len(prompt)
         row.last_hidden = last_hidden[0]
-        row.root = int(row.sampler.choose(self.backbone.logits(last_hidden))[0])
+        root = row.sampler.choose(self.backbone.logits(last_hidden))
+        row.root = int(root[0])
+        if self._drafter is not None:  # heads that read the context start the row's own state
+            self.heads.start(self._drafter.rows(b, 1), self.backbone, prompt_states, [prompt], root)
         self._emit(row, [row.root])
         self.observer.generated(1)
         return row
@@ -482,6 +488,9 @@ class BatchEngine:
             grown.values[:, :k, :, : cache.max_len] = cache.values[:, :k]
             grown.lengths[:k] = cache.lengths[:k]
         self._cache = grown
+        if self.heads is not None:  # the heads' state grows with the cache (None: heads that keep none)
+            self._drafter = (self.heads.new_state(self.max_batch, grown.max_len, self.backbone.device)
+                             if self._drafter is None else self._drafter.grown(grown.max_len))
 
     def _expire(self, now: float) -> None:
         """Free the rows of cancelled and timed-out requests; drop such requests from the queue."""
@@ -516,6 +525,8 @@ class BatchEngine:
                 cache.keys[:, b, :, :length] = cache.keys[:, last, :, :length]
                 cache.values[:, b, :, :length] = cache.values[:, last, :, :length]
                 cache.lengths[b] = length
+                if self._drafter is not None:
+                    self._drafter.move_row(last, b)
                 self._rows[b] = self._rows[last]
             self._cache.lengths[last] = 0
             self._rows.pop()

@@ -47,7 +47,9 @@ class HeadsConfig:
     shared_projection: bool = True
     model_type: str | None = None  # backbone fingerprint; None = unknown (Medusa files)
     vocab_subset: int | None = None  # size of `vocab_ids` when the projection covers only part of the vocabulary
-    head_type: str = "medusa"  # "medusa": each head reads the hidden state only; "hydra": also the drafted path
+    head_type: str = "medusa"  # "medusa": each head reads the hidden state only; "hydra": also the drafted path;
+    # "eagle": a one-layer feature drafter over the whole context (`dyntree.eagle`)
+    drafter: dict | None = None  # eagle heads: the drafter layer's shape (`eagle.LAYER_FIELDS`)
 
     def check_fits(self, backbone_config) -> None:
         fp = backbone_config.fingerprint()
@@ -165,11 +167,26 @@ class MedusaHeads(nn.Module):
     def prepare_for(self, backbone) -> None:
         """Make now, at load, whatever drafting on `backbone` builds on first use (nothing for Medusa heads)."""
 
-    def draft(self, backbone, last_hidden: torch.Tensor, root: torch.Tensor, topk: int) -> "TopkDraft":
+    def draft(self, backbone, last_hidden: torch.Tensor, root: torch.Tensor, topk: int,
+              state=None) -> "TopkDraft":
         """One step's guesses for the proposer (the one way every kind of heads drafts): `last_hidden` `[B, H]`
-        are the states after which each row's `root` `[B]` comes. Medusa heads read the state alone, so every
-        head's top-`topk` is computed here, once."""
+        are the states after which each row's `root` `[B]` comes; `state` is what `new_state` made for these
+        rows (None for heads that keep none). Medusa heads read the state alone, so every head's top-`topk` is
+        computed here, once."""
         return TopkDraft(*self.topk(last_hidden, backbone.lm_head, topk))
+
+    # -- per-sequence drafting state: heads that read the context keep one (`eagle.EagleHeads`) -----------------
+    # The hooks every kind of heads answers, so that the decoding loop never asks which kind it holds; Medusa and
+    # Hydra heads read only the last state (and the path), so they keep nothing and the hooks do nothing.
+    def new_state(self, batch_size: int, max_len: int, device=None):
+        """The per-sequence state drafting reads (here: none)."""
+        return None
+
+    def start(self, state, backbone, hidden: torch.Tensor, prompts: list[list[int]], roots: torch.Tensor) -> None:
+        """After the prefill: `hidden` `[B, L, H]` the prompts' states, `roots` `[B]` each row's first token."""
+
+    def advance(self, state, backbone, features: list, next_ids: list[list[int]]) -> None:
+        """After a step's commit: per row, its accepted nodes' states `[a, H]` and the a tokens after them."""
 
     def _top_guesses(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The top-k of logits over the projection's vocabulary, as full-vocabulary ids and probabilities."""
@@ -191,6 +208,26 @@ class MedusaHeads(nn.Module):
                 self.projection.copy_(q.float() * scale)
             else:
                 self.projection.copy_(self.projection.to(torch.float16).float())
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor], where) -> None:
+        """Fill the weights from a checkpoint's tensors; a missing or misshapen one is a one-line error."""
+        expected = {"block_weight": tuple(self.block_weight.shape), "block_bias": tuple(self.block_bias.shape)}
+        for name, tensor in self.extra_tensors(torch.float32).items():
+            expected[name] = tuple(tensor.shape)
+        if self.projection is not None and "projection_int8" in tensors:
+            q, scale = tensors["projection_int8"], tensors.get("projection_scale")
+            shape = tuple(self.projection.shape)
+            if tuple(q.shape) != shape or scale is None or tuple(scale.shape) != shape[:-1] + (1,):
+                raise DynTreeError(f"corrupt heads checkpoint in {where}: int8 projection is {tuple(q.shape)} with scale "
+                                   f"{'missing' if scale is None else tuple(scale.shape)}, expected {shape}")
+            self.projection.data.copy_(q.float() * scale.float())
+        elif self.projection is not None:
+            expected["projection"] = tuple(self.projection.shape)
+        for name, shape in expected.items():
+            if name not in tensors or tuple(tensors[name].shape) != shape:
+                got = tuple(tensors[name].shape) if name in tensors else "missing"
+                raise DynTreeError(f"corrupt heads checkpoint in {where}: {name} is {got}, expected {shape}")
+            _parameter(self, name).data.copy_(tensors[name].float())
 
     def extra_tensors(self, block_dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Tensors a subclass stores beside the Medusa ones (none here)."""
@@ -344,7 +381,8 @@ class HydraHeads(MedusaHeads):
         pass a user times."""
         self._dense_layers(getattr(backbone.lm_head, "lib", None))
 
-    def draft(self, backbone, last_hidden: torch.Tensor, root: torch.Tensor, topk: int) -> "PathDraft":
+    def draft(self, backbone, last_hidden: torch.Tensor, root: torch.Tensor, topk: int,
+              state=None) -> "PathDraft":
         """One step's guesses for the proposer: a node's children depend on its path, so nothing is computed
         until the tree asks for nodes (`PathDraft.expand`, depth by depth)."""
         return PathDraft(self, backbone, last_hidden, root, topk)
@@ -440,7 +478,9 @@ class PathDraft:
 
 def heads_class(head_type: str):
     """The class for a heads.json `head_type`."""
-    classes = {"medusa": MedusaHeads, "hydra": HydraHeads}
+    from .eagle import EagleHeads  # here, not at the top: eagle.py builds on this module
+
+    classes = {"medusa": MedusaHeads, "hydra": HydraHeads, "eagle": EagleHeads}
     if head_type not in classes:
         raise DynTreeError(f"unknown head type {head_type!r} (dyntree knows {', '.join(classes)})")
     return classes[head_type]
@@ -467,24 +507,11 @@ def load_own_layout(path: Path) -> MedusaHeads:
     except Exception as exc:
         raise DynTreeError(f"corrupt heads checkpoint in {path}: {exc}".splitlines()[0]) from exc
     vocab_ids = tensors.get("vocab_ids")
-    heads = heads_class(config.head_type)(config, None if vocab_ids is None else vocab_ids.long())
-    expected = {"block_weight": tuple(heads.block_weight.shape), "block_bias": tuple(heads.block_bias.shape)}
-    for name, tensor in heads.extra_tensors(torch.float32).items():
-        expected[name] = tuple(tensor.shape)
-    if heads.projection is not None and "projection_int8" in tensors:
-        q, scale = tensors["projection_int8"], tensors.get("projection_scale")
-        shape = tuple(heads.projection.shape)
-        if tuple(q.shape) != shape or scale is None or tuple(scale.shape) != shape[:-1] + (1,):
-            raise DynTreeError(f"corrupt heads checkpoint in {path}: int8 projection is {tuple(q.shape)} with scale "
-                               f"{'missing' if scale is None else tuple(scale.shape)}, expected {shape}")
-        heads.projection.data.copy_(q.float() * scale.float())
-    elif heads.projection is not None:
-        expected["projection"] = tuple(heads.projection.shape)
-    for name, shape in expected.items():
-        if name not in tensors or tuple(tensors[name].shape) != shape:
-            got = tuple(tensors[name].shape) if name in tensors else "missing"
-            raise DynTreeError(f"corrupt heads checkpoint in {path}: {name} is {got}, expected {shape}")
-        _parameter(heads, name).data.copy_(tensors[name].float())
+    try:
+        heads = heads_class(config.head_type)(config, None if vocab_ids is None else vocab_ids.long())
+    except (DynTreeError, ValueError, TypeError) as exc:
+        raise DynTreeError(f"corrupt heads checkpoint in {path}: {exc}".splitlines()[0]) from exc
+    heads.load_tensors(tensors, path)
     return heads
 
 

@@ -37,6 +37,12 @@ from .verify import verify_rows
 def prefill(backbone: Transformer, cache, prompts: list[list[int]]) -> torch.Tensor:
     """Run the prompts (`[B]` lists, right-padded) into an empty cache; the last prompt token's normed hidden
     state of each sequence `[B, H]`."""
+    return last_states(prefill_states(backbone, cache, prompts), prompts)
+
+
+def prefill_states(backbone: Transformer, cache, prompts: list[list[int]]) -> torch.Tensor:
+    """`prefill`, keeping every prompt token's normed hidden state `[B, L, H]` (right-padded): heads that read
+    the context (`heads.start`) need them all."""
     device = backbone.device
     lengths = [len(p) for p in prompts]
     ids = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
@@ -44,19 +50,27 @@ def prefill(backbone: Transformer, cache, prompts: list[list[int]]) -> torch.Ten
         ids[b, : len(p)] = torch.tensor(p)
     hidden = backbone.forward(ids.to(device), cache)
     cache.lengths.copy_(torch.tensor(lengths, device=device))
-    return hidden[torch.arange(len(prompts), device=device), torch.tensor(lengths, device=device) - 1]
+    return hidden
+
+
+def last_states(hidden: torch.Tensor, prompts: list[list[int]]) -> torch.Tensor:
+    """Each prompt's last token's state `[B, H]` out of `prefill_states`' `[B, L, H]`."""
+    device = hidden.device
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    return hidden[torch.arange(len(prompts), device=device), lengths - 1]
 
 
 def propose(heads: MedusaHeads | None, proposer: Proposer, backbone: Transformer, last_hidden: torch.Tensor,
             root: torch.Tensor, context: Callable[[], list[list[int]]],
-            active: torch.Tensor | None = None, plain: Proposer | None = None) -> Proposal:
+            active: torch.Tensor | None = None, plain: Proposer | None = None, state=None) -> Proposal:
     """The step's tree over `root` `[B]`: the heads' draft from `last_hidden` `[B, H]` (when the proposer
     reads heads) turned into a proposal; `context()` gives each sequence's tokens so far, root last. With
     `active` (the rows still decoding) the proposer may choose a plain step first (`Proposer.plan_step`), whose
-    root-only tree comes from `plain` (a `RootOnlyProposer`, which keeps its buffers)."""
+    root-only tree comes from `plain` (a `RootOnlyProposer`, which keeps its buffers). `state`: the heads'
+    per-sequence state of these rows (`heads.new_state`; None for heads that keep none)."""
     if active is not None and not proposer.plan_step(active):
         return (plain or RootOnlyProposer()).propose(root)
-    draft = heads.draft(backbone, last_hidden, root, proposer.topk) if proposer.uses_heads else None
+    draft = heads.draft(backbone, last_hidden, root, proposer.topk, state) if proposer.uses_heads else None
     return propose_step(proposer, root, draft, context)
 
 
@@ -76,6 +90,7 @@ class StepRows:
     context: Callable[[list[int]], list[list[int]]]  # rows -> their tokens so far, root last
     samplers: list[Sampler]  # per row; rows sharing one are verified together
     active: torch.Tensor  # [B] bool: rows still decoding (the others get no tokens and commit nothing)
+    drafter: object | None = None  # the heads' per-sequence state of these rows (`heads.new_state`), if any
 
 
 @dataclass
@@ -143,6 +158,10 @@ class DecodeStep:
         lap("forward")
         result = verify_rows(backbone.logits, hidden, verified, verified_sizes, rows.samplers, rows.active)
         next_hidden = hidden[torch.arange(batch, device=hidden.device), result.last_nodes]
+        accepted_states = None
+        if rows.drafter is not None:  # the accepted nodes' states, for the heads' own state (`heads.advance`)
+            accepted_states = [hidden[b, result.accepted_nodes[b]] if live else None
+                               for b, live in enumerate(rows.active.tolist())]
         if pruner is not None:  # back to the tree's own node indices (slots, proposer feedback)
             result = pruned.to_original(result)
             pruner.account(backbone, pruned, tree, result, rows.active, all(s.greedy for s in rows.samplers),
@@ -161,17 +180,20 @@ class DecodeStep:
                 nodes = result.accepted_nodes[b]
                 cache.commit(b, cache.lengths[b] + nodes)
                 new_tokens[b] = [node_tokens[b][i] for i in nodes.tolist()[1:]] + [next_tokens[b]]
+        if accepted_states is not None:
+            self.heads.advance(rows.drafter, backbone, accepted_states, new_tokens)
         return StepResult(new_tokens, result.next_tokens, next_hidden, sizes, tree.tokens.shape[1],
                           time.perf_counter() - started)
 
     def _propose(self, proposer: Proposer, index: list[int], rows: StepRows) -> Proposal:
         """The tree of rows `index` (every row, or a group of them) by `proposer`."""
         if len(index) == rows.roots.shape[0]:
-            hidden, roots, active = rows.hidden, rows.roots, rows.active
+            hidden, roots, active, state = rows.hidden, rows.roots, rows.active, rows.drafter
         else:
             hidden, roots, active = rows.hidden[index], rows.roots[index], rows.active[index]
+            state = None if rows.drafter is None else rows.drafter.select(index)
         return propose(self.heads, proposer, self.backbone, hidden, roots, lambda: rows.context(index), active,
-                       self.plain)
+                       self.plain, state)
 
 
 def _combine(groups: list[tuple[Proposer, list[int]]], proposals: list[Proposal], batch: int,

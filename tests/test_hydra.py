@@ -115,8 +115,17 @@ class OracleHydra:
         self.reference, self.vocab, self.num_heads = reference, vocab, num_heads
         self.rng = random.Random(seed)
 
-    def draft(self, backbone, last_hidden, root, topk):
+    def draft(self, backbone, last_hidden, root, topk, state=None):
         return PathDraft(self, backbone, last_hidden, root, topk)
+
+    def new_state(self, batch_size, max_len, device=None):  # keeps no per-sequence state (the contract's hooks)
+        return None
+
+    def start(self, state, backbone, hidden, prompts, roots):
+        pass
+
+    def advance(self, state, backbone, features, next_ids):
+        pass
 
     def topk_given_path(self, head, hidden, path_ids, embed, lm_head, k):
         ids, probs = [], []
@@ -180,8 +189,8 @@ def test_hydra_round_trip_and_type_errors(tmp_path, tiny_backbone):
     with pytest.raises(DynTreeError, match="hydra"):
         save_medusa(loaded, tmp_path / "m")
     meta = (tmp_path / "h" / "heads.json")
-    meta.write_text(meta.read_text().replace('"hydra"', '"eagle"'))
-    with pytest.raises(DynTreeError, match="unknown head type 'eagle'"):
+    meta.write_text(meta.read_text().replace('"hydra"', '"griffin"'))
+    with pytest.raises(DynTreeError, match="unknown head type 'griffin'"):
         load_heads(tmp_path / "h", tiny_backbone.config)
 
 

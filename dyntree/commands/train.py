@@ -38,9 +38,14 @@ def add_command(subparsers) -> None:
     p.add_argument("--init-heads", default=None, metavar="DIR",
                    help="continue from trained heads (same --num-heads/--num-layers/projection), e.g. after "
                         "distilling more data; the vocabulary subset is chosen anew and rows move with tokens")
-    p.add_argument("--head-type", choices=["medusa", "hydra"], default=d.head_type,
+    p.add_argument("--head-type", choices=["medusa", "hydra", "eagle"], default=d.head_type,
                    help="medusa: each head reads the hidden state; hydra: also the embeddings of the drafted path "
-                        "(trained teacher-forced; --init-heads may be Medusa heads of the same shape)")
+                        "(trained teacher-forced; --init-heads may be Medusa heads of the same shape); eagle: one "
+                        "decoder layer drafting features over the whole context (--num-heads = draft depth, "
+                        "--num-layers 1; one process, no checkpoints)")
+    p.add_argument("--feature-loss", type=float, default=d.feature_loss, metavar="W",
+                   help="eagle: weight of smooth L1 between the drafted and the backbone's next feature, added to "
+                        "the cross-entropy (EAGLE's recipe is 10, i.e. 1.0 vs 0.1)")
     p.add_argument("--soft-targets", type=float, default=d.soft_targets, metavar="A",
                    help="weight in [0, 1] of the backbone's whole distribution in the loss (0 = its argmax only)")
     p.add_argument("--hidden-noise", type=float, default=d.hidden_noise,
@@ -95,7 +100,7 @@ def run(args) -> int:
         val_fraction=args.val_fraction, seed=args.seed, checkpoint_every=args.checkpoint_every,
         eval_every=args.eval_every, use_stored_hidden=not args.no_stored_hidden, init_heads=args.init_heads,
         head_type=args.head_type, soft_targets=args.soft_targets, hidden_noise=args.hidden_noise,
-        dropout=args.dropout)
+        dropout=args.dropout, feature_loss=args.feature_loss)
     import torch
     from accelerate import Accelerator
 

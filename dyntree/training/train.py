@@ -62,6 +62,7 @@ class TrainConfig:
     soft_targets: float = 0.0  # weight a of the backbone's distribution in the loss (0 = argmax targets only)
     hidden_noise: float = 0.0  # Gaussian noise on the heads' input state, relative to its RMS
     dropout: float = 0.0  # dropout on the heads' input state
+    feature_loss: float = 0.0  # eagle heads: weight of smooth L1 towards the backbone's next feature (EAGLE: 10)
 
 
 # -- data ----------------------------------------------------------------------------------------------
@@ -329,15 +330,23 @@ def train(loaded, dataset_dir, out_dir, config: TrainConfig, resume: bool = True
         one.check_fingerprint(fingerprint, need_hidden=config.use_stored_hidden)
     if config.num_heads < 1 or config.num_layers < 0 or config.batch_size < 1 or config.epochs <= 0:
         raise DynTreeError("num_heads >= 1, num_layers >= 0, batch_size >= 1 and epochs > 0 are required")
-    if config.head_type not in ("medusa", "hydra"):
-        raise DynTreeError(f"unknown head type {config.head_type!r}: medusa or hydra")
+    if config.head_type not in ("medusa", "hydra", "eagle"):
+        raise DynTreeError(f"unknown head type {config.head_type!r}: medusa, hydra or eagle")
     if not 0 <= config.soft_targets <= 1 or config.hidden_noise < 0 or not 0 <= config.dropout < 1:
         raise DynTreeError("soft_targets must be in [0, 1], hidden_noise >= 0 and dropout in [0, 1)")
     if config.head_type == "hydra" and config.num_layers < 1:
         raise DynTreeError("hydra heads need at least one block (--num-layers >= 1)")
     if config.num_layers == 0 and config.shared_projection:
         raise DynTreeError("heads with a shared projection need at least one residual block to learn anything")
+    if config.feature_loss < 0:
+        raise DynTreeError("feature_loss must be >= 0")
     world = accelerator.num_processes
+    if config.head_type == "eagle":  # trains on whole sequences: a loop of its own (`training.eagle`)
+        from .eagle import train_eagle
+
+        if world > 1:
+            raise DynTreeError("eagle heads train in one process: run without accelerate launch")
+        return train_eagle(loaded, ds, out_dir, config, progress=progress, block_dtype=block_dtype)
     per_process = max(1, config.batch_size // world)
 
     checkpoint = _latest_checkpoint(out_dir) if resume else None
@@ -346,8 +355,10 @@ def train(loaded, dataset_dir, out_dir, config: TrainConfig, resume: bool = True
         state = json.loads((checkpoint / STATE_FILE).read_text())
         if state.get("fingerprint", {}).get("weights_hash") != fingerprint["weights_hash"]:
             raise DynTreeError(f"checkpoint {checkpoint} was trained for another model ({state['fingerprint'].get('model')!r})")
-        if state.get("config") != asdict(config):
-            changed = sorted(k for k, v in asdict(config).items() if state.get("config", {}).get(k) != v)
+        # Options added since a checkpoint was written count as their defaults.
+        saved = {**asdict(TrainConfig()), **state.get("config", {})}
+        if saved != asdict(config):
+            changed = sorted(k for k, v in asdict(config).items() if saved.get(k) != v)
             raise DynTreeError(f"checkpoint {checkpoint} used other settings ({', '.join(changed)}); "
                                "pass the same options, or --no-resume to start over")
 

@@ -1,0 +1,434 @@
+"""EAGLE-style feature drafter (arXiv 2401.15077), head_type "eagle": one small decoder layer that drafts at the
+level of features instead of tokens.
+
+Why: Medusa and Hydra heads guess from the last state alone (plus the drafted path, for Hydra); EAGLE's drafter
+also reads the whole context, through its own attention over the backbone's features. At position t it reads
+the backbone's feature f_t (the normed state whose lm_head guess is token t+1) and the embedding of the token
+t+1 actually taken, fuses them (`2H -> H`), runs one Llama-style layer (RMSNorm, attention with RoPE, MLP) and
+outputs a feature g_t that imitates f_{t+1}; the backbone's own lm_head (shared, never stored) turns g_t into a
+guess of token t+2. Deeper drafts feed the drafter its own output feature and the drafted token's embedding.
+
+State: the drafter's keys and values over the context's (feature, next token) pairs live in an `EagleState`
+(per sequence, like the backbone's KV cache) that the decoding loop owns: `start` fills it after the prefill,
+`advance` appends each step's accepted pairs. Heads that keep no state (Medusa, Hydra) implement these hooks as
+no-ops, so callers never ask which kind of heads they hold.
+
+Losslessness never depends on the drafter: the backbone verifies every tree as usual.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import DynTreeError
+from .trees.conditional import select_by_depth
+
+# The layer's shape, stored in heads.json under "drafter".
+LAYER_FIELDS = ("num_attention_heads", "num_kv_heads", "head_dim", "intermediate_size", "rms_norm_eps",
+                "rope_theta")
+
+
+def layer_shape_for(backbone_config, rope_theta: float = 10000.0) -> dict:
+    """The drafter layer's shape for a backbone: the backbone's own layer shape (EAGLE's choice)."""
+    return {"num_attention_heads": backbone_config.num_heads, "num_kv_heads": backbone_config.num_kv_heads,
+            "head_dim": backbone_config.head_dim, "intermediate_size": backbone_config.intermediate_size,
+            "rms_norm_eps": backbone_config.rms_norm_eps, "rope_theta": rope_theta}
+
+
+class EagleState:
+    """The drafter's per-sequence cache: keys/values `[B, kv_heads, max_len, head_dim]` of the pairs held,
+    `lengths` `[B]` (pairs held = the backbone's committed tokens) and `last` `[B, H]`, the output feature of
+    each row's newest pair (the one whose next token is the root): its lm_head guess is depth 1 of a tree."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, last: torch.Tensor):
+        self.keys, self.values, self.lengths, self.last = keys, values, lengths, last
+
+    @classmethod
+    def zeros(cls, heads: "EagleHeads", batch_size: int, max_len: int, device=None) -> "EagleState":
+        shape = (batch_size, heads.num_kv_heads, max_len, heads.head_dim)
+        dtype = heads.fuse_weight.dtype
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
+                   torch.zeros(batch_size, dtype=torch.long, device=device),
+                   torch.zeros(batch_size, heads.config.hidden_size, device=device, dtype=dtype))
+
+    @property
+    def max_len(self) -> int:
+        return self.keys.shape[2]
+
+    def rows(self, start: int, count: int = 1) -> "EagleState":
+        """Rows `[start, start + count)` as views: what a draft or an advance writes lands here."""
+        end = start + count
+        return EagleState(self.keys[start:end], self.values[start:end], self.lengths[start:end], self.last[start:end])
+
+    def select(self, rows: list[int]) -> "EagleState":
+        """A copy of rows `rows` (in that order), for drafting a group of them; appends to it are lost."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.lengths.device)
+        return EagleState(self.keys[index], self.values[index], self.lengths[index], self.last[index])
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Copy row `src` into row `dst` (the engine's compaction)."""
+        n = int(self.lengths[src])
+        self.keys[dst, :, :n] = self.keys[src, :, :n]
+        self.values[dst, :, :n] = self.values[src, :, :n]
+        self.lengths[dst] = n
+        self.last[dst] = self.last[src]
+
+    def grown(self, max_len: int) -> "EagleState":
+        """A copy with room for `max_len` pairs per row."""
+        if max_len <= self.max_len:
+            return self
+        b, kvh, old, hd = self.keys.shape
+        keys = self.keys.new_zeros(b, kvh, max_len, hd)
+        values = self.values.new_zeros(b, kvh, max_len, hd)
+        keys[:, :, :old], values[:, :, :old] = self.keys, self.values
+        return EagleState(keys, values, self.lengths.clone(), self.last.clone())
+
+
+class EagleHeads(nn.Module):
+    """The drafter's weights and its three uses: teacher-forced over whole sequences (training, brute force),
+    appending committed pairs to an `EagleState`, and drafting tree nodes depth by depth (`EagleDraft`).
+
+    `config.num_heads` is the draft depth (how many tokens past the root a tree may reach); `config.num_layers`
+    is 1 (one decoder layer); `config.drafter` holds the layer's shape (`LAYER_FIELDS`).
+    """
+
+    conditional = True  # a node's guess depends on its path: trees are built depth by depth
+    projection = None  # the backbone's lm_head is the projection, always
+
+    def __init__(self, config, vocab_ids: torch.Tensor | None = None):
+        super().__init__()
+        if vocab_ids is not None:
+            raise DynTreeError("eagle heads project through the whole lm_head: no vocabulary subset")
+        shape = config.drafter or {}
+        missing = [f for f in LAYER_FIELDS if f not in shape]
+        if missing:
+            raise DynTreeError(f"eagle heads config lacks the drafter layer's {', '.join(missing)}")
+        if config.num_layers != 1 or config.num_heads < 1:
+            raise DynTreeError("eagle heads are one decoder layer (num_layers 1) drafting at least one depth")
+        config.head_type, config.shared_projection, config.vocab_subset = "eagle", True, None
+        self.config = config
+        h = config.hidden_size
+        self.num_attention_heads = int(shape["num_attention_heads"])
+        self.num_kv_heads = int(shape["num_kv_heads"])
+        self.head_dim = int(shape["head_dim"])
+        inter = int(shape["intermediate_size"])
+        self.eps = float(shape["rms_norm_eps"])
+        if self.num_attention_heads % self.num_kv_heads:
+            raise DynTreeError("eagle heads: attention heads must be a multiple of key/value heads")
+        nh, nkv, hd = self.num_attention_heads, self.num_kv_heads, self.head_dim
+        self.fuse_weight = nn.Parameter(torch.zeros(h, 2 * h))  # [feature; token embedding] -> H
+        self.fuse_bias = nn.Parameter(torch.zeros(h))
+        self.attn_norm = nn.Parameter(torch.ones(h))
+        self.q_weight = nn.Parameter(torch.zeros(nh * hd, h))
+        self.k_weight = nn.Parameter(torch.zeros(nkv * hd, h))
+        self.v_weight = nn.Parameter(torch.zeros(nkv * hd, h))
+        self.o_weight = nn.Parameter(torch.zeros(h, nh * hd))
+        self.mlp_norm = nn.Parameter(torch.ones(h))
+        self.gate_weight = nn.Parameter(torch.zeros(inter, h))
+        self.up_weight = nn.Parameter(torch.zeros(inter, h))
+        self.down_weight = nn.Parameter(torch.zeros(h, inter))
+        theta = float(shape["rope_theta"])
+        inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self.register_buffer("vocab_ids", None, persistent=False)
+        self._shared_cache: tuple[tuple, torch.Tensor] | None = None
+
+    @property
+    def num_heads(self) -> int:
+        return self.config.num_heads
+
+    # -- construction ----------------------------------------------------------------------------------
+    @classmethod
+    def for_backbone(cls, backbone_config, depth: int = 4) -> "EagleHeads":
+        """An untrained drafter shaped after the backbone's layers."""
+        from .heads import HeadsConfig
+
+        config = HeadsConfig(depth, 1, backbone_config.hidden_size, backbone_config.vocab_size,
+                             shared_projection=True, model_type=backbone_config.model_type, head_type="eagle",
+                             drafter=layer_shape_for(backbone_config))
+        return cls(config)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0, scale: float = 0.02) -> "EagleHeads":
+        """Training's start: the fusion passes the feature through (so the untrained drafter guesses what the
+        lm_head guesses from f_t), the layer's matrices small and random, the norms one."""
+        gen = torch.Generator().manual_seed(seed)
+        h = self.config.hidden_size
+        for p in self.matrices():
+            p.copy_(torch.randn(p.shape, generator=gen) * scale)
+        self.fuse_weight[:, :h] += torch.eye(h)
+        self.fuse_bias.zero_()
+        return self
+
+    @classmethod
+    def random(cls, backbone_config, num_heads: int = 4, num_layers: int = 1, seed: int = 0, scale: float = 0.05):
+        """Untrained random drafter: useful to test losslessness, useless for speed."""
+        heads = cls.for_backbone(backbone_config, num_heads)
+        heads.init_weights(seed, scale)
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(seed + 1)
+            for p in (heads.fuse_bias, heads.attn_norm, heads.mlp_norm):
+                p.add_(torch.randn(p.shape, generator=gen) * scale)
+        return heads
+
+    def matrices(self) -> list[nn.Parameter]:
+        return [self.fuse_weight, self.q_weight, self.k_weight, self.v_weight, self.o_weight, self.gate_weight,
+                self.up_weight, self.down_weight]
+
+    def init_projection_from(self, lm_head_weight: torch.Tensor) -> None:
+        """Nothing: the projection is the backbone's lm_head."""
+
+    def prepare_for(self, backbone) -> None:
+        """The fp32 copy of the backbone's lm_head, made at load rather than in the first timed pass."""
+        self._lm_head_t(backbone.lm_head.weight_t)
+
+    # -- the layer -------------------------------------------------------------------------------------
+    def fuse(self, features: torch.Tensor, next_ids: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
+        """`[..., H]` features and `[...]` ids of the tokens after them -> the layer's input `[..., H]`."""
+        dtype = self.fuse_weight.dtype
+        pair = torch.cat([features.to(dtype), F.embedding(next_ids, embed).to(dtype)], dim=-1)
+        return F.linear(pair, self.fuse_weight, self.fuse_bias)
+
+    def layer(self, x: torch.Tensor, positions: torch.Tensor, past_keys: torch.Tensor | None = None,
+              past_values: torch.Tensor | None = None, past_visible: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The decoder layer on `x` `[N, n, H]` at `positions` `[N, n]`, the n new pairs causal among
+        themselves and seeing the `past_visible` `[N, P]` slots of `past_keys`/`past_values`
+        `[N, kv_heads, P, head_dim]`. Returns the output features `[N, n, H]` and the new pairs' (rotated)
+        keys and values `[N, kv_heads, n, head_dim]`."""
+        batch, n, h = x.shape
+        nh, nkv, hd = self.num_attention_heads, self.num_kv_heads, self.head_dim
+        normed = F.rms_norm(x, (h,), self.attn_norm, self.eps)
+        q = F.linear(normed, self.q_weight).view(batch, n, nh, hd).transpose(1, 2)
+        k = F.linear(normed, self.k_weight).view(batch, n, nkv, hd).transpose(1, 2)
+        v = F.linear(normed, self.v_weight).view(batch, n, nkv, hd).transpose(1, 2)
+        angles = positions.to(self.inv_freq.dtype)[..., None] * self.inv_freq  # [N, n, hd/2]
+        angles = torch.cat([angles, angles], dim=-1)[:, None]  # [N, 1, n, hd]
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        visible = torch.ones(n, n, dtype=torch.bool, device=x.device).tril().expand(batch, n, n)
+        keys, values = k, v
+        if past_keys is not None:
+            keys = torch.cat([past_keys, k], dim=2)
+            values = torch.cat([past_values, v], dim=2)
+            visible = torch.cat([past_visible[:, None, :].expand(batch, n, past_visible.shape[1]), visible], dim=2)
+        if nh != nkv:
+            keys = keys.repeat_interleave(nh // nkv, dim=1)
+            values = values.repeat_interleave(nh // nkv, dim=1)
+        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[:, None])
+        x = x + F.linear(attn.transpose(1, 2).reshape(batch, n, nh * hd), self.o_weight)
+        normed = F.rms_norm(x, (h,), self.mlp_norm, self.eps)
+        x = x + F.linear(F.silu(F.linear(normed, self.gate_weight)) * F.linear(normed, self.up_weight),
+                         self.down_weight)
+        return x, k, v
+
+    def sequence_features(self, features: torch.Tensor, next_ids: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced over whole sequences: `features` `[B, T, H]` (f_t) and `next_ids` `[B, T]`
+        (token t+1) -> output features `[B, T, H]` (g_t, imitating f_{t+1}). Right padding changes nothing
+        before it (causal attention)."""
+        batch, length = next_ids.shape
+        positions = torch.arange(length, device=next_ids.device)[None].expand(batch, length)
+        return self.layer(self.fuse(features, next_ids, embed), positions)[0]
+
+    def feature_logits(self, features: torch.Tensor, lm_head_weight_t: torch.Tensor) -> torch.Tensor:
+        """The backbone's lm_head on drafted features: `[..., H]` -> `[..., V]` (in the drafter's dtype)."""
+        return features @ self._lm_head_t(lm_head_weight_t)
+
+    def _lm_head_t(self, lm_head_weight_t: torch.Tensor) -> torch.Tensor:
+        """The lm_head `[H, V]` in the drafter's dtype (an fp32 copy of a bf16 backbone's, made once; keyed by
+        the weight's storage, as callers may pass a fresh view)."""
+        dtype = self.fuse_weight.dtype
+        if lm_head_weight_t.dtype == dtype:
+            return lm_head_weight_t
+        key = (lm_head_weight_t.data_ptr(), lm_head_weight_t.dtype, dtype)
+        if self._shared_cache is None or self._shared_cache[0] != key:
+            self._shared_cache = (key, lm_head_weight_t.to(dtype).contiguous())
+        return self._shared_cache[1]
+
+    # -- the drafting contract ---------------------------------------------------------------------------
+    def new_state(self, batch_size: int, max_len: int, device=None) -> EagleState:
+        """An empty per-sequence cache for `batch_size` rows of `max_len` pairs."""
+        return EagleState.zeros(self, batch_size, max_len, device)
+
+    @torch.inference_mode()
+    def start(self, state: EagleState, backbone, hidden: torch.Tensor, prompts: list[list[int]],
+              roots: torch.Tensor) -> None:
+        """After the prefill: the prompts' pairs (`hidden` `[B, L, H]`, right-padded, and each prompt's
+        tokens after the first, then its root) fill the rows of `state` from scratch."""
+        state.lengths.zero_()
+        roots = roots.tolist()
+        features = [hidden[b, : len(p)] for b, p in enumerate(prompts)]
+        next_ids = [list(p[1:]) + [roots[b]] for b, p in enumerate(prompts)]
+        self.append(state, backbone, features, next_ids)
+
+    @torch.inference_mode()
+    def advance(self, state: EagleState, backbone, features: list[torch.Tensor | None],
+                next_ids: list[list[int]]) -> None:
+        """After a step's commit: row b's accepted nodes' features `[a, H]` (root first) and the tokens after
+        them (its new tokens, the next root last); rows with no features (inactive) are left alone."""
+        self.append(state, backbone, features, next_ids)
+
+    def append(self, state: EagleState, backbone, features: list[torch.Tensor | None],
+               next_ids: list[list[int]]) -> None:
+        """Run the drafter on new pairs of each row (after the pairs it holds) and keep their keys/values."""
+        live = [b for b, f in enumerate(features) if f is not None and f.shape[0] > 0]
+        if not live:
+            return
+        device = state.keys.device
+        counts = [len(next_ids[b]) for b in live]
+        if any(features[b].shape[0] != c for b, c in zip(live, counts)):
+            raise ValueError("one next token per feature")
+        n = max(counts)
+        h = self.config.hidden_size
+        x_features = torch.zeros(len(live), n, h, device=device, dtype=state.last.dtype)
+        x_ids = torch.zeros(len(live), n, dtype=torch.long, device=device)
+        for i, b in enumerate(live):
+            x_features[i, : counts[i]] = features[b].to(device=device, dtype=state.last.dtype)
+            x_ids[i, : counts[i]] = torch.tensor(next_ids[b], dtype=torch.long, device=device)
+        rows = torch.tensor(live, device=device)
+        held = state.lengths[rows]
+        if int(held.max()) + n > state.max_len:
+            raise DynTreeError(f"the drafter's cache is full ({state.max_len} pairs)")
+        past = int(held.max())
+        positions = held[:, None] + torch.arange(n, device=device)[None]
+        x = self.fuse(x_features, x_ids, backbone.embed_tokens)
+        visible = torch.arange(past, device=device)[None] < held[:, None]
+        out, k, v = self.layer(x, positions, state.keys[rows, :, :past], state.values[rows, :, :past], visible)
+        for i, b in enumerate(live):
+            start, c = int(held[i]), counts[i]
+            state.keys[b, :, start : start + c] = k[i, :, :c]
+            state.values[b, :, start : start + c] = v[i, :, :c]
+            state.lengths[b] += c
+            state.last[b] = out[i, c - 1]
+
+    def draft(self, backbone, last_hidden: torch.Tensor, root: torch.Tensor, topk: int,
+              state: EagleState | None = None) -> "EagleDraft":
+        """One step's guesses, computed as the tree asks for nodes. Without `state` (a latency measurement
+        has no sequence) the drafter sees only the pair (last state, root): the same work per node, less
+        context."""
+        if state is None:
+            state = self.new_state(root.shape[0], 1, last_hidden.device)
+            with torch.inference_mode():
+                self.append(state, backbone, list(last_hidden[:, None]), [[r] for r in root.tolist()])
+        return EagleDraft(self, backbone, state, root, topk)
+
+    # -- persistence -----------------------------------------------------------------------------------
+    def stored_tensors(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        return {name: p.detach().to(dtype).contiguous() for name, p in self.named_parameters()}
+
+    @torch.no_grad()
+    def round_to_storage(self, block_dtype: torch.dtype = torch.float32, int8_projection: bool = False) -> None:
+        for p in self.parameters():
+            p.copy_(p.to(block_dtype).float())
+
+    def save(self, directory: str | os.PathLike, block_dtype: torch.dtype = torch.float32,
+             int8_projection: bool = False) -> Path:
+        """heads.json (`head_type: "eagle"`, the layer's shape) + heads.safetensors; no projection is stored."""
+        from safetensors.torch import save_file
+
+        from .heads import FORMAT_VERSION, HEADS_CONFIG, HEADS_FILE
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / (HEADS_FILE + ".tmp")
+        save_file(self.stored_tensors(block_dtype), str(tmp))
+        os.replace(tmp, out / HEADS_FILE)
+        meta = {"format": "dyntree-heads", "version": FORMAT_VERSION, **asdict(self.config)}
+        (out / HEADS_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+        return out
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor], where) -> None:
+        """Fill the weights from a checkpoint's tensors; a missing or misshapen one is a one-line error."""
+        for name, p in self.named_parameters():
+            got = tensors.get(name)
+            if got is None or tuple(got.shape) != tuple(p.shape):
+                shape = "missing" if got is None else tuple(got.shape)
+                raise DynTreeError(f"corrupt heads checkpoint in {where}: {name} is {shape}, expected {tuple(p.shape)}")
+            p.data.copy_(got.float())
+
+
+class EagleDraft:
+    """One step's drafts: `expand` runs the drafter once per depth for every requested node.
+
+    A request (row, path) asks for the top children of the node reached from the row's root by `path`. The
+    root's children are the lm_head guess of the row's newest pair (`state.last`); a deeper node is the pair
+    (its parent's output feature, its own token) at position held + depth - 1, attending to the row's cache
+    and to its drafted ancestors' keys and values, kept per node here.
+    """
+
+    ids = probs = None  # no guess exists before its path is chosen
+
+    def __init__(self, heads: EagleHeads, backbone, state: EagleState, root: torch.Tensor, topk: int):
+        self.heads, self.backbone, self.state, self.topk = heads, backbone, state, topk
+        self.roots = root.tolist()
+        # (row, path) -> (output feature [H], key [kv_heads, hd], value [kv_heads, hd]) of drafted nodes
+        self._nodes: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._children: dict[tuple[int, tuple[int, ...]], tuple[int, float]] = {}
+
+    def features(self, requests: list[tuple[int, tuple[int, ...]]]) -> torch.Tensor:
+        """The output features `[N, H]` of the requested nodes (computed, and kept, for depth >= 1)."""
+        depth = len(requests[0][1])
+        if any(len(path) != depth for _, path in requests):
+            raise ValueError("one expand call serves one depth")
+        state = self.state
+        device = state.last.device
+        rows = torch.tensor([b for b, _ in requests], device=device)
+        if depth == 0:
+            return state.last[rows]
+        heads = self.heads
+        parents = torch.stack([self._feature(b, path[:-1]) for b, path in requests])
+        tokens = torch.tensor([path[-1] for _, path in requests], device=device)
+        held = state.lengths[rows]
+        past = int(held.max())
+        keys, values, visible = state.keys[rows, :, :past], state.values[rows, :, :past], (
+            torch.arange(past, device=device)[None] < held[:, None])
+        if depth > 1:  # the drafted ancestors below the root, shallowest first
+            ancestors = [[self._nodes[(b, path[:j])] for j in range(1, depth)] for b, path in requests]
+            keys = torch.cat([keys, torch.stack([torch.stack([a[1] for a in chain], 1) for chain in ancestors])], 2)
+            values = torch.cat([values, torch.stack([torch.stack([a[2] for a in chain], 1) for chain in ancestors])], 2)
+            visible = torch.cat([visible, visible.new_ones(len(requests), depth - 1)], 1)
+        x = heads.fuse(parents, tokens, self.backbone.embed_tokens)[:, None]
+        positions = (held + depth - 1)[:, None]
+        out, k, v = heads.layer(x, positions, keys, values, visible)
+        for i, (b, path) in enumerate(requests):
+            self._nodes[(b, path)] = (out[i, 0], k[i, :, 0], v[i, :, 0])
+        return out[:, 0]
+
+    def _feature(self, row: int, path: tuple[int, ...]) -> torch.Tensor:
+        return self.state.last[row] if not path else self._nodes[(row, path)][0]
+
+    def expand(self, requests: list[tuple[int, tuple[int, ...]]]) -> list[list[tuple[int, float]]]:
+        with torch.inference_mode():
+            logits = self.heads.feature_logits(self.features(requests), self.backbone.lm_head.weight_t)
+            probs, ids = torch.softmax(logits.float(), dim=-1).topk(self.topk, dim=-1)
+        out = []
+        for (b, path), row_ids, row_probs in zip(requests, ids.tolist(), probs.tolist()):
+            out.append(list(zip(row_ids, row_probs)))
+            for rank, (token, prob) in enumerate(zip(row_ids, row_probs)):
+                self._children[(b, path + (token,))] = (rank, prob)
+        return out
+
+    def rank_of(self, row: int, path: tuple[int, ...]) -> tuple[int, float]:
+        """A proposed node's rank among its parent's guesses and its conditional probability."""
+        return self._children[(row, path)]
+
+    def rows(self, start: int, stop: int) -> "EagleDraft":
+        return EagleDraft(self.heads, self.backbone, self.state.rows(start, stop - start),
+                          torch.tensor(self.roots[start:stop]), self.topk)
+
+    def grow(self, size: int) -> None:
+        """The drafter's work of a `size`-node tree, depth by depth (what latency measurements time)."""
+        self.topk = min(self.topk, max(size - 1, 1))
+        select_by_depth(self.expand, len(self.roots), size - 1, self.heads.num_heads)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin

@@ -1,0 +1,213 @@
+"""Training the EAGLE-style drafter (`dyntree train --head-type eagle`), teacher-forced at the feature level.
+
+Each distilled sequence gives the backbone's states f_t (row j: position prompt_len - 1 + j) and the tokens
+after them (response token j). The drafter reads the pairs (f_t, token t+1) causally, as it will at decoding,
+and its output feature g_t is trained two ways: its lm_head guess against the backbone's own choice of token
+t+2 (the argmax of lm_head(f_{t+1}), mixed with that whole distribution by `soft_targets`), and, with weight
+`feature_loss`, smooth L1 towards f_{t+1} itself (EAGLE weighs the regression 10x the classification). Only
+the first depth is teacher-forced; deeper drafts feed the drafter its own features, as in EAGLE-1.
+
+Why a loop of its own: the drafter attends over whole sequences, so it trains on sequences (padded into
+batches of about `batch_size` tokens), not on the shuffled rows the Medusa/Hydra trainer uses. One process,
+no checkpoints: the drafter is one layer and a tiny dataset trains in minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..eagle import EagleHeads
+from ..errors import DynTreeError
+
+REPORT_FILE = "training_report.json"
+
+
+class EagleObjective(nn.Module):
+    """The drafter + the frozen lm_head and embeddings: `forward(features, next_ids, lengths)` -> loss and
+    counts `[2]` (positions scored, depth-1 top-1 hits against the backbone's choice)."""
+
+    def __init__(self, heads: EagleHeads, lm_head_weight_t: torch.Tensor, embed: torch.Tensor,
+                 feature_loss: float = 0.0, soft_targets: float = 0.0, hidden_noise: float = 0.0):
+        super().__init__()
+        self.heads = heads
+        self.lm_head_weight_t, self.embed = lm_head_weight_t, embed  # frozen, not parameters
+        self.feature_loss, self.soft_targets, self.hidden_noise = feature_loss, soft_targets, hidden_noise
+
+    def forward(self, features: torch.Tensor, next_ids: torch.Tensor, lengths: torch.Tensor):
+        """`features` `[B, T, H]` (f_t, right-padded), `next_ids` `[B, T]` (token t+1), `lengths` `[B]`."""
+        features = features.float()
+        inputs = features
+        if self.training and self.hidden_noise > 0:
+            rms = inputs.pow(2).mean(-1, keepdim=True).sqrt()
+            inputs = inputs + self.hidden_noise * rms * torch.randn_like(inputs)
+        out = self.heads.sequence_features(inputs, next_ids, self.embed)[:, :-1]  # g_t imitates f_{t+1}
+        target_features = features[:, 1:]
+        positions = torch.arange(out.shape[1], device=out.device)
+        valid = positions[None] < (lengths[:, None] - 1)  # t + 1 must be a real position
+        g, f_next = out[valid], target_features[valid]  # [N, H]
+        logits = g @ self.lm_head_weight_t
+        with torch.no_grad():
+            teacher_logits = f_next @ self.lm_head_weight_t
+            target = teacher_logits.argmax(-1)
+        loss = (1 - self.soft_targets) * F.cross_entropy(logits, target)
+        if self.soft_targets > 0:
+            log_q = torch.log_softmax(logits, -1)
+            loss = loss + self.soft_targets * -(torch.softmax(teacher_logits, -1) * log_q).sum(-1).mean()
+        if self.feature_loss > 0:
+            loss = loss + self.feature_loss * F.smooth_l1_loss(g, f_next)
+        with torch.no_grad():
+            stats = torch.stack([valid.sum(), (logits.argmax(-1) == target).sum()]).float()
+        return loss, stats
+
+
+def load_sequences(datasets, val_fraction: float, backbone=None) -> tuple[list, list, dict]:
+    """Per sequence (states `[R, H]` fp16, the tokens after them `[R]`), split by content into training and
+    validation; states from the shards, or recomputed by `backbone`."""
+    from .train import is_validation, recompute_hidden
+
+    parts: dict[bool, list] = {False: [], True: []}
+    counts = {"sequences": 0, "response_tokens": 0, "val_sequences": 0}
+    for source in datasets:
+        for path in source.shard_paths():
+            shard = source.read_shard(path, with_hidden=backbone is None)
+            if backbone is None and shard.hidden is None:
+                raise DynTreeError(f"{path} holds no hidden states: train with --no-stored-hidden to recompute them")
+            for i, key in enumerate(shard.keys):
+                start, end = int(shard.offsets[i]), int(shard.offsets[i + 1])
+                plen = int(shard.prompt_lens[i])
+                tokens = shard.tokens[start:end]
+                response = tokens[plen:].long()
+                if response.numel() < 3:  # one scored position needs f_t, f_{t+1} and the two tokens after f_t
+                    continue
+                if backbone is None:
+                    hidden = shard.hidden[int(shard.hidden_offsets[i]) : int(shard.hidden_offsets[i + 1])]
+                else:
+                    hidden = recompute_hidden(backbone, tokens, plen)
+                val = is_validation(key, val_fraction)
+                parts[val].append((hidden, response))
+                counts["sequences"] += 1
+                counts["response_tokens"] += response.numel()
+                counts["val_sequences"] += int(val)
+    if not parts[False]:
+        raise DynTreeError("the dataset holds no usable sequences for eagle heads")
+    return parts[False], parts[True], counts
+
+
+def batches(sequences: list, tokens_per_batch: int, order: list[int]) -> list[list[int]]:
+    """Consecutive sequences of `order` grouped until a group holds about `tokens_per_batch` tokens."""
+    out, group, size = [], [], 0
+    for i in order:
+        group.append(i)
+        size += sequences[i][1].numel()
+        if size >= tokens_per_batch:
+            out.append(group)
+            group, size = [], 0
+    if group:
+        out.append(group)
+    return out
+
+
+def pad(sequences: list, index: list[int], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sequences `index` right-padded: features `[B, T, H]`, next ids `[B, T]`, lengths `[B]`."""
+    lengths = [sequences[i][1].numel() for i in index]
+    h = sequences[index[0]][0].shape[1]
+    features = torch.zeros(len(index), max(lengths), h)
+    next_ids = torch.zeros(len(index), max(lengths), dtype=torch.long)
+    for row, i in enumerate(index):
+        features[row, : lengths[row]] = sequences[i][0].float()
+        next_ids[row, : lengths[row]] = sequences[i][1]
+    return features.to(device), next_ids.to(device), torch.tensor(lengths, device=device)
+
+
+def evaluate(objective: EagleObjective, sequences: list, device, tokens_per_batch: int = 4096) -> dict | None:
+    """Depth-1 top-1 agreement with the backbone's own next token, and the mean loss, over `sequences`."""
+    if not sequences:
+        return None
+    objective.eval()
+    totals, loss_sum = torch.zeros(2), 0.0
+    with torch.no_grad():
+        for group in batches(sequences, tokens_per_batch, list(range(len(sequences)))):
+            loss, stats = objective(*pad(sequences, group, device))
+            totals += stats.cpu()
+            loss_sum += float(loss) * float(stats[0])
+    objective.train()
+    n = max(float(totals[0]), 1.0)
+    return {"top1": [float(totals[1]) / n], "loss": loss_sum / n, "positions": int(totals[0])}
+
+
+def train_eagle(loaded, datasets, out_dir, config, progress: bool = True,
+                block_dtype: torch.dtype = torch.float32) -> dict:
+    """Train an EAGLE-style drafter for `loaded`'s backbone (`config`: a `TrainConfig`; its num_heads is the
+    draft depth); write the heads and a report to `out_dir`."""
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    from ..interop import load_heads
+
+    started = time.perf_counter()
+    if not config.shared_projection:  # (a vocabulary subset is ignored: the whole lm_head is the projection)
+        raise DynTreeError("eagle heads project through the backbone's lm_head: no --own-projection")
+    if config.num_layers != 1:
+        raise DynTreeError("eagle heads are one decoder layer: --num-layers 1")
+    device = loaded.backbone.device
+    backbone = None if config.use_stored_hidden else loaded.backbone
+    train_seqs, val_seqs, counts = load_sequences(datasets, config.val_fraction, backbone)
+    torch.manual_seed(config.seed)
+    heads = EagleHeads.for_backbone(loaded.config, depth=config.num_heads).init_weights(seed=config.seed)
+    if config.init_heads:
+        start = load_heads(config.init_heads, loaded.config)
+        if not isinstance(start, EagleHeads) or start.config.drafter != heads.config.drafter:
+            raise DynTreeError(f"--init-heads {config.init_heads} are not eagle heads of this drafter's shape")
+        heads.load_state_dict(start.state_dict())
+    heads.to(device)
+    objective = EagleObjective(heads, loaded.backbone.lm_head.weight_t.detach().float(),
+                               loaded.backbone.embed_tokens.detach().float(), config.feature_loss,
+                               config.soft_targets, config.hidden_noise)
+    per_epoch = len(batches(train_seqs, config.batch_size, list(range(len(train_seqs)))))
+    total_steps = max(1, math.ceil(config.epochs * per_epoch))
+    optimizer = torch.optim.AdamW(heads.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
+    history, step, epoch = [], 0, 0
+    untrained = evaluate(objective, val_seqs, device)  # the baseline the history is read against
+    if untrained is not None:
+        history.append({"step": 0, **untrained})
+    bar = tqdm(total=total_steps, desc="train eagle", disable=not progress, dynamic_ncols=True)
+    objective.train()
+    while step < total_steps:
+        order = list(range(len(train_seqs)))
+        random.Random(config.seed * 1000 + epoch).shuffle(order)
+        for group in batches(train_seqs, config.batch_size, order):
+            if step >= total_steps:
+                break
+            loss, _ = objective(*pad(train_seqs, group, device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip:
+                nn.utils.clip_grad_norm_(heads.parameters(), config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        epoch += 1
+        result = evaluate(objective, val_seqs, device)
+        if result is not None:
+            history.append({"step": step, **result})
+    bar.close()
+    heads.round_to_storage(block_dtype)
+    report = {"dataset": [str(d.directory) for d in datasets], "model": loaded.name, "config": asdict(config),
+              "data": counts, "vocab_subset_coverage": 1.0, "steps": step, "processes": 1, "wall_seconds": time.perf_counter() - started,
+              "validation": evaluate(objective, val_seqs, device), "history": history}
+    out = Path(out_dir).expanduser()
+    heads.cpu().save(out, block_dtype)
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return report
