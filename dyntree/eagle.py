@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import DynTreeError
+from .heads_config import FORMAT_VERSION, HEADS_CONFIG, HEADS_FILE, HeadsConfig
 from .trees.conditional import select_by_depth
 
 # The layer's shape, stored in heads.json under "drafter".
@@ -148,8 +149,6 @@ class EagleHeads(nn.Module):
     @classmethod
     def for_backbone(cls, backbone_config, depth: int = 4) -> "EagleHeads":
         """An untrained drafter shaped after the backbone's layers."""
-        from .heads import HeadsConfig
-
         config = HeadsConfig(depth, 1, backbone_config.hidden_size, backbone_config.vocab_size,
                              shared_projection=True, model_type=backbone_config.model_type, head_type="eagle",
                              drafter=layer_shape_for(backbone_config))
@@ -332,8 +331,6 @@ class EagleHeads(nn.Module):
              int8_projection: bool = False) -> Path:
         """heads.json (`head_type: "eagle"`, the layer's shape) + heads.safetensors; no projection is stored."""
         from safetensors.torch import save_file
-
-        from .heads import FORMAT_VERSION, HEADS_CONFIG, HEADS_FILE
 
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)

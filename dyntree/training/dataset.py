@@ -218,3 +218,15 @@ def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def is_validation(key: str, fraction: float) -> bool:
+    """A fixed, content-based split: the same sequence is always on the same side."""
+    return int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
+
+
+def recompute_hidden(backbone, tokens: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """The states a distillation run would have stored, from the token ids (for datasets without them)."""
+    cache = backbone.new_cache(1, tokens.numel() + 1)
+    hidden = backbone.forward(tokens.long()[None].to(backbone.device), cache)[0]
+    return hidden[prompt_len - 1 : tokens.numel() - 1].to(torch.float16).cpu()

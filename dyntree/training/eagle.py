@@ -27,6 +27,7 @@ from torch import nn
 
 from ..eagle import EagleHeads
 from ..errors import DynTreeError
+from .dataset import is_validation, recompute_hidden
 
 REPORT_FILE = "training_report.json"
 
@@ -72,8 +73,6 @@ class EagleObjective(nn.Module):
 def load_sequences(datasets, val_fraction: float, backbone=None) -> tuple[list, list, dict]:
     """Per sequence (states `[R, H]` fp16, the tokens after them `[R]`), split by content into training and
     validation; states from the shards, or recomputed by `backbone`."""
-    from .train import is_validation, recompute_hidden
-
     parts: dict[bool, list] = {False: [], True: []}
     counts = {"sequences": 0, "response_tokens": 0, "val_sequences": 0}
     for source in datasets:

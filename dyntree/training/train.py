@@ -17,7 +17,6 @@ checkpoint left off.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -32,7 +31,8 @@ from torch import nn
 from ..errors import DynTreeError
 from ..heads import HeadsConfig, HydraHeads, MedusaHeads, heads_class
 from ..interop import load_heads
-from .dataset import DistillDataset, model_fingerprint
+from .dataset import DistillDataset, is_validation, model_fingerprint, recompute_hidden  # noqa: F401
+from .eagle import train_eagle
 
 IGNORE = -1
 STATE_FILE = "train_state.json"
@@ -74,11 +74,6 @@ class Examples:
     teacher_rows: torch.Tensor | None = None  # [N, K] row of `hidden` that predicted target (n, k); -1 = none
 
 
-def is_validation(key: str, fraction: float) -> bool:
-    """A fixed, content-based split: the same sequence is always on the same side."""
-    return int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
-
-
 def head_paths(response: torch.Tensor, num_heads: int) -> torch.Tensor:
     """`[R, K]`: row j, column i -> response[j + i] (0 past the end): the root (the token row j's state
     predicted) and the tokens after it, the path hydra head k reads (its first k+1 columns)."""
@@ -107,13 +102,6 @@ def head_targets(response: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def recompute_hidden(backbone, tokens: torch.Tensor, prompt_len: int) -> torch.Tensor:
-    """The states a distillation run would have stored, from the token ids (for datasets without them)."""
-    cache = backbone.new_cache(1, tokens.numel() + 1)
-    hidden = backbone.forward(tokens.long()[None].to(backbone.device), cache)[0]
-    return hidden[prompt_len - 1 : tokens.numel() - 1].to(torch.float16).cpu()
-
-
 def load_examples(ds: DistillDataset, num_heads: int, val_fraction: float, backbone=None,
                   progress: bool = False) -> tuple[Examples, Examples, dict]:
     """Training and validation rows from every shard; states from the shards, or recomputed by `backbone`."""
@@ -342,8 +330,6 @@ def train(loaded, dataset_dir, out_dir, config: TrainConfig, resume: bool = True
         raise DynTreeError("feature_loss must be >= 0")
     world = accelerator.num_processes
     if config.head_type == "eagle":  # trains on whole sequences: a loop of its own (`training.eagle`)
-        from .eagle import train_eagle
-
         if world > 1:
             raise DynTreeError("eagle heads train in one process: run without accelerate launch")
         return train_eagle(loaded, ds, out_dir, config, progress=progress, block_dtype=block_dtype)
