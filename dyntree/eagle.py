@@ -29,7 +29,7 @@ from torch import nn
 
 from .errors import DynTreeError
 from .heads_config import FORMAT_VERSION, HEADS_CONFIG, HEADS_FILE, HeadsConfig
-from .trees.conditional import select_by_depth
+from .trees.conditional import ExpandedChildren, select_by_depth
 
 # The layer's shape, stored in heads.json under "drafter".
 LAYER_FIELDS = ("num_attention_heads", "num_kv_heads", "head_dim", "intermediate_size", "rms_norm_eps",
@@ -367,7 +367,7 @@ class EagleDraft:
         self.roots = root.tolist()
         # (row, path) -> (output feature [H], key [kv_heads, hd], value [kv_heads, hd]) of drafted nodes
         self._nodes: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self._children: dict[tuple[int, tuple[int, ...]], tuple[int, float]] = {}
+        self._children = ExpandedChildren()  # node -> (rank, prob), for `rank_of`
 
     def features(self, requests: list[tuple[int, tuple[int, ...]]]) -> torch.Tensor:
         """The output features `[N, H]` of the requested nodes (computed, and kept, for depth >= 1)."""
@@ -405,16 +405,11 @@ class EagleDraft:
         with torch.inference_mode():
             logits = self.heads.feature_logits(self.features(requests), self.backbone.lm_head.weight_t)
             probs, ids = torch.softmax(logits.float(), dim=-1).topk(self.topk, dim=-1)
-        out = []
-        for (b, path), row_ids, row_probs in zip(requests, ids.tolist(), probs.tolist()):
-            out.append(list(zip(row_ids, row_probs)))
-            for rank, (token, prob) in enumerate(zip(row_ids, row_probs)):
-                self._children[(b, path + (token,))] = (rank, prob)
-        return out
+        return self._children.record(requests, ids.tolist(), probs.tolist())
 
     def rank_of(self, row: int, path: tuple[int, ...]) -> tuple[int, float]:
         """A proposed node's rank among its parent's guesses and its conditional probability."""
-        return self._children[(row, path)]
+        return self._children.rank_of(row, path)
 
     def rows(self, start: int, stop: int) -> "EagleDraft":
         return EagleDraft(self.heads, self.backbone, self.state.rows(start, stop - start),

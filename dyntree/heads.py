@@ -32,7 +32,7 @@ from .errors import DynTreeError
 from .heads_config import FORMAT_VERSION, HEADS_CONFIG, HEADS_FILE, MEDUSA_FILE, HeadsConfig  # noqa: F401
 from .kernels import Dense
 from .quantized import q8_dense
-from .trees.conditional import select_by_depth
+from .trees.conditional import ExpandedChildren, select_by_depth
 
 
 
@@ -416,7 +416,7 @@ class PathDraft:
         self.heads, self.backbone, self.topk = heads, backbone, topk
         self.last_hidden = last_hidden
         self.roots = root.tolist()
-        self._children: dict[tuple[int, tuple[int, ...]], tuple[int, float]] = {}  # node -> (rank, prob)
+        self._children = ExpandedChildren()  # node -> (rank, prob), for `rank_of`
 
     def expand(self, requests: list[tuple[int, tuple[int, ...]]]) -> list[list[tuple[int, float]]]:
         depth = len(requests[0][1])
@@ -426,16 +426,11 @@ class PathDraft:
         path_ids = torch.tensor([[self.roots[b], *path] for b, path in requests], device=rows.device)
         ids, probs = self.heads.topk_given_path(depth, self.last_hidden[rows], path_ids,
                                                 self.backbone.embed_tokens, self.backbone.lm_head, self.topk)
-        out = []
-        for (b, path), row_ids, row_probs in zip(requests, ids.tolist(), probs.tolist()):
-            out.append(list(zip(row_ids, row_probs)))
-            for rank, (token, prob) in enumerate(zip(row_ids, row_probs)):
-                self._children[(b, path + (token,))] = (rank, prob)
-        return out
+        return self._children.record(requests, ids.tolist(), probs.tolist())
 
     def rank_of(self, row: int, path: tuple[int, ...]) -> tuple[int, float]:
         """A proposed node's rank among its parent's guesses and its conditional probability."""
-        return self._children[(row, path)]
+        return self._children.rank_of(row, path)
 
     def rows(self, start: int, stop: int) -> "PathDraft":
         return PathDraft(self.heads, self.backbone, self.last_hidden[start:stop],

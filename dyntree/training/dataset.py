@@ -230,3 +230,27 @@ def recompute_hidden(backbone, tokens: torch.Tensor, prompt_len: int) -> torch.T
     cache = backbone.new_cache(1, tokens.numel() + 1)
     hidden = backbone.forward(tokens.long()[None].to(backbone.device), cache)[0]
     return hidden[prompt_len - 1 : tokens.numel() - 1].to(torch.float16).cpu()
+
+
+def dataset_sequences(datasets, backbone=None, min_response: int = 2, progress: bool = False):
+    """Every sequence of the datasets' shards with at least `min_response` response tokens, as (key, response
+    ids, states `[R, H]`): the states the shards store, or recomputed by `backbone` (what both trainers read)."""
+    from tqdm.auto import tqdm
+
+    shards = [(d, path) for d in datasets for path in d.shard_paths()]
+    for source, path in tqdm(shards, desc="loading shards", disable=not progress):
+        shard = source.read_shard(path, with_hidden=backbone is None)
+        if backbone is None and shard.hidden is None:
+            raise DynTreeError(f"{path} holds no hidden states: train with --no-stored-hidden to recompute them")
+        for i, key in enumerate(shard.keys):
+            start, end = int(shard.offsets[i]), int(shard.offsets[i + 1])
+            plen = int(shard.prompt_lens[i])
+            tokens = shard.tokens[start:end]
+            response = tokens[plen:]
+            if response.numel() < min_response:
+                continue
+            if backbone is None:
+                hidden = shard.hidden[int(shard.hidden_offsets[i]) : int(shard.hidden_offsets[i + 1])]
+            else:
+                hidden = recompute_hidden(backbone, tokens, plen)
+            yield key, response, hidden

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..eagle import EagleHeads
 from ..errors import DynTreeError
-from .dataset import is_validation, recompute_hidden
+from .dataset import dataset_sequences, is_validation
 
 REPORT_FILE = "training_report.json"
 
@@ -75,27 +75,14 @@ def load_sequences(datasets, val_fraction: float, backbone=None) -> tuple[list, 
     validation; states from the shards, or recomputed by `backbone`."""
     parts: dict[bool, list] = {False: [], True: []}
     counts = {"sequences": 0, "response_tokens": 0, "val_sequences": 0}
-    for source in datasets:
-        for path in source.shard_paths():
-            shard = source.read_shard(path, with_hidden=backbone is None)
-            if backbone is None and shard.hidden is None:
-                raise DynTreeError(f"{path} holds no hidden states: train with --no-stored-hidden to recompute them")
-            for i, key in enumerate(shard.keys):
-                start, end = int(shard.offsets[i]), int(shard.offsets[i + 1])
-                plen = int(shard.prompt_lens[i])
-                tokens = shard.tokens[start:end]
-                response = tokens[plen:].long()
-                if response.numel() < 3:  # one scored position needs f_t, f_{t+1} and the two tokens after f_t
-                    continue
-                if backbone is None:
-                    hidden = shard.hidden[int(shard.hidden_offsets[i]) : int(shard.hidden_offsets[i + 1])]
-                else:
-                    hidden = recompute_hidden(backbone, tokens, plen)
-                val = is_validation(key, val_fraction)
-                parts[val].append((hidden, response))
-                counts["sequences"] += 1
-                counts["response_tokens"] += response.numel()
-                counts["val_sequences"] += int(val)
+    # One scored position needs f_t, f_{t+1} and the two tokens after f_t.
+    for key, response, hidden in dataset_sequences(datasets, backbone, min_response=3):
+        response = response.long()
+        val = is_validation(key, val_fraction)
+        parts[val].append((hidden, response))
+        counts["sequences"] += 1
+        counts["response_tokens"] += response.numel()
+        counts["val_sequences"] += int(val)
     if not parts[False]:
         raise DynTreeError("the dataset holds no usable sequences for eagle heads")
     return parts[False], parts[True], counts

@@ -29,8 +29,7 @@ from ..errors import DynTreeError
 from ..heads import HEADS_CONFIG
 from ..interop import load_heads
 from ..model import attention_mask, causal_block
-from .dataset import DistillDataset
-from .train import is_validation
+from .dataset import DistillDataset, is_validation
 
 
 @torch.inference_mode()

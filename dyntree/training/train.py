@@ -31,7 +31,7 @@ from torch import nn
 from ..errors import DynTreeError
 from ..heads import HeadsConfig, HydraHeads, MedusaHeads, heads_class
 from ..interop import load_heads
-from .dataset import DistillDataset, is_validation, model_fingerprint, recompute_hidden  # noqa: F401
+from .dataset import DistillDataset, dataset_sequences, is_validation, model_fingerprint
 from .eagle import train_eagle
 
 IGNORE = -1
@@ -105,39 +105,22 @@ def head_targets(response: torch.Tensor, num_heads: int) -> torch.Tensor:
 def load_examples(ds: DistillDataset, num_heads: int, val_fraction: float, backbone=None,
                   progress: bool = False) -> tuple[Examples, Examples, dict]:
     """Training and validation rows from every shard; states from the shards, or recomputed by `backbone`."""
-    from tqdm.auto import tqdm
-
     parts = {False: ([], [], [], []), True: ([], [], [], [])}
     rows_in = {False: 0, True: 0}
     counts = {"sequences": 0, "response_tokens": 0, "val_sequences": 0}
     datasets = ds if isinstance(ds, (list, tuple)) else [ds]  # several datasets train as one (mixed data)
-    shards = [(d, path) for d in datasets for path in d.shard_paths()]
-    for source, path in tqdm(shards, desc="loading shards", disable=not progress):
-        shard = source.read_shard(path, with_hidden=backbone is None)
-        if backbone is None and shard.hidden is None:
-            raise DynTreeError(f"{path} holds no hidden states: train with --no-stored-hidden to recompute them")
-        for i, key in enumerate(shard.keys):
-            start, end = int(shard.offsets[i]), int(shard.offsets[i + 1])
-            plen = int(shard.prompt_lens[i])
-            tokens = shard.tokens[start:end]
-            response = tokens[plen:]
-            if response.numel() < 2:
-                continue
-            if backbone is None:
-                hidden = shard.hidden[int(shard.hidden_offsets[i]) : int(shard.hidden_offsets[i + 1])]
-            else:
-                hidden = recompute_hidden(backbone, tokens, plen)
-            targets = head_targets(response, num_heads)
-            val = is_validation(key, val_fraction)
-            # Every row is kept (the last has no target) so that row j + k + 1 is the teacher of (j, k).
-            parts[val][0].append(hidden)
-            parts[val][1].append(targets)
-            parts[val][2].append(head_paths(response, num_heads))
-            parts[val][3].append(teacher_rows(response.numel(), num_heads, rows_in[val]))
-            rows_in[val] += response.numel()
-            counts["sequences"] += 1
-            counts["response_tokens"] += response.numel()
-            counts["val_sequences"] += int(val)
+    for key, response, hidden in dataset_sequences(datasets, backbone, min_response=2, progress=progress):
+        targets = head_targets(response, num_heads)
+        val = is_validation(key, val_fraction)
+        # Every row is kept (the last has no target) so that row j + k + 1 is the teacher of (j, k).
+        parts[val][0].append(hidden)
+        parts[val][1].append(targets)
+        parts[val][2].append(head_paths(response, num_heads))
+        parts[val][3].append(teacher_rows(response.numel(), num_heads, rows_in[val]))
+        rows_in[val] += response.numel()
+        counts["sequences"] += 1
+        counts["response_tokens"] += response.numel()
+        counts["val_sequences"] += int(val)
     if not parts[False][0]:
         names = ", ".join(str(d.directory) for d in datasets)
         raise DynTreeError(f"dataset {names} holds no usable sequences")

@@ -49,3 +49,25 @@ def select_by_depth(expand: Expand, batch: int, budget: int, depth_limit: int) -
                 scores[b][parent + (int(token),)] = base * float(prob)
         frontier = [[p for p in best_ranked(scores[b], budget) if len(p) == depth + 1] for b in range(batch)]
     return [[(p, scores[b][p]) for p in best_ranked(scores[b], budget)] for b in range(batch)]
+
+
+class ExpandedChildren:
+    """The children every `expand` call answered, kept by node: a draft's `rank_of` (a proposed node's rank
+    among its parent's guesses and its conditional probability) reads them back."""
+
+    def __init__(self):
+        self._ranks: dict[tuple[int, Path], tuple[int, float]] = {}
+
+    def record(self, requests: list[tuple[int, Path]], ids: list[list[int]],
+               probs: list[list[float]]) -> list[list[tuple[int, float]]]:
+        """Keep each requested node's children (`ids`, `probs`: per request, best first) and return them as
+        `expand` answers them."""
+        out = []
+        for (b, path), row_ids, row_probs in zip(requests, ids, probs):
+            out.append(list(zip(row_ids, row_probs)))
+            for rank, (token, prob) in enumerate(zip(row_ids, row_probs)):
+                self._ranks[(b, path + (token,))] = (rank, prob)
+        return out
+
+    def rank_of(self, row: int, path: Path) -> tuple[int, float]:
+        return self._ranks[(row, path)]
