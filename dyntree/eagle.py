@@ -4,9 +4,11 @@ level of features instead of tokens.
 Why: Medusa and Hydra heads guess from the last state alone (plus the drafted path, for Hydra); EAGLE's drafter
 also reads the whole context, through its own attention over the backbone's features. At position t it reads
 the backbone's feature f_t (the normed state whose lm_head guess is token t+1) and the embedding of the token
-t+1 actually taken, fuses them (`2H -> H`), runs one Llama-style layer (RMSNorm, attention with RoPE, MLP) and
-outputs a feature g_t that imitates f_{t+1}; the backbone's own lm_head (shared, never stored) turns g_t into a
-guess of token t+2. Deeper drafts feed the drafter its own output feature and the drafted token's embedding.
+t+1 actually taken, fuses them (`[embedding; feature]`, `2H -> H`, with a bias), runs one Llama-style layer
+(attention with RoPE, then RMSNorm and the MLP) and outputs a feature g_t that imitates f_{t+1}; the backbone's
+own lm_head (shared, never stored) turns g_t into a guess of token t+2. The layout is EAGLE-1's, so that vLLM
+and SGLang can load the drafter (`interop.export_eagle`): the one layer has no input norm (EAGLE drops it:
+the fused input goes straight into attention) and no final norm. Deeper drafts feed the drafter its own output feature and the drafted token's embedding.
 
 State: the drafter's keys and values over the context's (feature, next token) pairs live in an `EagleState`
 (per sequence, like the backbone's KV cache) that the decoding loop owns: `start` fills it after the prefill,
@@ -105,15 +107,18 @@ class EagleHeads(nn.Module):
 
     def __init__(self, config, vocab_ids: torch.Tensor | None = None):
         super().__init__()
-        if vocab_ids is not None:
-            raise DynTreeError("eagle heads project through the whole lm_head: no vocabulary subset")
         shape = config.drafter or {}
         missing = [f for f in LAYER_FIELDS if f not in shape]
         if missing:
             raise DynTreeError(f"eagle heads config lacks the drafter layer's {', '.join(missing)}")
         if config.num_layers != 1 or config.num_heads < 1:
             raise DynTreeError("eagle heads are one decoder layer (num_layers 1) drafting at least one depth")
-        config.head_type, config.shared_projection, config.vocab_subset = "eagle", True, None
+        if vocab_ids is not None:
+            vocab_ids = vocab_ids.to(torch.long)
+            if vocab_ids.numel() == 0 or int(vocab_ids.min()) < 0 or int(vocab_ids.max()) >= config.vocab_size:
+                raise DynTreeError("eagle heads: vocabulary subset ids outside the vocabulary")
+        config.head_type, config.shared_projection = "eagle", True
+        config.vocab_subset = None if vocab_ids is None else int(vocab_ids.numel())
         self.config = config
         h = config.hidden_size
         self.num_attention_heads = int(shape["num_attention_heads"])
@@ -124,9 +129,8 @@ class EagleHeads(nn.Module):
         if self.num_attention_heads % self.num_kv_heads:
             raise DynTreeError("eagle heads: attention heads must be a multiple of key/value heads")
         nh, nkv, hd = self.num_attention_heads, self.num_kv_heads, self.head_dim
-        self.fuse_weight = nn.Parameter(torch.zeros(h, 2 * h))  # [feature; token embedding] -> H
+        self.fuse_weight = nn.Parameter(torch.zeros(h, 2 * h))  # [token embedding; feature] -> H
         self.fuse_bias = nn.Parameter(torch.zeros(h))
-        self.attn_norm = nn.Parameter(torch.ones(h))
         self.q_weight = nn.Parameter(torch.zeros(nh * hd, h))
         self.k_weight = nn.Parameter(torch.zeros(nkv * hd, h))
         self.v_weight = nn.Parameter(torch.zeros(nkv * hd, h))
@@ -138,8 +142,11 @@ class EagleHeads(nn.Module):
         theta = float(shape["rope_theta"])
         inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
-        self.register_buffer("vocab_ids", None, persistent=False)
+        # The lm_head rows drafts may guess (the most frequent tokens of the training answers), or None for all:
+        # on a CPU the projection is most of a draft's cost, and each depth of a tree pays it.
+        self.register_buffer("vocab_ids", vocab_ids, persistent=False)
         self._shared_cache: tuple[tuple, torch.Tensor] | None = None
+        self._native_cache: tuple[tuple, dict] | None = None
 
     @property
     def num_heads(self) -> int:
@@ -162,7 +169,7 @@ class EagleHeads(nn.Module):
         h = self.config.hidden_size
         for p in self.matrices():
             p.copy_(torch.randn(p.shape, generator=gen) * scale)
-        self.fuse_weight[:, :h] += torch.eye(h)
+        self.fuse_weight[:, h:] += torch.eye(h)
         self.fuse_bias.zero_()
         return self
 
@@ -173,7 +180,7 @@ class EagleHeads(nn.Module):
         heads.init_weights(seed, scale)
         with torch.no_grad():
             gen = torch.Generator().manual_seed(seed + 1)
-            for p in (heads.fuse_bias, heads.attn_norm, heads.mlp_norm):
+            for p in (heads.fuse_bias, heads.mlp_norm):
                 p.add_(torch.randn(p.shape, generator=gen) * scale)
         return heads
 
@@ -185,29 +192,66 @@ class EagleHeads(nn.Module):
         """Nothing: the projection is the backbone's lm_head."""
 
     def prepare_for(self, backbone) -> None:
-        """The fp32 copy of the backbone's lm_head, made at load rather than in the first timed pass."""
-        self._lm_head_t(backbone.lm_head.weight_t)
+        """What drafting on `backbone` builds on first use (Q8_0 copies on a quantized backbone, else the fp32
+        projection), made at load rather than in the first timed pass."""
+        if self._native_lib(backbone) is not None:
+            self._native(backbone)
+        else:
+            self._lm_head_t(backbone.lm_head.weight_t)
+
+    @staticmethod
+    def _native_lib(backbone):
+        return getattr(backbone.lm_head, "lib", None)
+
+    def _native(self, backbone) -> dict:
+        """The layer's products and the projection as Q8_0 `NativeDense` for a quantized backbone (inference
+        only: drafts may round, verification decides what is kept). Made again when a parameter changes."""
+        from .quantized import q8_dense
+
+        lib = self._native_lib(backbone)
+        key = (id(lib), *((p.data_ptr(), p._version) for p in self.parameters()))
+        if self._native_cache is None or self._native_cache[0] != key:
+            rows = backbone.lm_head.weight if self.vocab_ids is None else backbone.lm_head.weight[self.vocab_ids]
+            with torch.no_grad():
+                ops = {
+                    "fuse": q8_dense(self.fuse_weight.detach().float().contiguous(), self.fuse_bias.detach(), lib),
+                    "qkv": q8_dense(torch.cat([self.q_weight, self.k_weight, self.v_weight]).detach().float(), None, lib),
+                    "o": q8_dense(self.o_weight.detach().float().contiguous(), None, lib),
+                    "gate_up": q8_dense(torch.cat([self.gate_weight, self.up_weight]).detach().float(), None, lib),
+                    "down": q8_dense(self.down_weight.detach().float().contiguous(), None, lib),
+                    "projection": backbone.lm_head if self.vocab_ids is None else q8_dense(rows.contiguous(), None, lib),
+                }
+            self._native_cache = (key, ops)
+        return self._native_cache[1]
 
     # -- the layer -------------------------------------------------------------------------------------
-    def fuse(self, features: torch.Tensor, next_ids: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
-        """`[..., H]` features and `[...]` ids of the tokens after them -> the layer's input `[..., H]`."""
+    def fuse(self, features: torch.Tensor, next_ids: torch.Tensor, embed: torch.Tensor, ops: dict | None = None
+             ) -> torch.Tensor:
+        """`[..., H]` features and `[...]` ids of the tokens after them -> the layer's input `[..., H]`
+        (`ops`: the Q8_0 products of `_native`, else the fp32 parameters)."""
         dtype = self.fuse_weight.dtype
-        pair = torch.cat([features.to(dtype), F.embedding(next_ids, embed).to(dtype)], dim=-1)
+        pair = torch.cat([F.embedding(next_ids, embed).to(dtype), features.to(dtype)], dim=-1)
+        if ops is not None:
+            return ops["fuse"](pair)
         return F.linear(pair, self.fuse_weight, self.fuse_bias)
 
     def layer(self, x: torch.Tensor, positions: torch.Tensor, past_keys: torch.Tensor | None = None,
-              past_values: torch.Tensor | None = None, past_visible: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              past_values: torch.Tensor | None = None, past_visible: torch.Tensor | None = None,
+              ops: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The decoder layer on `x` `[N, n, H]` at `positions` `[N, n]`, the n new pairs causal among
         themselves and seeing the `past_visible` `[N, P]` slots of `past_keys`/`past_values`
         `[N, kv_heads, P, head_dim]`. Returns the output features `[N, n, H]` and the new pairs' (rotated)
         keys and values `[N, kv_heads, n, head_dim]`."""
         batch, n, h = x.shape
         nh, nkv, hd = self.num_attention_heads, self.num_kv_heads, self.head_dim
-        normed = F.rms_norm(x, (h,), self.attn_norm, self.eps)
-        q = F.linear(normed, self.q_weight).view(batch, n, nh, hd).transpose(1, 2)
-        k = F.linear(normed, self.k_weight).view(batch, n, nkv, hd).transpose(1, 2)
-        v = F.linear(normed, self.v_weight).view(batch, n, nkv, hd).transpose(1, 2)
+        # No input norm: EAGLE's first layer feeds the fused pair straight into attention.
+        if ops is not None:
+            q, k, v = ops["qkv"](x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        else:
+            q, k, v = F.linear(x, self.q_weight), F.linear(x, self.k_weight), F.linear(x, self.v_weight)
+        q = q.reshape(batch, n, nh, hd).transpose(1, 2)
+        k = k.reshape(batch, n, nkv, hd).transpose(1, 2)
+        v = v.reshape(batch, n, nkv, hd).transpose(1, 2)
         angles = positions.to(self.inv_freq.dtype)[..., None] * self.inv_freq  # [N, n, hd/2]
         angles = torch.cat([angles, angles], dim=-1)[:, None]  # [N, 1, n, hd]
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
@@ -222,7 +266,12 @@ class EagleHeads(nn.Module):
             keys = keys.repeat_interleave(nh // nkv, dim=1)
             values = values.repeat_interleave(nh // nkv, dim=1)
         attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[:, None])
-        x = x + F.linear(attn.transpose(1, 2).reshape(batch, n, nh * hd), self.o_weight)
+        attn = attn.transpose(1, 2).reshape(batch, n, nh * hd)
+        if ops is not None:
+            x = x + ops["o"](attn)
+            gate, up = ops["gate_up"](F.rms_norm(x, (h,), self.mlp_norm, self.eps)).chunk(2, dim=-1)
+            return x + ops["down"](F.silu(gate) * up), k, v
+        x = x + F.linear(attn, self.o_weight)
         normed = F.rms_norm(x, (h,), self.mlp_norm, self.eps)
         x = x + F.linear(F.silu(F.linear(normed, self.gate_weight)) * F.linear(normed, self.up_weight),
                          self.down_weight)
@@ -237,19 +286,43 @@ class EagleHeads(nn.Module):
         return self.layer(self.fuse(features, next_ids, embed), positions)[0]
 
     def feature_logits(self, features: torch.Tensor, lm_head_weight_t: torch.Tensor) -> torch.Tensor:
-        """The backbone's lm_head on drafted features: `[..., H]` -> `[..., V]` (in the drafter's dtype)."""
+        """The backbone's lm_head on drafted features: `[..., H]` -> `[..., V']` over the drafter's vocabulary
+        (all of it, or `vocab_ids`), in the drafter's dtype."""
         return features @ self._lm_head_t(lm_head_weight_t)
 
+    def projection_rows(self, lm_head_weight_t: torch.Tensor) -> torch.Tensor:
+        """The lm_head `[H, V']` over the drafter's vocabulary (what training multiplies by)."""
+        return self._lm_head_t(lm_head_weight_t)
+
+    def local_ids(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids -> their index in the drafter's vocabulary (-1 outside it); the identity without a subset."""
+        if self.vocab_ids is None:
+            return token_ids
+        table = torch.full((self.config.vocab_size,), -1, dtype=torch.long, device=token_ids.device)
+        table[self.vocab_ids.to(token_ids.device)] = torch.arange(self.vocab_ids.numel(), device=token_ids.device)
+        return table[token_ids]
+
+    def draft_logits(self, features: torch.Tensor, backbone, ops: dict | None = None) -> torch.Tensor:
+        """`feature_logits` as drafting computes them: through the Q8_0 projection of `ops` when given."""
+        if ops is not None:
+            return ops["projection"](features)
+        return self.feature_logits(features, backbone.lm_head.weight_t)
+
     def _lm_head_t(self, lm_head_weight_t: torch.Tensor) -> torch.Tensor:
-        """The lm_head `[H, V]` in the drafter's dtype (an fp32 copy of a bf16 backbone's, made once; keyed by
+        """The lm_head `[H, V']` in the drafter's dtype, restricted to `vocab_ids` (a copy made once; keyed by
         the weight's storage, as callers may pass a fresh view)."""
         dtype = self.fuse_weight.dtype
-        if lm_head_weight_t.dtype == dtype:
+        if lm_head_weight_t.dtype == dtype and self.vocab_ids is None:
             return lm_head_weight_t
         key = (lm_head_weight_t.data_ptr(), lm_head_weight_t.dtype, dtype)
         if self._shared_cache is None or self._shared_cache[0] != key:
-            self._shared_cache = (key, lm_head_weight_t.to(dtype).contiguous())
+            rows = lm_head_weight_t if self.vocab_ids is None else lm_head_weight_t[:, self.vocab_ids]
+            self._shared_cache = (key, rows.to(dtype).contiguous())
         return self._shared_cache[1]
+
+    def draft_ops(self, backbone) -> dict | None:
+        """The products drafting uses on `backbone`: Q8_0 copies on a quantized one (None: fp32 parameters)."""
+        return self._native(backbone) if self._native_lib(backbone) is not None else None
 
     # -- the drafting contract ---------------------------------------------------------------------------
     def new_state(self, batch_size: int, max_len: int, device=None) -> EagleState:
@@ -297,9 +370,10 @@ class EagleHeads(nn.Module):
             raise DynTreeError(f"the drafter's cache is full ({state.max_len} pairs)")
         past = int(held.max())
         positions = held[:, None] + torch.arange(n, device=device)[None]
-        x = self.fuse(x_features, x_ids, backbone.embed_tokens)
+        ops = self.draft_ops(backbone)
+        x = self.fuse(x_features, x_ids, backbone.embed_tokens, ops)
         visible = torch.arange(past, device=device)[None] < held[:, None]
-        out, k, v = self.layer(x, positions, state.keys[rows, :, :past], state.values[rows, :, :past], visible)
+        out, k, v = self.layer(x, positions, state.keys[rows, :, :past], state.values[rows, :, :past], visible, ops)
         for i, b in enumerate(live):
             start, c = int(held[i]), counts[i]
             state.keys[b, :, start : start + c] = k[i, :, :c]
@@ -318,9 +392,46 @@ class EagleHeads(nn.Module):
                 self.append(state, backbone, list(last_hidden[:, None]), [[r] for r in root.tolist()])
         return EagleDraft(self, backbone, state, root, topk)
 
+    @torch.inference_mode()
+    def draft_along(self, backbone, states: torch.Tensor, tokens: torch.Tensor, start: int, topk: int) -> "EagleDraft":
+        """The drafts of every step of one recorded sequence (offline replay and evaluation; `MedusaHeads.
+        draft_along` has the layout): the drafter runs once, teacher-forced, over all the sequence's pairs
+        (state i, token i + 1); the step whose root is token j holds the first j pairs, as decoding would."""
+        pairs = tokens.numel() - 1
+        if states.shape[0] < pairs or start < 1:
+            raise ValueError("eagle heads replay from the state of every position before the last")
+        device = self.fuse_weight.device
+        tokens = tokens.to(device)
+        ops = self.draft_ops(backbone)  # the products decoding uses, so replay sees decoding's drafts
+        x = self.fuse(states[:pairs].to(device)[None], tokens[1:][None], backbone.embed_tokens, ops)
+        out, keys, values = self.layer(x, torch.arange(pairs, device=device)[None], ops=ops)
+        roots = tokens[start:]
+        held = torch.arange(start, start + roots.numel(), device=device)  # pairs held when token j is the root: j
+        count = roots.numel()
+        state = EagleState(keys.expand(count, -1, -1, -1), values.expand(count, -1, -1, -1), held, out[0, held - 1])
+        return EagleDraft(self, backbone, state, roots.cpu(), topk)
+
+    @torch.inference_mode()
+    def logits_along(self, backbone, states: torch.Tensor, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        """Every depth's logits `[R, K, V]` at the steps whose roots are `tokens[start:]`, each depth given the
+        true tokens before its guess (the drafter's own features, as in decoding): what per-depth accuracy
+        reads. Paths past the sequence's end are padded with token 0 (their targets do not exist)."""
+        draft = self.draft_along(backbone, states, tokens, start, 1)
+        response = tokens[start:].tolist()
+        count, depth = len(response), self.num_heads
+        padded = response + [0] * depth
+        out = []
+        for d in range(depth):
+            requests = [(k, tuple(padded[k + 1 : k + 1 + d])) for k in range(count)]
+            out.append(self.draft_logits(draft.features(requests), backbone, draft.ops).float())
+        return torch.stack(out, 1)
+
     # -- persistence -----------------------------------------------------------------------------------
     def stored_tensors(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        return {name: p.detach().to(dtype).contiguous() for name, p in self.named_parameters()}
+        tensors = {name: p.detach().to(dtype).contiguous() for name, p in self.named_parameters()}
+        if self.vocab_ids is not None:
+            tensors["vocab_ids"] = self.vocab_ids.to(torch.int32).contiguous()
+        return tensors
 
     @torch.no_grad()
     def round_to_storage(self, block_dtype: torch.dtype = torch.float32, int8_projection: bool = False) -> None:
@@ -368,6 +479,7 @@ class EagleDraft:
         # (row, path) -> (output feature [H], key [kv_heads, hd], value [kv_heads, hd]) of drafted nodes
         self._nodes: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._children = ExpandedChildren()  # node -> (rank, prob), for `rank_of`
+        self.ops = heads.draft_ops(backbone)
 
     def features(self, requests: list[tuple[int, tuple[int, ...]]]) -> torch.Tensor:
         """The output features `[N, H]` of the requested nodes (computed, and kept, for depth >= 1)."""
@@ -391,9 +503,9 @@ class EagleDraft:
             keys = torch.cat([keys, torch.stack([torch.stack([a[1] for a in chain], 1) for chain in ancestors])], 2)
             values = torch.cat([values, torch.stack([torch.stack([a[2] for a in chain], 1) for chain in ancestors])], 2)
             visible = torch.cat([visible, visible.new_ones(len(requests), depth - 1)], 1)
-        x = heads.fuse(parents, tokens, self.backbone.embed_tokens)[:, None]
+        x = heads.fuse(parents, tokens, self.backbone.embed_tokens, self.ops)[:, None]
         positions = (held + depth - 1)[:, None]
-        out, k, v = heads.layer(x, positions, keys, values, visible)
+        out, k, v = heads.layer(x, positions, keys, values, visible, self.ops)
         for i, (b, path) in enumerate(requests):
             self._nodes[(b, path)] = (out[i, 0], k[i, :, 0], v[i, :, 0])
         return out[:, 0]
@@ -403,8 +515,10 @@ class EagleDraft:
 
     def expand(self, requests: list[tuple[int, tuple[int, ...]]]) -> list[list[tuple[int, float]]]:
         with torch.inference_mode():
-            logits = self.heads.feature_logits(self.features(requests), self.backbone.lm_head.weight_t)
+            logits = self.heads.draft_logits(self.features(requests), self.backbone, self.ops)
             probs, ids = torch.softmax(logits.float(), dim=-1).topk(self.topk, dim=-1)
+            if self.heads.vocab_ids is not None:
+                ids = self.heads.vocab_ids[ids]
         return self._children.record(requests, ids.tolist(), probs.tolist())
 
     def rank_of(self, row: int, path: tuple[int, ...]) -> tuple[int, float]:

@@ -131,6 +131,25 @@ def test_a_drafter_that_learnt_the_backbone_gets_tokens_accepted(tiny_backbone):
     run = Decoder(tiny_backbone, heads, proposer).run([prompt], 60, stop_at_eos=False).consume()
     assert run.tokens[0] == plain
     assert run.stats.mean_accepted_per_pass > 1.5
+    # Offline replay on the recorded continuation (states of every position) accepts what decoding accepted.
+    from dyntree.eval.replay import replay, with_states
+
+    record = with_states([{"tokens": tokens, "prompt_len": len(prompt)}], tiny_backbone)[0]
+    make = lambda: build_proposer(TreeConfig(kind="dynamic", size=8, topk=3, lookup=0, recycle=0), 3,  # noqa: E731
+                                  conditional=True)
+    assert replay(make(), record, heads=heads, backbone=tiny_backbone).accepted_lengths == run.stats.accepted_lengths
+    with pytest.raises(ValueError, match="states"):
+        replay(make(), {"tokens": tokens, "prompt_len": len(prompt), "hidden": record["hidden"]}, heads=heads,
+               backbone=tiny_backbone)
+    # Per-depth logits along the sequence: depth 1 of the step with root j is the draft's first guess there.
+    logits = heads.logits_along(tiny_backbone, record["states"], torch.tensor(tokens), len(prompt))
+    assert logits.shape[:2] == (len(plain), 3)
+    draft = heads.draft_along(tiny_backbone, record["states"], torch.tensor(tokens), len(prompt), 1)
+    k = 5
+    first = draft.rows(k, k + 1).expand([(0, ())])[0][0][0]
+    assert int(logits[k, 0].argmax()) == first
+    second = draft.rows(k, k + 1).expand([(0, (tokens[len(prompt) + k + 1],))])[0][0][0]
+    assert int(logits[k, 1].argmax()) == second
 
 
 def test_eagle_round_trip(tmp_path, tiny_backbone):
@@ -226,6 +245,37 @@ def test_objective_matches_brute_force_and_a_few_steps_lower_it(tiny_backbone):
     assert float(objective(features, next_ids, lengths)[0].detach()) < 0.8 * first
 
 
+def test_objective_over_a_vocabulary_subset_scores_choices_inside_it(tiny_backbone):
+    """With a vocabulary subset the drafter's logits cover the subset only: the loss is CE over it against the
+    given choices that fall inside (others are misses, out of the loss), brute force position by position."""
+    from dyntree.training.eagle import EagleObjective, subset_of_choices
+
+    gen = torch.Generator().manual_seed(6)
+    tokens = torch.randint(3, 128, (14,), generator=gen)
+    states = backbone_states(tiny_backbone, tokens.tolist())
+    features, next_ids = states[None, :-1], tokens[None, 1:]
+    choices = torch.randint(3, 40, (1, 13), generator=gen)
+    vocab, coverage = subset_of_choices([(None, None, choices[0])], tiny_backbone.config.vocab_size, 8)
+    assert vocab.numel() == 8 and 0 < coverage < 1
+    base = EagleHeads.for_backbone(tiny_backbone.config, depth=2).init_weights(seed=0)
+    heads = EagleHeads(base.config, vocab)
+    heads.load_state_dict(base.state_dict())
+    lm, embed = tiny_backbone.lm_head.weight_t.float(), tiny_backbone.embed_tokens.float()
+    loss, stats = EagleObjective(heads, lm, embed)(features, next_ids, torch.tensor([13]), choices)
+    with torch.no_grad():
+        out = heads.sequence_features(features, next_ids, embed)[0]
+    ce, hits, ids = [], 0, vocab.tolist()
+    for t in range(12):
+        target = int(choices[0, t + 1])
+        logits = out[t] @ lm[:, vocab]
+        if target in ids:
+            ce.append(-torch.log_softmax(logits, -1)[ids.index(target)])
+            hits += int(ids[int(logits.argmax())] == target)
+    assert float(loss.detach()) == pytest.approx(float(torch.stack(ce).mean()), rel=1e-5)
+    assert stats.tolist() == [12, hits]
+    assert heads.local_ids(torch.tensor([ids[3], 127])).tolist() == [3, -1]
+
+
 def test_train_cli_eagle_end_to_end(tmp_path):
     """`dyntree distill` then `dyntree train --head-type eagle`: the saved drafter loads and decodes token-exact."""
     from dyntree.cli import main as cli_main
@@ -291,9 +341,9 @@ def test_engine_batches_eagle_rows_token_exact_and_keeps_each_rows_drafter_state
             heads.start(fresh, backbone, states[None], [context[:-1]], torch.tensor([context[-1]]))
             held = len(context) - 1
             assert int(engine._drafter.lengths[b]) == held == int(engine._cache.lengths[b])
-            torch.testing.assert_close(engine._drafter.last[b], fresh.last[0], atol=1e-4, rtol=1e-4)
-            torch.testing.assert_close(engine._drafter.keys[b, :, :held], fresh.keys[0, :, :held], atol=1e-4,
-                                       rtol=1e-4)
+            torch.testing.assert_close(engine._drafter.last[b], fresh.last[0], atol=1e-3, rtol=1e-3)
+            torch.testing.assert_close(engine._drafter.keys[b, :, :held], fresh.keys[0, :, :held], atol=1e-3,
+                                       rtol=1e-3)  # batched vs one row: float noise only
             checked += 1
     assert all(any(e[0] == "done" for e in s) for s in sinks), [[str(e[1]) for e in s if e[0] == "error"] for s in sinks]
     answers = [next(e[1] for e in s if e[0] == "done").token_ids for s in sinks]

@@ -217,3 +217,43 @@ def test_gguf_weights_refuse_a_hugging_face_directory(tiny_model_dir):
     """The file's blocks exist for the default model only: another model must not silently get its weights."""
     with pytest.raises(DynTreeError, match="--weights gguf runs the default model's GGUF file"):
         load_model(tiny_model_dir, weights="gguf")
+
+
+@pytest.mark.parametrize("subset", [None, 40])
+def test_eagle_drafts_on_the_quantized_backbone_are_exact_and_replay_like_decoding(q4_tiny, subset):
+    """Eagle heads draft through Q8_0 copies of their layer (and of the lm_head rows of their vocabulary) on a
+    quantized backbone: decoding stays token-exact, drafts round only a little against the fp32 parameters,
+    and replay on the recorded states accepts exactly what decoding accepted."""
+    from dyntree.config import TreeConfig
+    from dyntree.eagle import EagleHeads
+    from dyntree.eval.replay import replay, with_states
+    from dyntree.proposers import build_proposer
+
+    backbone = q4_tiny.backbone
+    vocab = None if subset is None else torch.arange(3, 3 + subset)
+    heads = EagleHeads.random(backbone.config, num_heads=3, scale=0.3, seed=1)
+    if vocab is not None:
+        heads = EagleHeads(heads.config, vocab).eval()
+        heads.load_tensors(EagleHeads.random(backbone.config, num_heads=3, scale=0.3, seed=1).stored_tensors(), "x")
+    assert heads.draft_ops(backbone) is not None
+    prompt = [1, 5, 6, 7, 8, 9, 10]
+
+    def make():
+        return build_proposer(TreeConfig(kind="dynamic", size=8, topk=3, lookup=0, recycle=0), 3, conditional=True)
+
+    reference = plain(backbone, prompt, 30)
+    run = Decoder(backbone, heads, make(), eos_token_ids=()).run([prompt], 30).consume()
+    assert run.tokens[0] == reference
+    record = with_states([{"tokens": prompt + reference, "prompt_len": len(prompt)}], backbone)[0]
+    assert replay(make(), record, heads=heads, backbone=backbone).accepted_lengths == run.stats.accepted_lengths
+    # Q8_0 drafting against the fp32 parameters: the same features up to rounding, guesses in the vocabulary.
+    draft = heads.draft_along(backbone, record["states"], torch.tensor(record["tokens"]), len(prompt), 5)
+    requests = [(k, ()) for k in range(10)]
+    fast = draft.features(requests)
+    exact = heads.sequence_features(record["states"][None, : len(prompt) + 9],
+                                    torch.tensor([record["tokens"][1 : len(prompt) + 10]]),
+                                    backbone.embed_tokens)[0, len(prompt) - 1 :]
+    assert (fast - exact).norm() / exact.norm() < 0.2  # Q8_0 rounding of random weights; a wrong product is ~1
+    guesses = draft.rows(0, 1).expand([(0, ())])[0]
+    if vocab is not None:
+        assert all(int(t) in set(vocab.tolist()) for t, _ in guesses)

@@ -7,6 +7,11 @@ t+2 (the argmax of lm_head(f_{t+1}), mixed with that whole distribution by `soft
 `feature_loss`, smooth L1 towards f_{t+1} itself (EAGLE weighs the regression 10x the classification). Only
 the first depth is teacher-forced; deeper drafts feed the drafter its own features, as in EAGLE-1.
 
+The backbone's choices are read once, at load: in greedy self-distilled data they are the answers' own tokens
+(chosen by the weights that wrote them); otherwise the argmax of the lm_head over each state. With
+`vocab_subset`, the drafter guesses among the most frequent of those choices only (a choice outside it is a
+miss, left out of the loss): on a CPU each depth of a draft pays for its projection.
+
 Why a loop of its own: the drafter attends over whole sequences, so it trains on sequences (padded into
 batches of about `batch_size` tokens), not on the shuffled rows the Medusa/Hydra trainer uses. One process,
 no checkpoints: the drafter is one layer and a tiny dataset trains in minutes.
@@ -43,8 +48,10 @@ class EagleObjective(nn.Module):
         self.lm_head_weight_t, self.embed = lm_head_weight_t, embed  # frozen, not parameters
         self.feature_loss, self.soft_targets, self.hidden_noise = feature_loss, soft_targets, hidden_noise
 
-    def forward(self, features: torch.Tensor, next_ids: torch.Tensor, lengths: torch.Tensor):
-        """`features` `[B, T, H]` (f_t, right-padded), `next_ids` `[B, T]` (token t+1), `lengths` `[B]`."""
+    def forward(self, features: torch.Tensor, next_ids: torch.Tensor, lengths: torch.Tensor,
+                choices: torch.Tensor | None = None):
+        """`features` `[B, T, H]` (f_t, right-padded), `next_ids` `[B, T]` (token t+1), `lengths` `[B]`,
+        `choices` `[B, T]` the backbone's choice after f_t (None: the argmax of the lm_head, computed here)."""
         features = features.float()
         inputs = features
         if self.training and self.hidden_noise > 0:
@@ -55,34 +62,60 @@ class EagleObjective(nn.Module):
         positions = torch.arange(out.shape[1], device=out.device)
         valid = positions[None] < (lengths[:, None] - 1)  # t + 1 must be a real position
         g, f_next = out[valid], target_features[valid]  # [N, H]
-        logits = g @ self.lm_head_weight_t
+        projection = self.heads.projection_rows(self.lm_head_weight_t)  # [H, V']
+        logits = g @ projection
         with torch.no_grad():
-            teacher_logits = f_next @ self.lm_head_weight_t
-            target = teacher_logits.argmax(-1)
-        loss = (1 - self.soft_targets) * F.cross_entropy(logits, target)
+            if choices is None:
+                target = (f_next @ self.lm_head_weight_t).argmax(-1)
+            else:
+                target = choices[:, 1:][valid]
+            local = self.heads.local_ids(target)  # index in the drafter's vocabulary, -1 outside it
+        inside = local >= 0
+        loss = g.sum() * 0.0
+        if bool(inside.any()):
+            loss = loss + (1 - self.soft_targets) * F.cross_entropy(logits[inside], local[inside])
         if self.soft_targets > 0:
-            log_q = torch.log_softmax(logits, -1)
-            loss = loss + self.soft_targets * -(torch.softmax(teacher_logits, -1) * log_q).sum(-1).mean()
+            with torch.no_grad():
+                teacher = torch.softmax(f_next @ projection, -1)
+            loss = loss + self.soft_targets * -(teacher * torch.log_softmax(logits, -1)).sum(-1).mean()
         if self.feature_loss > 0:
             loss = loss + self.feature_loss * F.smooth_l1_loss(g, f_next)
         with torch.no_grad():
-            stats = torch.stack([valid.sum(), (logits.argmax(-1) == target).sum()]).float()
+            stats = torch.stack([valid.sum(), ((logits.argmax(-1) == local) & inside).sum()]).float()
         return loss, stats
 
 
-def load_sequences(datasets, val_fraction: float, backbone=None) -> tuple[list, list, dict]:
-    """Per sequence (states `[R, H]` fp16, the tokens after them `[R]`), split by content into training and
-    validation; states from the shards, or recomputed by `backbone`."""
+def greedy_self_distilled(dataset) -> bool:
+    """Whether a dataset's answers are the backbone's own greedy choices (then they are its targets as well)."""
+    manifest = dataset.manifest
+    return not manifest.get("teacher_forced") and manifest.get("sampling", {}).get("temperature", 0.0) == 0.0
+
+
+@torch.no_grad()
+def backbone_choices(hidden: torch.Tensor, lm_head_weight_t: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """The lm_head's argmax over each state `[R, H]` -> `[R]` (for data whose tokens are not the model's)."""
+    return torch.cat([(part.float() @ lm_head_weight_t).argmax(-1) for part in hidden.split(chunk)])
+
+
+def load_sequences(datasets, val_fraction: float, backbone=None, lm_head_weight_t: torch.Tensor | None = None
+                   ) -> tuple[list, list, dict]:
+    """Per sequence (states `[R, H]` fp16, the tokens after them `[R]`, the backbone's choices after them `[R]`),
+    split by content into training and validation; states from the shards, or recomputed by `backbone`."""
     parts: dict[bool, list] = {False: [], True: []}
     counts = {"sequences": 0, "response_tokens": 0, "val_sequences": 0}
     # One scored position needs f_t, f_{t+1} and the two tokens after f_t.
-    for key, response, hidden in dataset_sequences(datasets, backbone, min_response=3):
-        response = response.long()
-        val = is_validation(key, val_fraction)
-        parts[val].append((hidden, response))
-        counts["sequences"] += 1
-        counts["response_tokens"] += response.numel()
-        counts["val_sequences"] += int(val)
+    for dataset in datasets:
+        own = greedy_self_distilled(dataset)
+        if not own and lm_head_weight_t is None:
+            raise DynTreeError(f"{dataset.directory} is not greedy self-distilled: the lm_head must score it")
+        for key, response, hidden in dataset_sequences([dataset], backbone, min_response=3):
+            response = response.long()
+            val = is_validation(key, val_fraction)
+            choices = response if own else backbone_choices(hidden, lm_head_weight_t)
+            parts[val].append((hidden, response, choices))
+            counts["sequences"] += 1
+            counts["response_tokens"] += response.numel()
+            counts["val_sequences"] += int(val)
     if not parts[False]:
         raise DynTreeError("the dataset holds no usable sequences for eagle heads")
     return parts[False], parts[True], counts
@@ -102,16 +135,18 @@ def batches(sequences: list, tokens_per_batch: int, order: list[int]) -> list[li
     return out
 
 
-def pad(sequences: list, index: list[int], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sequences `index` right-padded: features `[B, T, H]`, next ids `[B, T]`, lengths `[B]`."""
+def pad(sequences: list, index: list[int], device) -> tuple[torch.Tensor, ...]:
+    """Sequences `index` right-padded: features `[B, T, H]`, next ids `[B, T]`, lengths `[B]`, choices `[B, T]`."""
     lengths = [sequences[i][1].numel() for i in index]
     h = sequences[index[0]][0].shape[1]
     features = torch.zeros(len(index), max(lengths), h)
     next_ids = torch.zeros(len(index), max(lengths), dtype=torch.long)
+    choices = torch.zeros(len(index), max(lengths), dtype=torch.long)
     for row, i in enumerate(index):
         features[row, : lengths[row]] = sequences[i][0].float()
         next_ids[row, : lengths[row]] = sequences[i][1]
-    return features.to(device), next_ids.to(device), torch.tensor(lengths, device=device)
+        choices[row, : lengths[row]] = sequences[i][2]
+    return (features.to(device), next_ids.to(device), torch.tensor(lengths, device=device), choices.to(device))
 
 
 def evaluate(objective: EagleObjective, sequences: list, device, tokens_per_batch: int = 4096) -> dict | None:
@@ -130,6 +165,16 @@ def evaluate(objective: EagleObjective, sequences: list, device, tokens_per_batc
     return {"top1": [float(totals[1]) / n], "loss": loss_sum / n, "positions": int(totals[0])}
 
 
+def subset_of_choices(sequences: list, vocab_size: int, count: int) -> tuple[torch.Tensor | None, float]:
+    """The `count` most frequent backbone choices of the training sequences (sorted ids), and the share of all
+    choices they cover; (None, 1.0) for the whole vocabulary."""
+    if not count or count >= vocab_size:
+        return None, 1.0
+    hist = torch.bincount(torch.cat([s[2] for s in sequences]), minlength=vocab_size)
+    ids = hist.topk(count).indices.sort().values
+    return ids, float(hist[ids].sum()) / max(float(hist.sum()), 1.0)
+
+
 def train_eagle(loaded, datasets, out_dir, config, progress: bool = True,
                 block_dtype: torch.dtype = torch.float32) -> dict:
     """Train an EAGLE-style drafter for `loaded`'s backbone (`config`: a `TrainConfig`; its num_heads is the
@@ -140,13 +185,15 @@ def train_eagle(loaded, datasets, out_dir, config, progress: bool = True,
     from ..interop import load_heads
 
     started = time.perf_counter()
-    if not config.shared_projection:  # (a vocabulary subset is ignored: the whole lm_head is the projection)
+    if not config.shared_projection:
         raise DynTreeError("eagle heads project through the backbone's lm_head: no --own-projection")
     if config.num_layers != 1:
         raise DynTreeError("eagle heads are one decoder layer: --num-layers 1")
     device = loaded.backbone.device
     backbone = None if config.use_stored_hidden else loaded.backbone
-    train_seqs, val_seqs, counts = load_sequences(datasets, config.val_fraction, backbone)
+    lm_head_t = loaded.backbone.lm_head.weight_t.detach().float()
+    train_seqs, val_seqs, counts = load_sequences(datasets, config.val_fraction, backbone, lm_head_t)
+    vocab_ids, coverage = subset_of_choices(train_seqs, loaded.config.vocab_size, config.vocab_subset)
     torch.manual_seed(config.seed)
     heads = EagleHeads.for_backbone(loaded.config, depth=config.num_heads).init_weights(seed=config.seed)
     if config.init_heads:
@@ -154,8 +201,12 @@ def train_eagle(loaded, datasets, out_dir, config, progress: bool = True,
         if not isinstance(start, EagleHeads) or start.config.drafter != heads.config.drafter:
             raise DynTreeError(f"--init-heads {config.init_heads} are not eagle heads of this drafter's shape")
         heads.load_state_dict(start.state_dict())
+    if vocab_ids is not None:  # the same weights, guessing among the subset
+        weights = heads.state_dict()
+        heads = EagleHeads(heads.config, vocab_ids)
+        heads.load_state_dict(weights)
     heads.to(device)
-    objective = EagleObjective(heads, loaded.backbone.lm_head.weight_t.detach().float(),
+    objective = EagleObjective(heads, lm_head_t,
                                loaded.backbone.embed_tokens.detach().float(), config.feature_loss,
                                config.soft_targets, config.hidden_noise)
     per_epoch = len(batches(train_seqs, config.batch_size, list(range(len(train_seqs)))))
@@ -191,7 +242,7 @@ def train_eagle(loaded, datasets, out_dir, config, progress: bool = True,
     bar.close()
     heads.round_to_storage(block_dtype)
     report = {"dataset": [str(d.directory) for d in datasets], "model": loaded.name, "config": asdict(config),
-              "data": counts, "vocab_subset_coverage": 1.0, "steps": step, "processes": 1, "wall_seconds": time.perf_counter() - started,
+              "data": counts, "vocab_subset_coverage": coverage, "steps": step, "processes": 1, "wall_seconds": time.perf_counter() - started,
               "validation": evaluate(objective, val_seqs, device), "history": history}
     out = Path(out_dir).expanduser()
     heads.cpu().save(out, block_dtype)
