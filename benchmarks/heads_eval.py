@@ -21,7 +21,7 @@ import torch
 
 from dyntree.api import resolve_heads
 from dyntree.config import TreeConfig
-from dyntree.eval.replay import replay_many
+from dyntree.eval.replay import replay_many, with_states
 from dyntree.loading import load_model
 from dyntree.proposers import DynamicTreeProposer
 from dyntree.training.train import head_paths, head_targets, IGNORE
@@ -74,7 +74,9 @@ def accuracy(heads, backbone, records) -> dict:
         response = torch.tensor(rec["tokens"][rec["prompt_len"]:])
         states = rec["hidden"].float()
         targets = head_targets(response, k)
-        if heads.conditional:
+        if heads.config.head_type == "eagle":  # reads the context: every position's state
+            logits = heads.logits_along(backbone, rec["states"], torch.tensor(rec["tokens"]), rec["prompt_len"])
+        elif heads.conditional:
             logits = heads.path_logits(states, head_paths(response, k), backbone.embed_tokens,
                                        backbone.lm_head.weight_t)
         else:
@@ -117,12 +119,8 @@ def main() -> None:
     backbone = loaded.backbone
     data = torch.load(args.records, weights_only=False)
     records = data["records"][: args.limit] if args.limit else data["records"]
-    with torch.inference_mode():
-        for rec in records:  # the states that predicted each response token, in the decoding dtype
-            seq = torch.tensor([rec["tokens"]])
-            cache = backbone.new_cache(1, seq.shape[1] + 1)
-            rec["hidden"] = backbone.forward(seq, cache)[0, rec["prompt_len"] - 1 : -1].float()
-    results = {"records": args.records, "sequences": len(records), "dtype": str(backbone.dtype), "heads": {}}
+    with_states(records, backbone)  # the states of every position, in the weights users decode with
+    results = {"records": args.records, "sequences": len(records), "weights": loaded.weights, "heads": {}}
     for name in args.heads.split(","):
         heads, note = resolve_heads(name, loaded)
         out = {"note": note, "head_type": heads.config.head_type, "accuracy": accuracy(heads, backbone, records)}

@@ -20,7 +20,7 @@ import sys
 import torch
 
 from dyntree.config import TreeConfig
-from dyntree.eval.replay import replay_many
+from dyntree.eval.replay import replay_many, with_states
 from dyntree.proposers import DynamicTreeProposer
 from dyntree.trees.sizing import TreeProfile
 
@@ -50,11 +50,7 @@ def main() -> None:
         backbone = loaded.backbone
         heads, _ = resolve_heads(args.heads, loaded)
         args.num_heads = heads.num_heads
-        with torch.inference_mode():
-            for rec in data["records"]:
-                seq = torch.tensor([rec["tokens"]])
-                cache = backbone.new_cache(1, seq.shape[1] + 1)
-                rec["hidden"] = backbone.forward(seq, cache)[0, rec["prompt_len"] - 1 : -1].float()
+        with_states(data["records"], backbone)
     conditional = heads is not None and heads.conditional
     profile = {}
     for size in (int(s) for s in args.sizes.split(",")):

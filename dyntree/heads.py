@@ -147,6 +147,12 @@ class MedusaHeads(nn.Module):
         computed here, once."""
         return TopkDraft(*self.topk(last_hidden, backbone.lm_head, topk))
 
+    def draft_along(self, backbone, states: torch.Tensor, tokens: torch.Tensor, start: int, topk: int):
+        """The drafts of every step of one recorded sequence (offline replay and evaluation): `states` `[L-1, H]`
+        (row i: the state after token i, whose lm_head guess is token i + 1) and `tokens` `[L]`; row k of the
+        result is the step whose root is token `start + k`. Medusa and Hydra heads read only that step's state."""
+        return self.draft(backbone, states[start - 1 : tokens.numel() - 1], tokens[start:], topk)
+
     # -- per-sequence drafting state: heads that read the context keep one (`eagle.EagleHeads`) -----------------
     # The hooks every kind of heads answers, so that the decoding loop never asks which kind it holds; Medusa and
     # Hydra heads read only the last state (and the path), so they keep nothing and the hooks do nothing.

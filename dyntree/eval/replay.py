@@ -12,7 +12,8 @@ A record is a dict with `tokens` (prompt + response ids), `prompt_len`, `head_id
 (`[response_len, K, m]`: row k holds the guesses made from the state that predicted response token k).
 Path-conditional heads guess from the path as well, so their records hold the states instead (`hidden`,
 `[response_len, H]`) and `replay` evaluates the heads on the recorded state at every step (`heads`, and the
-backbone for its embeddings and lm_head).
+backbone for its embeddings and lm_head). Heads that read the context (eagle) need the state of every
+position, prompt included (`states`, added by `with_states`).
 """
 
 from __future__ import annotations
@@ -62,7 +63,11 @@ def replay(proposer, record: dict, max_new_tokens: int | None = None, heads=None
     tokens = list(record["tokens"])
     start = int(record["prompt_len"])
     end = len(tokens) if max_new_tokens is None else min(len(tokens), start + max_new_tokens)
-    if heads is not None:  # the heads' draft at every recorded state (Medusa heads: all guesses at once)
+    if heads is not None and record.get("states") is not None:  # the drafts of every step, from every state
+        drafts = heads.draft_along(backbone, record["states"].float(), torch.tensor(tokens), start, proposer.topk)
+    elif heads is not None:  # the states before the response's tokens (Medusa heads: all guesses at once)
+        if heads.config.head_type == "eagle":
+            raise ValueError("eagle heads read the context: replay them on records with `states` (with_states)")
         roots = torch.tensor(tokens[start : start + len(record["hidden"])])
         drafts = heads.draft(backbone, record["hidden"].float(), roots, proposer.topk)
     else:
@@ -86,6 +91,19 @@ def replay(proposer, record: dict, max_new_tokens: int | None = None, heads=None
         sizes.append(len(node_tokens))
         j += accepted
     return ReplayResult(lengths, sizes)
+
+
+@torch.inference_mode()
+def with_states(records: list[dict], backbone) -> list[dict]:
+    """Add each record's `states` `[L-1, H]` (the backbone's state after every token but the last, one
+    teacher-forced forward) and `hidden` (its rows from the prompt's last token on), in the backbone's own
+    weights: what replaying or scoring heads needs; heads that read the context need `states`."""
+    for rec in records:
+        seq = torch.tensor([rec["tokens"]])
+        cache = backbone.new_cache(1, seq.shape[1] + 1)
+        rec["states"] = backbone.forward(seq, cache)[0, :-1].float()
+        rec["hidden"] = rec["states"][rec["prompt_len"] - 1 :]
+    return records
 
 
 def replay_many(make_proposer, records: list[dict], max_new_tokens: int | None = None, heads=None,
