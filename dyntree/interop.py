@@ -25,6 +25,16 @@ say. What each layout holds was checked against the projects' own source (cited 
 dyntree-only facts (the backbone's model type, a vocabulary subset expanded for FasterDecoding) travel in a
 `dyntree` object inside `config.json`, which the other projects ignore, so a round trip gives back the same
 heads.
+
+Eagle heads (`eagle.EagleHeads`) go out in EAGLE-1's checkpoint layout (`--format eagle`), the one SGLang's
+`LlamaForCausalLMEagle` (`python/sglang/srt/models/llama_eagle.py`) and vLLM's EAGLE drafter
+(`vllm/model_executor/models/llama_eagle.py`) load: a Llama `config.json` with `num_hidden_layers: 1`, and
+`model.safetensors` with `fc.weight|bias` (`[H, 2H]` over `[token embedding; feature]`), the one decoder
+layer's `layers.0.self_attn.{q,k,v,o}_proj.weight`, `layers.0.post_attention_layernorm.weight` and
+`layers.0.mlp.{gate,up,down}_proj.weight` (no `input_layernorm`: both engines drop it from EAGLE's first
+layer), and `embed_tokens.weight` (the backbone's; the engines may share the target's instead). Both load it
+by prefixing `model.` to every name but the lm_head's, and draft with the target's lm_head over the whole
+vocabulary (a vocabulary subset of ours is a CPU economy that does not travel).
 """
 
 from __future__ import annotations
@@ -40,7 +50,7 @@ import torch
 from .errors import DynTreeError
 from .heads import HEADS_CONFIG, HeadsConfig, MedusaHeads, load_own_layout
 
-FORMATS = ("vllm-medusa", "medusa")
+FORMATS = ("vllm-medusa", "medusa", "eagle")
 VLLM_WEIGHTS = "model.safetensors"
 MEDUSA_PT = "medusa_lm_head.pt"
 MEDUSA_SAFETENSORS = "medusa_lm_head.safetensors"
@@ -73,6 +83,11 @@ def check_expressible(heads: MedusaHeads, fmt: str) -> None:
     if fmt not in FORMATS:
         raise DynTreeError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
     head_type = getattr(heads.config, "head_type", "medusa")
+    if fmt == "eagle":
+        if head_type != "eagle":
+            raise DynTreeError(f"{head_type!r} heads cannot be exported as eagle: that layout holds an EAGLE-style "
+                               "feature drafter (train one with --head-type eagle)")
+        return
     if head_type != "medusa":
         raise DynTreeError(f"{head_type!r} heads cannot be exported as {fmt}: that format holds only Medusa heads, "
                            "which read the hidden state alone")
@@ -240,11 +255,50 @@ def save_medusa(heads: MedusaHeads, directory: str | os.PathLike, base_model: st
     return save_fasterdecoding_medusa(heads, directory, base_model=base_model, safetensors=False, torch_file=True)
 
 
+def save_eagle(heads, directory: str | os.PathLike, backbone_config, embed_tokens: torch.Tensor,
+               dtype: torch.dtype = torch.float32) -> Path:
+    """Eagle heads in EAGLE-1's checkpoint layout (the module docstring names the keys), for SGLang and vLLM."""
+    out = _prepare_out(directory)
+    shape = heads.config.drafter
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "hidden_size": heads.config.hidden_size, "intermediate_size": shape["intermediate_size"],
+        "num_attention_heads": shape["num_attention_heads"], "num_key_value_heads": shape["num_kv_heads"],
+        "head_dim": shape["head_dim"], "num_hidden_layers": 1, "vocab_size": heads.config.vocab_size,
+        "rms_norm_eps": shape["rms_norm_eps"], "rope_theta": shape["rope_theta"],
+        "max_position_embeddings": backbone_config.max_position_embeddings, "bias": True,
+        "tie_word_embeddings": False, "torch_dtype": str(dtype).removeprefix("torch."),
+        "dyntree": {"head_type": "eagle", "draft_depth": heads.config.num_heads,
+                    "base_model_type": heads.config.model_type, "vocab_subset": heads.config.vocab_subset},
+    }
+    layer = "layers.0."
+    tensors = {"fc.weight": heads.fuse_weight, "fc.bias": heads.fuse_bias,
+               layer + "self_attn.q_proj.weight": heads.q_weight, layer + "self_attn.k_proj.weight": heads.k_weight,
+               layer + "self_attn.v_proj.weight": heads.v_weight, layer + "self_attn.o_proj.weight": heads.o_weight,
+               layer + "post_attention_layernorm.weight": heads.mlp_norm,
+               layer + "mlp.gate_proj.weight": heads.gate_weight, layer + "mlp.up_proj.weight": heads.up_weight,
+               layer + "mlp.down_proj.weight": heads.down_weight, "embed_tokens.weight": embed_tokens}
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().to(dtype).contiguous() for k, v in tensors.items()}, str(out / VLLM_WEIGHTS),
+              metadata={"format": "pt"})
+    (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
 def export_heads(heads: MedusaHeads, directory: str | os.PathLike, fmt: str,
                  lm_head_weight: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
-                 base_model: str = "", share_lm_head: bool = False, torch_file: bool = False) -> Path:
-    """Write `heads` in format `fmt` ("vllm-medusa" or "medusa") under `directory`."""
+                 base_model: str = "", share_lm_head: bool = False, torch_file: bool = False,
+                 backbone=None) -> Path:
+    """Write `heads` in format `fmt` ("vllm-medusa", "medusa" or "eagle": that one needs the `backbone`, for
+    its embeddings and context length) under `directory`."""
     check_expressible(heads, fmt)
+    if fmt == "eagle":
+        if backbone is None:
+            raise DynTreeError("the eagle layout needs the backbone (its embeddings): pass --model")
+        if share_lm_head or torch_file:
+            raise DynTreeError("--share-lm-head and --pt apply to the Medusa formats only")
+        return save_eagle(heads, directory, backbone.config, backbone.embed_tokens, dtype)
     for line in loader_caveats(heads, fmt):
         warnings.warn(line, ExportWarning, stacklevel=2)
     if fmt == "vllm-medusa":

@@ -459,3 +459,82 @@ def test_cli_bad_input_is_one_line(capsys, tmp_path, tiny_backbone, case):
     code, err = run_cli(capsys, *args)
     assert_one_line_error(code, err, fragment)
     assert (tmp_path / "full" / "notes.txt").read_text() == "keep me"
+
+
+# -- eagle heads in EAGLE's layout, loaded as SGLang and vLLM load it ------------------------------------------
+class ReferenceEagle(nn.Module):
+    """What SGLang's `LlamaForCausalLMEagle` and vLLM's EAGLE drafter build from an EAGLE-1 checkpoint, on
+    transformers' own Llama layer: a Llama config with one layer, `fc` over [token embedding; feature], the
+    first layer's input norm replaced by the identity, the output sent to the target's lm_head; every
+    checkpoint name but the lm_head's is read under a `model.` prefix."""
+
+    def __init__(self, config: dict):
+        from transformers import LlamaConfig
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+        super().__init__()
+        fields = {k: v for k, v in config.items() if k not in ("dyntree", "architectures", "bias", "torch_dtype")}
+        hf_config = LlamaConfig(**fields)
+        hf_config._attn_implementation = "eager"
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(config["vocab_size"], config["hidden_size"])
+        self.model.fc = nn.Linear(2 * config["hidden_size"], config["hidden_size"], bias=config.get("bias", False))
+        self.model.layers = nn.ModuleList([LlamaDecoderLayer(hf_config, 0)])
+        self.model.layers[0].input_layernorm = nn.Identity()  # EAGLE drops the first layer's input norm
+        self.rotary = LlamaRotaryEmbedding(hf_config)
+
+    def load(self, directory):
+        from safetensors.torch import load_file
+
+        tensors = {("model." + k if "lm_head" not in k else k): v for k, v in
+                   load_file(str(directory / "model.safetensors")).items()}
+        missing, unexpected = self.load_state_dict(tensors, strict=False)
+        return missing, unexpected
+
+    def forward(self, features: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+        x = self.model.fc(torch.cat([self.model.embed_tokens(next_ids), features], dim=-1))
+        n = x.shape[1]
+        positions = torch.arange(n)[None]
+        mask = torch.full((n, n), float("-inf")).triu(1)[None, None]
+        out = self.model.layers[0](x, attention_mask=mask, position_ids=positions,
+                                   position_embeddings=self.rotary(x, positions))
+        return out[0] if isinstance(out, tuple) else out
+
+
+def test_eagle_export_loads_as_the_engines_load_it_and_drafts_the_same(tmp_path, tiny_backbone):
+    from dyntree.eagle import EagleHeads
+
+    drafted = EagleHeads.random(tiny_backbone.config, num_heads=3, scale=0.2, seed=3)
+    drafted.config.drafter["rope_theta"] = 500000.0  # not the default: the engines must read it
+    heads = EagleHeads(drafted.config)
+    heads.load_state_dict(drafted.state_dict())
+    out = export_heads(heads, tmp_path / "e", "eagle", backbone=tiny_backbone)
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 1 and config["architectures"] == ["LlamaForCausalLM"]
+    reference = ReferenceEagle(config)
+    missing, unexpected = reference.load(out)
+    assert unexpected == [] and missing == []
+    gen = torch.Generator().manual_seed(4)
+    features = torch.randn(1, 9, tiny_backbone.config.hidden_size, generator=gen)
+    next_ids = torch.randint(3, 128, (1, 9), generator=gen)
+    with torch.no_grad():
+        want = reference(features, next_ids) @ tiny_backbone.lm_head.weight_t
+        got = heads.feature_logits(heads.sequence_features(features, next_ids, tiny_backbone.embed_tokens),
+                                   tiny_backbone.lm_head.weight_t)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    with pytest.raises(DynTreeError, match="cannot be exported as eagle"):
+        export_heads(MedusaHeads.random(tiny_backbone.config), tmp_path / "m", "eagle", backbone=tiny_backbone)
+    with pytest.raises(DynTreeError, match="'eagle' heads cannot be exported as vllm-medusa"):
+        export_heads(heads, tmp_path / "v", "vllm-medusa")
+
+
+def test_cli_exports_eagle_heads(capsys, tmp_path, tiny_model_dir, tiny_backbone):
+    from dyntree.eagle import EagleHeads
+
+    EagleHeads.random(tiny_backbone.config, num_heads=2, seed=5).save(tmp_path / "h")
+    code, err = run_cli(capsys, "export", "--heads", str(tmp_path / "h"), "--format", "eagle", "--out",
+                        str(tmp_path / "e"), "--model", str(tiny_model_dir), "--dtype", "bfloat16")
+    assert code == 0, err
+    assert "--speculative-algorithm EAGLE" in err and '"method": "eagle"' in err
+    assert json.loads((tmp_path / "e" / "config.json").read_text())["torch_dtype"] == "bfloat16"

@@ -1,4 +1,5 @@
-"""`dyntree export`: write heads in vLLM's or FasterDecoding's Medusa layout (docs/interop.md)."""
+"""`dyntree export`: write heads in vLLM's or FasterDecoding's Medusa layout, or eagle heads in EAGLE's (for
+SGLang and vLLM) (docs/interop.md)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,16 @@ from pathlib import Path
 
 
 def add_command(subparsers) -> None:
-    p = subparsers.add_parser("export", help="write heads for vLLM (vllm-medusa) or FasterDecoding Medusa (medusa)")
+    p = subparsers.add_parser("export", help="write heads for vLLM (vllm-medusa), FasterDecoding Medusa (medusa) or "
+                                             "SGLang/vLLM EAGLE (eagle)")
     p.add_argument("--heads", required=True,
                    help="heads directory (dyntree, Medusa v0.1 or vLLM Medusa layout), or 'medusa' for the "
                         "bundled Medusa heads of the default model (the default 'auto'/'hydra' heads read the "
                         "drafted path, which neither format can hold)")
     p.add_argument("--format", required=True, metavar="FORMAT",
                    help="'vllm-medusa' (config.json + model.safetensors for vLLM's speculative_config) or "
-                        "'medusa' (FasterDecoding: config.json + medusa_lm_head.safetensors)")
+                        "'medusa' (FasterDecoding: config.json + medusa_lm_head.safetensors) or 'eagle' (eagle heads "
+                        "in EAGLE-1's layout: config.json + model.safetensors, for SGLang and vLLM)")
     p.add_argument("--out", required=True, help="output directory (must be empty or new, unless --force)")
     p.add_argument("--model", default=None,
                    help="the backbone: needed when the heads use its lm_head as their projection (then "
@@ -70,6 +73,7 @@ def run(args) -> int:
 
     lm_head = None
     model_dir = None
+    backbone = None
     if heads.projection is None or args.model is not None:
         import torch
 
@@ -79,6 +83,7 @@ def run(args) -> int:
         heads.config.check_fits(loaded.config)
         lm_head = loaded.backbone.lm_head.weight
         model_dir = loaded.model_dir
+        backbone = loaded.backbone
 
     if args.force and out.is_dir():
         for name in EXPORT_FILES:  # stale files of another layout would decide what a later load reads
@@ -87,7 +92,8 @@ def run(args) -> int:
     with warnings.catch_warnings(record=True) as caught:  # printed below as one line each
         warnings.simplefilter("always", ExportWarning)
         written = export_heads(heads, out, args.format, lm_head_weight=lm_head, dtype=DTYPES[args.dtype],
-                               base_model=base_model, share_lm_head=args.share_lm_head, torch_file=args.pt)
+                               base_model=base_model, share_lm_head=args.share_lm_head, torch_file=args.pt,
+                               backbone=backbone)
     console = Console(stderr=True)
     for warning in caught:
         if issubclass(warning.category, ExportWarning):
@@ -95,6 +101,13 @@ def run(args) -> int:
         else:
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     cfg = heads.config
+    if args.format == "eagle":
+        console.print(f"wrote an eagle drafter of draft depth {cfg.num_heads} in EAGLE's layout to {written}",
+                      soft_wrap=True)
+        console.print(f"[dim]SGLang: --speculative-algorithm EAGLE --speculative-draft-model-path {written}; vLLM: "
+                      f"speculative_config={{\"method\": \"eagle\", \"model\": \"{written}\", "
+                      f"\"num_speculative_tokens\": {cfg.num_heads}}}[/dim]", soft_wrap=True)
+        return 0
     subset = f", vocabulary subset of {cfg.vocab_subset}" if cfg.vocab_subset else ""
     layers = f"{cfg.num_layers} block{'s' if cfg.num_layers != 1 else ''}"
     console.print(f"wrote {cfg.num_heads} heads of {layers}{subset} as {args.format} to {written}", soft_wrap=True)
