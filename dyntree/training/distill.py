@@ -217,7 +217,7 @@ def distill(loaded, out_dir, prompts: list[Prompt], max_new_tokens: int = 256, b
 
     sampling = sampling or Sampling()
     settings = {"store_hidden": store_hidden, "max_new_tokens": max_new_tokens,
-                "dtype": str(loaded.backbone.dtype).removeprefix("torch."),
+                "dtype": str(loaded.backbone.dtype).removeprefix("torch."), "weights": loaded.weights,
                 "sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.seed}}
     ds = DistillDataset.create_or_resume(out_dir, model_fingerprint(loaded), settings)
     done = ds.done_keys()
