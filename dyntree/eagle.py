@@ -237,7 +237,8 @@ class EagleHeads(nn.Module):
 
     def layer(self, x: torch.Tensor, positions: torch.Tensor, past_keys: torch.Tensor | None = None,
               past_values: torch.Tensor | None = None, past_visible: torch.Tensor | None = None,
-              ops: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              ops: dict | None = None, new_visible: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The decoder layer on `x` `[N, n, H]` at `positions` `[N, n]`, the n new pairs causal among
         themselves and seeing the `past_visible` `[N, P]` slots of `past_keys`/`past_values`
         `[N, kv_heads, P, head_dim]`. Returns the output features `[N, n, H]` and the new pairs' (rotated)
@@ -256,12 +257,16 @@ class EagleHeads(nn.Module):
         angles = torch.cat([angles, angles], dim=-1)[:, None]  # [N, 1, n, hd]
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        visible = torch.ones(n, n, dtype=torch.bool, device=x.device).tril().expand(batch, n, n)
+        if new_visible is None:  # the new pairs see each other causally
+            new_visible = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+        visible = new_visible.expand(batch, n, n)
         keys, values = k, v
         if past_keys is not None:
             keys = torch.cat([past_keys, k], dim=2)
             values = torch.cat([past_values, v], dim=2)
-            visible = torch.cat([past_visible[:, None, :].expand(batch, n, past_visible.shape[1]), visible], dim=2)
+            if past_visible.dim() == 2:  # the same past slots for every new pair
+                past_visible = past_visible[:, None, :]
+            visible = torch.cat([past_visible.expand(batch, n, past_visible.shape[-1]), visible], dim=2)
         if nh != nkv:
             keys = keys.repeat_interleave(nh // nkv, dim=1)
             values = values.repeat_interleave(nh // nkv, dim=1)
@@ -284,6 +289,33 @@ class EagleHeads(nn.Module):
         batch, length = next_ids.shape
         positions = torch.arange(length, device=next_ids.device)[None].expand(batch, length)
         return self.layer(self.fuse(features, next_ids, embed), positions)[0]
+
+    def unrolled_features(self, features: torch.Tensor, next_ids: torch.Tensor, embed: torch.Tensor,
+                          steps: int) -> list[torch.Tensor]:
+        """Teacher-forced drafting `steps` deep at once (EAGLE-3's "training-time test"): step 1 is
+        `sequence_features`; at step k >= 2 the pair at position t is (step k-1's output at t-1, token t+1),
+        and it sees what a depth-k draft node sees while decoding: the true pairs before t-k+2, then the chain
+        of steps 2..k at positions t-k+2..t. Every step's output at t imitates f_{t+1} (its lm_head guess: token
+        t+2). Returns the outputs `[B, T, H]` of each step (positions t < k-1 of step k have no chain: junk)."""
+        batch, length = next_ids.shape
+        device = next_ids.device
+        positions = torch.arange(length, device=device)[None].expand(batch, length)
+        out, k, v = self.layer(self.fuse(features, next_ids, embed), positions)
+        outs, keys, values = [out], [k], [v]
+        t = torch.arange(length, device=device)
+        for step in range(2, steps + 1):
+            previous = torch.cat([outs[-1][:, :1] * 0, outs[-1][:, :-1]], dim=1)  # step-1 output at t-1
+            x = self.fuse(previous, next_ids, embed)
+            # keys: the true pairs (step 1), then steps 2..step-1, each over all T positions
+            seen = [t[None] <= (t[:, None] - step + 1)]  # true pairs p <= t - step + 1
+            seen += [t[None] == (t[:, None] - (step - s)) for s in range(2, step)]  # chain node of step s
+            out, k, v = self.layer(x, positions, torch.cat(keys, 2), torch.cat(values, 2),
+                                   torch.cat(seen, 1)[None], new_visible=torch.eye(length, dtype=torch.bool,
+                                                                                    device=device))
+            outs.append(out)
+            keys.append(k)
+            values.append(v)
+        return outs
 
     def feature_logits(self, features: torch.Tensor, lm_head_weight_t: torch.Tensor) -> torch.Tensor:
         """The backbone's lm_head on drafted features: `[..., H]` -> `[..., V']` over the drafter's vocabulary

@@ -46,6 +46,9 @@ def add_command(subparsers) -> None:
     p.add_argument("--feature-loss", type=float, default=d.feature_loss, metavar="W",
                    help="eagle: weight of smooth L1 between the drafted and the backbone's next feature, added to "
                         "the cross-entropy (EAGLE's recipe is 10, i.e. 1.0 vs 0.1)")
+    p.add_argument("--unroll", type=int, default=d.unroll, metavar="K",
+                   help="eagle: train K draft steps at once, each fed the drafter's own features as decoding "
+                        "feeds them (EAGLE-3's training-time test; step k weighted --decay**(k-1)); 1 = EAGLE-1")
     p.add_argument("--soft-targets", type=float, default=d.soft_targets, metavar="A",
                    help="weight in [0, 1] of the backbone's whole distribution in the loss (0 = its argmax only)")
     p.add_argument("--hidden-noise", type=float, default=d.hidden_noise,
@@ -79,6 +82,8 @@ def run(args) -> int:
         raise DynTreeError("--val-fraction must be in [0, 1)")
     if args.vocab_subset < 0:
         raise DynTreeError("--vocab-subset must be >= 0")
+    if not 1 <= args.unroll <= args.num_heads:
+        raise DynTreeError("--unroll must be between 1 and --num-heads (the draft depth)")
     data = args.data if len(args.data) > 1 else args.data[0]
     if args.early_layer is not None:
         if len(args.data) > 1:
@@ -100,7 +105,7 @@ def run(args) -> int:
         val_fraction=args.val_fraction, seed=args.seed, checkpoint_every=args.checkpoint_every,
         eval_every=args.eval_every, use_stored_hidden=not args.no_stored_hidden, init_heads=args.init_heads,
         head_type=args.head_type, soft_targets=args.soft_targets, hidden_noise=args.hidden_noise,
-        dropout=args.dropout, feature_loss=args.feature_loss)
+        dropout=args.dropout, feature_loss=args.feature_loss, unroll=args.unroll)
     import torch
     from accelerate import Accelerator
 

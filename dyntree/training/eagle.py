@@ -38,15 +38,20 @@ REPORT_FILE = "training_report.json"
 
 
 class EagleObjective(nn.Module):
-    """The drafter + the frozen lm_head and embeddings: `forward(features, next_ids, lengths)` -> loss and
-    counts `[2]` (positions scored, depth-1 top-1 hits against the backbone's choice)."""
+    """The drafter + the frozen lm_head and embeddings: `forward(features, next_ids, lengths, choices)` -> loss
+    and counts `[steps, 2]` (per draft step: positions scored, top-1 hits against the backbone's choice).
+
+    `steps` > 1 unrolls the drafter on its own features as decoding does (`EagleHeads.unrolled_features`),
+    step k weighted `decay ** (k - 1)`: deeper drafts then learn from the inputs they will see."""
 
     def __init__(self, heads: EagleHeads, lm_head_weight_t: torch.Tensor, embed: torch.Tensor,
-                 feature_loss: float = 0.0, soft_targets: float = 0.0, hidden_noise: float = 0.0):
+                 feature_loss: float = 0.0, soft_targets: float = 0.0, hidden_noise: float = 0.0,
+                 steps: int = 1, decay: float = 0.8):
         super().__init__()
         self.heads = heads
         self.lm_head_weight_t, self.embed = lm_head_weight_t, embed  # frozen, not parameters
         self.feature_loss, self.soft_targets, self.hidden_noise = feature_loss, soft_targets, hidden_noise
+        self.steps, self.decay = steps, decay
 
     def forward(self, features: torch.Tensor, next_ids: torch.Tensor, lengths: torch.Tensor,
                 choices: torch.Tensor | None = None):
@@ -57,32 +62,36 @@ class EagleObjective(nn.Module):
         if self.training and self.hidden_noise > 0:
             rms = inputs.pow(2).mean(-1, keepdim=True).sqrt()
             inputs = inputs + self.hidden_noise * rms * torch.randn_like(inputs)
-        out = self.heads.sequence_features(inputs, next_ids, self.embed)[:, :-1]  # g_t imitates f_{t+1}
+        outs = self.heads.unrolled_features(inputs, next_ids, self.embed, self.steps)
         target_features = features[:, 1:]
-        positions = torch.arange(out.shape[1], device=out.device)
-        valid = positions[None] < (lengths[:, None] - 1)  # t + 1 must be a real position
-        g, f_next = out[valid], target_features[valid]  # [N, H]
+        positions = torch.arange(target_features.shape[1], device=features.device)
+        in_sequence = positions[None] < (lengths[:, None] - 1)  # t + 1 must be a real position
         projection = self.heads.projection_rows(self.lm_head_weight_t)  # [H, V']
-        logits = g @ projection
         with torch.no_grad():
             if choices is None:
-                target = (f_next @ self.lm_head_weight_t).argmax(-1)
+                all_targets = (target_features @ self.lm_head_weight_t).argmax(-1)
             else:
-                target = choices[:, 1:][valid]
-            local = self.heads.local_ids(target)  # index in the drafter's vocabulary, -1 outside it
-        inside = local >= 0
-        loss = g.sum() * 0.0
-        if bool(inside.any()):
-            loss = loss + (1 - self.soft_targets) * F.cross_entropy(logits[inside], local[inside])
-        if self.soft_targets > 0:
+                all_targets = choices[:, 1:]
+        loss, stats = features.new_zeros(()), []
+        for step, out in enumerate(outs, start=1):
+            valid = in_sequence & (positions[None] >= step - 1)  # step k needs a chain: t >= k - 1
+            g, f_next = out[:, :-1][valid], target_features[valid]  # g_t imitates f_{t+1}: [N, H]
+            logits = g @ projection
+            local = self.heads.local_ids(all_targets[valid])  # index in the drafter's vocabulary, -1 outside
+            inside = local >= 0
+            part = g.sum() * 0.0
+            if bool(inside.any()):
+                part = part + (1 - self.soft_targets) * F.cross_entropy(logits[inside], local[inside])
+            if self.soft_targets > 0:
+                with torch.no_grad():
+                    teacher = torch.softmax(f_next @ projection, -1)
+                part = part + self.soft_targets * -(teacher * torch.log_softmax(logits, -1)).sum(-1).mean()
+            if self.feature_loss > 0:
+                part = part + self.feature_loss * F.smooth_l1_loss(g, f_next)
+            loss = loss + self.decay ** (step - 1) * part
             with torch.no_grad():
-                teacher = torch.softmax(f_next @ projection, -1)
-            loss = loss + self.soft_targets * -(teacher * torch.log_softmax(logits, -1)).sum(-1).mean()
-        if self.feature_loss > 0:
-            loss = loss + self.feature_loss * F.smooth_l1_loss(g, f_next)
-        with torch.no_grad():
-            stats = torch.stack([valid.sum(), ((logits.argmax(-1) == local) & inside).sum()]).float()
-        return loss, stats
+                stats.append(torch.stack([valid.sum(), ((logits.argmax(-1) == local) & inside).sum()]).float())
+        return loss, torch.stack(stats)
 
 
 def greedy_self_distilled(dataset) -> bool:
@@ -150,19 +159,19 @@ def pad(sequences: list, index: list[int], device) -> tuple[torch.Tensor, ...]:
 
 
 def evaluate(objective: EagleObjective, sequences: list, device, tokens_per_batch: int = 4096) -> dict | None:
-    """Depth-1 top-1 agreement with the backbone's own next token, and the mean loss, over `sequences`."""
+    """Top-1 agreement with the backbone's own choices per draft step, and the mean loss, over `sequences`."""
     if not sequences:
         return None
     objective.eval()
-    totals, loss_sum = torch.zeros(2), 0.0
+    totals, loss_sum = torch.zeros(objective.steps, 2), 0.0
     with torch.no_grad():
         for group in batches(sequences, tokens_per_batch, list(range(len(sequences)))):
             loss, stats = objective(*pad(sequences, group, device))
             totals += stats.cpu()
-            loss_sum += float(loss) * float(stats[0])
+            loss_sum += float(loss) * float(stats[0, 0])
     objective.train()
-    n = max(float(totals[0]), 1.0)
-    return {"top1": [float(totals[1]) / n], "loss": loss_sum / n, "positions": int(totals[0])}
+    n = totals[:, 0].clamp_min(1.0)
+    return {"top1": (totals[:, 1] / n).tolist(), "loss": loss_sum / float(n[0]), "positions": int(totals[0, 0])}
 
 
 def subset_of_choices(sequences: list, vocab_size: int, count: int) -> tuple[torch.Tensor | None, float]:
@@ -208,7 +217,7 @@ def train_eagle(loaded, datasets, out_dir, config, progress: bool = True,
     heads.to(device)
     objective = EagleObjective(heads, lm_head_t,
                                loaded.backbone.embed_tokens.detach().float(), config.feature_loss,
-                               config.soft_targets, config.hidden_noise)
+                               config.soft_targets, config.hidden_noise, config.unroll, config.decay)
     per_epoch = len(batches(train_seqs, config.batch_size, list(range(len(train_seqs)))))
     total_steps = max(1, math.ceil(config.epochs * per_epoch))
     optimizer = torch.optim.AdamW(heads.parameters(), lr=config.lr, weight_decay=config.weight_decay)

@@ -63,6 +63,7 @@ class TrainConfig:
     hidden_noise: float = 0.0  # Gaussian noise on the heads' input state, relative to its RMS
     dropout: float = 0.0  # dropout on the heads' input state
     feature_loss: float = 0.0  # eagle heads: weight of smooth L1 towards the backbone's next feature (EAGLE: 10)
+    unroll: int = 1  # eagle heads: draft steps trained at once on the drafter's own features (1 = EAGLE-1)
 
 
 # -- data ----------------------------------------------------------------------------------------------
