@@ -28,12 +28,15 @@ from dyntree.prompts import load_prompts
 from dyntree.data import mt_bench_path
 from dyntree.training.distill import chat_ids, generate_batched, self_prompts
 from dyntree.training.prompts import read_prompt_file
-from dyntree.training.train import recompute_hidden
+from dyntree.training.dataset import recompute_hidden
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--set", choices=["mtbench", "calib"])
+    ap.add_argument("--set", choices=["mtbench", "calib", "file"])
+    ap.add_argument("--prompts-file", default=None, metavar="FILE",
+                    help="--set file: a JSONL prompt file (any format `dyntree distill --prompts` reads), e.g. "
+                         "prompts the heads never saw")
     ap.add_argument("--rescore", default=None, metavar="FILE",
                     help="take the continuations of an earlier record; only the heads' guesses are recomputed")
     ap.add_argument("--heads", default="auto", help="heads directory (default: the bundled heads)")
@@ -53,6 +56,8 @@ def main() -> None:
         ap.error("give --set or --rescore")
     if args.set == "calib" and args.gsm8k_file is None:
         ap.error("--set calib needs --gsm8k-file")
+    if (args.set == "file") != (args.prompts_file is not None):
+        ap.error("--set file goes with --prompts-file")
     torch.set_num_threads(args.threads)
     dt = DynTree.from_pretrained("default", heads=args.heads)
     if args.rescore:
@@ -62,6 +67,8 @@ def main() -> None:
     if args.set == "mtbench":
         texts = [(f"mt{p.prompt_id}:{p.category}", p.turns[0])
                  for p in load_prompts(mt_bench_path())]
+    elif args.set == "file":
+        texts = [(f"file{i}", p.text) for i, p in enumerate(read_prompt_file(args.prompts_file))]
     else:
         texts = [(f"self{i}", p.text) for i, p in
                  enumerate(self_prompts(dt.model, args.self_prompts, seed=20261123))]
@@ -72,9 +79,10 @@ def main() -> None:
     start = time.time()
     records = {}
     for c in generate_batched(dt.model.backbone, prompts, args.max_new_tokens, args.batch_size):
-        ids, probs = dt.heads.topk(c.hidden.float(), dt.model.backbone.lm_head, args.topk)
-        records[c.tag] = {"prompt_len": len(c.prompt_ids), "tokens": c.prompt_ids + c.response_ids,
-                          "head_ids": ids.to(torch.int32), "head_probs": probs.to(torch.float32)}
+        records[c.tag] = {"prompt_len": len(c.prompt_ids), "tokens": c.prompt_ids + c.response_ids}
+        if not dt.heads.conditional:  # Medusa heads' guesses; others are scored from the states (heads_eval)
+            ids, probs = dt.heads.topk(c.hidden.float(), dt.model.backbone.lm_head, args.topk)
+            records[c.tag].update(head_ids=ids.to(torch.int32), head_probs=probs.to(torch.float32))
         print(f"{len(records)}/{len(prompts)} {c.tag} {len(c.response_ids)} tokens, {time.time() - start:.0f}s",
               flush=True)
     order = [tag for tag, _ in prompts if tag in records]

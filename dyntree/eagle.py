@@ -267,10 +267,8 @@ class EagleHeads(nn.Module):
             if past_visible.dim() == 2:  # the same past slots for every new pair
                 past_visible = past_visible[:, None, :]
             visible = torch.cat([past_visible.expand(batch, n, past_visible.shape[-1]), visible], dim=2)
-        if nh != nkv:
-            keys = keys.repeat_interleave(nh // nkv, dim=1)
-            values = values.repeat_interleave(nh // nkv, dim=1)
-        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[:, None])
+        # Grouped-query attention without copying each key/value head for its query heads.
+        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[:, None], enable_gqa=nh != nkv)
         attn = attn.transpose(1, 2).reshape(batch, n, nh * hd)
         if ops is not None:
             x = x + ops["o"](attn)
