@@ -95,6 +95,24 @@ def _pack_onednn(weight: torch.Tensor):
 MIN_ATTENTION_ROWS = 8  # products with fewer rows (query heads x tokens) take other kernels (1-3 rows here)
 
 
+_ROW_MULTIPLES: dict[int, int] = {}  # head size -> rows granularity measured on this CPU (per process)
+
+
+def attention_row_multiple(dim: int) -> int:
+    """How the attention's rows must come (a multiple of this many) for this CPU's batched products to give each
+    row the bits it gets among 64 rows, at head size `dim` (measured once per process and head size, a cache of
+    measurements only: an AMD Zen 5 needs rows in fours at head size 8, and any count from 4 up at 64)."""
+    if dim not in _ROW_MULTIPLES:
+        gen = torch.Generator().manual_seed(dim)
+        weights = torch.rand(2, 64, 2 * ATTENTION_BLOCK, generator=gen)
+        values = torch.randn(2, 2 * ATTENTION_BLOCK, dim + 1, generator=gen)
+        full = weights @ values
+        _ROW_MULTIPLES[dim] = next((m for m in (1, 2, 4, 8, 16) if all(
+            torch.equal(weights[:, :r] @ values, full[:, :r]) for r in range(m * -(-MIN_ATTENTION_ROWS // m), 64, m))),
+            16)
+    return _ROW_MULTIPLES[dim]
+
+
 class AttentionPlan:
     """What every layer's `attend` shares within one forward: the additive mask and the key blocks.
 
@@ -111,12 +129,17 @@ class AttentionPlan:
                  "_scores", "_rowmax", "_augmented", "_augmented_values", "_weight_blocks", "_value_blocks",
                  "_out_grouped", "_dims")
 
-    def __init__(self, mask: torch.Tensor, key_positions: torch.Tensor, split: int, heads: int, kv_heads: int):
+    def __init__(self, mask: torch.Tensor, key_positions: torch.Tensor, split: int, heads: int, kv_heads: int,
+                 head_dim: int | None = None):
         """mask `[B, 1, n, T]` (True = visible); key_positions `[B, T]` logical position of every slot (below
-        `split` for slots nobody sees); split a multiple of `ATTENTION_BLOCK`."""
+        `split` for slots nobody sees); split a multiple of `ATTENTION_BLOCK`; with `head_dim`, the rows of the
+        products (query heads x tokens) come in the multiple this CPU needs at that size."""
         batch, _, n, total = mask.shape
         group = heads // kv_heads
         self.rows = max(n, -(-MIN_ATTENTION_ROWS // group))
+        if head_dim is not None:  # each query head's rows then start where they start among more rows
+            multiple = attention_row_multiple(head_dim)
+            self.rows = -(-self.rows // multiple) * multiple
         if self.rows > n:  # padding rows (zero queries) see what the last row sees: finite, never read
             mask = torch.cat([mask, mask[:, :, -1:].expand(-1, -1, self.rows - n, -1)], 2)
         bias = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))

@@ -309,7 +309,7 @@ class Transformer:
         contiguous = batch == 1 and n > 0 and int(slots[0, -1] - slots[0, 0]) == n - 1
         first_slot = int(slots[0, 0]) if contiguous else 0
         rows = torch.arange(batch, device=slots.device)[:, None]
-        plan = AttentionPlan(mask, self._key_positions(cache, slots, positions, total), split, nh, nkv)
+        plan = AttentionPlan(mask, self._key_positions(cache, slots, positions, total), split, nh, nkv, hd)
         plan.prepare(batch, nh, n, hd, total, hidden.dtype, hidden.device)  # scratch shared by the layers
         padded = total > cache.max_len  # a cache not made by `new_cache` may end inside a block
         keys, values = (cache.keys, cache.values) if padded else (cache.keys[:, :, :, :total],

@@ -110,3 +110,32 @@ def test_every_tree_node_equals_plain_decoding_of_its_path(dtype, context):
             step = backbone.forward(tokens[:, index : index + 1], cache)
             cache.lengths += 1
         assert torch.equal(tree[0, path[-1]], step[0, 0]), f"node {path[-1]}"
+
+
+@pytest.mark.parametrize("dim", [8, 64])
+def test_attention_rows_come_in_the_multiple_this_cpu_needs(dim):
+    """At a small head size some CPUs give a row other bits unless the products' rows come in fours (an AMD Zen 5
+    does at 8 columns): the plan pads to the measured multiple, so every row of an n-node chain gets the bits
+    it gets among 64 nodes, whatever n."""
+    from dyntree.kernels import attention_row_multiple
+
+    multiple = attention_row_multiple(dim)
+    assert multiple in (1, 2, 4, 8, 16)
+    gen = torch.Generator().manual_seed(dim)
+    heads, kv_heads, context = 4, 2, 30
+    total = padded_key_count(context + 64)
+    keys = torch.randn(1, kv_heads, total, dim, generator=gen)
+    values = torch.randn(keys.shape, generator=gen)
+    query = torch.randn(1, heads, 64, dim, generator=gen)
+
+    def run(n):
+        mask = torch.zeros(1, 1, n, total, dtype=torch.bool)
+        mask[..., :context] = True
+        mask[0, 0, :, context : context + n] = torch.ones(n, n, dtype=torch.bool).tril()
+        plan = AttentionPlan(mask, torch.arange(total)[None], total, heads, kv_heads, dim)
+        assert plan.rows % multiple == 0
+        return attend(query[:, :, :n], keys, values, plan).clone()
+
+    full = run(64)
+    for n in (1, 3, 5, 6, 10, 17):
+        assert torch.equal(run(n), full[:, :, :n]), f"{n} nodes"
