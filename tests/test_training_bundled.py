@@ -49,5 +49,11 @@ def test_default_model_loads_bundled_heads_and_they_guess():
                                         "as many clips in May. How many clips did Natalia sell altogether in April "
                                         "and May?", max_new_tokens=48)
     assert result.token_ids == plain.token_ids
-    assert result.stats.mean_accepted_per_pass > 1.3  # untrained heads give ~1.0
+    # The default's size follows this machine's timings step by step (plain steps where trees do not pay), so
+    # whether the heads guess is read on a fixed tree: no timing decides what it accepts.
+    fixed = dt.with_tree("dynamic", tree_size=8).generate(
+        "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many "
+        "clips did Natalia sell altogether in April and May?", max_new_tokens=48)
+    assert fixed.token_ids == plain.token_ids
+    assert fixed.stats.mean_accepted_per_pass > 1.3  # untrained heads give ~1.0
 
