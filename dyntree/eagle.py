@@ -7,8 +7,9 @@ the backbone's feature f_t (the normed state whose lm_head guess is token t+1) a
 t+1 actually taken, fuses them (`[embedding; feature]`, `2H -> H`, with a bias), runs one Llama-style layer
 (attention with RoPE, then RMSNorm and the MLP) and outputs a feature g_t that imitates f_{t+1}; the backbone's
 own lm_head (shared, never stored) turns g_t into a guess of token t+2. The layout is EAGLE-1's, so that vLLM
-and SGLang can load the drafter (`interop.export_eagle`): the one layer has no input norm (EAGLE drops it:
-the fused input goes straight into attention) and no final norm. Deeper drafts feed the drafter its own output feature and the drafted token's embedding.
+and SGLang can load the drafter (`interop.save_eagle`): the one layer has no input norm (EAGLE drops it: the
+fused input goes straight into attention) and no final norm. Deeper drafts feed the drafter its own output
+feature and the drafted token's embedding.
 
 State: the drafter's keys and values over the context's (feature, next token) pairs live in an `EagleState`
 (per sequence, like the backbone's KV cache) that the decoding loop owns: `start` fills it after the prefill,
@@ -212,15 +213,14 @@ class EagleHeads(nn.Module):
         key = (id(lib), *((p.data_ptr(), p._version) for p in self.parameters()))
         if self._native_cache is None or self._native_cache[0] != key:
             rows = backbone.lm_head.weight if self.vocab_ids is None else backbone.lm_head.weight[self.vocab_ids]
+            def q8(*weights, bias=None):
+                return q8_dense(torch.cat(weights).detach().float().contiguous(), bias, lib)
+
             with torch.no_grad():
-                ops = {
-                    "fuse": q8_dense(self.fuse_weight.detach().float().contiguous(), self.fuse_bias.detach(), lib),
-                    "qkv": q8_dense(torch.cat([self.q_weight, self.k_weight, self.v_weight]).detach().float(), None, lib),
-                    "o": q8_dense(self.o_weight.detach().float().contiguous(), None, lib),
-                    "gate_up": q8_dense(torch.cat([self.gate_weight, self.up_weight]).detach().float(), None, lib),
-                    "down": q8_dense(self.down_weight.detach().float().contiguous(), None, lib),
-                    "projection": backbone.lm_head if self.vocab_ids is None else q8_dense(rows.contiguous(), None, lib),
-                }
+                ops = {"fuse": q8(self.fuse_weight, bias=self.fuse_bias.detach()),
+                       "qkv": q8(self.q_weight, self.k_weight, self.v_weight), "o": q8(self.o_weight),
+                       "gate_up": q8(self.gate_weight, self.up_weight), "down": q8(self.down_weight),
+                       "projection": backbone.lm_head if self.vocab_ids is None else q8(rows)}
             self._native_cache = (key, ops)
         return self._native_cache[1]
 
@@ -302,7 +302,7 @@ class EagleHeads(nn.Module):
         outs, keys, values = [out], [k], [v]
         t = torch.arange(length, device=device)
         for step in range(2, steps + 1):
-            previous = torch.cat([outs[-1][:, :1] * 0, outs[-1][:, :-1]], dim=1)  # step-1 output at t-1
+            previous = torch.cat([outs[-1][:, :1] * 0, outs[-1][:, :-1]], dim=1)  # the last step's output at t-1
             x = self.fuse(previous, next_ids, embed)
             # keys: the true pairs (step 1), then steps 2..step-1, each over all T positions
             seen = [t[None] <= (t[:, None] - step + 1)]  # true pairs p <= t - step + 1

@@ -256,7 +256,8 @@ def train_eagle(loaded, datasets, out_dir, config, progress: bool = True,
     bar.close()
     heads.round_to_storage(block_dtype)
     report = {"dataset": [str(d.directory) for d in datasets], "model": loaded.name, "config": asdict(config),
-              "data": counts, "vocab_subset_coverage": coverage, "steps": step, "processes": 1, "bf16_products": mixed, "wall_seconds": time.perf_counter() - started,
+              "data": counts, "vocab_subset_coverage": coverage, "steps": step, "processes": 1,
+              "bf16_products": mixed, "wall_seconds": time.perf_counter() - started,
               "validation": evaluate(objective, val_seqs, device), "history": history}
     out = Path(out_dir).expanduser()
     heads.cpu().save(out, block_dtype)
