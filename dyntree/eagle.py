@@ -146,6 +146,11 @@ class EagleHeads(nn.Module):
         # The lm_head rows drafts may guess (the most frequent tokens of the training answers), or None for all:
         # on a CPU the projection is most of a draft's cost, and each depth of a tree pays it.
         self.register_buffer("vocab_ids", vocab_ids, persistent=False)
+        local = None  # token id -> index in the drafter's vocabulary, -1 outside it (training's targets)
+        if vocab_ids is not None:
+            local = torch.full((config.vocab_size,), -1, dtype=torch.long)
+            local[vocab_ids] = torch.arange(vocab_ids.numel())
+        self.register_buffer("_local_index", local, persistent=False)
         self._shared_cache: tuple[tuple, torch.Tensor] | None = None
         self._native_cache: tuple[tuple, dict] | None = None
 
@@ -328,9 +333,7 @@ class EagleHeads(nn.Module):
         """Token ids -> their index in the drafter's vocabulary (-1 outside it); the identity without a subset."""
         if self.vocab_ids is None:
             return token_ids
-        table = torch.full((self.config.vocab_size,), -1, dtype=torch.long, device=token_ids.device)
-        table[self.vocab_ids.to(token_ids.device)] = torch.arange(self.vocab_ids.numel(), device=token_ids.device)
-        return table[token_ids]
+        return self._local_index.to(token_ids.device)[token_ids]
 
     def draft_logits(self, features: torch.Tensor, backbone, ops: dict | None = None) -> torch.Tensor:
         """`feature_logits` as drafting computes them: through the Q8_0 projection of `ops` when given."""

@@ -225,6 +225,12 @@ def is_validation(key: str, fraction: float) -> bool:
     return int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
 
 
+def most_frequent(ids: torch.Tensor, vocab_size: int, count: int) -> torch.Tensor:
+    """The `count` most frequent of token `ids` (sorted): the vocabulary a drafter's subset projection covers."""
+    hist = torch.bincount(ids, minlength=vocab_size)
+    return hist.topk(min(count, vocab_size)).indices.sort().values
+
+
 def recompute_hidden(backbone, tokens: torch.Tensor, prompt_len: int) -> torch.Tensor:
     """The states a distillation run would have stored, from the token ids (for datasets without them)."""
     cache = backbone.new_cache(1, tokens.numel() + 1)

@@ -33,7 +33,7 @@ from torch import nn
 from ..eagle import EagleHeads
 from ..precision import auto_dtype
 from ..errors import DynTreeError
-from .dataset import dataset_sequences, is_validation
+from .dataset import dataset_sequences, is_validation, most_frequent
 
 REPORT_FILE = "training_report.json"
 
@@ -180,9 +180,9 @@ def subset_of_choices(sequences: list, vocab_size: int, count: int) -> tuple[tor
     choices they cover; (None, 1.0) for the whole vocabulary."""
     if not count or count >= vocab_size:
         return None, 1.0
-    hist = torch.bincount(torch.cat([s[2] for s in sequences]), minlength=vocab_size)
-    ids = hist.topk(count).indices.sort().values
-    return ids, float(hist[ids].sum()) / max(float(hist.sum()), 1.0)
+    choices = torch.cat([s[2] for s in sequences])
+    ids = most_frequent(choices, vocab_size, count)
+    return ids, float(torch.isin(choices, ids).float().mean()) if choices.numel() else 1.0
 
 
 def train_eagle(loaded, datasets, out_dir, config, progress: bool = True,

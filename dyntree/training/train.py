@@ -31,7 +31,7 @@ from torch import nn
 from ..errors import DynTreeError
 from ..heads import HeadsConfig, HydraHeads, MedusaHeads, heads_class
 from ..interop import load_heads
-from .dataset import DistillDataset, dataset_sequences, is_validation, model_fingerprint
+from .dataset import DistillDataset, dataset_sequences, is_validation, model_fingerprint, most_frequent
 from .eagle import train_eagle
 
 IGNORE = -1
@@ -141,8 +141,7 @@ def load_examples(ds: DistillDataset, num_heads: int, val_fraction: float, backb
 def frequent_tokens(targets: torch.Tensor, vocab_size: int, count: int) -> torch.Tensor:
     """The `count` most frequent target ids (sorted), the vocabulary a subset projection covers."""
     flat = targets[:, 0]
-    hist = torch.bincount(flat[flat != IGNORE], minlength=vocab_size)
-    return hist.topk(min(count, vocab_size)).indices.sort().values
+    return most_frequent(flat[flat != IGNORE], vocab_size, count)
 
 
 # -- the model being trained ---------------------------------------------------------------------------
