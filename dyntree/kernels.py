@@ -95,22 +95,36 @@ def _pack_onednn(weight: torch.Tensor):
 MIN_ATTENTION_ROWS = 8  # products with fewer rows (query heads x tokens) take other kernels (1-3 rows here)
 
 
-_ROW_MULTIPLES: dict[int, int] = {}  # head size -> rows granularity measured on this CPU (per process)
+_LAYOUTS: dict[int, tuple[int, int]] = {}  # head size -> (rows multiple, value columns) measured per process
 
 
-def attention_row_multiple(dim: int) -> int:
-    """How the attention's rows must come (a multiple of this many) for this CPU's batched products to give each
-    row the bits it gets among 64 rows, at head size `dim` (measured once per process and head size, a cache of
-    measurements only: an AMD Zen 5 needs rows in fours at head size 8, and any count from 4 up at 64)."""
-    if dim not in _ROW_MULTIPLES:
+def attention_layout(dim: int) -> tuple[int, int]:
+    """How this CPU's batched products must be shaped at head size `dim` for a row's bits not to depend on how
+    many rows come with it nor where it sits among them: (rows come in a multiple of this, the values carry
+    this many columns: `dim` values, the softmax denominator's column of ones, zeros). Measured once per
+    process and head size on random data, moving rows to random places among 8-64. A cache of measurements
+    only: an AMD Zen 5 gives a row other bits by its place mod 4 with 9 columns (head size 8), none from 12
+    columns up; head size 64 needs nothing."""
+    if dim not in _LAYOUTS:
         gen = torch.Generator().manual_seed(dim)
         weights = torch.rand(2, 64, 2 * ATTENTION_BLOCK, generator=gen)
-        values = torch.randn(2, 2 * ATTENTION_BLOCK, dim + 1, generator=gen)
-        full = weights @ values
-        _ROW_MULTIPLES[dim] = next((m for m in (1, 2, 4, 8, 16) if all(
-            torch.equal(weights[:, :r] @ values, full[:, :r]) for r in range(m * -(-MIN_ATTENTION_ROWS // m), 64, m))),
-            16)
-    return _ROW_MULTIPLES[dim]
+        orders = [torch.randperm(64, generator=gen) for _ in range(4)]
+
+        def independent(multiple: int, columns: int) -> bool:
+            values = torch.zeros(2, 2 * ATTENTION_BLOCK, columns)
+            values[..., : dim + 1] = torch.randn(2, 2 * ATTENTION_BLOCK, dim + 1, generator=gen)
+            full = weights @ values
+            for rows in range(multiple * -(-MIN_ATTENTION_ROWS // multiple), 65, multiple):
+                for order in orders:
+                    picked = order[:rows]
+                    if not torch.equal(weights[:, picked] @ values, full[:, picked]):
+                        return False
+            return True
+
+        widths = sorted({dim + 1, *(-(-(dim + 1) // m) * m for m in (4, 8, 16, 32))})
+        _LAYOUTS[dim] = next(((m, w) for w in widths for m in (1, 2, 4, 8, 16) if independent(m, w)),
+                             (16, widths[-1]))
+    return _LAYOUTS[dim]
 
 
 class AttentionPlan:
@@ -125,20 +139,21 @@ class AttentionPlan:
     (the products ignore interleaved zero weights: tests/test_kernels.py checks the outcome).
     """
 
-    __slots__ = ("bias", "split", "tail_blocks", "rows", "out", "_shape", "_scaled", "_scaled_live", "_grouped",
-                 "_scores", "_rowmax", "_augmented", "_augmented_values", "_weight_blocks", "_value_blocks",
+    __slots__ = ("bias", "split", "tail_blocks", "rows", "columns", "out", "_shape", "_scaled", "_scaled_live",
+                 "_grouped", "_scores", "_rowmax", "_augmented", "_augmented_values", "_weight_blocks", "_value_blocks",
                  "_out_grouped", "_dims")
 
     def __init__(self, mask: torch.Tensor, key_positions: torch.Tensor, split: int, heads: int, kv_heads: int,
                  head_dim: int | None = None):
         """mask `[B, 1, n, T]` (True = visible); key_positions `[B, T]` logical position of every slot (below
-        `split` for slots nobody sees); split a multiple of `ATTENTION_BLOCK`; with `head_dim`, the rows of the
-        products (query heads x tokens) come in the multiple this CPU needs at that size."""
+        `split` for slots nobody sees); split a multiple of `ATTENTION_BLOCK`; with `head_dim`, the products' rows
+        (query heads x tokens) and value columns take the shape this CPU needs at that size (`attention_layout`)."""
         batch, _, n, total = mask.shape
         group = heads // kv_heads
         self.rows = max(n, -(-MIN_ATTENTION_ROWS // group))
-        if head_dim is not None:  # each query head's rows then start where they start among more rows
-            multiple = attention_row_multiple(head_dim)
+        self.columns = None
+        if head_dim is not None:  # a row's bits then do not depend on its place nor on the rows around it
+            multiple, self.columns = attention_layout(head_dim)
             self.rows = -(-self.rows // multiple) * multiple
         if self.rows > n:  # padding rows (zero queries) see what the last row sees: finite, never read
             mask = torch.cat([mask, mask[:, :, -1:].expand(-1, -1, self.rows - n, -1)], 2)
@@ -170,8 +185,9 @@ class AttentionPlan:
         self._grouped = self._scaled.view(batch * kv_heads, group * rows, dim)
         self._scores = torch.empty(batch * kv_heads, group * rows, total, device=device)
         self._rowmax = torch.empty(batch * kv_heads, group * rows, 1, device=device)
-        self._augmented = torch.empty(batch * kv_heads, total, dim + 1, device=device)
-        self._augmented[..., dim].fill_(1.0)  # the softmax denominator's column
+        columns = max(self.columns or 0, dim + 1)  # values, the softmax denominator's column, zeros
+        self._augmented = torch.zeros(batch * kv_heads, total, columns, device=device)
+        self._augmented[..., dim].fill_(1.0)
         self._augmented_values = self._augmented[..., :dim]
         blocks = total // ATTENTION_BLOCK if self.tail_blocks is None else self.split // ATTENTION_BLOCK
         width = blocks * ATTENTION_BLOCK
@@ -179,24 +195,24 @@ class AttentionPlan:
         self._value_blocks = self._augmented[:, :width].unflatten(1, (blocks, ATTENTION_BLOCK))
         self.out = torch.empty(batch, n, heads, dim, device=device, dtype=dtype)
         self._out_grouped = self.out.view(batch, n, kv_heads, group, dim).permute(0, 2, 3, 1, 4)
-        self._dims = (batch, kv_heads, group, rows, n, dim, total)
+        self._dims = (batch, kv_heads, group, rows, n, dim, total, columns)
 
     def run(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """`attend` on the buffers `prepare` made: query `[B, H, n, D]`, keys/values `[B, KV, T, D]`; returns
         the shared output buffer `[B, n, H, D]` (overwritten by the next layer)."""
-        batch, kv_heads, group, rows, n, dim, total = self._dims
+        batch, kv_heads, group, rows, n, dim, total, columns = self._dims
         torch.mul(query, dim ** -0.5, out=self._scaled_live)
         scores = torch.baddbmm(self.bias, self._grouped, keys.float().reshape(batch * kv_heads, total, dim).mT,
                                out=self._scores)
         weights = scores.sub_(torch.amax(scores, -1, keepdim=True, out=self._rowmax)).exp_()  # [B * KV, R, T]
         self._augmented_values.copy_(values.reshape(batch * kv_heads, total, dim))
-        products = self._weight_blocks @ self._value_blocks  # [B * KV, blocks, R, D + 1]
+        products = self._weight_blocks @ self._value_blocks  # [B * KV, blocks, R, columns]
         if self.tail_blocks is not None:  # [B * KV, blocks, T - split]
             split = self.split
             tail = (weights[:, None, :, split:] * self.tail_blocks[:, :, None]) @ self._augmented[:, None, split:]
             products = torch.cat([products, tail], 1)
-        summed = products.cumsum(1)[:, -1].view(batch, kv_heads, group, rows, dim + 1)[:, :, :, :n]  # in order
-        torch.div(summed[..., :dim], summed[..., dim:], out=self._out_grouped)
+        summed = products.cumsum(1)[:, -1].view(batch, kv_heads, group, rows, columns)[:, :, :, :n]  # in order
+        torch.div(summed[..., :dim], summed[..., dim : dim + 1], out=self._out_grouped)
         return self.out
 
 
