@@ -186,8 +186,9 @@ class AttentionPlan:
         self._scores = torch.empty(batch * kv_heads, group * rows, total, device=device)
         self._rowmax = torch.empty(batch * kv_heads, group * rows, 1, device=device)
         columns = max(self.columns or 0, dim + 1)  # values, the softmax denominator's column, zeros
-        self._augmented = torch.zeros(batch * kv_heads, total, columns, device=device)
+        self._augmented = torch.empty(batch * kv_heads, total, columns, device=device)
         self._augmented[..., dim].fill_(1.0)
+        self._augmented[..., dim + 1 :].zero_()
         self._augmented_values = self._augmented[..., :dim]
         blocks = total // ATTENTION_BLOCK if self.tail_blocks is None else self.split // ATTENTION_BLOCK
         width = blocks * ATTENTION_BLOCK
