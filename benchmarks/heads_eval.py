@@ -34,10 +34,10 @@ def policy(name: str, heads, seed_table=None) -> callable:
     import copy
 
     base, *opts = name.split(":")
-    fields = {}
+    fields, size = {}, None
     for opt in opts:  # :16 (size), :T1.5 (tree temperature), :raw (no renormalisation over the top-k), :k4
         if opt.isdigit():
-            fields["size"] = int(opt)
+            size = int(opt)
         elif opt.startswith("T"):
             fields["tree_temperature"] = float(opt[1:])
         elif opt == "raw":
@@ -56,7 +56,7 @@ def policy(name: str, heads, seed_table=None) -> callable:
         recycle = int(base[7:] or 2)
     elif base != "default":
         raise SystemExit(f"unknown policy {name!r}")
-    config = TreeConfig.parse("dynamic", **fields)
+    config = TreeConfig.parse("dynamic", tree_size=size, **fields)
 
     def make():
         proposer = DynamicTreeProposer(heads.num_heads, config, recycle=recycle, conditional=heads.conditional)
