@@ -12,6 +12,20 @@ from dyntree.model import ModelConfig, Transformer
 TINY_VOCAB = 128
 
 
+def load_benchmark(name: str):
+    """A script of benchmarks/ imported as a module (they are scripts, not a package); registered in
+    sys.modules because dataclasses look their module up there."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_hf_config(model_type: str = "llama", **overrides):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 

@@ -401,13 +401,9 @@ def test_server_requests_can_prune_and_bad_values_are_400s(tiny_model_dir):  # n
 
 def test_sweep_script_measures_every_configuration_on_the_same_trees(tiny_model_dir, prompts_file,
                                                                      tmp_path):  # noqa: F811
-    import importlib.util
-    from pathlib import Path
+    from conftest import load_benchmark
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "early_prune_sweep.py"
-    spec = importlib.util.spec_from_file_location("early_prune_sweep", path)
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+    sweep = load_benchmark("early_prune_sweep")
     out = tmp_path / "sweep.json"
     code = sweep.main(["--model", str(tiny_model_dir), "--heads", "random", "--prompts", str(prompts_file),
                        "--per-category", "1", "--max-new-tokens", "10", "--sizes", "4,8", "--prune", "1:1,1:1000",

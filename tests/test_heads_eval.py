@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-from conftest import tiny_model_with_heads
+from conftest import load_benchmark, tiny_model_with_heads
 from dyntree.errors import DynTreeError
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "heads_eval.py"
 
 
 @pytest.fixture(scope="module")
 def heads_eval():
-    spec = importlib.util.spec_from_file_location("heads_eval", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("heads_eval")
 
 
 def test_policy_options_reach_the_tree_config(heads_eval):

@@ -2,29 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 from dyntree.api import DynTree
 from dyntree.server import create_app
 
+from conftest import load_benchmark
 from test_bench import tiny_model_dir  # noqa: F401 - the tiny model with a tokenizer and a chat template
 from test_server_batching import serving, slowed
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "load_test.py"
 
 
 @pytest.fixture(scope="module")
 def load_test():
-    spec = importlib.util.spec_from_file_location("load_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["load_test"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("load_test")
 
 
 def test_load_test_reports_every_request(load_test, tiny_model_dir, tmp_path):  # noqa: F811

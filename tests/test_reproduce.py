@@ -3,26 +3,20 @@ random heads (hydra ones as the default set) and writes its report, tables and p
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from dyntree.heads import HydraHeads
 from dyntree.model import ModelConfig
 
+from conftest import load_benchmark
 from test_bench import prompts_file, tiny_model_dir  # noqa: F401 - a tiny model with a tokenizer; MT-Bench-like rows
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py"
 
 
 @pytest.fixture(scope="module")
 def reproduce():
-    spec = importlib.util.spec_from_file_location("reproduce", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("reproduce")
 
 
 @pytest.fixture(scope="module")
