@@ -43,17 +43,14 @@ def test_default_model_loads_bundled_heads_and_they_guess():
 
     dt = DynTree.from_pretrained("default")  # heads="auto"
     assert dt.heads is not None and "bundled" in dt.heads_note
-    result = dt.generate("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips "
-                         "in May. How many clips did Natalia sell altogether in April and May?", max_new_tokens=48)
-    plain = dt.with_tree("ar").generate("Natalia sold clips to 48 of her friends in April, and then she sold half "
-                                        "as many clips in May. How many clips did Natalia sell altogether in April "
-                                        "and May?", max_new_tokens=48)
+    prompt = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How "
+              "many clips did Natalia sell altogether in April and May?")
+    result = dt.generate(prompt, max_new_tokens=48)
+    plain = dt.with_tree("ar").generate(prompt, max_new_tokens=48)
     assert result.token_ids == plain.token_ids
     # The default's size follows this machine's timings step by step (plain steps where trees do not pay), so
     # whether the heads guess is read on a fixed tree: no timing decides what it accepts.
-    fixed = dt.with_tree("dynamic", tree_size=8).generate(
-        "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many "
-        "clips did Natalia sell altogether in April and May?", max_new_tokens=48)
+    fixed = dt.with_tree("dynamic", tree_size=8).generate(prompt, max_new_tokens=48)
     assert fixed.token_ids == plain.token_ids
     assert fixed.stats.mean_accepted_per_pass > 1.3  # untrained heads give ~1.0
 
